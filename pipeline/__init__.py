@@ -1,0 +1,1 @@
+"""Pure pipeline code: ingest, geometry, rendering, reconstruction. Never imports Prefect or storage layout."""

@@ -1,0 +1,185 @@
+"""Contracts of CT ingest: manifest rows, series, canonical volumes, rejections, run summaries."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class InputKind(str, Enum):
+    nifti = "nifti"
+    dicom = "dicom"
+    example = "example"
+
+
+class RejectReason(str, Enum):
+    """Closed set of reasons an input can be rejected. Each has one meaning; `detail` says the specifics."""
+
+    not_found = "not_found"  # path does not exist
+    empty_input = "empty_input"  # directory without any DICOM/NIfTI file
+    unreadable_file = "unreadable_file"  # truncated/corrupt file, not parseable
+    no_usable_series = "no_usable_series"  # DICOM folder whose every series was excluded (localizers only, ...)
+    wrong_modality = "wrong_modality"  # Modality != CT
+    localizer = "localizer"  # scout/localizer series
+    not_axial = "not_axial"  # orientation is not axial
+    inconsistent_geometry = "inconsistent_geometry"  # orientation/rows/columns/pixel spacing differ between slices
+    missing_slices = "missing_slices"  # gap in slice positions
+    nonuniform_spacing = "nonuniform_spacing"  # slice steps vary beyond tolerance
+    gantry_tilt = "gantry_tilt"  # tilted acquisition and resampling disabled
+    too_few_slices = "too_few_slices"  # below the minimum slice count
+    undecodable_pixels = "undecodable_pixels"  # transfer syntax without an installed decoder / decode failure
+    non_finite_values = "non_finite_values"  # NaN / inf voxels
+    hu_out_of_range = "hu_out_of_range"  # values that cannot be HU (e.g. air not near -1000)
+    bad_shape = "bad_shape"  # not a 3D scalar volume
+    manifest_error = "manifest_error"  # manifest row that cannot be resolved
+    render_failed = "render_failed"  # rendering raised on a valid volume
+
+
+class ManifestRow(_Model):
+    """One row of an NBIA ``metadata.csv`` (names as in the CSV header)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    series_uid: str = Field(alias="Series UID")
+    collection: str | None = Field(default=None, alias="Collection")
+    subject_id: str | None = Field(default=None, alias="Subject ID")
+    study_uid: str | None = Field(default=None, alias="Study UID")
+    study_description: str | None = Field(default=None, alias="Study Description")
+    study_date: str | None = Field(default=None, alias="Study Date")
+    series_description: str | None = Field(default=None, alias="Series Description")
+    manufacturer: str | None = Field(default=None, alias="Manufacturer")
+    modality: str | None = Field(default=None, alias="Modality")
+    sop_class_uid: str | None = Field(default=None, alias="SOP Class UID")
+    number_of_images: int | None = Field(default=None, alias="Number of Images")
+    file_location: str = Field(alias="File Location")
+
+    @field_validator("number_of_images", mode="before")
+    @classmethod
+    def _int_or_none(cls, v: object) -> object:
+        if v in ("", None):
+            return None
+        return int(str(v).replace(",", ""))
+
+
+class SeriesChoice(_Model):
+    """Why a candidate series was or was not chosen for its study."""
+
+    series_uid: str
+    chosen: bool
+    reason: str
+    n_slices: int
+    slice_thickness_mm: float | None = None
+    kernel: str | None = None
+
+
+class SeriesRecord(_Model):
+    """A DICOM series found in an input (header facts only)."""
+
+    series_uid: str
+    study_uid: str | None = None
+    subject_id: str | None = None
+    study_date: str | None = None
+    modality: str | None = None
+    description: str | None = None
+    kernel: str | None = None
+    n_files: int
+    slice_thickness_mm: float | None = None
+    image_type: list[str] = Field(default_factory=list)
+    transfer_syntax: str | None = None
+
+
+class HUStats(_Model):
+    min: float
+    max: float
+    mean: float
+    std: float
+    p01: float
+    p99: float
+    air_fraction: float  # fraction of voxels <= -950 HU
+
+
+class Provenance(_Model):
+    reader: str  # e.g. "pydicom", "nibabel"
+    versions: dict[str, str]
+    input_checksum: str  # sha256 over the input files' bytes (sorted by name)
+    input_files: int
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    notes: list[str] = Field(default_factory=list)
+
+
+Affine = Annotated[list[list[float]], Field(min_length=4, max_length=4)]
+
+
+class VolumeRecord(_Model):
+    """A validated canonical HU volume.
+
+    Canonical form: int16 HU, voxel axes ordered and signed so the affine is closest to RAS+
+    (axis 0 -> patient Right... see docs/geometry.md), padding mapped to -1000 HU.
+    ``affine`` maps (i, j, k, 1) voxel indices to world RAS millimetres.
+    """
+
+    volume_id: str
+    cohort: str
+    source: str  # the input path/URL as given
+    kind: InputKind
+    subject_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    affine: Affine
+    frame: Literal["RAS"] = "RAS"
+    dtype: Literal["int16"] = "int16"
+    hu: HUStats
+    provenance: Provenance
+    series_choices: list[SeriesChoice] = Field(default_factory=list)
+
+    @field_validator("affine")
+    @classmethod
+    def _affine_4x4(cls, v: list[list[float]]) -> list[list[float]]:
+        if any(len(r) != 4 for r in v):
+            raise ValueError("affine must be 4x4")
+        if [round(x, 12) for x in v[3]] != [0.0, 0.0, 0.0, 1.0]:
+            raise ValueError("affine last row must be [0, 0, 0, 1]")
+        return v
+
+
+class Rejection(_Model):
+    input: str
+    reason: RejectReason
+    detail: str
+    series_uid: str | None = None
+
+
+class RunEntry(_Model):
+    """A done or skipped input and the canonical volume it produced."""
+
+    input: str
+    volume_id: str
+    series_uid: str | None = None
+    stage: str = "ingest"  # last stage reached: ingest | render | ...
+
+
+class RunSummary(_Model):
+    """What one run did. Every input ends in exactly one of the three lists."""
+
+    done: list[RunEntry] = Field(default_factory=list)
+    skipped: list[RunEntry] = Field(default_factory=list)
+    rejected: list[Rejection] = Field(default_factory=list)
+
+    def merge(self, other: "RunSummary") -> "RunSummary":
+        return RunSummary(
+            done=self.done + other.done,
+            skipped=self.skipped + other.skipped,
+            rejected=self.rejected + other.rejected,
+        )
+
+    def counts(self) -> dict[str, int]:
+        return {"done": len(self.done), "skipped": len(self.skipped), "rejected": len(self.rejected)}

@@ -1,0 +1,109 @@
+"""Render contracts: the render spec (what a dataset is made with) and per-view ray geometry records.
+
+The numbers here are *parameters*; the single implementation that turns them into rays lives in
+``pipeline.geometry``. Conventions (world frame, yaw sign, detector axes) are documented in docs/geometry.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+Mat3 = Annotated[list[Vec3], Field(min_length=3, max_length=3)]
+Mat4 = Annotated[list[Annotated[list[float], Field(min_length=4, max_length=4)]], Field(min_length=4, max_length=4)]
+
+
+class RenderSpec(BaseModel):
+    """How a ring of cone-beam DRRs is rendered. Defaults follow X-WIN (paper §3, released code).
+
+    Geometry: the source orbits the volume centre (isocentre) in the axial plane at ``sid_mm``; the flat detector
+    faces it at ``sdd_mm`` from the source. View k sits at yaw ``yaw_start_deg + k * yaw_step_deg`` (degrees,
+    right-handed about world +S). Yaw 0 is the frontal view (source anterior, radiological display: patient right
+    on image left, superior at the top); yaw 90 puts the source on the patient's left (docs/geometry.md).
+
+    Values: each pixel is the line integral of mu = mu_water * max(0, 1 + HU/1000) in units of mu*mm (unitless),
+    with ``mu_water_per_mm`` the linear attenuation of water. No per-image normalisation.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec_version: Literal[1] = 1
+    projection: Literal["cone"] = "cone"
+    sid_mm: float = Field(700.0, gt=0, description="source to isocentre distance")
+    sdd_mm: float = Field(1020.0, gt=0, description="source to detector distance")
+    height: int = Field(512, ge=8, le=4096, description="detector rows")
+    width: int = Field(512, ge=8, le=4096, description="detector columns")
+    pixel_mm: float = Field(1.0, gt=0, description="detector pixel pitch (square pixels)")
+    yaw_start_deg: float = 0.0
+    yaw_step_deg: float = Field(3.0, gt=0, le=180)
+    n_views: int = Field(120, ge=1, le=3600)
+    mu_water_per_mm: float = Field(0.02, gt=0, description="linear attenuation of water [1/mm]")
+    store_dtype: Literal["float16", "float32"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "RenderSpec":
+        if self.sdd_mm <= self.sid_mm:
+            raise ValueError(f"sdd_mm ({self.sdd_mm}) must exceed sid_mm ({self.sid_mm})")
+        return self
+
+    @property
+    def yaws_deg(self) -> list[float]:
+        return [self.yaw_start_deg + k * self.yaw_step_deg for k in range(self.n_views)]
+
+    @property
+    def arc_deg(self) -> float:
+        return self.yaw_step_deg * self.n_views
+
+    @property
+    def full_orbit(self) -> bool:
+        return self.arc_deg >= 360.0 - 1e-9
+
+    def view_index(self, yaw_deg: float) -> int:
+        """Index of the view at absolute yaw ``yaw_deg`` (mod 360); raises if the ring has no such view."""
+        for k, y in enumerate(self.yaws_deg):
+            if abs(((y - yaw_deg + 180.0) % 360.0) - 180.0) < 1e-6:
+                return k
+        raise KeyError(f"no view at yaw {yaw_deg} deg in this spec")
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def spec_hash(self) -> str:
+        """Stable content hash: identical parameters give the same hash across runs and machines."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+
+class VolumeGeometry(BaseModel):
+    """Where a canonical volume sits in the world: enough to place any projector's grid."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shape: tuple[int, int, int]
+    affine: Mat4  # voxel index (i, j, k, 1) -> world mm, frame below
+    frame: Literal["RAS"] = "RAS"
+
+
+class ViewGeometry(BaseModel):
+    """Everything needed to reproduce one rendered view with any projector (world frame of the volume, mm).
+
+    ``cone_vec`` is ASTRA's row: source xyz, detector-centre xyz, u = step from pixel (0,0) to (0,1),
+    v = step from pixel (0,0) to (1,0). Row 0 is the first row of the stored image.
+    ``world_from_camera``: OpenCV-style camera at the source, +x along u, +y along v, +z towards the detector.
+    ``intrinsics``: pixel = K @ (x, y, z) / z with pixel centres at integer (col, row).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    yaw_deg: float
+    world_from_camera: Mat4
+    intrinsics: Mat3
+    sid_mm: float
+    sdd_mm: float
+    pixel_mm: float
+    cone_vec: Annotated[list[float], Field(min_length=12, max_length=12)]

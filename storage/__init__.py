@@ -1,0 +1,1 @@
+"""The only code that knows the on-disk / object-store layout (docs/format.md)."""
