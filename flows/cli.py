@@ -12,5 +12,31 @@ def _main() -> None:
     """xwin command line."""
 
 
+# ---- storage (helper "storage"): bodies in storage/cli.py ----
+from storage.cli import status_cmd as _status_cmd, verify_cmd as _verify_cmd  # noqa: E402
+
+app.command("status")(_status_cmd)
+app.command("verify")(_verify_cmd)
+
+# ---- orchestration (helper "flows"): bodies in flows/commands.py ----
+from flows import commands as _flows_cmds  # noqa: E402
+
+app.command("backfill")(_flows_cmds.backfill_cmd)
+app.command("inspect")(_flows_cmds.inspect_cmd)
+app.command("deploy")(_flows_cmds.deploy_cmd)
+app.command("scan")(_flows_cmds.scan_cmd)
+
+# ---- benchmarks: `xwin bench <name>`; add subcommands in flows/bench_cli.py (consumer: helper "consumer") ----
+from flows.bench_cli import bench_app as _bench_app  # noqa: E402
+
+app.add_typer(_bench_app, name="bench")
+
+# ---- training (helper "model"): bodies in training/cli.py ----
+from training import cli as _train_cli  # noqa: E402
+
+app.command("train")(_train_cli.train)
+app.command("probe")(_train_cli.probe)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

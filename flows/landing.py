@@ -1,0 +1,179 @@
+"""Scheduled landing scan and sharded fan-out, both thin wrappers over ``flows.backfill``.
+
+``scan_landing`` (cron deployment): list a landing location (a local directory or an ``s3://bucket/prefix``),
+pick the entries not seen before (ledger of name -> size/mtime/etag beside the store), stage S3 entries to a local
+directory, and backfill only those. Entries whose series were all done, skipped or rejected go into the ledger;
+entries with a transient failure do not, so the next tick retries them.
+
+``backfill_sharded``: split one cohort over N worker flow runs (``run_deployment`` of ``backfill-cohort`` with
+``shard="i/N"``); each series hashes to exactly one shard, and the storage claim makes a duplicate run harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows import reports as rep
+from flows.backfill import BackfillIncomplete, BackfillParams, backfill_cohort, run_local
+from schemas.ingest import RunSummary
+from schemas.render import RenderSpec
+
+log = logging.getLogger("xwin.flows.landing")
+_SERIES_SUFFIXES = (".nii", ".nii.gz", ".csv")
+
+
+def _s3fs():
+    import s3fs
+
+    ep = os.environ.get("XWIN_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": ep} if ep else {})
+
+
+def list_landing(landing: str) -> dict[str, str]:
+    """Entries of the landing location -> fingerprint. An entry is a NIfTI/CSV file or a (DICOM) folder.
+
+    Local: fingerprint = size + mtime (folders: file count + newest mtime). S3: ETag/size of objects.
+    """
+    out: dict[str, str] = {}
+    if landing.startswith("s3://"):
+        fs = _s3fs()
+        root = landing[len("s3://"):].rstrip("/")
+        for info in fs.ls(root, detail=True, refresh=True):
+            name = info["name"].rsplit("/", 1)[-1]
+            if info["type"] == "directory":
+                files = fs.find(info["name"], detail=True)
+                fp = f"{len(files)}:" + ",".join(sorted(str(v.get("ETag", v.get("size"))) for v in files.values()))
+                out[f"s3://{info['name']}"] = str(abs(hash(fp)))
+            elif name.lower().endswith(_SERIES_SUFFIXES):
+                out[f"s3://{info['name']}"] = str(info.get("ETag") or info.get("size"))
+        return out
+    root = Path(landing).expanduser()
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            files = [f for f in p.rglob("*") if f.is_file()]
+            newest = max((f.stat().st_mtime_ns for f in files), default=0)
+            out[str(p)] = f"{len(files)}:{newest}"
+        elif p.name.lower().endswith(_SERIES_SUFFIXES):
+            st = p.stat()
+            out[str(p)] = f"{st.st_size}:{st.st_mtime_ns}"
+    return out
+
+
+def _ledger_url(reports: str, cohort: str) -> str:
+    return f"{reports}/landing/{cohort}.json"
+
+
+def read_ledger(reports: str, cohort: str) -> dict[str, str]:
+    txt = rep.read_text(_ledger_url(reports, cohort))
+    return json.loads(txt) if txt else {}
+
+
+def _stage(entry: str, staging: Path) -> str:
+    """Copy an S3 entry (file or folder) to ``staging``; local entries are used in place."""
+    if not entry.startswith("s3://"):
+        return entry
+    fs = _s3fs()
+    key = entry[len("s3://"):]
+    dst = staging / key.replace("/", "__")
+    if fs.isdir(key):
+        fs.get(key, str(dst), recursive=True)
+    else:
+        fs.get(key, str(dst))
+    return str(dst)
+
+
+def scan_once(landing: str, cohort: str, store: str, spec: RenderSpec | None = None, backend: str | None = None,
+              staging: str | None = None, max_new: int | None = None, reports: str | None = None,
+              runner: Any = None) -> tuple[RunSummary, list[str]]:
+    """One scan: backfill the new entries of ``landing``. Returns (summary, entries processed).
+
+    ``runner(params) -> RunSummary`` runs the backfill (default: the Prefect flow as a subflow inside a flow run,
+    else the local driver).
+    """
+    reports = reports or rep.reports_url(store)
+    seen = read_ledger(reports, cohort)
+    current = list_landing(landing)
+    new = [e for e, fp in current.items() if seen.get(e) != fp]
+    if max_new is not None:
+        new = new[:max_new]
+    if not new:
+        return RunSummary(), []
+    stage_dir = Path(staging or os.environ.get("XWIN_STAGING") or tempfile.mkdtemp(prefix="xwin-landing-"))
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    local = {_stage(e, stage_dir): e for e in new}
+    params = BackfillParams(cohort=cohort, store=store, source=list(local), spec=spec or RenderSpec(),
+                            backend=backend, reports=reports)
+    failed_inputs: set[str] = set()
+    try:
+        summary = runner(params) if runner else _default_runner(params)
+    except BackfillIncomplete as e:
+        summary = e.summary
+        failed_inputs = {i for i, _ in e.failed}
+    for path, entry in local.items():  # an entry is finished unless one of its series failed transiently
+        if not any(i == path or i.startswith(path + "#") for i in failed_inputs):
+            seen[entry] = current[entry]
+    rep.write_bytes(_ledger_url(reports, cohort), json.dumps(seen, indent=1, sort_keys=True).encode())
+    if failed_inputs:
+        raise BackfillIncomplete(summary, [(i, "failed") for i in sorted(failed_inputs)], None)
+    return summary, new
+
+
+def _default_runner(params: BackfillParams) -> RunSummary:
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is not None:
+        return backfill_cohort(**params.model_dump(exclude={"spec"}), spec=params.spec)
+    return run_local(params)
+
+
+@flow(name="scan-landing", persist_result=False)
+def scan_landing(landing: str, cohort: str, store: str, spec: RenderSpec | None = None, backend: str | None = None,
+                 staging: str | None = None, max_new: int | None = None) -> RunSummary:
+    """Cron deployment body: backfill only the series that arrived in ``landing`` since the last scan."""
+    summary, new = scan_once(landing, cohort, store, spec, backend, staging, max_new)
+    log.info("landing scan of %s: %d new entries, %s", landing, len(new), summary.counts())
+    return summary
+
+
+@flow(name="backfill-sharded", persist_result=False)
+def backfill_sharded(cohort: str, store: str, shards: int, deployment: str = "backfill-cohort/gpu",
+                     source: list[str] | None = None, manifest: str | None = None,
+                     manifest_root: str | None = None, spec: RenderSpec | None = None, wait: bool = True,
+                     verify: str = "shallow") -> list[dict]:
+    """Fan ``cohort`` out over ``shards`` flow runs of ``deployment`` (one per GPU worker); returns their states."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    runs = []
+    for i in range(shards):  # launch every shard first (timeout=0), then wait for all
+        p = {"cohort": cohort, "store": store, "source": source, "manifest": manifest,
+             "manifest_root": manifest_root, "spec": (spec or RenderSpec()).model_dump(mode="json"),
+             "shard": f"{i}/{shards}", "verify": verify}
+        fr = run_deployment(deployment, parameters=p, timeout=0, flow_run_name=f"{cohort}-shard-{i}-of-{shards}",
+                            as_subflow=True)
+        runs.append({"shard": f"{i}/{shards}", "flow_run_id": str(fr.id), "state": None})
+    if not wait:
+        return runs
+    with get_client(sync_client=True) as client:
+        pending = {r["flow_run_id"] for r in runs}
+        while pending:
+            for r in runs:
+                if r["flow_run_id"] in pending:
+                    st = client.read_flow_run(r["flow_run_id"]).state
+                    if st is not None and st.is_final():
+                        r["state"] = st.type.value
+                        pending.discard(r["flow_run_id"])
+            if pending:
+                time.sleep(2.0)
+    return runs

@@ -1,0 +1,210 @@
+"""What a person looks at after a run: preview montages, ring contact sheets, run summaries (markdown + JSON).
+
+Reports live *beside* the store, never inside it (the store layout belongs to ``storage``):
+``<store URL>-reports/`` holds ``previews/<cohort>/<spec_hash>/<volume_id>.png``, ``runs/<run id>.{json,md}`` and
+``rejected/<cohort>.jsonl`` (the landing scan's ledger of inputs already rejected). Local paths and ``s3://``
+URLs both work (fsspec; the S3 endpoint comes from XWIN_S3_ENDPOINT / AWS_ENDPOINT_URL like the store's).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from schemas.ingest import RunSummary
+
+
+# ---- locations -----------------------------------------------------------------------------------------------
+def reports_url(store_url: str) -> str:
+    """``<store>-reports`` beside the store: ``data/example`` -> ``data/example-reports``."""
+    u = str(store_url).rstrip("/")
+    if "://" not in u:
+        u = str(Path(u).expanduser().resolve())
+    return u + "-reports"
+
+
+def preview_url(reports: str, cohort: str, spec_hash: str, volume_id: str) -> str:
+    return f"{reports}/previews/{cohort}/{spec_hash}/{volume_id}.png"
+
+
+def _fs_open(url: str, mode: str):
+    if "://" not in url or url.startswith("file://"):
+        p = Path(url.removeprefix("file://"))
+        if "w" in mode or "a" in mode:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        return open(p, mode)
+    import fsspec
+
+    opts: dict = {}
+    if url.startswith("s3://"):
+        ep = os.environ.get("XWIN_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+        if ep:
+            opts["client_kwargs"] = {"endpoint_url": ep}
+    return fsspec.open(url, mode, **opts).open()
+
+
+def write_bytes(url: str, data: bytes) -> str:
+    with _fs_open(url, "wb") as f:
+        f.write(data)
+    return url
+
+
+def read_text(url: str) -> str | None:
+    try:
+        with _fs_open(url, "rb") as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None
+
+
+def link(url: str) -> str:
+    """A clickable link for a report location (file:// for local paths)."""
+    return url if "://" in url else Path(url).resolve().as_uri()
+
+
+# ---- pixels --------------------------------------------------------------------------------------------------
+def display(img: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.ndarray:
+    """(H, W) line integrals -> (H, W) uint8 radiograph look (dense = bright), percentile window per image.
+
+    Uses ``pipeline.render.appearance.neglog_window`` when the render package provides it.
+    """
+    a = np.asarray(img, dtype=np.float32)
+    try:
+        from pipeline.render.appearance import neglog_window  # type: ignore[attr-defined]
+
+        w = np.asarray(neglog_window(a), dtype=np.float32)
+        lo, hi = float(np.nanmin(w)), float(np.nanmax(w))
+        return np.clip((w - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    except ImportError:
+        pass
+    lo, hi = np.percentile(a, [lo_pct, hi_pct])
+    if not hi > lo:
+        hi = lo + 1e-6
+    return np.clip((a - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _tile(img: np.ndarray, size: int, label: str | None) -> Image.Image:
+    """(H, W) float -> square-ish PIL tile whose longer side is ``size``, with an optional label."""
+    im = Image.fromarray(display(img), mode="L")
+    h, w = img.shape
+    s = size / max(h, w)
+    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    if label:
+        d = ImageDraw.Draw(im)
+        d.rectangle([0, 0, 7 * len(label) + 4, 13], fill=0)
+        d.text((2, 1), label, fill=255)
+    return im
+
+
+def pick_views(yaws: Sequence[float], want: Iterable[float] = (0.0, 90.0, 180.0, 270.0)) -> list[int]:
+    """Indices of the views nearest to each wanted yaw (deg, circular), without repeats, in order."""
+    y = np.asarray(yaws, dtype=np.float64)
+    out: list[int] = []
+    for t in want:
+        d = np.abs(((y - t + 180.0) % 360.0) - 180.0)
+        k = int(np.argmin(d))
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def montage(views: np.ndarray, yaws: Sequence[float], indices: Sequence[int], size: int = 256) -> Image.Image:
+    """One row of ``indices`` views (V, H, W) at ``size`` px, labelled with their yaw."""
+    tiles = [_tile(views[i], size, f"yaw {yaws[i]:g}") for i in indices]
+    W = sum(t.width for t in tiles) + 4 * (len(tiles) - 1)
+    H = max(t.height for t in tiles)
+    out = Image.new("L", (W, H), 32)
+    x = 0
+    for t in tiles:
+        out.paste(t, (x, 0))
+        x += t.width + 4
+    return out
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    b = io.BytesIO()
+    im.save(b, format="PNG", optimize=True)
+    return b.getvalue()
+
+
+def contact_sheet(views: np.ndarray, yaws: Sequence[float], title: str = "", big: int = 512, thumb: int = 96,
+                  cols: int = 12) -> Image.Image:
+    """The frontal (yaw 0) and lateral (yaw 90) views large on top, then every view of the ring as a thumbnail.
+
+    views: (V, H, W) line integrals; yaws: (V,) degrees.
+    """
+    V = views.shape[0]
+    top_idx = pick_views(yaws, (0.0, 90.0))
+    top = [_tile(views[i], big, f"yaw {yaws[i]:g}") for i in top_idx]
+    cols = max(1, min(cols, V))
+    rows = -(-V // cols)
+    th = [_tile(views[i], thumb, f"{yaws[i]:g}") for i in range(V)]
+    tw, tht = max(t.width for t in th), max(t.height for t in th)
+    pad = 4
+    head = 18 if title else 0
+    W = max(sum(t.width for t in top) + pad * (len(top) + 1), cols * (tw + pad) + pad)
+    H = head + max(t.height for t in top) + 2 * pad + rows * (tht + pad) + pad
+    out = Image.new("L", (W, H), 24)
+    d = ImageDraw.Draw(out)
+    if title:
+        d.text((pad, 3), title, fill=255)
+    x = pad
+    for t in top:
+        out.paste(t, (x, head + pad))
+        x += t.width + pad
+    y0 = head + max(t.height for t in top) + 2 * pad
+    for i, t in enumerate(th):
+        r, c = divmod(i, cols)
+        out.paste(t, (pad + c * (tw + pad), y0 + r * (tht + pad)))
+    return out
+
+
+# ---- summaries -----------------------------------------------------------------------------------------------
+def counts_by_reason(summary: RunSummary) -> dict[str, int]:
+    return dict(sorted(Counter(r.reason.value for r in summary.rejected).items()))
+
+
+def summary_markdown(summary: RunSummary, *, cohort: str, spec_hash: str, store: str, previews: dict[str, str],
+                     failed: Sequence[tuple[str, str]] = (), verify: str | None = None, wall_s: float | None = None,
+                     title: str = "xwin backfill") -> str:
+    """Markdown run summary: counts (done / skipped / rejected by reason), rejections, preview links."""
+    c = summary.counts()
+    lines = [f"# {title}: cohort `{cohort}`", "", f"store `{store}`, spec `{spec_hash}`"
+             + (f", {wall_s:.1f} s" if wall_s is not None else ""), "",
+             "| outcome | series |", "| --- | ---: |",
+             f"| done | {c['done']} |", f"| skipped (already done) | {c['skipped']} |"]
+    for reason, n in counts_by_reason(summary).items():
+        lines.append(f"| rejected: {reason} | {n} |")
+    if failed:
+        lines.append(f"| failed (transient, retried out; rerun resumes) | {len(failed)} |")
+    if verify:
+        lines += ["", f"verify: {verify}"]
+    if summary.rejected:
+        lines += ["", "## Rejected", "", "| input | reason | detail |", "| --- | --- | --- |"]
+        for r in summary.rejected:
+            lines.append(f"| `{r.input}` | {r.reason.value} | {r.detail.replace('|', '/')} |")
+    if failed:
+        lines += ["", "## Failed", "", "| input | error |", "| --- | --- |"]
+        lines += [f"| `{i}` | {e.replace('|', '/')} |" for i, e in failed]
+    if previews:
+        lines += ["", "## Previews", ""]
+        lines += [f"- [{vid}]({link(u)})" for vid, u in sorted(previews.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_run_report(reports: str, run_id: str, summary: RunSummary, markdown: str, extra: dict | None = None
+                     ) -> tuple[str, str]:
+    """Write ``runs/<run_id>.json`` (the RunSummary + extra) and ``runs/<run_id>.md``; returns both URLs."""
+    j = f"{reports}/runs/{run_id}.json"
+    m = f"{reports}/runs/{run_id}.md"
+    payload = {"summary": json.loads(summary.model_dump_json()), **(extra or {})}
+    write_bytes(j, json.dumps(payload, indent=1).encode())
+    write_bytes(m, markdown.encode())
+    return j, m

@@ -1,0 +1,280 @@
+"""Execution plumbing shared by the flows: slots (concurrency limits), transient-error policy, stage runners.
+
+Nothing here knows about CT or rendering. Two ways to run the same flow body (``flows.backfill.run_backfill``):
+
+* :class:`PrefectStages` -- inside a Prefect flow run: stages are Prefect tasks (``task.submit``), retried by the
+  Prefect engine, and bounded by Prefect *global concurrency limits* (``concurrency(name, strict=True)``).
+* :class:`LocalStages` -- no Prefect server (the CLI when no ``PREFECT_API_URL`` is configured): the very same
+  task functions (``task.fn``) run on a thread pool with the very same retry policy (``task.retries``,
+  ``task.retry_delay_seconds``, ``task.retry_condition_fn``), bounded by in-process semaphores of the same names
+  and sizes.
+
+Slot names (one global concurrency limit each; created on ``xwin deploy`` and, if missing, on first use):
+
+    xwin-cpu:<host>          CPU-bound stage work on one host (ingest: decode + canonicalise)   XWIN_CPU_SLOTS (cpus)
+    xwin-render-cpu:<host>   CPU renders on one host (numba uses every core)                      1
+    xwin-gpu:<gpu id>        renders on one GPU; gpu id = XWIN_GPU_ID or "<host>-cuda<index>"     1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import as_completed as _cf_as_completed
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+log = logging.getLogger("xwin.flows")
+
+GPU_BACKENDS = frozenset({"gpu", "nanodrr"})
+
+
+# ---- slots ---------------------------------------------------------------------------------------------------
+def host() -> str:
+    return os.environ.get("XWIN_HOST") or socket.gethostname()
+
+
+def cpu_slot() -> tuple[str, int]:
+    """(limit name, slots) bounding CPU stage work on this host."""
+    return f"xwin-cpu:{host()}", int(os.environ.get("XWIN_CPU_SLOTS") or (os.cpu_count() or 1))
+
+
+def gpu_id(device_index: int = 0) -> str:
+    return os.environ.get("XWIN_GPU_ID") or f"{host()}-cuda{device_index}"
+
+
+def render_slot(backend: str) -> tuple[str, int]:
+    """(limit name, slots) for a render with ``backend`` (resolved name): one per GPU, one CPU render per host."""
+    if backend in GPU_BACKENDS:
+        return f"xwin-gpu:{gpu_id()}", 1
+    return f"xwin-render-cpu:{host()}", int(os.environ.get("XWIN_CPU_RENDER_SLOTS") or 1)
+
+
+_local_sems: dict[str, threading.BoundedSemaphore] = {}
+_local_lock = threading.Lock()
+_ensured: set[str] = set()
+
+
+def _local_sem(name: str, slots: int) -> threading.BoundedSemaphore:
+    with _local_lock:
+        s = _local_sems.get(name)
+        if s is None:
+            s = _local_sems[name] = threading.BoundedSemaphore(max(1, slots))
+        return s
+
+
+def in_prefect_task() -> bool:
+    from prefect.context import TaskRunContext
+
+    return TaskRunContext.get() is not None
+
+
+def ensure_limit(name: str, slots: int) -> bool:
+    """Create the global concurrency limit ``name`` with ``slots`` unless it exists (an existing one is kept as
+    configured). Returns True when it was created. Needs a reachable Prefect API (or ephemeral mode)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            log.info("created global concurrency limit %s (%d slots)", name, slots)
+            return True
+        except ObjectAlreadyExists:  # created concurrently by another worker
+            return False
+
+
+def ensure_limits_once(*limits: tuple[str, int]) -> None:
+    """``ensure_limit`` for each (name, slots), once per process."""
+    with _local_lock:
+        for name, slots in limits:
+            if name not in _ensured:
+                ensure_limit(name, slots)
+                _ensured.add(name)
+
+
+@contextlib.contextmanager
+def slot(name: str, slots: int) -> Iterator[None]:
+    """Hold one slot of ``name`` for the block.
+
+    Inside a Prefect task run: a global concurrency limit with ``strict=True`` (a missing limit is an error, so
+    the limit is created once per process first -- it normally exists from ``xwin deploy``). Elsewhere: an
+    in-process semaphore with the same name and size.
+    """
+    if in_prefect_task():
+        from prefect.concurrency.sync import concurrency
+
+        with _local_lock:  # one creator per process (avoids racing POSTs from sibling threads)
+            if name not in _ensured:
+                ensure_limit(name, slots)
+                _ensured.add(name)
+        with concurrency(name, occupy=1, strict=True):
+            yield
+    else:
+        with _local_sem(name, slots):
+            yield
+
+
+# ---- failure policy ------------------------------------------------------------------------------------------
+_TRANSIENT_ERRNO = {
+    errno.EIO,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EPIPE,
+    errno.ENETUNREACH,
+    errno.EHOSTUNREACH,
+    errno.ESTALE,
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying (I/O hiccups, S3 throttling/5xx, connection problems, timeouts).
+
+    Bad input never reaches here (it is an ``IngestError`` and becomes a Rejection). Uses the storage layer's
+    classification of S3/botocore errors, plus transient ``errno`` values of plain ``OSError``.
+    """
+    try:
+        from storage.backend import is_transient as storage_transient
+
+        if storage_transient(exc):
+            return True
+    except ImportError:  # pragma: no cover - storage is part of the project
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+        return True
+    cause = exc.__cause__
+    return cause is not None and cause is not exc and is_transient(cause)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only transient failures."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # noqa: BLE001 - a state whose result cannot be read: retry by default
+        exc = e
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+def backoff_delays(retries: int, base_s: float | None = None) -> list[float]:
+    """Exponential backoff ``base * 2**k`` (base from XWIN_RETRY_BASE_S, default 2 s)."""
+    b = float(os.environ.get("XWIN_RETRY_BASE_S", "2.0")) if base_s is None else base_s
+    return [b * 2**k for k in range(retries)]
+
+
+# ---- stage runners -------------------------------------------------------------------------------------------
+class Stages(Protocol):
+    """Submits stage tasks. ``args`` may contain futures returned by earlier ``submit`` calls."""
+
+    mode: str
+
+    def submit(self, task: Any, *args: Any) -> Any: ...
+
+    def as_completed(self, futures: Iterable[Any]) -> Iterator[Any]: ...
+
+    def result(self, future: Any) -> Any: ...
+
+
+class PrefectStages:
+    """Stages as Prefect tasks of the current flow run (its task runner: threads, Dask, ...)."""
+
+    mode = "prefect"
+
+    def submit(self, task: Any, *args: Any) -> Any:
+        return task.submit(*args)
+
+    def as_completed(self, futures: Iterable[Any]) -> Iterator[Any]:
+        from prefect.futures import as_completed
+
+        yield from as_completed(list(futures))
+
+    def result(self, future: Any) -> Any:
+        return future.result()
+
+
+class LocalStages:
+    """Stages as plain function calls (``task.fn``) on a thread pool with the task's own retry policy.
+
+    FIFO scheduling makes waiting on a dependency safe: a stage is only queued after the stage it waits on.
+    """
+
+    mode = "local"
+
+    def __init__(self, max_workers: int = 4, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="xwin-stage")
+        self.sleep = sleep
+        self.attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "LocalStages":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _call(self, task: Any, args: tuple[Any, ...]) -> Any:
+        args = tuple(a.result() if isinstance(a, Future) else a for a in args)
+        delays = task.retry_delay_seconds
+        retries = int(task.retries or 0)
+        for attempt in range(retries + 1):
+            with self._lock:
+                self.attempts[task.name] = self.attempts.get(task.name, 0) + 1
+            try:
+                return task.fn(*args)
+            except Exception as e:  # noqa: BLE001 - filtered by the task's retry condition
+                cond = task.retry_condition_fn
+                retry = is_transient(e) if cond is None or cond is retry_transient else bool(cond(task, None, _Failed(e)))
+                if attempt >= retries or not retry:
+                    raise
+                d = delays[min(attempt, len(delays) - 1)] if isinstance(delays, (list, tuple)) else float(delays or 0)
+                log.warning("%s failed (%s: %s), retry %d/%d in %.1fs", task.name, type(e).__name__, e,
+                            attempt + 1, retries, d)
+                self.sleep(d)
+        raise AssertionError("unreachable")
+
+    def submit(self, task: Any, *args: Any) -> Future:
+        return self.pool.submit(self._call, task, args)
+
+    def as_completed(self, futures: Iterable[Future]) -> Iterator[Future]:
+        yield from _cf_as_completed(list(futures))
+
+    def result(self, future: Future) -> Any:
+        return future.result()
+
+
+class _Failed:
+    """Minimal stand-in for a Prefect Failed state (for custom retry conditions under LocalStages)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def result(self, raise_on_failure: bool = True) -> BaseException:
+        return self.exc
+
+
+# ---- Prefect API presence ------------------------------------------------------------------------------------
+def prefect_api_url() -> str | None:
+    """The configured Prefect API URL (env or profile), or None (then flows would start an ephemeral server)."""
+    try:
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().api.url
+        return str(url) if url else None
+    except Exception:  # pragma: no cover
+        return os.environ.get("PREFECT_API_URL") or None

@@ -1,0 +1,41 @@
+"""Ingest settings. Frozen and picklable: a Candidate carries the config it was planned with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+# Bump when the canonical output of the same input changes (part of every volume_id).
+INGEST_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How inputs are validated and canonicalised (docs/ingest.md).
+
+    spacing_mm: resample the canonical volume to this (x, y, z) spacing (None = keep the native grid).
+    tilt: "resample" gantry-tilted series onto an orthogonal grid, or "reject" them (reason gantry_tilt).
+    """
+
+    spacing_mm: tuple[float, float, float] | None = None
+    tilt: Literal["resample", "reject"] = "resample"
+    min_slices: int = 10  # fewer slices: too_few_slices (and such series are not candidates for a study)
+    thin_slice_mm: float = 2.5  # slices at most this thick are preferred
+    step_tolerance: float = 0.01  # relative tolerance on slice steps along the normal
+    min_axial_cos: float = 0.7  # |normal . z| at least this: axial (allows ~45 deg of gantry tilt)
+    tilt_tolerance_deg: float = 0.05  # shear of the slice stack below this is not a tilt
+    padding_hu_at_or_below: float = -2000.0  # HU at or below this is a padding sentinel (-2048, -3024, ...)
+    min_hu: float = -1200.0  # non-padding HU below this: hu_out_of_range
+    air_hu: float = -900.0  # some voxel must be at or below this (air); otherwise not HU (missing rescale?)
+    workers: int = 2  # threads for reading/decoding DICOM files
+
+    def output_key(self) -> str:
+        """Digest of the settings that change the canonical output (enters volume_id)."""
+        keys = {"v": INGEST_VERSION, "spacing_mm": self.spacing_mm, "tilt": self.tilt,
+                "padding": self.padding_hu_at_or_below}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)

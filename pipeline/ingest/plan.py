@@ -1,0 +1,341 @@
+"""Planning: turn sources (NIfTI files, DICOM folders, NBIA manifests) into Candidates, cheaply.
+
+Planning reads DICOM headers only (no pixels) and hashes NIfTI files; it chooses one series per study,
+validates the chosen series' geometry and computes a deterministic ``volume_id``, so a store can say
+"already have it" before any pixel is decoded. Every source ends as Candidates or Rejections, never an exception.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pydantic import ValidationError
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
+
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.dicom_headers import SliceHeader, group_series, is_nifti_name, iter_files, scan_paths
+from pipeline.ingest.errors import IngestError
+from pipeline.ingest.selection import rank_series, summarize_series, why_lower
+from pipeline.ingest.series_geometry import series_geometry
+from schemas.ingest import InputKind, ManifestRow, RejectReason, Rejection, SeriesChoice
+
+R = RejectReason
+EXAMPLE_SOURCE = "example"
+
+
+@dataclass
+class Candidate:
+    """One planned input: everything ``load_candidate`` needs, nothing decoded. Picklable.
+
+    input: the source as given (``path``, ``path#StudyUID`` when a folder holds several studies,
+    ``manifest.csv#StudyUID`` for manifest studies). paths: DICOM files in slice order, or the NIfTI file.
+    """
+
+    input: str
+    volume_id: str
+    kind: InputKind
+    cohort: str
+    paths: list[str]
+    config: IngestConfig = field(default_factory=IngestConfig)
+    series_uid: str | None = None
+    study_uid: str | None = None
+    subject_id: str | None = None
+    study_date: str | None = None
+    sop_uids: list[str] = field(default_factory=list)
+    series_choices: list[SeriesChoice] = field(default_factory=list)
+    checksum: str | None = None  # NIfTI: sha256 of the file (DICOM: computed while loading)
+    notes: list[str] = field(default_factory=list)
+
+
+def make_volume_id(cohort: str, identity: dict, cfg: IngestConfig) -> str:
+    """Deterministic id: sha256 over cohort, the input's identity (UIDs or content hash) and output settings."""
+    blob = json.dumps({"cohort": cohort, "id": identity, "cfg": cfg.output_key()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- NIfTI
+def plan_nifti(path: str | Path, cohort: str, config: IngestConfig | None = None, label: str | None = None,
+               kind: InputKind = InputKind.nifti) -> Candidate:
+    """Hash the file (content identity) and check the header parses. Raises IngestError."""
+    cfg = config or IngestConfig()
+    p = Path(path)
+    label = label or str(path)
+    if not p.is_file():
+        raise IngestError(R.not_found, f"{label}: no such file")
+    try:
+        import nibabel as nib
+
+        img = nib.load(str(p))
+        shape = img.shape
+    except Exception as e:
+        raise IngestError(R.unreadable_file, f"{label}: NIfTI header does not parse ({type(e).__name__}: {e})")
+    digest = file_sha256(p)
+    vid = make_volume_id(cohort, {"nifti_sha256": digest}, cfg)
+    return Candidate(input=label, volume_id=vid, kind=kind, cohort=cohort, paths=[str(p)], config=cfg,
+                     checksum=digest, notes=[f"header shape {tuple(int(s) for s in shape)}"])
+
+
+# ---------------------------------------------------------------- DICOM
+def _decodable(ts: str | None) -> bool:
+    if ts is None:
+        return True  # no file meta: implicit VR little endian
+    try:
+        return bool(get_decoder(UID(ts)).is_available)
+    except Exception:
+        return False
+
+
+def _check_transfer_syntax(headers: list[SliceHeader]) -> None:
+    bad = sorted({h.transfer_syntax for h in headers if not _decodable(h.transfer_syntax)}, key=str)
+    if bad:
+        names = ", ".join(f"{UID(t).name} ({t})" for t in bad)
+        raise IngestError(R.undecodable_pixels, f"no installed decoder for transfer syntax {names}",
+                          series_uid=headers[0].series_uid)
+
+
+def plan_study(label: str, series: dict[str, list[SliceHeader]], cohort: str, cfg: IngestConfig,
+               corrupt: Sequence[tuple[str, str]] = (), extra_choices: Sequence[SeriesChoice] = (),
+               subject_id: str | None = None) -> Candidate:
+    """Choose and validate one series of one study. Raises IngestError when no series is usable."""
+    summaries = [summarize_series(uid, hs, cfg) for uid, hs in series.items()]
+    usable, excluded = rank_series(summaries, cfg)
+    choices: list[SeriesChoice] = list(extra_choices)
+    for s in excluded:
+        code, detail = s.exclusion  # type: ignore[misc]
+        choices.append(SeriesChoice(series_uid=s.series_uid, chosen=False, reason=f"{code.value}: {detail}",
+                                    n_slices=s.n_slices, slice_thickness_mm=s.thickness_mm, kernel=s.kernel))
+    failures: list[tuple[object, IngestError]] = []
+    chosen = geom = None
+    for s in usable:
+        try:
+            g = series_geometry(s.headers, cfg)
+            _check_transfer_syntax(g.headers)
+        except IngestError as e:
+            failures.append((s, e))
+            continue
+        chosen, geom = s, g
+        break
+    corrupt_note = ""
+    if corrupt:
+        corrupt_note = f"; {len(corrupt)} file(s) do not parse (e.g. {corrupt[0][0]}: {corrupt[0][1][:120]})"
+    if chosen is None or geom is None:
+        if failures:
+            err = failures[0][1]
+            reason = err.reason
+            if corrupt and reason in (R.missing_slices, R.nonuniform_spacing, R.inconsistent_geometry):
+                reason = R.unreadable_file  # the gap is most likely the unreadable file
+            extra = "" if len(failures) == 1 else f" (and {len(failures) - 1} other series failed validation)"
+            raise IngestError(reason, f"{label}: {err.detail}{extra}{corrupt_note}", series_uid=err.series_uid)
+        if not summaries:
+            raise IngestError(R.unreadable_file if corrupt else R.empty_input, f"{label}: no DICOM series"
+                              + corrupt_note)
+        codes = {s.exclusion[0] for s in excluded}  # type: ignore[index]
+        reason = codes.pop() if len(codes) == 1 else R.no_usable_series
+        detail = "; ".join(f"{s.series_uid}: {s.exclusion[1]}" for s in excluded)  # type: ignore[index]
+        raise IngestError(reason, f"{label}: no usable series ({detail}){corrupt_note}",
+                          series_uid=excluded[0].series_uid if len(excluded) == 1 else None)
+    for s, e in failures:
+        choices.append(SeriesChoice(series_uid=s.series_uid, chosen=False,  # type: ignore[attr-defined]
+                                    reason=f"failed validation {e.reason.value}: {e.detail}",
+                                    n_slices=s.n_slices, slice_thickness_mm=s.thickness_mm,  # type: ignore
+                                    kernel=s.kernel))  # type: ignore[attr-defined]
+    for s in usable:
+        if s is chosen or any(s is f[0] for f in failures):
+            continue
+        choices.append(SeriesChoice(series_uid=s.series_uid, chosen=False, reason=why_lower(s, chosen, cfg),
+                                    n_slices=s.n_slices, slice_thickness_mm=s.thickness_mm, kernel=s.kernel))
+    choices.insert(0, SeriesChoice(series_uid=chosen.series_uid, chosen=True,
+                                   reason=f"chosen: {chosen.describe(cfg)}", n_slices=len(geom.headers),
+                                   slice_thickness_mm=chosen.thickness_mm, kernel=chosen.kernel))
+    hs = geom.headers
+    sops = [h.sop_uid for h in hs]
+    vid = make_volume_id(cohort, {"series_uid": chosen.series_uid, "sop_uids": sorted(sops)}, cfg)
+    notes = list(geom.notes)
+    if corrupt:
+        notes.append(f"ignored {len(corrupt)} unparseable file(s) outside the chosen series")
+    return Candidate(input=label, volume_id=vid, kind=InputKind.dicom, cohort=cohort, paths=[h.path for h in hs],
+                     config=cfg, series_uid=chosen.series_uid, study_uid=hs[0].study_uid,
+                     subject_id=hs[0].patient_id or subject_id, study_date=hs[0].study_date, sop_uids=sops,
+                     series_choices=choices, notes=notes)
+
+
+def plan_dicom_files(files: Iterable[str], label: str, cohort: str, cfg: IngestConfig
+                     ) -> tuple[list[Candidate], list[Rejection]]:
+    """Plan DICOM files (a folder's content): one candidate per study; NIfTI files found among them too."""
+    files = list(files)
+    if not files:
+        return [], [Rejection(input=label, reason=R.empty_input, detail=f"{label}: no files")]
+    scan = scan_paths(files)
+    cands: list[Candidate] = []
+    rejs: list[Rejection] = []
+    for p in scan.nifti:
+        _try(lambda p=p: plan_nifti(p, cohort, cfg), p, cands, rejs)
+    if not scan.headers:
+        if scan.corrupt:
+            p, err = scan.corrupt[0]
+            rejs.append(Rejection(input=label, reason=R.unreadable_file,
+                                  detail=f"{label}: {len(scan.corrupt)} DICOM file(s) do not parse (e.g. {p}: {err})"))
+        elif not scan.nifti:
+            rejs.append(Rejection(input=label, reason=R.empty_input,
+                                  detail=f"{label}: no DICOM or NIfTI file among {len(files)} file(s)"))
+        return cands, rejs
+    studies = group_series(scan.headers)
+    for study_uid, series in studies.items():
+        lab = label if len(studies) == 1 else f"{label}#{study_uid}"
+        _try(lambda lab=lab, series=series: plan_study(lab, series, cohort, cfg, scan.corrupt), lab, cands, rejs)
+    return cands, rejs
+
+
+def _try(fn, label: str, cands: list[Candidate], rejs: list[Rejection]) -> None:
+    try:
+        cands.append(fn())
+    except IngestError as e:
+        rejs.append(Rejection(input=label, reason=e.reason, detail=e.detail, series_uid=e.series_uid))
+    except Exception as e:  # a bug or an exotic file must not stop the batch
+        rejs.append(Rejection(input=label, reason=R.unreadable_file,
+                              detail=f"{label}: unexpected {type(e).__name__} while planning: {e}"))
+
+
+# ---------------------------------------------------------------- NBIA manifest
+def read_manifest(csv_path: str | Path) -> tuple[list[tuple[int, ManifestRow]], list[Rejection]]:
+    """Parse an NBIA metadata.csv: ([(line number, row)], rejections for rows that do not validate)."""
+    rows: list[tuple[int, ManifestRow]] = []
+    rejs: list[Rejection] = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "Series UID" not in reader.fieldnames or "File Location" not in reader.fieldnames:
+            raise IngestError(R.manifest_error, f"{csv_path}: not an NBIA metadata.csv (header {reader.fieldnames})")
+        for line, raw in enumerate(reader, start=2):
+            try:
+                row = ManifestRow.model_validate({k: v for k, v in raw.items() if k is not None})
+                if not row.series_uid.strip() or not row.file_location.strip():
+                    raise ValueError("empty Series UID or File Location")
+                rows.append((line, row))
+            except (ValidationError, ValueError) as e:
+                rejs.append(Rejection(input=f"{csv_path}:{line}", reason=R.manifest_error,
+                                      detail=f"{csv_path} line {line}: {str(e).splitlines()[0]}"))
+    return rows, rejs
+
+
+def resolve_location(loc: str, root: Path) -> Path:
+    """NBIA ``File Location`` (``./NLST/...`` or ``.\\NLST\\...``) relative to ``root``."""
+    rel = loc.strip().replace("\\", "/")
+    p = Path(rel)
+    return p if p.is_absolute() else root / rel
+
+
+def plan_manifest(csv_path: str | Path, cohort: str, root: str | Path | None = None,
+                  config: IngestConfig | None = None) -> tuple[list[Candidate], list[Rejection]]:
+    """Plan an NBIA ``metadata.csv``: one candidate per study (input ``csv#StudyUID``).
+
+    ``File Location`` is relative to ``root`` (default: the csv's folder). Series whose manifest Modality is not
+    CT are excluded without reading them; missing folders are noted; a study whose folders are all missing is
+    rejected ``not_found``; rows that do not validate are rejected ``manifest_error``.
+    """
+    cfg = config or IngestConfig()
+    csv_path = Path(csv_path)
+    base = Path(root) if root is not None else csv_path.parent
+    try:
+        rows, rejs = read_manifest(csv_path)
+    except IngestError as e:
+        return [], [Rejection(input=str(csv_path), reason=e.reason, detail=e.detail)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return [], [Rejection(input=str(csv_path), reason=R.manifest_error, detail=f"{csv_path}: {e}")]
+    studies: dict[str, list[ManifestRow]] = {}
+    for _, row in rows:
+        studies.setdefault(row.study_uid or f"series:{row.series_uid}", []).append(row)
+    cands: list[Candidate] = []
+    for study, srows in studies.items():
+        label = f"{csv_path}#{study}"
+
+        def one(label=label, srows=srows) -> Candidate:
+            extra: list[SeriesChoice] = []
+            files: list[str] = []
+            missing: list[str] = []
+            for row in srows:
+                if row.modality and row.modality.upper() != "CT":
+                    extra.append(SeriesChoice(series_uid=row.series_uid, chosen=False,
+                                              reason=f"wrong_modality: manifest Modality {row.modality}",
+                                              n_slices=row.number_of_images or 0))
+                    continue
+                folder = resolve_location(row.file_location, base)
+                if not folder.is_dir():
+                    missing.append(str(folder))
+                    extra.append(SeriesChoice(series_uid=row.series_uid, chosen=False,
+                                              reason=f"not_found: {folder}", n_slices=row.number_of_images or 0))
+                    continue
+                files.extend(iter_files(folder))
+            if not files:
+                if missing:
+                    raise IngestError(R.not_found, f"{label}: series folder(s) not found: {', '.join(missing)}")
+                raise IngestError(R.no_usable_series, f"{label}: no CT series in the manifest")
+            scan = scan_paths(files)  # NIfTI files inside series folders are ignored
+            if not scan.headers:
+                if scan.corrupt:
+                    raise IngestError(R.unreadable_file, f"{label}: {len(scan.corrupt)} DICOM file(s) do not parse "
+                                                         f"(e.g. {scan.corrupt[0][0]})")
+                raise IngestError(R.empty_input, f"{label}: no DICOM file in {len(files)} file(s)")
+            series: dict[str, list[SliceHeader]] = {}
+            for h in scan.headers:
+                series.setdefault(h.series_uid, []).append(h)
+            c = plan_study(label, series, cohort, cfg, scan.corrupt, extra, subject_id=srows[0].subject_id)
+            if missing:
+                c.notes.append(f"{len(missing)} series folder(s) from the manifest not found")
+            return c
+
+        _try(one, label, cands, rejs)
+    return cands, rejs
+
+
+# ---------------------------------------------------------------- any source
+def plan_inputs(sources: Sequence[str | Path], cohort: str, config: IngestConfig | None = None
+                ) -> tuple[list[Candidate], list[Rejection]]:
+    """Plan every source: NIfTI file, DICOM folder (or single DICOM file), NBIA metadata.csv, or ``example``
+    (the bundled chest CT). Returns (candidates, rejections); never raises for a bad source."""
+    cfg = config or IngestConfig()
+    cands: list[Candidate] = []
+    rejs: list[Rejection] = []
+    for src in sources:
+        label = str(src)
+        if label == EXAMPLE_SOURCE:
+            from pipeline.example import example_ct_path
+
+            _try(lambda: plan_nifti(example_ct_path(), cohort, cfg, label=label, kind=InputKind.example),
+                 label, cands, rejs)
+            continue
+        p = Path(label).expanduser()
+        if not p.exists():
+            rejs.append(Rejection(input=label, reason=R.not_found, detail=f"{label}: no such file or directory"))
+        elif p.is_dir():
+            try:
+                c, r = plan_dicom_files(iter_files(p), label, cohort, cfg)
+            except Exception as e:
+                c, r = [], [Rejection(input=label, reason=R.unreadable_file,
+                                      detail=f"{label}: unexpected {type(e).__name__} while planning: {e}")]
+            cands += c
+            rejs += r
+        elif p.suffix.lower() == ".csv":
+            c, r = plan_manifest(p, cohort, config=cfg)
+            cands += c
+            rejs += r
+        elif is_nifti_name(p.name):
+            _try(lambda: plan_nifti(p, cohort, cfg, label=label), label, cands, rejs)
+        else:
+            c, r = plan_dicom_files([str(p)], label, cohort, cfg)
+            cands += c
+            rejs += r
+    return cands, rejs

@@ -1,0 +1,68 @@
+"""``ingest_sources``: plan -> skip what the store has -> load -> write. Every input ends in one list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.errors import IngestError
+from pipeline.ingest.load import load_candidate
+from pipeline.ingest.plan import plan_inputs, plan_manifest
+from schemas.ingest import Rejection, RunEntry, RunSummary, VolumeRecord
+
+
+class VolumeStore(Protocol):
+    """The part of ``storage.open_store(url)`` that ingest uses."""
+
+    def has_volume(self, volume_id: str) -> bool: ...
+
+    def write_volume(self, record: VolumeRecord, hu: np.ndarray) -> None: ...
+
+
+def ingest_sources(sources: Sequence[str | Path], cohort: str, store: VolumeStore,
+                   config: IngestConfig | None = None, manifests: Sequence[str | Path] = (),
+                   on_entry=None) -> RunSummary:
+    """Ingest sources (and NBIA manifests) into ``store``; return the RunSummary.
+
+    A candidate whose volume_id the store already has, or that an earlier input of the same run produced,
+    is ``skipped`` without decoding pixels. A bad input becomes a Rejection and never stops the others; errors
+    of the store itself propagate (the run cannot complete). ``on_entry(kind, entry)`` is called per result.
+    """
+    cfg = config or IngestConfig()
+    cands, rejs = plan_inputs(list(sources), cohort, cfg)
+    for m in manifests:
+        c, r = plan_manifest(m, cohort, config=cfg)
+        cands += c
+        rejs += r
+    summary = RunSummary(rejected=list(rejs))
+    if on_entry:
+        for r in rejs:
+            on_entry("rejected", r)
+    seen: set[str] = set()
+    for c in cands:
+        if c.volume_id in seen or store.has_volume(c.volume_id):
+            entry = RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid)
+            summary.skipped.append(entry)
+            kind = "skipped"
+        else:
+            try:
+                record, hu = load_candidate(c)
+            except IngestError as e:
+                entry = Rejection(input=c.input, reason=e.reason, detail=e.detail,  # type: ignore[assignment]
+                                  series_uid=e.series_uid or c.series_uid)
+                summary.rejected.append(entry)  # type: ignore[arg-type]
+                if on_entry:
+                    on_entry("rejected", entry)
+                continue
+            store.write_volume(record, hu)
+            del hu
+            entry = RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid)
+            summary.done.append(entry)
+            kind = "done"
+        seen.add(c.volume_id)
+        if on_entry:
+            on_entry(kind, entry)
+    return summary

@@ -1,0 +1,157 @@
+"""Storage contracts: commit records, catalog rows, claims, verify reports, per-view metadata. No I/O here.
+
+The layout these records live in is documented in docs/format.md and implemented only in ``storage/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EntryKind(str, Enum):
+    volume = "volume"  # a canonical HU volume (volumes/<id>/hu)
+    ring = "ring"  # a ring of projections in a dataset (datasets/<cohort>/<spec_hash>/rings/<id>)
+
+
+class EntryStatus(str, Enum):
+    committed = "committed"  # data written, read back and checksummed, commit record present
+    in_progress = "in_progress"  # a live claim exists, no commit record yet
+    stale_claim = "stale_claim"  # an expired claim (crashed writer) with no commit record
+
+
+class CommitRecord(_Model):
+    """The one object whose existence makes a volume/ring visible. Written once, atomically, after verification."""
+
+    volume_id: str
+    kind: EntryKind
+    cohort: str
+    spec_hash: str | None = None  # rings only
+    path: str  # group path of the data, relative to the store root
+    array: str  # data array name inside ``path`` ("hu" or "views")
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name of the stored pixels ("int16", "float16", "float32")
+    nbytes: int  # uncompressed bytes of the pixel array
+    checksum: str  # "sha256:<hex>" of the stored pixels, C order, little endian
+    meta_checksum: str | None = None  # rings: sha256 over the per-view metadata arrays (see docs/format.md)
+    writer: str  # claim owner that committed it
+    committed_at: datetime = Field(default_factory=_now)
+    versions: dict[str, str] = Field(default_factory=dict)
+    record: dict[str, Any] | None = None  # volumes: the VolumeRecord JSON
+    provenance: dict[str, Any] | None = None  # rings: caller provenance (source ids, canonical volume id, ...)
+
+
+class CatalogRow(_Model):
+    """One row of a catalog: what a reader needs to find and trust a volume without listing the store."""
+
+    volume_id: str
+    kind: EntryKind
+    cohort: str
+    spec_hash: str | None = None
+    status: EntryStatus = EntryStatus.committed
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    checksum: str
+    committed_at: datetime
+
+
+class ClaimRecord(_Model):
+    """A lease on one volume id within one scope. Expired or dead-holder claims can be taken over."""
+
+    volume_id: str
+    owner: str
+    host: str
+    pid: int
+    acquired_at: datetime
+    expires_at: datetime
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return (now or _now()) >= self.expires_at
+
+
+class DatasetInfo(_Model):
+    cohort: str
+    spec_hash: str
+    path: str
+
+
+class VerifyIssue(_Model):
+    volume_id: str
+    scope: str  # "volumes" or "datasets/<cohort>/<spec_hash>"
+    reason: str
+
+
+class VerifyReport(_Model):
+    """Result of recomputing every committed checksum. ``ok`` + len(corrupt) + len(missing) == volumes."""
+
+    volumes: int = 0
+    ok: int = 0
+    corrupt: list[VerifyIssue] = Field(default_factory=list)
+    missing: list[VerifyIssue] = Field(default_factory=list)
+    uncataloged: list[VerifyIssue] = Field(default_factory=list)  # commit records absent from the catalog
+
+    @property
+    def clean(self) -> bool:
+        return not self.corrupt and not self.missing
+
+    def merge(self, other: "VerifyReport") -> "VerifyReport":
+        return VerifyReport(
+            volumes=self.volumes + other.volumes,
+            ok=self.ok + other.ok,
+            corrupt=self.corrupt + other.corrupt,
+            missing=self.missing + other.missing,
+            uncataloged=self.uncataloged + other.uncataloged,
+        )
+
+
+class ScopeStatus(_Model):
+    scope: str
+    kind: EntryKind
+    cohort: str | None = None
+    spec_hash: str | None = None
+    counts: dict[str, int] = Field(default_factory=dict)  # EntryStatus value -> count
+    per_cohort: dict[str, int] = Field(default_factory=dict)  # committed entries per cohort
+
+
+class StoreStatus(_Model):
+    url: str
+    volumes: ScopeStatus
+    datasets: list[ScopeStatus] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ViewMeta:
+    """Metadata of ``n`` views read together with their pixels (same order as the requested indices).
+
+    index (n,) int, yaw_deg (n,) float64, cone_vec (n, 12) ASTRA rows (src, det centre, u, v; world mm),
+    world_from_camera (n, 4, 4), intrinsics (n, 3, 3) (OpenCV pinhole, see schemas.render.ViewGeometry).
+    """
+
+    index: np.ndarray
+    yaw_deg: np.ndarray
+    cone_vec: np.ndarray
+    world_from_camera: np.ndarray
+    intrinsics: np.ndarray
+    height: int
+    width: int
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+ScopeKind = Literal["volumes", "dataset"]

@@ -1,0 +1,342 @@
+"""Backfill flow: outcomes, idempotent reruns, crash/resume, retries, Dask scale-out, landing scan, CLI, inspect.
+
+Small CTs (tests/conftest small_ct_path, shifted copies so every series has its own content id) and a small spec
+(64x64 detector, 8 views) keep every run to a few seconds; Prefect tests share the session server ``prefect_api``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows import backfill as bf
+from flows import reports as rep
+from flows.runtime import LocalStages, is_transient
+from schemas.ingest import RejectReason
+from schemas.render import RenderSpec
+from storage import open_store
+
+SPEC = RenderSpec(height=64, width=64, pixel_mm=6.0, n_views=8, yaw_step_deg=45.0)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _variant(src: Path, dst: Path, offset: int) -> Path:
+    """A copy of ``src`` with ``offset`` HU added inside the body (other content, same geometry)."""
+    img = nib.load(str(src))
+    a = np.asarray(img.dataobj).astype(np.int16)
+    a = np.where(a > -500, a + offset, a).astype(np.int16)
+    nib.save(nib.Nifti1Image(a, img.affine), str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, small_ct_path):
+    """5 good small CTs (distinct content) + 1 file that is not a NIfTI."""
+    d = tmp_path_factory.mktemp("cohort")
+    good = [_variant(small_ct_path, d / f"ct{k}.nii.gz", 3 * k) for k in range(5)]
+    bad = d / "broken.nii.gz"
+    bad.write_bytes(b"this is not a gzip stream")
+    return good, bad
+
+
+def _params(store, sources, **kw) -> bf.BackfillParams:
+    return bf.BackfillParams(cohort="test", store=str(store), source=[str(s) for s in sources], spec=SPEC,
+                             backend="joseph", **kw)
+
+
+def _expected_ring(path: Path) -> np.ndarray:
+    """Independent path to the same ring: ingest + render without flows or storage."""
+    from pipeline.ingest import load_candidate, plan_inputs
+    from pipeline.render import render_ring
+
+    (c,), _ = plan_inputs([str(path)], "test")
+    rec, hu = load_candidate(c)
+    views, _ = render_ring(hu, np.asarray(rec.affine), SPEC, "joseph")
+    return views
+
+
+# ---- policy units --------------------------------------------------------------------------------------------
+def test_transient_classification():
+    from botocore.exceptions import ClientError
+
+    from pipeline.ingest import IngestError
+
+    assert is_transient(OSError(errno.EIO, "I/O error"))
+    assert is_transient(ConnectionResetError())
+    assert is_transient(TimeoutError())
+    slow = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
+    assert is_transient(slow)
+    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Put")
+    assert not is_transient(denied)
+    assert not is_transient(FileNotFoundError(errno.ENOENT, "gone"))
+    assert not is_transient(IngestError(RejectReason.unreadable_file, "x"))
+    assert not is_transient(ValueError("bad shape"))
+
+
+def test_shards_partition_ids():
+    ids = [f"{k:024x}" for k in range(200)]
+    owners = [[i for i in range(4) if bf._in_shard(v, f"{i}/4")] for v in ids]
+    assert all(len(o) == 1 for o in owners)
+    counts = np.bincount([o[0] for o in owners], minlength=4)
+    assert counts.min() > 25  # roughly balanced
+
+
+# ---- serverless path (same body, LocalStages) ----------------------------------------------------------------
+def test_local_backfill_outcomes_rerun_and_values(tmp_path, cohort):
+    """2 good + 1 bad: 2 done, 1 rejected with its reason; stored pixels match an independent render."""
+    good, bad = cohort
+    store = tmp_path / "store"
+    s1 = bf.run_local(_params(store, [good[0], good[1], bad], verify="deep"))
+    assert len(s1.done) == 2 and not s1.skipped
+    assert [r.reason for r in s1.rejected] == [RejectReason.unreadable_file]
+    assert str(bad) in s1.rejected[0].detail
+    ds = open_store(str(store)).dataset("test", SPEC)
+    assert sorted(ds.volume_ids()) == sorted(e.volume_id for e in s1.done)
+    # stored pixels == an independent ingest + render of the same file
+    vid0 = next(e.volume_id for e in s1.done if e.input == str(good[0]))
+    np.testing.assert_allclose(ds.read_ring(vid0), _expected_ring(good[0]), rtol=1e-6, atol=1e-6)
+    # preview montage beside the store, linked from the run summary
+    reports = Path(rep.reports_url(str(store)))
+    png = reports / "previews" / "test" / SPEC.spec_hash / f"{vid0}.png"
+    im = Image.open(png)
+    assert im.size == (4 * 256 + 3 * 4, 256)
+    (md,) = (reports / "runs").glob("*.md")
+    text = md.read_text()
+    assert "| done | 2 |" in text and "| rejected: unreadable_file | 1 |" in text and png.as_uri() in text
+    # rerun: nothing is ingested or rendered again
+    stages = LocalStages(max_workers=2)
+    with stages:
+        s2 = bf.run_backfill(_params(store, [good[0], good[1], bad]), stages)
+    assert s2.counts() == {"done": 0, "skipped": 2, "rejected": 1}
+    assert stages.attempts == {"plan-series": 1}
+
+
+def test_local_retries_transient_not_bad_input(tmp_path, cohort, monkeypatch):
+    good, _ = cohort
+    store = tmp_path / "store"
+    real = bf._store(str(store))
+
+    class Flaky:
+        """The real store whose first write_volume fails with EIO (a transient I/O error)."""
+
+        fails = 1
+
+        def __getattr__(self, k):
+            return getattr(real, k)
+
+        def write_volume(self, *a, **kw):
+            if Flaky.fails:
+                Flaky.fails -= 1
+                raise OSError(errno.EIO, "injected I/O error")
+            return real.write_volume(*a, **kw)
+
+    monkeypatch.setattr(bf, "_store", lambda url: Flaky())
+    import pipeline.render as render_mod
+
+    real_render = render_mod.render_ring
+
+    from pipeline.ingest import load_candidate, plan_inputs
+
+    (c1,), _ = plan_inputs([str(good[1])], "test")
+    doomed = int(load_candidate(c1)[1].sum(dtype=np.int64))
+
+    def render_or_fail(hu, affine, spec, backend="auto", **kw):
+        if int(np.asarray(hu).sum(dtype=np.int64)) == doomed:  # a deterministic (non-transient) render failure
+            raise ValueError("degenerate volume (injected)")
+        return real_render(hu, affine, spec, backend, **kw)
+
+    monkeypatch.setattr(render_mod, "render_ring", render_or_fail)
+    stages = LocalStages(max_workers=2, sleep=lambda s: None)
+    with stages:
+        summary = bf.run_backfill(_params(store, good[:2], verify="none"), stages)
+    assert [e.input for e in summary.done] == [str(good[0])]
+    assert [(r.input, r.reason) for r in summary.rejected] == [(str(good[1]), RejectReason.render_failed)]
+    assert "degenerate volume" in summary.rejected[0].detail
+    # one transient failure retried once; the render failure was not retried
+    assert stages.attempts["ingest-series"] == 3
+    assert stages.attempts["render-series"] == 2
+
+
+def test_local_landing_scan_processes_only_new(tmp_path, cohort):
+    from flows.landing import scan_once
+
+    good, bad = cohort
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for p in (good[0], bad):
+        (landing / p.name).write_bytes(p.read_bytes())
+    store = str(tmp_path / "store")
+    s1, new1 = scan_once(str(landing), "test", store, SPEC, "joseph")
+    assert (len(new1), s1.counts()) == (2, {"done": 1, "skipped": 0, "rejected": 1})
+    s2, new2 = scan_once(str(landing), "test", store, SPEC, "joseph")
+    assert new2 == [] and s2.counts() == {"done": 0, "skipped": 0, "rejected": 0}
+    (landing / good[1].name).write_bytes(good[1].read_bytes())
+    s3, new3 = scan_once(str(landing), "test", store, SPEC, "joseph")
+    assert new3 == [str(landing / good[1].name)] and s3.counts() == {"done": 1, "skipped": 0, "rejected": 0}
+
+
+def test_cli_backfill_json_and_inspect(tmp_path, cohort):
+    from flows.cli import app
+
+    good, bad = cohort
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(SPEC.model_dump_json())
+    store = tmp_path / "store"
+    r = CliRunner().invoke(app, ["backfill", "--cohort", "test", "--store", str(store), "--source", str(good[2]),
+                                 "--source", str(bad), "--spec", str(spec_file), "--backend", "joseph",
+                                 "--no-prefect", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert [d["input"] for d in out["done"]] == [str(good[2])]
+    assert [x["reason"] for x in out["rejected"]] == ["unreadable_file"]
+    vid = out["done"][0]["volume_id"]
+    png = tmp_path / "sheet.png"
+    r = CliRunner().invoke(app, ["inspect", "--store", str(store), "--volume", vid[:10], "--out", str(png),
+                                 "--big", "128", "--thumb", "32"])
+    assert r.exit_code == 0, r.output
+    sheet = np.asarray(Image.open(png))
+    ds = open_store(str(store)).dataset("test", SPEC)
+    views = ds.read_ring(vid)
+    yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
+    # the large frontal tile (yaw 0) sits top-left below the title line
+    frontal = np.asarray(rep._tile(views[yaws.index(0.0)], 128, "yaw 0"))
+    np.testing.assert_array_equal(sheet[18 + 4:18 + 4 + 128, 4:4 + 128], frontal)
+    lateral = np.asarray(rep._tile(views[yaws.index(90.0)], 128, "yaw 90"))
+    np.testing.assert_array_equal(sheet[22:22 + 128, 4 + 128 + 4:4 + 2 * 128 + 4], lateral)
+    assert sheet.shape == (18 + 128 + 8 + 32 + 4 + 4, max(2 * 128 + 12, 8 * 36 + 4))
+
+
+# ---- through a real Prefect server -----------------------------------------------------------------------------
+def _task_runs(flow_run_id, name_prefix: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as c:
+        trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=500,
+                               sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+    return [t for t in trs if t.name.startswith(name_prefix)]
+
+
+@pytest.mark.prefect
+def test_prefect_backfill_three_series_then_rerun(prefect_api, tmp_path, cohort, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    good, bad = cohort
+    store = tmp_path / "store"
+    # a transient I/O error on the first volume write: the Prefect engine retries the task
+    real = bf._store(str(store))
+    fails = [1]
+
+    class Flaky:
+        def __getattr__(self, k):
+            return getattr(real, k)
+
+        def write_volume(self, *a, **kw):
+            if fails[0]:
+                fails[0] -= 1
+                raise OSError(errno.EIO, "injected I/O error")
+            return real.write_volume(*a, **kw)
+
+    monkeypatch.setattr(bf, "_store", lambda url: Flaky())
+    monkeypatch.setattr(bf, "ingest_series", bf.ingest_series.with_options(retry_delay_seconds=[0.1] * 3))
+    kw = dict(cohort="test", store=str(store), source=[str(good[0]), str(good[1]), str(bad)], spec=SPEC,
+              backend="joseph")
+    state = bf.backfill_cohort(**kw, return_state=True)
+    assert state.is_completed()
+    s1 = state.result()
+    assert len(s1.done) == 2 and not s1.skipped
+    assert [(r.input, r.reason) for r in s1.rejected] == [(str(bad), RejectReason.unreadable_file)]
+    fr1 = state.state_details.flow_run_id
+    ingest_runs = _task_runs(fr1, "ingest-series")
+    assert sorted(t.run_count for t in ingest_runs) == [1, 1, 2]  # bad input: 1 attempt; EIO: retried once
+    renders = _task_runs(fr1, "render-series")
+    assert len(renders) == 3 and all(t.state.is_completed() for t in renders)
+    with get_client(sync_client=True) as c:
+        md = c.read_latest_artifacts()
+    by_key = {a.key: a for a in md}
+    assert "| done | 2 |" in by_key["backfill-test"].data
+    assert "| rejected: unreadable_file | 1 |" in by_key["backfill-test"].data
+    assert float(by_key["backfill-progress-test"].data) == 100.0
+    # second run: everything skipped before any ingest/render task is submitted
+    state2 = bf.backfill_cohort(**kw, return_state=True)
+    s2 = state2.result()
+    assert s2.counts() == {"done": 0, "skipped": 2, "rejected": 1}
+    fr2 = state2.state_details.flow_run_id
+    assert _task_runs(fr2, "render-series") == [] and _task_runs(fr2, "ingest-series") == []
+
+
+@pytest.mark.prefect
+def test_prefect_backfill_killed_midway_then_resumed(prefect_api, tmp_path, cohort):
+    good, bad = cohort
+    store = tmp_path / "store"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(SPEC.model_dump_json())
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, XWIN_STAGE_THREADS="1", PREFECT_LOGGING_LEVEL="WARNING")
+    cmd = [sys.executable, "-m", "flows.cli", "backfill", "--cohort", "test", "--store", str(store),
+           "--spec", str(spec_file), "--backend", "joseph", "--prefect", "--verify", "none"]
+    for g in good:
+        cmd += ["--source", str(g)]
+    proc = subprocess.Popen(cmd + ["--source", str(bad)], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ds = open_store(str(store)).dataset("test", SPEC)
+    deadline = time.monotonic() + 120
+    n_at_kill = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            n_at_kill = len(ds.volume_ids())
+            if n_at_kill >= 1:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 1 <= n_at_kill < len(good), f"kill did not land mid-way ({n_at_kill} rings)"
+    s = bf.backfill_cohort(cohort="test", store=str(store), source=[str(g) for g in good] + [str(bad)],
+                           spec=SPEC, backend="joseph", verify="deep")
+    assert len(s.done) + len(s.skipped) == len(good) and len(s.skipped) >= n_at_kill
+    assert [r.reason for r in s.rejected] == [RejectReason.unreadable_file]
+    st = open_store(str(store))
+    assert st.verify().clean
+    status = st.status()
+    (dstat,) = status.datasets
+    assert dstat.counts.get("committed") == len(good)
+    assert not dstat.counts.get("in_progress") and not dstat.counts.get("stale_claim")
+    assert sorted(ds.volume_ids()) == sorted({e.volume_id for e in s.done + s.skipped})
+
+
+@pytest.mark.prefect
+def test_prefect_backfill_on_dask_each_series_once(prefect_api, tmp_path, cohort):
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    good, _ = cohort
+    store = tmp_path / "store"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        flow = bf.backfill_cohort.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
+        state = flow(cohort="test", store=str(store), source=[str(g) for g in good[:4]], spec=SPEC,
+                     backend="joseph", verify="deep", return_state=True)
+        worker_pids = {w.process.pid for w in cluster.workers.values()}
+    s = state.result()
+    assert len(s.done) == 4 and not s.skipped and not s.rejected
+    ids = [e.volume_id for e in s.done]
+    assert len(set(ids)) == 4
+    renders = _task_runs(state.state_details.flow_run_id, "render-series")
+    assert len(renders) == 4 and all(t.state.is_completed() and t.run_count == 1 for t in renders)
+    ds = open_store(str(store)).dataset("test", SPEC)
+    assert sorted(ds.volume_ids()) == sorted(ids)
+    writers = {ds.provenance(v)["writer"] for v in ids}
+    assert len(writers) == 4  # one writer (task run) per series
+    assert {int(w.split(":")[1]) for w in writers} <= worker_pids  # rendered on the Dask workers

@@ -1,0 +1,413 @@
+"""Storage: local-filesystem path. Round trips, idempotency, spec refusal, chunk-level reads, claims, crash safety,
+verify. The S3 path of the same contract is in test_storage_s3.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.geometry import ConeBeamViews, ring_for_volume
+from schemas.ingest import HUStats, Provenance, VolumeRecord
+from schemas.render import RenderSpec
+from schemas.store import ClaimRecord
+from storage import ChecksumMismatch, ClaimHeld, NotCommitted, SpecMismatchError, open_store, sha256_of
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = RenderSpec(height=24, width=20, n_views=12, yaw_step_deg=30.0)
+AFFINE = [[2.0, 0, 0, -30.0], [0, 2.0, 0, -28.0], [0, 0, 3.0, -27.0], [0, 0, 0, 1.0]]
+
+
+def make_volume(vid: str = "vol-a", cohort: str = "c1", seed: int = 0, shape=(30, 28, 18)):
+    hu = np.random.default_rng(seed).integers(-1000, 1500, shape).astype(np.int16)
+    rec = VolumeRecord(
+        volume_id=vid,
+        cohort=cohort,
+        source=f"/data/{vid}.nii.gz",
+        kind="nifti",
+        shape=shape,
+        spacing_mm=(2.0, 2.0, 3.0),
+        affine=AFFINE,
+        hu=HUStats(min=-1000, max=1499, mean=250, std=700, p01=-990, p99=1480, air_fraction=0.0),
+        provenance=Provenance(reader="nibabel", versions={"nibabel": "5.4.2"}, input_checksum="abc", input_files=1),
+    )
+    return rec, hu
+
+
+def make_ring(seed: int = 0, spec: RenderSpec = SPEC):
+    """Smooth float32 views in the line-integral range 0..15 and the spec's ring geometry."""
+    rng = np.random.default_rng(seed)
+    r, c = np.mgrid[0 : spec.height, 0 : spec.width]
+    k = np.arange(spec.n_views)[:, None, None]
+    views = (7.5 + 7 * np.sin(r / 5.0 + k * 0.3 + seed) * np.cos(c / 7.0)).astype(np.float32)
+    views += rng.normal(0, 0.01, views.shape).astype(np.float32)
+    geom = ring_for_volume(spec, np.asarray(AFFINE), (30, 28, 18))
+    return np.clip(views, 0, None), geom
+
+
+# ---- volumes ---------------------------------------------------------------------------------------------------
+def test_volume_round_trip_and_idempotent(tmp_path):
+    store = open_store(tmp_path / "s")
+    rec, hu = make_volume()
+    assert not store.has_volume("vol-a")
+    assert store.write_volume(rec, hu) is True
+    mtime = (tmp_path / "s/volumes/vol-a/hu/c/0/0/0").stat().st_mtime_ns
+    assert store.write_volume(rec, hu) is False  # identical: nothing rewritten
+    assert (tmp_path / "s/volumes/vol-a/hu/c/0/0/0").stat().st_mtime_ns == mtime
+    assert store.has_volume("vol-a")
+    rec2, hu2 = store.read_volume("vol-a")
+    assert rec2 == rec and hu2.dtype == np.int16 and np.array_equal(hu2, hu)
+    assert store.volume_record("vol-a") == rec
+    # a fresh handle (another process's view) sees it through the catalog only
+    store2 = open_store(tmp_path / "s", create=False)
+    assert [r.volume_id for r in store2.list_volumes()] == ["vol-a"]
+    assert store2.list_volumes(cohort="other") == []
+    row = store2.volume_catalog()[0]
+    assert row.checksum == sha256_of(hu) and row.status.value == "committed" and row.nbytes == hu.nbytes
+    # a zarr-only reader finds the same voxels and record with no xwin code
+    z = zarr.open_group(str(tmp_path / "s"), mode="r")
+    assert np.array_equal(z["volumes/vol-a/hu"][...], hu)
+    assert z["volumes/vol-a"].attrs["record"]["volume_id"] == "vol-a"
+    # different voxels under the same id are refused, not silently mixed
+    with pytest.raises(ChecksumMismatch):
+        store.write_volume(rec, hu + 1)
+    with pytest.raises(NotCommitted):
+        store.read_volume("nope")
+    with pytest.raises(ValueError, match="shape"):
+        store.write_volume(make_volume("vol-b")[0], hu[:, :, :5])
+    with pytest.raises(ValueError, match="invalid volume_id"):
+        store.has_volume("../x")
+
+
+# ---- rings -----------------------------------------------------------------------------------------------------
+def test_ring_round_trip_metadata_and_geometry(tmp_path):
+    store = open_store(tmp_path / "s")
+    ds = store.dataset("c1", SPEC)
+    views, geom = make_ring()
+    assert not ds.has_ring("vol-a")
+    assert ds.write_ring("vol-a", views, geom, {"source_ids": ["s1"]}) is True
+    assert ds.write_ring("vol-a", views, geom, {"source_ids": ["s1"]}) is False
+    assert ds.volume_ids() == ["vol-a"] and ds.has_ring("vol-a")
+    idx = [7, 0, 7, 11]
+    got, meta = ds.read_views("vol-a", idx)
+    assert got.dtype == np.float32 and got.shape == (4, 24, 20)
+    np.testing.assert_array_equal(got, views[idx])  # float32 spec: bit exact
+    np.testing.assert_array_equal(meta.index, idx)
+    np.testing.assert_allclose(meta.yaw_deg, np.asarray(SPEC.yaws_deg)[idx])
+    np.testing.assert_array_equal(meta.cone_vec, geom.cone_vecs[idx])
+    for j, k in enumerate(idx):
+        T, K = geom.camera(k)
+        np.testing.assert_array_equal(meta.world_from_camera[j], T)
+        np.testing.assert_array_equal(meta.intrinsics[j], K)
+    g2 = ds.read_geometry("vol-a")
+    assert isinstance(g2, ConeBeamViews) and (g2.height, g2.width) == (24, 20)
+    np.testing.assert_array_equal(g2.cone_vecs, geom.cone_vecs)
+    np.testing.assert_array_equal(g2.pixel_centres(3), geom.pixel_centres(3))
+    prov = ds.provenance("vol-a")
+    assert prov["source_ids"] == ["s1"] and prov["canonical_volume_id"] == "vol-a"
+    assert prov["spec_hash"] == SPEC.spec_hash and prov["versions"]["zarr"] == zarr.__version__
+    # the dataset group carries the full spec
+    attrs = zarr.open_group(str(tmp_path / "s"), path=ds.path, mode="r").attrs["xwin"]
+    assert RenderSpec.model_validate(attrs["spec"]) == SPEC and attrs["spec_hash"] == SPEC.spec_hash
+    # bad input
+    with pytest.raises(ValueError, match="views shape"):
+        ds.write_ring("vol-b", views[:5], geom, {})
+    bad = views.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ds.write_ring("vol-b", bad, geom, {})
+    with pytest.raises(IndexError):
+        ds.read_views("vol-a", [12])
+
+
+def test_spec_mismatch_and_float16(tmp_path):
+    store = open_store(tmp_path / "s")
+    ds = store.dataset("c1", SPEC)
+    # a tampered/other spec stored under this hash is refused with a clear error
+    other = SPEC.model_copy(update={"sid_mm": 650.0})
+    (tmp_path / "s" / ds.path / "_spec.json").write_text(other.canonical_json())
+    with pytest.raises(SpecMismatchError, match="different render spec"):
+        store.dataset("c1", SPEC)
+    # a changed spec gets its own dataset and never mixes
+    spec16 = SPEC.model_copy(update={"store_dtype": "float16"})
+    assert spec16.spec_hash != SPEC.spec_hash
+    ds16 = store.dataset("c1", spec16)
+    views, geom = make_ring()
+    ds16.write_ring("vol-a", views, geom, {})
+    got, _ = ds16.read_views("vol-a", range(12))
+    assert got.dtype == np.float32
+    err = np.abs(got - views)
+    # float16 rounding: |err| <= 2^-11 * |x| (half an ulp, 10-bit mantissa)
+    assert np.all(err <= np.abs(views) * 2.0**-11 + 1e-7)
+    assert err.max() > 0
+    assert {d.spec_hash for d in store.datasets()} == {SPEC.spec_hash, spec16.spec_hash}
+    assert store.open_dataset("c1", spec16.spec_hash).spec == spec16
+
+
+class CountingStore(zarr.storage.WrapperStore):
+    """Counts bytes returned by reads (to prove chunk-level reads)."""
+
+    nbytes = 0
+
+    async def get(self, key, prototype, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is not None and "/views/c/" in key:
+            CountingStore.nbytes += len(buf)
+        return buf
+
+
+def test_read_views_reads_only_requested_chunks(tmp_path):
+    store = open_store(tmp_path / "s")
+    spec = RenderSpec(height=64, width=64, n_views=24, yaw_step_deg=15.0)
+    ds = store.dataset("c1", spec)
+    rng = np.random.default_rng(3)
+    views = rng.random((24, 64, 64), dtype=np.float32) * 15  # incompressible: chunk bytes ~ raw bytes
+    ds.write_ring("v", views, ring_for_volume(spec, np.asarray(AFFINE), (30, 28, 18)), {})
+    shard = (tmp_path / "s" / ds.path / "rings/v/views/c/0/0/0").stat().st_size
+    store._zstore = CountingStore(store.zstore)
+    CountingStore.nbytes = 0
+    got, _ = ds.read_views("v", [3, 17])
+    np.testing.assert_array_equal(got, views[[3, 17]])
+    assert 2 * 64 * 64 * 4 * 0.8 < CountingStore.nbytes < shard * 0.15  # 2 of 24 chunks + index
+
+
+def test_verify_finds_flipped_byte_deleted_chunk_and_row_without_data(tmp_path):
+    root = tmp_path / "s"
+    store = open_store(root)
+    ds = store.dataset("c1", SPEC)
+    for i, vid in enumerate(["r0", "r1", "r2", "r3"]):
+        ds.write_ring(vid, *make_ring(i), {})
+    rec, hu = make_volume("vol-a")
+    store.write_volume(rec, hu)
+    assert store.verify().model_dump()["ok"] == 5
+    # 1. flip one byte in the middle of r1's shard
+    p = root / ds.path / "rings/r1/views/c/0/0/0"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+    # 2. delete r2's chunk object
+    (root / ds.path / "rings/r2/views/c/0/0/0").unlink()
+    # 3. a catalog row whose data and commit record are gone
+    (root / ds.path / "_commits/r3.json").unlink()
+    rep = ds.verify()
+    assert rep.volumes == 4 and rep.ok == 1
+    assert [i.volume_id for i in rep.corrupt] == ["r1"]
+    assert sorted(i.volume_id for i in rep.missing) == ["r2", "r3"]
+    assert "absent" in [i for i in rep.missing if i.volume_id == "r2"][0].reason
+    full = store.verify()
+    assert full.volumes == 5 and full.ok == 2 and not full.clean
+    # the CLI reports the same and exits non-zero
+    out = _cli("verify", "--store", str(root), "--json")
+    assert out.returncode == 1, out.stderr
+    js = json.loads(out.stdout)
+    assert js["volumes"] == 5 and js["ok"] == 2
+    assert [c["volume_id"] for c in js["corrupt"]] == ["r1"]
+    assert sorted(m["volume_id"] for m in js["missing"]) == ["r2", "r3"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_status(tmp_path):
+    root = tmp_path / "s"
+    store = open_store(root)
+    for i, (vid, cohort) in enumerate([("a", "c1"), ("b", "c1"), ("c", "c2")]):
+        store.write_volume(*make_volume(vid, cohort, seed=i))
+    store.dataset("c1", SPEC).write_ring("a", *make_ring(0), {})
+    out = _cli("status", "--store", str(root), "--json")
+    assert out.returncode == 0, out.stderr
+    js = json.loads(out.stdout)
+    assert js["volumes"]["counts"]["committed"] == 3
+    assert js["volumes"]["per_cohort"] == {"c1": 2, "c2": 1}
+    assert len(js["datasets"]) == 1 and js["datasets"][0]["counts"]["committed"] == 1
+    assert js["datasets"][0]["spec_hash"] == SPEC.spec_hash
+    out = _cli("verify", "--store", str(root))
+    assert out.returncode == 0 and "4 ok" in out.stdout, out.stdout + out.stderr
+    txt = _cli("status", "--store", str(root))
+    assert txt.returncode == 0 and "c2" in txt.stdout
+
+
+# ---- claims and crashes ------------------------------------------------------------------------------------------
+_WORKER = textwrap.dedent(
+    """
+    import os, sys, time, json
+    sys.path.insert(0, {tests!r})
+    from test_storage import make_ring, make_volume, SPEC
+    import storage.store as st
+    from storage import open_store, ClaimHeld
+    mode, url = sys.argv[1], sys.argv[2]
+    store = open_store(url)
+    ds = store.dataset("c1", SPEC)
+    def pause(tag):
+        print(tag, flush=True)
+        time.sleep(60)
+    if mode == "hold":                      # hold a claim until killed
+        with ds.claim("r0", ttl_s=30):
+            pause("HOLDING")
+    elif mode == "kill_before_commit":      # die after every data object is written, before the commit record
+        orig = st.Scope.put_commit
+        st.Scope.put_commit = lambda self, rec: pause("WRITTEN")
+        ds.write_ring("r0", *make_ring(0), {{}})
+    elif mode == "kill_before_catalog":     # die after the commit record, before the catalog row
+        st.Scope.catalog_add = lambda self, row: pause("COMMITTED")
+        ds.write_ring("r0", *make_ring(0), {{}})
+    elif mode == "kill_mid_shard":          # die while the views shard is half written
+        from storage.backend import RetryingStore
+        orig_set = RetryingStore.set
+        async def slow_set(self, key, value):
+            if key.endswith("views/c/0/0/0"):
+                raw = value.to_bytes()
+                p = os.path.join(url, key)
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                with open(p, "wb") as f:
+                    f.write(raw[: len(raw) // 2]); f.flush()
+                pause("HALF")
+            return await orig_set(self, key, value)
+        RetryingStore.set = slow_set
+        ds.write_ring("r0", *make_ring(0), {{}})
+    elif mode == "backfill":                # write rings r0..r5, skipping those claimed by the other process
+        done = []
+        for i in range(6):
+            vid = f"r{{i}}"
+            if ds.has_ring(vid):
+                continue
+            try:
+                if ds.write_ring(vid, *make_ring(i), {{"writer": os.getpid()}}):
+                    done.append(vid)
+            except ClaimHeld:
+                pass
+        print(json.dumps(done), flush=True)
+    """
+).format(tests=str(REPO / "tests"))
+
+
+def _spawn(mode: str, url: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WORKER, mode, url], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_line(p: subprocess.Popen, want: str, timeout: float = 60) -> None:
+    t0 = time.time()
+    line = p.stdout.readline()
+    assert line.strip() == want, (line, p.stderr.read() if p.poll() is not None else "", time.time() - t0)
+
+
+def _kill(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode,tag", [("kill_before_commit", "WRITTEN"), ("kill_mid_shard", "HALF")])
+def test_sigkill_before_commit_leaves_nothing_visible_and_rerun_completes(tmp_path, mode, tag):
+    url = str(tmp_path / "s")
+    p = _spawn(mode, url)
+    _wait_line(p, tag)
+    _kill(p)
+    store = open_store(url)
+    ds = store.dataset("c1", SPEC)
+    assert not ds.has_ring("r0") and ds.volume_ids() == []
+    with pytest.raises(NotCommitted):
+        ds.read_views("r0", [0])
+    st = store.status().datasets[0].counts
+    assert st["committed"] == 0 and st["stale_claim"] == 1  # the dead writer's claim, detected by pid
+    # the rerun takes over the dead writer's claim at once and completes the ring
+    views, geom = make_ring(0)
+    assert ds.write_ring("r0", views, geom, {}) is True
+    np.testing.assert_array_equal(ds.read_views("r0", range(12))[0], views)
+    assert store.verify().clean and store.status().datasets[0].counts == {
+        "committed": 1,
+        "in_progress": 0,
+        "stale_claim": 0,
+    }
+
+
+def test_sigkill_after_commit_before_catalog(tmp_path):
+    url = str(tmp_path / "s")
+    p = _spawn("kill_before_catalog", url)
+    _wait_line(p, "COMMITTED")
+    _kill(p)
+    ds = open_store(url).dataset("c1", SPEC)
+    assert ds.has_ring("r0")  # committed: its data is complete and verified
+    assert ds.volume_ids() == []  # but not yet in the catalog
+    assert [i.volume_id for i in ds.verify().uncataloged] == ["r0"]
+    assert ds.write_ring("r0", *make_ring(0), {}) is False  # the rerun rewrites nothing, fixes the catalog
+    assert ds.volume_ids() == ["r0"] and ds.verify().clean and not ds.verify().uncataloged
+
+
+def test_claims_two_processes(tmp_path):
+    url = str(tmp_path / "s")
+    ds = open_store(url).dataset("c1", SPEC)
+    p = _spawn("hold", url)
+    try:
+        _wait_line(p, "HOLDING")
+        with pytest.raises(ClaimHeld, match="claimed by"):
+            with ds.claim("r0", ttl_s=30):
+                pass
+        with pytest.raises(ClaimHeld):
+            ds.write_ring("r0", *make_ring(0), {})
+        assert open_store(url).status().datasets[0].counts["in_progress"] == 1
+    finally:
+        _kill(p)
+    # the holder died: its lease is taken over without waiting for the expiry
+    with ds.claim("r0", owner="me", ttl_s=30) as c:
+        assert ds.scope.get_claim("r0")[0].owner == "me" and not c.lost
+        # re-entrant for the same owner: write_ring under our own claim
+        assert ds.write_ring("r0", *make_ring(0), {}, owner="me")
+    assert ds.scope.get_claim("r0") is None  # released
+
+
+def test_claim_lease_expiry_from_other_host(tmp_path):
+    ds = open_store(tmp_path / "s").dataset("c1", SPEC)
+    now = datetime.now(timezone.utc)
+    foreign = ClaimRecord(
+        volume_id="r0", owner="other-host:1", host="other-host", pid=1, acquired_at=now, expires_at=now + timedelta(seconds=1)
+    )
+    ds.scope.b.put(ds.scope.claim_key("r0"), foreign.model_dump_json().encode())
+    with pytest.raises(ClaimHeld):  # live lease of another host
+        with ds.claim("r0", ttl_s=5):
+            pass
+    time.sleep(1.1)
+    with ds.claim("r0", ttl_s=5):  # expired: taken over
+        assert ds.scope.get_claim("r0")[0].owner != "other-host:1"
+
+
+def test_two_concurrent_backfills(tmp_path):
+    url = str(tmp_path / "s")
+    open_store(url).dataset("c1", SPEC)
+    ps = [_spawn("backfill", url) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in ps]
+    assert all(p.returncode == 0 for p in ps), [o[1] for o in outs]
+    done = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    ds = open_store(url).dataset("c1", SPEC)
+    assert ds.volume_ids() == [f"r{i}" for i in range(6)]  # every ring committed and cataloged once
+    assert sorted(done[0] + done[1]) == ds.volume_ids() or len(set(done[0]) & set(done[1])) == 0
+    rep = ds.verify()
+    assert rep.ok == 6 and rep.clean and not rep.uncataloged
+    for i in range(6):
+        np.testing.assert_array_equal(ds.read_ring(f"r{i}"), make_ring(i)[0])
+
+
+def test_store_is_picklable_and_lock_files_bounded(tmp_path):
+    import pickle
+
+    store = open_store(tmp_path / "s")
+    ds = store.dataset("c1", SPEC)
+    for i in range(5):
+        ds.write_ring(f"r{i}", *make_ring(i), {})
+    s2 = pickle.loads(pickle.dumps(store))
+    assert s2.url == store.url and s2.dataset("c1", SPEC).volume_ids() == [f"r{i}" for i in range(5)]
+    assert len(os.listdir(tmp_path / "s/.locks")) <= 64

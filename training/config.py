@@ -1,0 +1,232 @@
+"""Training configuration: pydantic models with the paper's defaults, presets, file loading and CLI overrides.
+
+``load_config(path=None, preset="base", overrides=["optim.lr=1e-4", ...]) -> TrainConfig``: the preset gives the
+starting values, a YAML/JSON file (which may name its own ``preset:``) is merged over it, then ``key.sub=value``
+overrides (values parsed as YAML scalars/lists). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# standard ViT widths: (embed_dim, depth, num_heads)
+VIT_ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Encoder f_theta (ViT, fixed 2D sin-cos PE), predictors g_v and g_m, domain classifier f_c."""
+
+    img_size: int = 512
+    patch_size: int = 16
+    in_chans: int = 1
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    view_pred_dim: int = 384
+    view_pred_depth: int = 3
+    view_pred_heads: int = 6
+    mask_pred_dim: int = 384
+    mask_pred_depth: int = 3
+    mask_pred_heads: int = 6
+    domain_dim: int | None = None  # None: the encoder width
+    domain_depth: int = 2
+    domain_heads: int = 12
+    action_scale_deg: float = 90.0  # Linear(a / action_scale_deg): +-90 deg -> +-1
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+        for dim, heads, name in (
+            (self.embed_dim, self.num_heads, "encoder"),
+            (self.view_pred_dim, self.view_pred_heads, "view predictor"),
+            (self.mask_pred_dim, self.mask_pred_heads, "mask predictor"),
+            (self.domain_dim or self.embed_dim, self.domain_heads, "domain classifier"),
+        ):
+            if dim % heads or dim % 4:
+                raise ValueError(f"{name}: width {dim} must be divisible by its heads ({heads}) and by 4")
+        return self
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @classmethod
+    def from_arch(cls, arch: str, **kw: Any) -> "ModelConfig":
+        if arch not in VIT_ARCHS:
+            raise ValueError(f"unknown ViT arch {arch!r}; choose one of {sorted(VIT_ARCHS)}")
+        d, depth, heads = VIT_ARCHS[arch]
+        return cls(embed_dim=d, depth=depth, num_heads=heads, domain_heads=heads, **kw)
+
+
+class MaskConfig(_Strict):
+    """Multi-block masking (I-JEPA / CheXWorld), see training/masks.py."""
+
+    pred_scale: tuple[float, float] = (0.15, 0.2)
+    pred_aspect: tuple[float, float] = (0.75, 1.5)
+    n_pred: int = 4
+    enc_scale: tuple[float, float] = (0.85, 1.0)
+    enc_aspect: tuple[float, float] = (1.0, 1.0)
+    min_keep: int = 10
+
+
+class LossConfig(_Strict):
+    lambda_affinity: float = 0.4
+    lambda_mim: float = 1.0
+    lambda_domain: float = 0.6
+    lambda_cls: float = 1.0
+    tau_init: float = 0.1
+    tau_tilde_init: float = 0.1
+    tau_min: float = 0.01
+    # sim (eq. 3-4) = the dot product of the pooled vectors (paper); True: of L2-normalised vectors (cosine)
+    normalize: bool = False
+
+
+class OptimConfig(_Strict):
+    """AdamW; per-step cosine schedules for LR (after linear warmup), weight decay and EMA momentum."""
+
+    lr: float = 2e-5
+    final_lr: float = 1e-6
+    start_lr: float = 1e-6  # warmup starts here
+    warmup_steps: int = 5000  # 2 of the paper's 2,500-iteration epochs
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    ema: tuple[float, float] = (0.994, 1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = 100
+    iters_per_epoch: int = 2500
+    grad_clip: float | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+
+class DataConfig(_Strict):
+    """Where batches come from. ``store`` = an xwin store URL (projection dataset of ``cohort``); ``synthetic``
+    uses the built-in procedural phantom stream (tests, benchmarks). ``real`` = an optional real-CXR source."""
+
+    store: str | None = None
+    cohort: str | None = None
+    synthetic: bool = False
+    real: str | None = None
+    real_batch_size: int | None = None  # None: batch_size * n_targets (one real image per simulated target)
+    batch_size: int = 12
+    n_targets: int = 8
+    step_deg: float | None = 3.0
+    max_abs_deg: float = 90.0
+    context_yaws: tuple[float, ...] = (0.0, 90.0)
+    appearance: str = "minmax"
+    num_workers: int = 2
+    draws_per_volume: int = 1
+    shuffle_window: int = 1024
+
+
+class TrainConfig(_Strict):
+    preset: str = "base"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    masks: MaskConfig = Field(default_factory=MaskConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    out_dir: str = "runs/xwin"
+    log_every: int = 10
+    ckpt_every: int = 1000
+    max_steps: int | None = None  # stop early (schedules still span optim.total_steps)
+    threads: int | None = None  # torch intra-op threads on CPU
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.masks.min_keep >= self.model.grid**2:
+            raise ValueError(f"masks.min_keep={self.masks.min_keep} must be < {self.model.grid ** 2} patches")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the paper: ViT-B/16 at 512^2, batch 12, N = 8, 100 x 2,500 iterations
+    "base": {},
+    # CPU smoke/overfit configuration: 64^2 images, 4x4 patches, a 2-block 64-wide encoder
+    "tiny": {
+        "model": {
+            "img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 4,
+            "view_pred_dim": 32, "view_pred_depth": 1, "view_pred_heads": 2,
+            "mask_pred_dim": 32, "mask_pred_depth": 1, "mask_pred_heads": 2,
+            "domain_dim": 32, "domain_depth": 2, "domain_heads": 2,
+        },
+        "masks": {"min_keep": 4},
+        # target dot products scale with the width: at D=64 they are ~12x smaller than at D=768
+        "loss": {"tau_tilde_init": 0.02},
+        "optim": {"lr": 1e-3, "final_lr": 1e-4, "start_lr": 1e-4, "warmup_steps": 5,
+                  "epochs": 1, "iters_per_epoch": 1000},
+        "data": {"batch_size": 4, "n_targets": 8, "num_workers": 0, "real_batch_size": 8},
+        "log_every": 1,
+        "ckpt_every": 100,
+        "threads": 1,  # tiny ops: one thread is faster than two on the 2-core machine
+    },
+}
+
+
+def deep_merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """``"a.b.c=value"`` -> ``{"a": {"b": {"c": parsed value}}}`` (value parsed as YAML, so 1e-4 -> float)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    val = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(val, str):  # YAML reads 1e-4 as a string; try a number
+        try:
+            val = float(val)
+        except ValueError:
+            pass
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = val
+    return out
+
+
+def preset_dict(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return deep_merge(PRESETS[name], {"preset": name})
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    file_d: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        file_d = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+        if not isinstance(file_d, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(file_d).__name__}")
+    name = preset or file_d.get("preset") or "base"
+    d = deep_merge(preset_dict(name), file_d)
+    d["preset"] = name
+    for o in overrides or []:
+        d = deep_merge(d, parse_override(o))
+    return TrainConfig.model_validate(d)

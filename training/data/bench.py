@@ -1,0 +1,226 @@
+"""Consumer benchmark: the X-WIN stream over a Zarr projection dataset vs a WebDataset tar of the same views.
+
+Baseline (fair by construction): the same rings written as WebDataset tar shards, one record per volume with one
+``.npy`` member per view (``000.npy`` .. ``119.npy``, stored dtype, uncompressed) plus ``yaw.json``; read with
+webdataset's own pipeline (``WebDataset(shards, shardshuffle=..., nodesplitter=split_by_worker)`` -> ``.shuffle``),
+and for each record the *same* sampler picks the 1 + N views, which are the only ``.npy`` members decoded. Both
+sides then run the identical appearance + resize code, produce one sample per volume per epoch and batch 12,
+under the same DataLoader (same worker counts, forkserver workers). A tar must be streamed record by record, so the
+baseline reads all 120 views of a volume to use 9; the Zarr stream reads only those 9 chunks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from schemas.render import RenderSpec
+
+from .order import unit_rng
+from .readers import StoreSource
+from .sampling import XWinSampling
+from .stream import XWinStream, _forkserver_context, _worker_init, make_loader
+from .transforms import apply_appearance, resize
+
+
+# ---------------------------------------------------------------------------------------------- dataset builders
+def make_bench_store(path: str | Path, n_volumes: int = 8, size: int = 512, backend: str = "joseph") -> StoreSource:
+    """Render the bundled CT once (``size``² detector at 512/size mm, 120 views x 3 deg) and store ``n_volumes``
+    intensity-scaled copies under cohort "bench". Returns its source."""
+    import nibabel as nib
+
+    from pipeline.example import example_ct_path
+    from pipeline.render import render_ring
+    from storage import open_store
+
+    spec = RenderSpec(height=size, width=size, pixel_mm=512.0 / size)
+    ds = open_store(str(path)).dataset("bench", spec)
+    todo = [f"bench-{i:03d}" for i in range(n_volumes) if not ds.has_ring(f"bench-{i:03d}")]
+    if todo:
+        img = nib.load(str(example_ct_path()))
+        views, geom = render_ring(np.asarray(img.dataobj), img.affine, spec, backend=backend)
+        for vid in todo:
+            f = np.float32(0.8 + 0.4 * int(vid[-3:]) / max(1, n_volumes - 1))
+            ds.write_ring(vid, views * f, geom, {"bench_scale": float(f)})
+    return StoreSource(str(path), "bench", spec)
+
+
+def write_wds_shards(source: StoreSource, out_dir: str | Path, n_shards: int = 4) -> list[str]:
+    """Write the dataset's rings as ``n_shards`` tar shards (records = volumes, one .npy per view)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = source.open()
+    ids = sorted(reader.volume_ids())
+    n_shards = max(1, min(n_shards, len(ids)))
+    paths = [out / f"shard-{s:04d}.tar" for s in range(n_shards)]
+    if all(p.exists() for p in paths):
+        return [str(p) for p in paths]
+    tars = [tarfile.open(p, "w") for p in paths]
+    try:
+        for i, vid in enumerate(ids):
+            ring = reader.read_ring(vid) if hasattr(reader, "read_ring") else reader.read_views(vid, range(reader.spec.n_views))[0]
+            ring = ring.astype(reader.spec.store_dtype, copy=False)
+            t = tars[i % n_shards]
+            members = {"__key__.txt": vid.encode(), "yaw.json": json.dumps(reader.spec.yaws_deg).encode()}
+            for k, v in enumerate(ring):
+                b = io.BytesIO()
+                np.save(b, v)
+                members[f"{k:03d}.npy"] = b.getvalue()
+            for name, data in members.items():
+                if name == "__key__.txt":
+                    continue
+                ti = tarfile.TarInfo(f"{vid}.{name}")
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+    finally:
+        for t in tars:
+            t.close()
+    return [str(p) for p in paths]
+
+
+class WdsXWin(IterableDataset):
+    """The baseline: webdataset's pipeline over the tar shards, the same sampler and transforms per record."""
+
+    def __init__(self, shards: list[str], spec: RenderSpec, sampling: XWinSampling, image_size: int, appearance: str,
+                 batch_size: int, seed: int = 0, shuffle: int = 8) -> None:
+        self.shards, self.spec, self.sampling = shards, spec, sampling
+        self.image_size, self.appearance, self.batch_size, self.seed, self.shuffle = image_size, appearance, batch_size, seed, shuffle
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        plan = self.sampling.plan(self.spec)
+        yaws = np.asarray(self.spec.yaws_deg)
+        pipe = wds.WebDataset(self.shards, shardshuffle=len(self.shards), nodesplitter=wds.split_by_worker,
+                              workersplitter=None, empty_check=False, seed=self.seed).shuffle(self.shuffle)
+        batch: list[dict] = []
+        for rec in pipe:
+            vid = rec["__key__"]
+            d = plan.draw(unit_rng(self.seed, 0, vid, 0))
+            want = np.concatenate([[d.context_index], d.target_indices])
+            views = np.stack([np.load(io.BytesIO(rec[f"{int(k):03d}.npy"])) for k in want]).astype(np.float32)
+            imgs = resize(torch.from_numpy(apply_appearance(views, self.appearance)).unsqueeze(1), self.image_size)
+            batch.append({"context": imgs[0], "targets": imgs[1:], "actions": torch.from_numpy(d.actions_deg),
+                          "context_yaw": torch.tensor(yaws[want[0]], dtype=torch.float32), "volume_id": vid})
+            if len(batch) == self.batch_size:
+                yield _collate(batch)
+                batch = []
+        if batch:
+            yield _collate(batch)
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) if isinstance(samples[0][k], torch.Tensor) else [s[k] for s in samples]
+            for k in samples[0]}
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+@dataclass
+class Measure:
+    samples: int
+    seconds: float
+    startup_s: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def _drain(make_iter, min_samples: int) -> Measure:
+    """Iterate epochs until ``min_samples`` samples after the first batch; time from the first batch on."""
+    t0 = time.perf_counter()
+    n, first, t1 = 0, True, t0
+    while True:
+        for b in make_iter():
+            if first:
+                t1, first = time.perf_counter(), False
+                continue
+            n += len(b["volume_id"])
+            if n >= min_samples:
+                return Measure(n, time.perf_counter() - t1, t1 - t0)
+
+
+def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samples: int = 96, batch_size: int = 12,
+              image_size: int | None = None, appearance: str = "minmax", wds_dir: str | Path | None = None,
+              main_workers: int = 2) -> dict[str, Any]:
+    reader = source.open()
+    spec = reader.spec
+    S = image_size or spec.width
+    sampling = XWinSampling()
+    n_vol = len(reader.volume_ids())
+    wds_dir = Path(wds_dir) if wds_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"xwin-wds-{spec.spec_hash}"
+    t = time.perf_counter()
+    shards = write_wds_shards(source, wds_dir, n_shards=max(4, max(workers)))
+    tar_s = time.perf_counter() - t
+    bytes_per_sample = (1 + sampling.n_targets) * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize
+    rows = []
+    for w in workers:
+        ds = XWinStream(source, sampling=sampling, image_size=S, appearance=appearance, batch_size=batch_size,
+                        shuffle_window=64, seed=0)
+        loader = make_loader(ds, num_workers=w)
+        m = _drain(lambda: iter(loader), samples)
+        base = WdsXWin(shards, spec, sampling, S, appearance, batch_size)
+        kw: dict[str, Any] = {"batch_size": None, "num_workers": w}
+        if w:
+            kw.update(multiprocessing_context=_forkserver_context(), worker_init_fn=_worker_init, persistent_workers=True)
+        base_loader = DataLoader(base, **kw)
+        mb = _drain(lambda: iter(base_loader), samples)
+        del base_loader, loader
+        rows.append({
+            "workers": w,
+            "samples_per_s": m.samples_per_s,
+            "mb_per_s": m.samples_per_s * bytes_per_sample / 1e6,
+            "baseline_samples_per_s": mb.samples_per_s,
+            "baseline_mb_per_s": mb.samples_per_s * bytes_per_sample / 1e6,
+            "baseline_tar_mb_read_per_s": mb.samples_per_s * spec.n_views * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize / 1e6,
+            "ratio": m.samples_per_s / mb.samples_per_s if mb.samples_per_s else float("inf"),
+            "startup_s": m.startup_s,
+            "baseline_startup_s": mb.startup_s,
+        })
+    main = next((r for r in rows if r["workers"] == main_workers), rows[-1])
+    need = vit_b16_need()
+    return {
+        "dataset": source.dataset_url,
+        "volumes": n_vol,
+        "view_shape": [spec.height, spec.width],
+        "store_dtype": spec.store_dtype,
+        "image_size": S,
+        "batch_size": batch_size,
+        "views_per_sample": 1 + sampling.n_targets,
+        "cpu_count": os.cpu_count(),
+        "wds_build_s": tar_s,
+        "rows": rows,
+        "workers": main["workers"],
+        "samples_per_s": main["samples_per_s"],
+        "mb_per_s": main["mb_per_s"],
+        "baseline_samples_per_s": main["baseline_samples_per_s"],
+        "ratio": main["ratio"],
+        "gpu_need_samples_per_s": need["samples_per_s"],
+        "keeps_up_ratio": max(r["samples_per_s"] for r in rows) / need["samples_per_s"],
+    }
+
+
+def vit_b16_need(tokens: int = 1024, targets: int = 8, mfu: float = 0.4, peak_tflops: float = 989.0) -> dict[str, float]:
+    """Samples/s one H100 consumes for X-WIN with a ViT-B/16 at 512² (docs/training-data.md derives it).
+
+    Matmul FLOPs per forward of a transformer with L layers, width d, n tokens: L*(24*n*d² + 4*n²*d).
+    Encoder: ViT-B (12 x 768) on the context, forward + backward (x3). EMA encoder: forward only on the N targets.
+    View predictor (3 x 384, 1 + n tokens) per target forward + backward; mask predictor (3 x 384) on the context.
+    """
+    def fwd(L: int, d: int, n: int) -> float:
+        return L * (24 * n * d * d + 4 * n * n * d)
+
+    enc = fwd(12, 768, tokens)
+    pred = fwd(3, 384, tokens + 1)
+    flops = 3 * enc + targets * enc + 3 * targets * pred + 3 * pred
+    return {"flops_per_sample": flops, "samples_per_s": mfu * peak_tflops * 1e12 / flops}

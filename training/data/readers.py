@@ -1,0 +1,124 @@
+"""What the stream reads from: a small reader interface, a synthetic in-memory source and the real store.
+
+A *source* is a small picklable description (URL, cohort, spec) whose ``open()`` returns a *reader*. Sources cross
+process boundaries (DataLoader workers are spawned); readers never do: each worker opens its own, because fsspec,
+obstore and zarr's event loop are not fork-safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from schemas.render import RenderSpec
+
+
+@runtime_checkable
+class ViewReader(Protocol):
+    """The subset of ``storage.ProjectionDataset`` the consumer uses."""
+
+    spec: RenderSpec
+
+    def volume_ids(self) -> list[str]: ...
+
+    def read_views(self, volume_id: str, indices) -> tuple[np.ndarray, Any]:
+        """(n,) view indices -> ((n,H,W) float32, meta with ``yaw_deg`` (n,) and ``index`` (n,))."""
+        ...
+
+
+class ViewSource(Protocol):
+    def open(self) -> ViewReader: ...
+
+
+# --------------------------------------------------------------------------------------------------- synthetic
+def synthetic_view_value(volume_number: int, index: int) -> float:
+    """The constant offset of view ``index`` of synthetic volume ``volume_number`` (tests decode reads with it)."""
+    return float(volume_number * 1000 + index)
+
+
+@dataclass
+class SyntheticReader:
+    """Deterministic in-memory ring: view ``k`` of volume ``vNNNN`` is ``1000*NNNN + k`` plus a small ramp.
+
+    The ramp (0..1 across columns) keeps per-image min-max well defined; ``views[..., 0, 0]`` decodes the view.
+    """
+
+    spec: RenderSpec
+    n_volumes: int
+    reads: int = 0
+
+    def volume_ids(self) -> list[str]:
+        return [f"v{i:04d}" for i in range(self.n_volumes)]
+
+    def read_views(self, volume_id: str, indices) -> tuple[np.ndarray, SimpleNamespace]:
+        n = int(volume_id[1:])
+        if not 0 <= n < self.n_volumes:
+            raise KeyError(f"no volume {volume_id!r}")
+        idx = np.asarray(indices, dtype=np.int64)
+        if np.any((idx < 0) | (idx >= self.spec.n_views)):
+            raise IndexError(f"view index out of range 0..{self.spec.n_views - 1}: {idx}")
+        ramp = np.linspace(0.0, 1.0, self.spec.width, dtype=np.float32)[None, None, :]
+        base = np.asarray([synthetic_view_value(n, int(k)) for k in idx], np.float32)[:, None, None]
+        views = np.broadcast_to(base + ramp, (len(idx), self.spec.height, self.spec.width)).astype(np.float32)
+        yaws = np.asarray(self.spec.yaws_deg, dtype=np.float64)[idx]
+        self.reads += 1
+        return views, SimpleNamespace(yaw_deg=yaws, index=idx)
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    n_volumes: int
+    spec: RenderSpec = field(default_factory=lambda: RenderSpec(height=16, width=16))
+
+    def open(self) -> SyntheticReader:
+        return SyntheticReader(self.spec, self.n_volumes)
+
+
+# --------------------------------------------------------------------------------------------------- the store
+@dataclass(frozen=True)
+class StoreSource:
+    """A projection dataset in an xwin store, opened read-only inside each process.
+
+    ``spec``: a RenderSpec, a spec hash (str), or ``None`` when the store holds exactly one dataset for ``cohort``.
+    ``storage_options`` is passed to ``open_store`` (S3 endpoint, credentials) and travels to the workers.
+    A *dataset URL* names all three: ``<store url>#<cohort>[/<spec hash>]`` (``StoreSource.parse``).
+    """
+
+    url: str
+    cohort: str
+    spec: RenderSpec | str | None = None
+    storage_options: dict | None = None
+
+    @staticmethod
+    def parse(dataset_url: str, storage_options: dict | None = None) -> "StoreSource":
+        """``"s3://bucket/prefix#nlst/0123abcd"`` or ``"/data/xwin#nlst"`` -> StoreSource."""
+        url, sep, frag = dataset_url.partition("#")
+        if not sep or not frag:
+            raise ValueError(f"dataset URL {dataset_url!r} must be '<store url>#<cohort>[/<spec hash>]'")
+        cohort, _, spec_hash = frag.partition("/")
+        return StoreSource(url, cohort, spec_hash or None, storage_options)
+
+    @property
+    def dataset_url(self) -> str:
+        h = self.spec.spec_hash if isinstance(self.spec, RenderSpec) else self.spec
+        return f"{self.url}#{self.cohort}" + (f"/{h}" if h else "")
+
+    def open(self) -> ViewReader:
+        from storage import open_store
+
+        store = open_store(self.url, storage_options=self.storage_options, create=False)
+        if isinstance(self.spec, RenderSpec):
+            return store.dataset(self.cohort, self.spec, create=False)
+        spec_hash = self.spec
+        if spec_hash is None:
+            hashes = sorted(d.spec_hash for d in store.datasets() if d.cohort == self.cohort)
+            if len(hashes) != 1:
+                raise ValueError(
+                    f"store {self.url!r} has {len(hashes)} datasets for cohort {self.cohort!r} ({hashes}); "
+                    "name one: '<store url>#<cohort>/<spec hash>'"
+                )
+            spec_hash = hashes[0]
+        return store.open_dataset(self.cohort, spec_hash)

@@ -1,0 +1,185 @@
+"""A stream of real chest radiographs (masked image modelling, domain adaptation): same tensors as the DRR stream.
+
+Inputs: a directory of PNG / JPEG / DICOM files (searched recursively), or the MIMIC-CXR-JPG layout:
+``<root>/mimic-cxr-2.0.0-metadata.csv[.gz]`` (columns dicom_id, subject_id, study_id, ViewPosition) and images at
+``<root>/files/p<first 2 digits of subject>/p<subject>/s<study>/<dicom_id>.jpg``, filtered by ViewPosition
+(default AP and PA).
+
+Each image becomes ``image`` (1,S,S) float32 in [0,1] with bright bone (the -log-window look of the DRRs):
+DICOM gets its modality and VOI LUTs and MONOCHROME1 is inverted; then the image is centre-cropped to a square
+(shorter side), resized with antialiasing to S, and min-max normalised (X-WIN's per-image convention).
+Bad images (unreadable, missing, wrong channels, tiny, blank) are skipped with a logged reason and counted in
+``stream.skipped`` (per process); they never stop an epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import logging
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .stream import ResumableStream
+from .transforms import resize
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+MIMIC_CSV = "mimic-cxr-2.0.0-metadata.csv"
+
+
+class BadImage(Exception):
+    """An image the stream skips. ``reason``: unreadable | missing | wrong_channels | too_small | blank."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def find_mimic_csv(root: Path) -> Path | None:
+    for name in (MIMIC_CSV, MIMIC_CSV + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def mimic_paths(csv_path: str | Path, views: Sequence[str] = ("AP", "PA")) -> list[str]:
+    """Relative image paths of the MIMIC-CXR-JPG rows whose ViewPosition is in ``views``."""
+    p = Path(csv_path)
+    opener = gzip.open if p.suffix == ".gz" else open
+    want = {v.upper() for v in views}
+    out = []
+    with opener(p, "rt", newline="") as f:
+        r = csv.DictReader(f)
+        missing = {"dicom_id", "subject_id", "study_id", "ViewPosition"} - set(r.fieldnames or [])
+        if missing:
+            raise ValueError(f"{p}: not a MIMIC-CXR metadata CSV (missing columns {sorted(missing)})")
+        for row in r:
+            if (row["ViewPosition"] or "").strip().upper() not in want:
+                continue
+            subj = row["subject_id"].strip()
+            out.append(f"files/p{subj[:2]}/p{subj}/s{row['study_id'].strip()}/{row['dicom_id'].strip()}.jpg")
+    return out
+
+
+def read_radiograph(path: str | Path) -> np.ndarray:
+    """Any supported file -> (H,W) float32, bright = attenuating (bone). Raises BadImage."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadImage("missing", f"no file {p}")
+    if p.suffix.lower() in (".dcm", ".dicom"):
+        return _read_dicom(p)
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            im.load()
+            arr = np.asarray(im)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+        raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
+    if arr.ndim == 3:
+        c = arr.shape[2]
+        if c in (3, 4) and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+            arr = arr[..., 0]
+        elif c == 2:  # grey + alpha
+            arr = arr[..., 0]
+        else:
+            raise BadImage("wrong_channels", f"{c}-channel colour image")
+    if arr.ndim != 2:
+        raise BadImage("wrong_channels", f"array of shape {arr.shape}")
+    return arr.astype(np.float32)
+
+
+def _read_dicom(p: Path) -> np.ndarray:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+        ds = pydicom.dcmread(p)
+        arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001
+        raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
+    spp = int(getattr(ds, "SamplesPerPixel", 1))
+    if spp != 1 or arr.ndim != 2:
+        raise BadImage("wrong_channels", f"DICOM with SamplesPerPixel={spp}, pixel array {arr.shape}")
+    try:
+        arr = apply_modality_lut(arr, ds)
+        if "WindowCenter" in ds or "VOILUTSequence" in ds:
+            arr = apply_voi_lut(arr, ds)
+    except Exception as e:  # noqa: BLE001
+        raise BadImage("unreadable", f"LUT: {type(e).__name__}: {e}") from None
+    arr = np.asarray(arr, dtype=np.float32)
+    if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        arr = arr.max() - arr  # MONOCHROME1: low values are bright; flip so bone is bright
+    return arr
+
+
+def to_tensor(arr: np.ndarray, size: int, min_size: int = 64) -> torch.Tensor:
+    """(H,W) radiograph -> (1,size,size) float32 in [0,1]: centre square crop, antialiased resize, min-max."""
+    h, w = arr.shape
+    if min(h, w) < min_size:
+        raise BadImage("too_small", f"{h}x{w} < {min_size} pixels")
+    if not np.all(np.isfinite(arr)):
+        raise BadImage("unreadable", "non-finite pixels")
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    t = torch.from_numpy(np.ascontiguousarray(arr[y0 : y0 + s, x0 : x0 + s], dtype=np.float32))[None, None]
+    t = resize(t, size)[0]
+    lo, hi = float(t.min()), float(t.max())
+    if not hi > lo:
+        raise BadImage("blank", "constant image")
+    return ((t - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+
+class RealCXRStream(ResumableStream):
+    """Real radiographs as ``{"image": (1,S,S), "path": str, "position", "epoch"}`` with the stream guarantees.
+
+    root: a directory of images, or a MIMIC-CXR-JPG root (detected by its metadata CSV, or given ``mimic_csv``).
+    views: MIMIC ViewPosition filter. Other keyword arguments: ``ResumableStream`` (seed, batch_size, ...).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        image_size: int = 512,
+        mimic_csv: str | Path | None = None,
+        views: Sequence[str] = ("AP", "PA"),
+        min_size: int = 64,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.root = Path(root)
+        self.image_size = int(image_size)
+        self.mimic_csv = Path(mimic_csv) if mimic_csv is not None else find_mimic_csv(self.root)
+        self.views = tuple(views)
+        self.min_size = int(min_size)
+        self.skipped: Counter[str] = Counter()
+        self._skip_lock = threading.Lock()
+
+    def _keys(self) -> list[str]:
+        if self.mimic_csv is not None:
+            return mimic_paths(self.mimic_csv, self.views)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"real CXR root {self.root} is not a directory")
+        return [
+            str(p.relative_to(self.root))
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        ]
+
+    def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict | None:
+        try:
+            img = to_tensor(read_radiograph(self.root / key), self.image_size, self.min_size)
+        except BadImage as e:
+            with self._skip_lock:
+                self.skipped[e.reason] += 1
+            log.warning("real CXR skipped: %s: %s (%s)", key, e.reason, e.detail)
+            return None
+        return {"image": img, "path": key}

@@ -1,0 +1,377 @@
+"""Resumable, shardable streaming datasets and the loader helper.
+
+``ResumableStream`` holds everything that is not about X-WIN: which global positions a process produces
+(``order.shard_batches``), in what order (``order.EpochOrder``), read-ahead, and the resume state
+``(epoch, position)``. ``XWinStream`` turns a position into an X-WIN sample read from a projection dataset.
+
+Guarantees (docs/training-data.md): the sample at global position ``p`` of epoch ``e`` is a pure function of
+``(seed, epoch, p)`` and of the dataset's volume list; after ``load_state_dict`` a stream produces exactly the
+positions not yet consumed, for any number of workers and any ``world_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .order import EpochOrder, shard_batches, unit_rng
+from .readers import ViewReader, ViewSource
+from .sampling import SamplingPlan, XWinSampling
+from .transforms import apply_appearance, resize
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_ENV_PREFIXES = ("AWS_", "XWIN_", "FSSPEC_")
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ResumableStream(IterableDataset):
+    """Base class: subclasses implement ``_keys()`` (the item list, per process) and ``_load(key, draw, rng)``.
+
+    seed: order and per-unit randomness. draws_per_item: units per item per epoch (a volume can give several
+    samples an epoch). shuffle_window: bounded shuffle (``order.EpochOrder``). batch_size: ``None`` yields single
+    samples, else collated batches of that many consecutive positions (use ``DataLoader(batch_size=None)``, which
+    ``make_loader`` does). rank/world_size: default from ``torch.distributed`` when initialised, else 0/1.
+    prefetch: samples read ahead by ``io_threads`` threads inside each process (0 = read on demand).
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        draws_per_item: int = 1,
+        shuffle_window: int = 1024,
+        shuffle: bool = True,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        prefetch: int = 4,
+        io_threads: int = 2,
+    ) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self.draws_per_item = int(draws_per_item)
+        self.shuffle_window = int(shuffle_window) if shuffle else 1
+        self.shuffle = bool(shuffle)
+        self.batch_size = batch_size
+        self.drop_last = bool(drop_last)
+        self._rank, self._world = rank, world_size
+        self.prefetch = int(prefetch)
+        self.io_threads = int(io_threads)
+        self.epoch = 0
+        self.position = 0  # global positions [0, position) of `epoch` are consumed
+        self._keys_cache: list[str] | None = None
+
+    # ---------------------------------------------------------------- to implement
+    def _keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict | None:
+        """One sample, or ``None`` to skip the unit (bad input, logged by the implementation)."""
+        raise NotImplementedError
+
+    def _collate(self, samples: list[dict]) -> dict:
+        out: dict[str, Any] = {}
+        for k in samples[0]:
+            vals = [s[k] for s in samples]
+            out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+        return out
+
+    # ---------------------------------------------------------------- state
+    @property
+    def rank_world(self) -> tuple[int, int]:
+        r, w = _dist_rank_world()
+        return (r if self._rank is None else self._rank), (w if self._world is None else self._world)
+
+    def keys(self) -> list[str]:
+        if self._keys_cache is None:
+            self._keys_cache = sorted(self._keys())
+        return self._keys_cache
+
+    def epoch_order(self, epoch: int | None = None) -> EpochOrder:
+        return EpochOrder(
+            len(self.keys()), self.draws_per_item, self.seed, self.epoch if epoch is None else epoch,
+            self.shuffle_window, shuffle_volumes=self.shuffle,
+        )
+
+    def __len__(self) -> int:  # units in one epoch, all ranks together
+        return len(self.keys()) * self.draws_per_item
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "position": self.position,
+                "draws_per_item": self.draws_per_item, "shuffle_window": self.shuffle_window}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "draws_per_item", "shuffle_window"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"state was saved with {k}={state[k]}, this stream has {getattr(self, k)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __getstate__(self) -> dict:  # open readers/caches never cross process boundaries
+        d = dict(self.__dict__)
+        d["_keys_cache"] = None
+        # forkserver workers inherit the server's environment, not ours: carry the store settings along
+        d["_env"] = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+        for k in [k for k in d if k.startswith("_reader")]:
+            d[k] = None
+        d.pop("_skip_lock", None)
+        return d
+
+    # ---------------------------------------------------------------- iteration
+    def shard(self) -> list[range]:
+        """The batches (global position ranges) this process produces for the rest of the current epoch."""
+        rank, world = self.rank_world
+        info = get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return shard_batches(self.position, len(self), self.batch_size or 1, rank, world, worker, nw, self.drop_last)
+
+    def sample_at(self, position: int, epoch: int | None = None) -> dict | None:
+        """The sample at a global position (a pure function of seed, epoch, position)."""
+        e = self.epoch if epoch is None else epoch
+        order = self.epoch_order(e)
+        return self._sample(order, e, position)
+
+    def _sample(self, order: EpochOrder, epoch: int, p: int) -> dict | None:
+        i, d = order.unit(p)
+        return self._sample_unit(self.keys()[i], d, epoch, p)
+
+    def _sample_unit(self, key: str, d: int, epoch: int, p: int) -> dict | None:
+        s = self._load(key, d, unit_rng(self.seed, epoch, key, d))
+        if s is not None:
+            s["position"] = p
+            s["epoch"] = epoch
+        return s
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        if "skipped" in d:
+            import threading
+
+            self._skip_lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[dict]:
+        if get_worker_info() is not None and getattr(self, "_env", None):
+            os.environ.update(self._env)
+        epoch, start = self.epoch, self.position
+        order = self.epoch_order(epoch)
+        batches = self.shard()
+        rank, world = self.rank_world
+        bs = self.batch_size or 1
+        total = len(self)
+        in_main = get_worker_info() is None
+        positions = [p for b in batches for p in b]
+        samples = self._read_ahead(order, epoch, positions)
+        for b in batches:
+            got = [s for s in (next(samples) for _ in b) if s is not None]
+            if in_main:  # the consumer has taken everything up to the end of this step
+                step = (b.start - start) // (bs * world)
+                self.position = min(total, start + (step + 1) * bs * world)
+            if self.batch_size is None:
+                if got:
+                    yield got[0]
+            elif got:
+                yield self._collate(got)
+        if self.epoch == epoch:  # ran to the end (a consumer that stops early never gets here)
+            # in a persistent worker this advances the worker's copy exactly as the main process advances
+            self.epoch, self.position = epoch + 1, 0
+
+    def _read_ahead(self, order: EpochOrder, epoch: int, positions: Sequence[int]) -> Iterator[dict | None]:
+        if self.prefetch <= 0 or self.io_threads <= 0 or len(positions) <= 1:
+            for p in positions:
+                yield self._sample(order, epoch, p)
+            return
+        keys = self.keys()
+        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="xwin-read") as pool:
+            q: deque = deque()
+            for p in positions:
+                i, d = order.unit(p)  # in this thread: the order's window cache is not shared with the pool
+                q.append(pool.submit(self._sample_unit, keys[i], d, epoch, p))
+                if len(q) > self.prefetch:
+                    yield q.popleft().result()
+            while q:
+                yield q.popleft().result()
+
+
+class XWinStream(ResumableStream):
+    """X-WIN samples from a projection dataset (``source.open()`` -> reader with ``volume_ids``/``read_views``).
+
+    Each sample (one ``read_views`` call of the 1 + N views) is a dict:
+        context (1,S,S) float32, targets (N,1,S,S) float32 -- appearance-transformed and resized to S
+        actions (N,) float32 degrees          -- what the predictor is conditioned on (sampling.py, mode)
+        actions_norm (N,) float32             -- actions / max_abs_deg, in [-1, 1]
+        actions_cumulative (N,) float32       -- target yaw - context yaw, degrees (== actions for "direct")
+        context_yaw () float32, target_yaws (N,) float32 -- absolute yaws of the views read (from the store)
+        volume_id str, position int, epoch int
+    """
+
+    def __init__(
+        self,
+        source: ViewSource,
+        *,
+        sampling: XWinSampling = XWinSampling(),
+        image_size: int = 512,
+        appearance: str = "minmax",
+        **kw: Any,
+    ) -> None:
+        kw.setdefault("draws_per_item", kw.pop("draws_per_volume", 1))
+        super().__init__(**kw)
+        self.source = source
+        self.sampling = sampling
+        self.image_size = int(image_size)
+        self.appearance = appearance
+        self._reader: ViewReader | None = None
+        self._reader_pid: int | None = None
+        self._reader_plan: SamplingPlan | None = None
+
+    @property
+    def reader(self) -> ViewReader:
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = self.source.open()
+            self._reader_pid = os.getpid()
+            self._reader_plan = self.sampling.plan(self._reader.spec)
+        return self._reader
+
+    @property
+    def plan(self) -> SamplingPlan:
+        self.reader
+        assert self._reader_plan is not None
+        return self._reader_plan
+
+    def _keys(self) -> list[str]:
+        return list(self.reader.volume_ids())
+
+    def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict:
+        d = self.plan.draw(rng)
+        want = np.concatenate([[d.context_index], d.target_indices])
+        uniq = np.unique(want)
+        views, meta = self.reader.read_views(key, uniq)  # one call: touches only these views' chunks
+        got_idx = np.asarray(meta.index, dtype=np.int64)
+        pos = {int(k): j for j, k in enumerate(got_idx)}
+        sel = np.asarray([pos[int(k)] for k in want])
+        views = np.asarray(views)[sel]
+        yaws = np.asarray(meta.yaw_deg, dtype=np.float64)[sel]
+        imgs = torch.from_numpy(apply_appearance(views, self.appearance)).unsqueeze(1)
+        imgs = resize(imgs, self.image_size).contiguous()
+        return {
+            "context": imgs[0],
+            "targets": imgs[1:],
+            "actions": torch.from_numpy(d.actions_deg),
+            "actions_norm": torch.from_numpy(d.actions_deg / np.float32(self.sampling.max_abs_deg)),
+            "actions_cumulative": torch.from_numpy(d.offsets_deg),
+            "context_yaw": torch.tensor(yaws[0], dtype=torch.float32),
+            "target_yaws": torch.from_numpy(yaws[1:].astype(np.float32)),
+            "volume_id": key,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------- loader
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers share few cores; interpolate's intra-op threads only oversubscribe
+
+
+def _forkserver_context() -> Any:
+    """The forkserver context, preloading torch and this package in the server (a clean process that never opens a
+    store), so each worker forks from it in ~0.1 s instead of importing torch again (~2 s)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "numpy", "training.data.stream"])  # no effect once the server runs
+    return ctx
+
+
+class ResumableLoader:
+    """A DataLoader over a ``ResumableStream`` whose ``state_dict`` counts what the training loop consumed.
+
+    Iterating yields the rest of the current epoch, then advances to the next epoch. Workers persist across epochs
+    while the loop consumes whole epochs (each worker's copy advances its epoch itself); after an early stop or a
+    ``load_state_dict`` the next iteration starts fresh workers from the current state.
+    """
+
+    def __init__(self, dataset: ResumableStream, **loader_kw: Any) -> None:
+        self.dataset = dataset
+        self.loader_kw = loader_kw
+        self._dl: DataLoader | None = None
+        self._dl_state: tuple[int, int] | None = None  # the state the persistent workers will start from
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self.close()
+
+    def close(self) -> None:
+        """Shut the persistent workers down (they also go when the loader is garbage collected)."""
+        self._dl, self._dl_state = None, None
+
+    def __iter__(self) -> Iterator[dict]:
+        ds = self.dataset
+        if self.loader_kw.get("num_workers", 0) == 0:
+            yield from ds
+            return
+        epoch, start = ds.epoch, ds.position
+        if self._dl is None or self._dl_state != (epoch, start):
+            self._dl = DataLoader(ds, batch_size=None, persistent_workers=True, **self.loader_kw)
+        self._dl_state = None  # until this epoch completes, the workers' state is unknown
+        _, world = ds.rank_world
+        step_size = (ds.batch_size or 1) * world
+        total = len(ds)
+        steps = 0
+        for item in self._dl:
+            steps += 1
+            ds.position = min(total, start + steps * step_size)
+            yield item
+        if ds.epoch == epoch:
+            ds.epoch, ds.position = epoch + 1, 0
+            self._dl_state = (ds.epoch, 0)
+
+    def __len__(self) -> int:
+        ds = self.dataset
+        _, world = ds.rank_world
+        rest = max(0, len(ds) - ds.position)
+        step = (ds.batch_size or 1) * world
+        return rest // step if ds.drop_last else -(-rest // step)
+
+
+def make_loader(
+    dataset: ResumableStream,
+    *,
+    num_workers: int = 2,
+    multiprocessing_context: str | None = None,
+    prefetch_factor: int | None = 2,
+    pin_memory: bool = False,
+    timeout: float = 0,
+) -> ResumableLoader:
+    """A resumable loader. Batching happens in the dataset (``batch_size=`` there), so DataLoader batch_size=None.
+
+    Workers are started with ``multiprocessing_context`` "forkserver" (Linux) or "spawn": stores are opened inside
+    each worker; never fork a process that holds an fsspec/obstore/zarr event loop.
+    """
+    kw: dict[str, Any] = {"num_workers": int(num_workers), "pin_memory": pin_memory}
+    if num_workers > 0:
+        if multiprocessing_context is None:
+            multiprocessing_context = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        if multiprocessing_context == "forkserver":
+            multiprocessing_context = _forkserver_context()
+        if multiprocessing_context == "fork":
+            raise ValueError("fork is not safe with fsspec/obstore/zarr event loops; use spawn or forkserver")
+        kw.update(multiprocessing_context=multiprocessing_context, worker_init_fn=_worker_init, timeout=timeout)
+        if prefetch_factor is not None:
+            kw["prefetch_factor"] = prefetch_factor
+    return ResumableLoader(dataset, **kw)

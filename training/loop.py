@@ -1,0 +1,412 @@
+"""The X-WIN training loop: schedules, one optimisation step, JSON-lines logging, checkpoints and resume.
+
+Data interface (``BatchStream``): an iterable of batch dicts ``context (B,1,S,S)``, ``targets (B,N,1,S,S)``,
+``actions (B,N)`` degrees, which yields the rest of the current epoch and then advances its epoch, with
+``state_dict()/load_state_dict()`` holding the position of what the loop has consumed (``training.data``'s
+``make_loader(XWinStream(...))`` and ``training.synthetic.SyntheticRingStream`` both qualify). The optional real-CXR
+stream yields ``(R,1,S,S)`` tensors (or dicts with ``image``/``images``) under the same contract.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins the process group (NCCL on CUDA, gloo on
+CPU), wraps the model in DDP and each rank reads its own shard (the streams shard by ``torch.distributed`` rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.masks import MaskBatch, MultiBlockMasker
+from training.models.xwin import EMAEncoder, XWin
+
+log = logging.getLogger("xwin.train")
+CKPT_VERSION = 1
+NO_REAL_NOTE = "no real-image stream: training L_align + L_MIM(simulated) only (L_MIM(real), L_domain, L_cls off)"
+
+
+@runtime_checkable
+class BatchStream(Protocol):
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------------ schedules
+def cosine(start: float, end: float, step: int, total: int) -> float:
+    """Half-cosine from ``start`` (step 0) to ``end`` (step >= total)."""
+    if total <= 0:
+        return end
+    t = min(max(step, 0), total) / total
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class Schedules:
+    """Per-step LR (linear warmup start_lr -> lr, then cosine to final_lr), weight decay (cosine wd ->
+    final_wd) and EMA momentum (cosine m0 -> m1), all over ``total`` steps. Pure functions of the step."""
+
+    def __init__(self, lr: float, final_lr: float, start_lr: float, warmup: int, wd: float, final_wd: float,
+                 ema: tuple[float, float], total: int) -> None:
+        self.lr, self.final_lr, self.start_lr, self.warmup = lr, final_lr, start_lr, warmup
+        self.wd, self.final_wd, self.ema, self.total = wd, final_wd, tuple(ema), total
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Schedules":
+        o = cfg.optim
+        return cls(o.lr, o.final_lr, o.start_lr, o.warmup_steps, o.weight_decay, o.final_weight_decay, o.ema, o.total_steps)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.start_lr + (self.lr - self.start_lr) * step / self.warmup
+        return cosine(self.lr, self.final_lr, step - self.warmup, self.total - self.warmup)
+
+    def wd_at(self, step: int) -> float:
+        return cosine(self.wd, self.final_wd, step, self.total)
+
+    def momentum_at(self, step: int) -> float:
+        return cosine(self.ema[0], self.ema[1], step, self.total)
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Schedules are functions of the config; warn when a resumed run changes them."""
+        import json
+
+        mine = json.loads(json.dumps(self.state_dict()))
+        theirs = json.loads(json.dumps(state))
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            log.warning("schedules differ from the checkpoint's (checkpoint, now): %s", diff)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on matrices/kernels only; biases, norms, mask token, temperatures exempt."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("mask_token") else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def real_images(item: Any) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, dict):
+        for k in ("image", "images", "real"):
+            if k in item:
+                return item[k]
+    raise TypeError(f"real stream item must be a (R,1,S,S) tensor or a dict with 'image'/'images', got {type(item).__name__}")
+
+
+def endless(stream: Any) -> Iterator[Any]:
+    """Iterate a stream across epochs; an epoch that yields nothing twice in a row means an empty stream."""
+    empty = 0
+    while True:
+        got = False
+        for item in stream:
+            got = True
+            yield item
+        empty = 0 if got else empty + 1
+        if empty >= 2:
+            raise RuntimeError(f"data stream {type(stream).__name__} yielded no batch in a whole epoch (empty dataset?)")
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+# --------------------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns the model, EMA encoder, optimiser, schedules, mask RNG and the data streams of one run."""
+
+    def __init__(self, cfg: TrainConfig, stream: Any, real_stream: Any | None = None, *,
+                 out_dir: str | Path | None = None, echo: bool = False) -> None:
+        self.cfg = cfg
+        self.rank, self.world, local_rank = _dist_env()
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+            torch.distributed.init_process_group(backend)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        if self.device.type == "cpu" and cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        self.model = XWin(cfg.model, cfg.loss).to(self.device)
+        self.ema = EMAEncoder(self.model.encoder).to(self.device)
+        self.ddp: nn.Module = self.model
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=real_stream is None,
+            )
+        self.opt = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                     weight_decay=cfg.optim.weight_decay)
+        self.sched = Schedules.from_config(cfg)
+        self.masker = MultiBlockMasker(cfg.model.grid, **cfg.masks.model_dump())
+        self.mask_rng = np.random.default_rng([cfg.seed, self.rank, 0x6D61736B])
+        torch.manual_seed(cfg.seed + 1000003 * self.rank)
+        self.stream, self.real_stream = stream, real_stream
+        self.step = 0
+        self.out_dir = Path(out_dir or cfg.out_dir)
+        self.echo = echo
+        self._log_fh = None
+        self._it: Iterator | None = None
+        self._real_it: Iterator | None = None
+
+    # ----------------------------------------------------------------------------------------------- logging
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log_event(self, rec: dict) -> None:
+        if not self.is_main:
+            return
+        import json
+
+        if self._log_fh is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._log_fh = open(self.out_dir / "log.jsonl", "a")
+        line = json.dumps(rec, default=float)
+        self._log_fh.write(line + "\n")
+        self._log_fh.flush()
+        if self.echo:
+            print(line, file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------------------------------------- step
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def train_step(self, batch: dict, real: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimisation step on a batch (and an optional real-image batch); returns the logged values."""
+        dev = self.device
+        context = batch["context"].to(dev, non_blocking=True).float()
+        targets = batch["targets"].to(dev, non_blocking=True).float()
+        actions = batch["actions"].to(dev, non_blocking=True).float()
+        B, N = actions.shape
+        lr, wd, m = self.sched.lr_at(self.step), self.sched.wd_at(self.step), self.sched.momentum_at(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+            g["weight_decay"] = wd if g.get("apply_wd", True) else 0.0
+
+        sim_masks = self.masker.sample(self.mask_rng, B * N).to(dev)
+        real_masks: MaskBatch | None = None
+        if real is not None:
+            real = real.to(dev, non_blocking=True).float()
+            real_masks = self.masker.sample(self.mask_rng, real.shape[0]).to(dev)
+        with self._autocast():
+            t_sim = self.ema(targets.flatten(0, 1)).unflatten(0, (B, N))  # (B, N, L, D), no grad
+            t_real = self.ema(real) if real is not None else None
+            out = self.ddp(context, actions, targets, t_sim, sim_masks, real, t_real, real_masks)
+        self.opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        self.ema.update(self.model.encoder, m)
+        self.step += 1
+        rec = {k: float(v.detach()) for k, v in out.items()}
+        rec.update(lr=lr, weight_decay=wd, momentum=m)
+        rec["images"] = B * (1 + N) + (real.shape[0] if real is not None else 0)
+        return rec
+
+    # ------------------------------------------------------------------------------------------------ batches
+    def next_batch(self) -> tuple[dict, torch.Tensor | None]:
+        if self._it is None:
+            self._it = endless(self.stream)
+        batch = next(self._it)
+        real = None
+        if self.real_stream is not None:
+            if self._real_it is None:
+                self._real_it = endless(self.real_stream)
+            real = real_images(next(self._real_it))
+        return batch, real
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "numpy_masks": self.mask_rng.bit_generator.state,
+               "python": random.getstate(), "numpy_global": np.random.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "version": CKPT_VERSION,
+            "step": self.step,
+            "config": self.cfg.model_dump(mode="json"),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedules": self.sched.state_dict(),
+            "rng": rng,
+            "data": _state(self.stream),
+            "real_data": _state(self.real_stream) if self.real_stream is not None else None,
+            "world_size": self.world,
+        }
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Atomic checkpoint write (rank 0); returns the path. Default: out_dir/checkpoints/step_XXXXXXXX.pt and
+        a copy named latest.pt."""
+        ckpt_dir = self.out_dir / "checkpoints"
+        path = Path(path) if path is not None else ckpt_dir / f"step_{self.step:08d}.pt"
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sd = self.state_dict()
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            torch.save(sd, tmp)
+            os.replace(tmp, path)
+            if path.parent == ckpt_dir:
+                latest = ckpt_dir / "latest.pt"
+                tmp2 = ckpt_dir / "latest.pt.tmp"
+                if tmp2.exists():
+                    tmp2.unlink()
+                os.link(path, tmp2)
+                os.replace(tmp2, latest)
+            self.log_event({"event": "checkpoint", "step": self.step, "path": str(path)})
+        return path
+
+    def load(self, path: str | Path) -> None:
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        if sd.get("version") != CKPT_VERSION:
+            raise ValueError(f"checkpoint {path}: version {sd.get('version')} != {CKPT_VERSION}")
+        saved_model = sd["config"]["model"]
+        if saved_model != self.cfg.model.model_dump(mode="json"):
+            raise ValueError(f"checkpoint {path} was trained with a different model config: {saved_model}")
+        self.model.load_state_dict(sd["model"])
+        self.ema.load_state_dict(sd["ema"])
+        self.opt.load_state_dict(sd["optimizer"])
+        self.sched.load_state_dict(sd["schedules"])
+        self.step = int(sd["step"])
+        rng = sd["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.mask_rng.bit_generator.state = rng["numpy_masks"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy_global"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if sd.get("world_size", 1) != self.world:
+            log.warning("resuming a %d-rank run on %d ranks: the data streams re-shard from the saved position",
+                        sd.get("world_size", 1), self.world)
+        if sd["data"] is not None and hasattr(self.stream, "load_state_dict"):
+            self.stream.load_state_dict(sd["data"])
+        if sd.get("real_data") is not None and self.real_stream is not None:
+            self.real_stream.load_state_dict(sd["real_data"])
+        self._it = self._real_it = None  # restart iteration from the loaded positions
+        self.log_event({"event": "resume", "step": self.step, "path": str(path)})
+
+    # ---------------------------------------------------------------------------------------------------- run
+    def run(self, max_steps: int | None = None) -> dict:
+        """Train until ``max_steps`` (default cfg.max_steps, else the schedule's total). Returns a summary with the
+        logged values of the first and last step of this call."""
+        cfg = self.cfg
+        stop = min(x for x in (max_steps, cfg.max_steps, cfg.optim.total_steps) if x is not None)
+        has_real = self.real_stream is not None
+        self.log_event({"event": "start", "step": self.step, "stop": stop, "world_size": self.world,
+                        "device": str(self.device), "bf16": self.amp, "real_stream": has_real,
+                        "params": sum(p.numel() for p in self.model.parameters()),
+                        "config": cfg.model_dump(mode="json")})
+        if not has_real:
+            log.warning(NO_REAL_NOTE)
+            self.log_event({"event": "note", "message": NO_REAL_NOTE})
+        first: dict | None = None
+        last: dict | None = None
+        t0, imgs = time.perf_counter(), 0
+        while self.step < stop:
+            batch, real = self.next_batch()
+            rec = self.train_step(batch, real)
+            imgs += rec["images"] * self.world
+            if first is None:
+                first = rec
+            last = rec
+            if self.step % cfg.log_every == 0 or self.step == stop:
+                dt = time.perf_counter() - t0
+                self.log_event({"event": "step", "step": self.step, "epoch": self.step // cfg.optim.iters_per_epoch,
+                                **rec, "images_per_s": imgs / dt if dt > 0 else None})
+                t0, imgs = time.perf_counter(), 0
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                self.save()
+        return {"steps": self.step, "first": first, "last": last, "real_stream": has_real}
+
+    def close(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+
+def _state(stream: Any) -> dict | None:
+    return stream.state_dict() if hasattr(stream, "state_dict") else None
+
+
+# ---------------------------------------------------------------------------------------------------- data wiring
+def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
+    """The simulated stream and the optional real-CXR stream a config asks for.
+
+    ``data.synthetic``: procedural phantoms (``data.real == "synthetic"`` adds procedural real-domain images).
+    ``data.store``: ``training.data.XWinStream`` over the store's projection dataset for ``data.cohort`` (the only
+    dataset of the store when cohort is unset), behind ``make_loader``. ``data.real``: a directory of radiographs
+    (or a MIMIC-CXR-JPG root) through ``training.data.RealCXRStream``.
+    """
+    d, S = cfg.data, cfg.model.img_size
+    real_bs = d.real_batch_size or d.batch_size * d.n_targets
+    if d.synthetic:
+        from training.synthetic import SyntheticRealStream, SyntheticRingStream
+
+        sim = SyntheticRingStream(n_volumes=max(16, d.batch_size), batch_size=d.batch_size, n_targets=d.n_targets,
+                                  image_size=S, step_deg=d.step_deg or 3.0, max_abs_deg=d.max_abs_deg,
+                                  context_yaws=d.context_yaws, seed=cfg.seed)
+        real = SyntheticRealStream(batch_size=real_bs, image_size=S, seed=cfg.seed + 1) if d.real == "synthetic" else None
+        return sim, real
+    if not d.store:
+        raise ValueError("config has no data source: set data.store (a store URL) or data.synthetic=true")
+    from training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
+
+    cohort, spec = resolve_dataset(d.store, d.cohort)
+    sampling = XWinSampling(n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg,
+                            context_yaws=tuple(d.context_yaws))
+    ds = XWinStream(StoreSource(d.store, cohort, spec), sampling=sampling, image_size=S, appearance=d.appearance,
+                    seed=cfg.seed, batch_size=d.batch_size, draws_per_volume=d.draws_per_volume,
+                    shuffle_window=d.shuffle_window)
+    sim = make_loader(ds, num_workers=d.num_workers)
+    real = None
+    if d.real:
+        rs = RealCXRStream(d.real, image_size=S, seed=cfg.seed + 1, batch_size=real_bs)
+        real = make_loader(rs, num_workers=d.num_workers)
+    return sim, real
+
+
+def resolve_dataset(url: str, cohort: str | None):
+    """(cohort, RenderSpec) of the projection dataset to train on; cohort None = the store's only dataset."""
+    from storage import open_store
+
+    store = open_store(url)
+    infos = [i for i in store.datasets() if cohort is None or i.cohort == cohort]
+    if not infos:
+        have = sorted({i.cohort for i in store.datasets()})
+        raise ValueError(f"store {url!r} has no projection dataset for cohort {cohort!r} (cohorts: {have})")
+    if len(infos) > 1:
+        raise ValueError(f"store {url!r} has {len(infos)} datasets for cohort {cohort!r}: "
+                         f"{[(i.cohort, i.spec_hash) for i in infos]}; pass data.cohort to pick one")
+    info = infos[0]
+    return info.cohort, store.open_dataset(info.cohort, info.spec_hash).spec

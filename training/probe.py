@@ -1,0 +1,157 @@
+"""Linear probing: a frozen X-WIN encoder + a linear classifier on a labelled image folder, AUROC per class.
+
+Data: ``root/<class name>/<image>`` (PNG / JPEG / DICOM / NPY, class per subfolder, searched recursively inside
+each class folder). Images are read like the real-CXR stream (``training.data.real_cxr``: centre square crop,
+antialiased resize to the encoder's input size, per-image min-max). Features: global average pooling of the frozen
+encoder's tokens (the EMA encoder by default, as the paper probes). The classifier is multinomial logistic
+regression on standardised features (full-batch L-BFGS, L2 penalty) trained on a stratified split; AUROC is
+one-vs-rest on the held-out split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.config import ModelConfig
+from training.models.vit import VisionTransformer
+from training.models.xwin import build_encoder
+
+log = logging.getLogger("xwin.probe")
+SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".npy")
+
+
+@dataclass
+class ImageFolder:
+    images: torch.Tensor  # (n, 1, S, S) float32 in [0, 1]
+    labels: np.ndarray  # (n,) int64 class index
+    classes: list[str]
+    paths: list[str]
+    skipped: dict[str, str]  # path -> reason
+
+
+def load_image_folder(root: str | Path, image_size: int) -> ImageFolder:
+    from training.data.real_cxr import BadImage, read_radiograph, to_tensor
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"probe data {root} is not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ValueError(f"probe data {root} needs >= 2 class subfolders, found {classes}")
+    imgs, labels, paths, skipped = [], [], [], {}
+    for ci, c in enumerate(classes):
+        for p in sorted((root / c).rglob("*")):
+            if not (p.is_file() and p.suffix.lower() in SUFFIXES):
+                continue
+            try:
+                arr = np.load(p).astype(np.float32) if p.suffix.lower() == ".npy" else read_radiograph(p)
+                if arr.ndim != 2:
+                    raise BadImage("wrong_channels", f"array of shape {arr.shape}")
+                imgs.append(to_tensor(arr, image_size, min_size=min(16, image_size)))
+            except BadImage as e:
+                skipped[str(p)] = e.reason
+                log.warning("probe image skipped: %s: %s", p, e)
+                continue
+            labels.append(ci)
+            paths.append(str(p.relative_to(root)))
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    if np.any(counts < 2):
+        raise ValueError(f"every class needs >= 2 readable images: {dict(zip(classes, counts.tolist()))}")
+    return ImageFolder(torch.stack(imgs), np.asarray(labels, dtype=np.int64), classes, paths, skipped)
+
+
+def load_encoder(checkpoint: str | Path, which: str = "ema") -> tuple[VisionTransformer, ModelConfig]:
+    """The frozen encoder of a training checkpoint: ``which`` = "ema" (f_theta') or "online" (f_theta)."""
+    sd = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    mcfg = ModelConfig.model_validate(sd["config"]["model"])
+    enc = build_encoder(mcfg)
+    if which == "ema":
+        state = {k.removeprefix("encoder."): v for k, v in sd["ema"].items()}
+    elif which == "online":
+        state = {k.removeprefix("encoder."): v for k, v in sd["model"].items() if k.startswith("encoder.")}
+    else:
+        raise ValueError(f"which must be 'ema' or 'online', got {which!r}")
+    enc.load_state_dict(state)
+    enc.eval().requires_grad_(False)
+    return enc, mcfg
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """(n,1,S,S) -> (n, D): mean of the encoder's output tokens."""
+    return torch.cat([encoder(images[i : i + batch]).mean(1) for i in range(0, len(images), batch)]).float()
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve = P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney U with average ranks)."""
+    from scipy.stats import rankdata
+
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def stratified_split(labels: np.ndarray, test_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class shuffle; each class puts round(test_frac * n_c) (at least 1, at most n_c - 1) in the test split."""
+    rng = np.random.default_rng(seed)
+    tr, te = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = min(max(1, int(round(test_frac * len(idx)))), len(idx) - 1)
+        te.append(idx[:k])
+        tr.append(idx[k:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-3, iters: int = 200) -> nn.Linear:
+    """Multinomial logistic regression (mean cross-entropy + l2 * ||W||^2) by full-batch L-BFGS."""
+    torch.manual_seed(0)
+    clf = nn.Linear(x.shape[1], n_classes)
+    nn.init.zeros_(clf.weight)
+    nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(clf(x), y) + l2 * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return clf
+
+
+def run_probe(checkpoint: str | Path, data: str | Path, *, test_frac: float = 0.3, seed: int = 0, l2: float = 1e-3,
+              which: str = "ema") -> dict:
+    enc, mcfg = load_encoder(checkpoint, which)
+    folder = load_image_folder(data, mcfg.img_size)
+    feats = extract_features(enc, folder.images)
+    tr, te = stratified_split(folder.labels, test_frac, seed)
+    mu, sd = feats[tr].mean(0), feats[tr].std(0).clamp_min(1e-6)
+    z = (feats - mu) / sd
+    y = torch.from_numpy(folder.labels)
+    clf = fit_linear(z[tr], y[tr], len(folder.classes), l2)
+    with torch.no_grad():
+        prob = torch.softmax(clf(z[te]), dim=1).numpy()
+    yte = folder.labels[te]
+    per_class = {c: auroc(prob[:, i], yte == i) for i, c in enumerate(folder.classes)}
+    return {
+        "checkpoint": str(checkpoint),
+        "encoder": which,
+        "classes": folder.classes,
+        "n_train": int(len(tr)),
+        "n_test": int(len(te)),
+        "auroc": per_class,
+        "macro_auroc": float(np.nanmean(list(per_class.values()))),
+        "accuracy": float((prob.argmax(1) == yte).mean()),
+        "skipped": folder.skipped,
+    }
