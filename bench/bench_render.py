@@ -2,7 +2,7 @@
 same run, and conformance (rel. L2 per view) vs the DiffDRR reference at 256^2 for yaw 0/45/90/180/270.
 
     .venv/bin/python bench/bench_render.py                 # full run (~5 min on 2 cores)
-    .venv/bin/python bench/bench_render.py --views 4 --no-diffdrr
+    .venv/bin/python bench/bench_render.py --views 4 --rounds 1 --no-diffdrr   # quick
 
 Detector: 256^2 at 2 mm and 512^2 at 1 mm (both cover 512 mm), SID 700, SDD 1020. Figures go to
 docs/benchmarks.md (Render section).
@@ -49,7 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--views", type=int, default=8, help="views per backend and size for throughput")
     ap.add_argument("--no-diffdrr", action="store_true")
-    ap.add_argument("--torch-views", type=int, default=2, help="views for the (slow) CPU torch backend")
+    ap.add_argument("--torch-views", type=int, default=1, help="views for the (slow) CPU torch backend (256^2)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved joseph/RTK timing rounds (best kept)")
     args = ap.parse_args()
 
     img = nib.load(str(example_ct_path()))
@@ -66,29 +67,31 @@ def main() -> None:
         # warm-up (numba compile / itk import) outside the timings
         render_views(mu, A, ring.subset([0]), backend="joseph", is_mu=True)
         render_views(mu, A, ring.subset([0]), backend="rtk", is_mu=True)
-        rates = {}
-        for name, opts, nv in [
-            ("joseph", {}, args.views),
-            ("joseph-general", {"method": "general"}, min(args.views, 2)),
-            ("rtk", {}, args.views),
-            ("torch-cpu", {"device": "cpu"}, args.torch_views),
-        ]:
-            backend = name.split("-")[0]
+        # joseph and RTK interleaved over rounds, best round each: robust to other load on a shared machine
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name in ("joseph", "rtk"):
+                _, dt = timed(lambda: render_views(mu, A, ring, backend=name, is_mu=True))
+                best[name] = min(best.get(name, float("inf")), dt / len(ring))
+        slow = [("joseph-general", "joseph", {"method": "general"}, 2)]
+        if n == 256:
+            slow.append(("torch-cpu", "torch", {"device": "cpu"}, args.torch_views))
+        for name, backend, opts, nv in slow:
             sub = ring.subset(np.arange(nv))
             _, dt = timed(lambda: render_views(mu, A, sub, backend=backend, is_mu=True, **opts))
-            rates[name] = nv / dt
-            print(f"{n}^2 {name:15s} {nv / dt:7.3f} views/s  ({dt / nv:.3f} s/view)  peak RSS {peak_rss_gb():.2f} GB")
-        for name, r in rates.items():
-            rows.append((n, name, r, r / rates["rtk"]))
+            best[name] = dt / nv
+        for name, spv in best.items():
+            print(f"{n}^2 {name:15s} {1 / spv:7.3f} views/s  ({spv:.3f} s/view)  peak RSS {peak_rss_gb():.2f} GB")
+            rows.append((n, name, 1 / spv, best["rtk"] / spv))
         # conformance set (5 yaws)
-        for name, opts in [("joseph", {}), ("rtk", {}), ("torch", {"device": "cpu"})]:
+        for name, opts in [("joseph", {}), ("rtk", {})] + ([("torch", {"device": "cpu"})] if n == 256 else []):
             results[(name, n)] = render_views(mu, A, conf, backend=name, is_mu=True, **opts)
         if n == 256 and not args.no_diffdrr:
             ref, dt = timed(lambda: render_views(mu, A, conf, backend="diffdrr", is_mu=True))
             results[("diffdrr", n)] = ref
             print(f"{n}^2 diffdrr         {len(conf) / dt:7.3f} views/s  ({dt / len(conf):.2f} s/view)  "
                   f"peak RSS {peak_rss_gb():.2f} GB")
-            rows.append((n, "diffdrr", len(conf) / dt, len(conf) / dt / rates["rtk"]))
+            rows.append((n, "diffdrr", len(conf) / dt, best["rtk"] * len(conf) / dt))
 
     print("\n| detector | backend | views/s | x RTK |\n|---|---|---|---|")
     for n, name, r, ratio in rows:
@@ -104,8 +107,8 @@ def main() -> None:
         for name in ["joseph", "torch", "rtk"]:
             e = rel(results[(name, 256)], ref)
             print(f"| {name} | " + " | ".join(f"{x * 100:.2f}%" for x in e) + " |")
-    print("\nAgreement at 512^2 (DiffDRR skipped on CPU), rel. L2 vs joseph:")
-    for name in ["torch", "rtk"]:
+    print("\nAgreement at 512^2 (DiffDRR skipped on CPU: ~4x its 256^2 cost), rel. L2 of RTK vs joseph:")
+    for name in ["rtk"]:
         e = rel(results[(name, 512)], results[("joseph", 512)])
         print(f"  {name}: " + ", ".join(f"{x * 100:.2f}%" for x in e))
     print(f"\npeak RSS {peak_rss_gb():.2f} GB")

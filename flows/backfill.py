@@ -27,7 +27,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -72,7 +71,7 @@ class BackfillParams(BaseModel):
     spec: RenderSpec = RenderSpec()
     backend: str | None = None  # None: XWIN_RENDER_BACKEND or "auto" (resolved on the worker)
     limit: int | None = None  # at most this many planned series (after sharding), in plan order
-    shard: str | None = None  # "i/n": only series whose volume id hashes to i mod n
+    shard: str | None = None  # "i/n": only sources (manifest: series) whose id hashes to i mod n
     verify: VerifyMode = "shallow"
     previews: int = 4  # views per preview montage (0: none)
     reports: str | None = None  # default: "<store>-reports"
@@ -145,13 +144,14 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{tag}"
 
 
-def _in_shard(volume_id: str, shard: str | None) -> bool:
+def _in_shard(key: str, shard: str | None) -> bool:
+    """Does ``key`` (a source string or a volume id) belong to shard "i/n"? Stable across runs and machines."""
     if not shard:
         return True
     i, n = (int(x) for x in shard.split("/"))
     if not 0 <= i < n:
         raise ValueError(f"shard {shard!r}: need 0 <= i < n")
-    return int(hashlib.sha256(volume_id.encode()).hexdigest()[:12], 16) % n == i
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) % n == i
 
 
 # ---- stage tasks ---------------------------------------------------------------------------------------------
@@ -171,19 +171,20 @@ def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection]]:
     from pipeline.ingest import plan_inputs, plan_manifest
 
     cands, rejs = [], []
-    if params.manifest:
+    if params.manifest:  # manifest studies are sharded after planning, by volume id
         c, r = plan_manifest(params.manifest, params.cohort, root=params.manifest_root)
+        if params.shard:
+            c = [x for x in c if _in_shard(x.volume_id, params.shard)]
+            r = r if params.shard.startswith("0/") else []  # manifest-level rejections: reported by shard 0
         cands += c
         rejs += r
     srcs = params.sources()
+    if params.shard:  # sources are sharded before planning: each shard reads only its own headers/files
+        srcs = [x for x in srcs if _in_shard(x, params.shard)]
     if srcs:
         c, r = plan_inputs(srcs, params.cohort)
         cands += c
         rejs += r
-    if params.shard:  # rejections land in shard 0 only, so a sharded run reports each exactly once
-        cands = [c for c in cands if _in_shard(c.volume_id, params.shard)]
-        if not params.shard.startswith("0/"):
-            rejs = []
     seen: set[str] = set()
     uniq = []
     for c in cands:  # the same series given twice is one series
@@ -211,6 +212,11 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
     except IngestError as e:
         return Rejection(input=candidate.input, reason=e.reason, detail=e.detail,
                          series_uid=e.series_uid or candidate.series_uid)
+    except Exception as e:  # noqa: BLE001 - unexpected reader error on this input: reject it unless transient
+        if is_transient(e):
+            raise
+        return Rejection(input=candidate.input, reason=RejectReason.unreadable_file, series_uid=candidate.series_uid,
+                         detail=f"{candidate.input}: unexpected {type(e).__name__} while loading: {e}")
     t1 = time.perf_counter()
     written = store.write_volume(record, hu, owner=_owner())
     t2 = time.perf_counter()
@@ -457,6 +463,13 @@ def backfill_cohort(
     return run_backfill(params, PrefectStages(), run_id=run_id)
 
 
+# Dask workers put their local directory first on sys.path and spill to "<local dir>/storage": with an editable
+# install of this project that empty folder shadows the ``storage`` package (a namespace package wins over the
+# editable finder). Our tasks exchange small records only (pixels go through the store), so spilling is off.
+# (For `dask worker` processes set DASK_DISTRIBUTED__WORKER__MEMORY__TARGET/SPILL=False, or install non-editable.)
+DASK_WORKER_KWARGS: dict = {"data": dict}
+
+
 def dask_task_runner(address: str | None = None, n_workers: int | None = None):
     """A DaskTaskRunner on an existing scheduler (``address`` / XWIN_DASK_ADDRESS) or a LocalCluster."""
     from prefect_dask import DaskTaskRunner
@@ -465,7 +478,7 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
     if address:
         return DaskTaskRunner(address=address)
     kw = {"n_workers": n_workers or int(os.environ.get("XWIN_DASK_WORKERS") or 2), "threads_per_worker": 2,
-          "processes": True, "dashboard_address": None}
+          "processes": True, "dashboard_address": None, **DASK_WORKER_KWARGS}
     return DaskTaskRunner(cluster_kwargs=kw)
 
 

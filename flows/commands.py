@@ -20,10 +20,10 @@ import typer
 
 def _quiet_prefect(verbose: bool) -> None:
     """Prefect reads its settings at import: set quiet defaults before the first import (the user's env wins)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # ephemeral server: no telemetry calls
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "true")
 
 
 def _load_spec(path: Optional[Path]):
@@ -142,7 +142,7 @@ def backfill_cmd(
     wall = time.perf_counter() - t0
     validation = None
     if code == 0 and validate and cohort == "example" and summary.done + summary.skipped:
-        validation = _maybe_validate(params, [e.volume_id for e in summary.done + summary.skipped][:1])
+        validation = _maybe_validate(params, [e.volume_id for e in summary.done + summary.skipped][:1], use_prefect)
     if as_json:
         typer.echo(summary.model_dump_json(indent=1))
     else:
@@ -172,14 +172,46 @@ class _Null:
         return None
 
 
-def _maybe_validate(params, volume_ids: list[str]) -> str | None:
-    """FDK PSNR/SSIM of the stored ring vs its source volume, when the validation flow exists."""
+def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | None:
+    """FDK PSNR/SSIM of the stored ring vs its source volume (the validation flow in Prefect mode)."""
     try:
-        from flows.validate import validate_volumes  # type: ignore[import-not-found]
-    except ImportError:
+        from flows.validate import validate_volumes
+    except ImportError:  # pragma: no cover - pipeline.reconstruct absent
         return None
-    res = validate_volumes(params.store, params.cohort, params.spec, volume_ids)
-    return ", ".join(f"{r['volume_id'][:12]} PSNR {r['psnr']:.1f} dB SSIM {r['ssim']:.3f}" for r in res)
+    res = validate_volumes(params.store, params.cohort, params.spec, volume_ids, prefect=use_prefect)
+    return ", ".join(f"{r['volume_id'][:12]} PSNR {r['psnr']:.1f} dB SSIM {r['ssim']:.3f} ({r['backend']} FDK, "
+                     f"{r['seconds']:.0f} s)" for r in res)
+
+
+def validate_cmd(
+    store: str = typer.Option(..., "--store", help="store URL"),
+    cohort: str = typer.Option(..., "--cohort"),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="RenderSpec of the dataset (default X-WIN)"),
+    spec_hash: Optional[str] = typer.Option(None, "--spec-hash", help="dataset spec hash (instead of --spec)"),
+    volume: Optional[list[str]] = typer.Option(None, "--volume", help="volume ids (default: every ring)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    prefect: Optional[bool] = typer.Option(None, "--prefect/--no-prefect"),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """FDK-reconstruct stored rings of a cohort and score PSNR/SSIM against their source volumes."""
+    _quiet_prefect(verbose)
+    from flows.runtime import LocalStages, prefect_api_url
+    from flows.validate import run_validation, validate_cohort
+
+    sh = spec_hash or _load_spec(spec).spec_hash
+    use_prefect = prefect if prefect is not None else prefect_api_url() is not None
+    if use_prefect:
+        res = validate_cohort(store=store, cohort=cohort, spec_hash=sh, volume_ids=volume, limit=limit)
+    else:
+        with LocalStages(max_workers=1) as stages:
+            res = run_validation(store, cohort, sh, volume, stages, limit)
+    if as_json:
+        typer.echo(json.dumps(res, indent=1, default=str))
+    else:
+        for r in res:
+            typer.echo(f"{r['volume_id']}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f} ({r['backend']}, "
+                       f"{r['seconds']:.1f} s)")
 
 
 def inspect_cmd(

@@ -11,6 +11,7 @@ entries with a transient failure do not, so the next tick retries them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ def list_landing(landing: str) -> dict[str, str]:
             if info["type"] == "directory":
                 files = fs.find(info["name"], detail=True)
                 fp = f"{len(files)}:" + ",".join(sorted(str(v.get("ETag", v.get("size"))) for v in files.values()))
-                out[f"s3://{info['name']}"] = str(abs(hash(fp)))
+                out[f"s3://{info['name']}"] = hashlib.sha256(fp.encode()).hexdigest()[:16]
             elif name.lower().endswith(_SERIES_SUFFIXES):
                 out[f"s3://{info['name']}"] = str(info.get("ETag") or info.get("size"))
         return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -60,6 +61,13 @@ _TRANSIENT_CODES = {
 }
 
 
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
+_TRANSIENT_MESSAGES = (
+    "slowdown", "slow down", "reduce your request rate", "service unavailable", "serviceunavailable",
+    "internal error", "internalerror", "bad gateway", "gateway timeout", "timeout", "timed out",
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: connection problems, timeouts, 5xx and throttling responses."""
     if isinstance(exc, (ConflictError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)):
@@ -78,9 +86,12 @@ def is_transient(exc: BaseException) -> bool:
             return code in _TRANSIENT_CODES or status.startswith("5")
     except ImportError:  # pragma: no cover
         pass
-    if isinstance(exc, OSError):
-        msg = str(exc)
-        return any(c in msg for c in ("SlowDown", "ServiceUnavailable", "InternalError", "503", "500", "Timeout"))
+    if isinstance(exc, OSError):  # s3fs translates botocore errors to OSError (503 -> errno EBUSY)
+        if exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        msg = str(exc).lower()
+        if any(c in msg for c in _TRANSIENT_MESSAGES):
+            return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and is_transient(cause)
 
@@ -131,6 +142,15 @@ class RetryingStore(WrapperStore[ZarrStore]):
     async def delete(self, key: str) -> None:
         return await aretry(lambda: self._store.delete(key), what=f"delete {key}")
 
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        return await aretry(lambda: self._store.set_if_not_exists(key, value), what=f"set_if_not_exists {key}")
+
+    async def delete_dir(self, prefix: str) -> None:
+        return await aretry(lambda: self._store.delete_dir(prefix), what=f"delete_dir {prefix}")
+
+    async def is_empty(self, prefix: str) -> bool:
+        return await aretry(lambda: self._store.is_empty(prefix), what=f"is_empty {prefix}")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 class Backend:
@@ -149,6 +169,13 @@ class Backend:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
+    def get_range(self, key: str, start: int, end: int | None) -> bytes:
+        """Bytes [start, end) of an object; negative ``start`` with end None = suffix. FileNotFoundError if absent."""
+        raise NotImplementedError
+
+    def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return [self.get_range(key, a, b) for a, b in ranges]
+
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
@@ -156,7 +183,8 @@ class Backend:
         """All keys under ``prefix`` (recursive), relative to the root."""
         raise NotImplementedError
 
-    def zarr_store(self) -> ZarrStore:
+    def zarr_store(self, sub: str = "") -> ZarrStore:
+        """A zarr store rooted at the store root, or at ``sub`` below it."""
         raise NotImplementedError
 
 
@@ -217,6 +245,21 @@ class LocalBackend(Backend):
         with contextlib.suppress(FileNotFoundError):
             self._p(key).unlink()
 
+    def get_range(self, key: str, start: int, end: int | None) -> bytes:
+        return self.get_ranges(key, [(start, end)])[0]
+
+    def get_ranges(self, key: str, ranges) -> list[bytes]:
+        out = []
+        with open(self._p(key), "rb") as f:
+            for a, b in ranges:
+                if a < 0:
+                    f.seek(a, os.SEEK_END)
+                    out.append(f.read())
+                else:
+                    f.seek(a)
+                    out.append(f.read(None if b is None else b - a))
+        return out
+
     def exists(self, key: str) -> bool:
         return self._p(key).is_file()
 
@@ -232,9 +275,10 @@ class LocalBackend(Backend):
                 out.append(str(Path(dirpath, f).relative_to(self.root)).replace(os.sep, "/"))
         return sorted(out)
 
-    def zarr_store(self) -> ZarrStore:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return LocalStore(self.root)
+    def zarr_store(self, sub: str = "") -> ZarrStore:
+        root = self.root / sub if sub else self.root
+        root.mkdir(parents=True, exist_ok=True)
+        return LocalStore(root)
 
 
 def _s3_options(storage_options: dict | None) -> dict:
@@ -326,6 +370,18 @@ class S3Backend(Backend):
     def exists(self, key: str) -> bool:
         return retry(lambda: self.fs.exists(self._k(key)), what=f"exists {key}")
 
+    def get_range(self, key: str, start: int, end: int | None) -> bytes:
+        return retry(lambda: self.fs.cat_file(self._k(key), start=start, end=end), what=f"get_range {key}")
+
+    def get_ranges(self, key: str, ranges) -> list[bytes]:
+        if not ranges:
+            return []
+        p = self._k(key)
+        return retry(
+            lambda: self.fs.cat_ranges([p] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges]),
+            what=f"get_ranges {key}",
+        )
+
     def list(self, prefix: str) -> list[str]:
         base = self._k(prefix).rstrip("/")
 
@@ -340,13 +396,13 @@ class S3Backend(Backend):
         n = len(self.path) + 1
         return sorted(p[n:] for p in retry(go, what=f"list {prefix}"))
 
-    def zarr_store(self) -> ZarrStore:
+    def zarr_store(self, sub: str = "") -> ZarrStore:
         import s3fs
         from zarr.storage import FsspecStore
 
         fs = s3fs.S3FileSystem(asynchronous=True, **self.opts)
         fs.retries = 8
-        return FsspecStore(fs=fs, path=self.path)
+        return FsspecStore(fs=fs, path=f"{self.path}/{sub}" if sub else self.path)
 
 
 def make_backend(url: str | os.PathLike, storage_options: dict | None = None) -> Backend:

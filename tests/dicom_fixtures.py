@@ -93,11 +93,14 @@ def write_ct_series(
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     frame_uid = generate_uid()
-    stored_all = np.rint((hu.astype(np.float64) - intercept) / slope)
+    if slope == 1.0 and intercept == round(intercept):
+        stored_all = hu.astype(np.int32) - int(intercept)
+    else:
+        stored_all = np.rint((hu.astype(np.float64) - intercept) / slope).astype(np.int32)
     pad_stored = None if padding_hu is None else int(round((padding_hu - intercept) / slope))
     if padding_hu is not None:
         stored_all[hu == padding_hu] = pad_stored
-    signed = stored_all.min() < 0
+    signed = stored_all.min() < 0 or (pad_stored is not None and pad_stored < 0)
     dtype = np.int16 if signed else np.uint16
     info = np.iinfo(dtype)
     assert stored_all.min() >= info.min and stored_all.max() <= info.max, "stored values do not fit 16 bits"
@@ -177,7 +180,12 @@ def write_ct_series(
 def series_from_nifti(nifti_path: str | Path, out_dir: str | Path, **kw) -> list[Path]:
     """Write a NIfTI HU volume as a DICOM series (see :func:`write_ct_series` for keywords)."""
     img = nib.load(str(nifti_path))
-    hu = np.asarray(img.dataobj).astype(np.int32)
+    raw = np.asarray(img.dataobj.get_unscaled())
+    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    if np.issubdtype(raw.dtype, np.integer) and slope == 1.0 and inter == round(inter):
+        hu = raw.astype(np.int32) + int(inter)
+    else:
+        hu = np.rint(np.asarray(img.dataobj, dtype=np.float64)).astype(np.int32)
     return write_ct_series(out_dir, hu, img.affine, **kw)
 
 

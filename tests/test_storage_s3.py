@@ -112,23 +112,23 @@ class _FaultProxy:
 
 
 def test_s3_transient_errors_are_retried(s3_server, s3_url):
-    proxy = _FaultProxy(s3_server, every=3)
+    proxy = _FaultProxy(s3_server, every=4)
     try:
-        opts = {"client_kwargs": {"endpoint_url": proxy.url}}
+        # botocore's own retries off (its backoff sleeps up to seconds): s3fs's and xwin's retry layers must cope
+        opts = {"client_kwargs": {"endpoint_url": proxy.url}, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
         store = open_store(s3_url, storage_options=opts)
         ds = store.dataset("c1", SPEC)
         rec, hu = make_volume("vol-a")
         store.write_volume(rec, hu)
-        for i in range(3):
-            ds.write_ring(f"r{i}", *make_ring(i), {})
-        assert proxy.faults >= 10  # a third of all requests failed with 503 ...
+        ds.write_ring("r0", *make_ring(0), {})
+        assert proxy.faults >= 10  # a quarter of all requests failed with 503 ...
     finally:
         proxy.close()
     # ... yet everything is committed and intact, seen through a direct (fault-free) connection
     s2 = open_store(s3_url)
     rep = s2.verify()
-    assert rep.volumes == 4 and rep.ok == 4 and rep.clean and not rep.uncataloged
-    for i in range(3):
+    assert rep.volumes == 2 and rep.ok == 2 and rep.clean and not rep.uncataloged
+    for i in range(1):
         np.testing.assert_array_equal(s2.dataset("c1", SPEC).read_ring(f"r{i}"), make_ring(i)[0])
 
 
@@ -148,7 +148,7 @@ def test_retrying_store_absorbs_connection_errors(tmp_path):
             return await self._store.set(key, value)
 
     store = open_store(tmp_path / "s")
-    store._zstore = RetryingStore(Flaky(zarr.storage.LocalStore(tmp_path / "s")))
+    store.substore = lambda path: RetryingStore(Flaky(zarr.storage.LocalStore(tmp_path / "s" / path)))
     ds = store.dataset("c1", SPEC)
     views, geom = make_ring(0)
     assert ds.write_ring("r0", views, geom, {})

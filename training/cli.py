@@ -62,7 +62,9 @@ def train(
     summary = trainer.run()
     ckpt = trainer.save()
     trainer.close()
-    summary.update(out_dir=str(trainer.out_dir), checkpoint=str(ckpt), preset=cfg.preset)
+    if not trainer.is_main:  # under torchrun only rank 0 reports
+        return
+    summary.update(out_dir=str(trainer.out_dir), checkpoint=str(ckpt), preset=cfg.preset, world_size=trainer.world)
     if as_json:
         typer.echo(json.dumps(summary))
     else:

@@ -353,6 +353,9 @@ class Trainer:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def _state(stream: Any) -> dict | None:

@@ -29,7 +29,6 @@ class IngestConfig:
     padding_hu_at_or_below: float = -2000.0  # HU at or below this is a padding sentinel (-2048, -3024, ...)
     min_hu: float = -1200.0  # non-padding HU below this: hu_out_of_range
     air_hu: float = -900.0  # some voxel must be at or below this (air); otherwise not HU (missing rescale?)
-    workers: int = 2  # threads for reading/decoding DICOM files
 
     def output_key(self) -> str:
         """Digest of the settings that change the canonical output (enters volume_id)."""

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import numba as nb
 import numpy as np
+
+# numba's "workqueue" threading layer (used where neither OpenMP nor TBB is available) must not run parallel
+# kernels from several threads at once; ingest may run in thread pools (Prefect, dask), so calls are serialised.
+KERNEL_LOCK = threading.Lock()
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)

@@ -20,10 +20,10 @@ from numba import get_num_threads as nb_threads
 from nibabel.orientations import inv_ornt_aff
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 
-from pipeline.ingest.config import INGEST_VERSION, IngestConfig
+from pipeline.ingest.config import INGEST_VERSION
 from pipeline.ingest import fastdicom
 from pipeline.ingest.dicom_headers import SliceHeader, fast_header, header_from_dataset
-from pipeline.ingest.kernels import assemble_hu
+from pipeline.ingest.kernels import KERNEL_LOCK, assemble_hu
 from pipeline.ingest.errors import IngestError
 from pipeline.ingest.plan import Candidate
 from pipeline.ingest.series_geometry import series_geometry
@@ -240,6 +240,7 @@ def _load_dicom(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
         geom = series_geometry(headers, cfg)  # the same checks as planning, from the full headers
         hs = geom.headers
         flat, starts = _pixel_source(hs, parsed, buf)
+        reader = "xwin.fastdicom" if all(parsed[h.path][1] is not None for h in hs) else "pydicom"
 
         # canonical order decided from the geometry, applied while converting (one pass over the pixels)
         aff_in = to_ras(geom.affine_lps)
@@ -260,10 +261,11 @@ def _load_dicom(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
         hi = np.empty(Z)
         bad = np.zeros(Z, np.int8)
         hist = np.zeros((max(1, min(nb_threads(), Z)), 65536), np.int64)
-        assemble_hu(flat, starts, int(hs[0].rows), int(hs[0].cols), np.array([h.slope for h in hs], np.float64),
-                    np.array([h.intercept for h in hs], np.float64), pads[:, 0].copy(), pads[:, 1].copy(),
-                    float(cfg.padding_hu_at_or_below), float(AIR_HU), vol.T, swap, flip0, flip1, zflip,
-                    lo, hi, bad, hist)
+        with KERNEL_LOCK:
+            assemble_hu(flat, starts, int(hs[0].rows), int(hs[0].cols), np.array([h.slope for h in hs], np.float64),
+                        np.array([h.intercept for h in hs], np.float64), pads[:, 0].copy(), pads[:, 1].copy(),
+                        float(cfg.padding_hu_at_or_below), float(AIR_HU), vol.T, swap, flip0, flip1, zflip,
+                        lo, hi, bad, hist)
         del flat, parsed
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
@@ -287,7 +289,7 @@ def _load_dicom(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
         hasher.join()
     del buf
     notes = list(c.notes) + [n for n in geom.notes if n not in c.notes]
-    return _finish(c, vol, aff, reader="pydicom", checksum=digest[0], n_files=len(paths), notes=notes,
+    return _finish(c, vol, aff, reader=reader, checksum=digest[0], n_files=len(paths), notes=notes,
                    counts=counts)
 
 

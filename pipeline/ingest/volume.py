@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.errors import IngestError
-from pipeline.ingest.kernels import histogram_int16
+from pipeline.ingest.kernels import KERNEL_LOCK, histogram_int16
 from schemas.ingest import HUStats, RejectReason
 
 AIR_HU = -1000
@@ -88,7 +88,8 @@ def hu_stats(hu: np.ndarray, counts: np.ndarray | None = None) -> HUStats:
     ``counts`` (65536,): the histogram if already known (index v + 32768). Percentiles: numpy ``method='lower'``.
     """
     if counts is None:
-        counts = histogram_int16(hu.ravel(order="K"), 4)  # ravel: no copy for C- or F-contiguous arrays
+        with KERNEL_LOCK:
+            counts = histogram_int16(hu.ravel(order="K"), 4)  # ravel: no copy for C- or F-contiguous arrays
     counts = np.asarray(counts, np.float64)
     values = np.arange(-32768, 32768, dtype=np.float64)
     n = counts.sum()

@@ -33,9 +33,9 @@ from pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
 def ramp_kernel_fft(width: int, window: str = "ram-lak", cutoff: float = 1.0) -> tuple[int, np.ndarray]:
     """(padded length L, rfft of the unit-spacing ramp kernel (L//2+1,) float32). L >= 2*width.
 
-    The ramp is the discrete Ram-Lak kernel's spectrum (exact, no DC error) times an optional apodisation
-    ``window``: "ram-lak" (none), "shepp-logan", "cosine", "hamming" or "hann", on frequencies scaled by
-    1 / ``cutoff`` (cutoff 1 = Nyquist; the window is zero beyond it).
+    The ramp is the spectrum of the spatial Ram-Lak kernel (Kak & Slaney; no zero-DC artefact) times an
+    optional apodisation ``window``: "ram-lak" (none), "shepp-logan", "cosine", "hamming" or "hann", on
+    frequencies scaled by 1 / ``cutoff`` (cutoff 1 = Nyquist; the window is zero beyond it).
     """
     L = scipy.fft.next_fast_len(2 * width, real=True)
     n = np.arange(L)
@@ -126,19 +126,28 @@ def view_weights(views: ConeBeamViews, orbit: Orbit, short_scan: bool | None = N
 
 
 def filter_projections(
-    proj: np.ndarray, weights: np.ndarray, window: str = "ram-lak", cutoff: float = 1.0, chunk: int = 8,
-    workers: int = -1,
+    proj: np.ndarray, weights: np.ndarray, window: str = "ram-lak", cutoff: float = 1.0, truncation: float = 0.0,
+    chunk: int = 8, workers: int = -1,
 ) -> np.ndarray:
     """Weight and ramp-filter along rows. proj, weights: (V, H, W). Returns (V, W, H) float32 (transposed for the
-    backprojector: the detector row index is contiguous)."""
+    backprojector: the detector row index is contiguous).
+
+    ``truncation`` > 0: lateral truncation correction. Each weighted row is extended by n = truncation * W pixels
+    on both sides with its edge value times a cos^2 taper to 0 before filtering, so an object that reaches past the
+    detector edge does not produce the bright FDK rim (cupping) a sharp cut to 0 causes.
+    """
     V, H, W = proj.shape
-    L, Hk = ramp_kernel_fft(W, window, cutoff)
+    n = int(round(truncation * W))
+    L, Hk = ramp_kernel_fft(W + 2 * n, window, cutoff)
+    taper = (np.cos(np.pi / 2 * np.arange(1, n + 1) / (n + 1)) ** 2).astype(np.float32)
     out = np.empty((V, W, H), dtype=np.float32)
     for s in range(0, V, chunk):
         g = np.asarray(proj[s : s + chunk], dtype=np.float32) * weights[s : s + chunk]
+        if n:
+            g = np.concatenate([g[..., :1] * taper[::-1], g, g[..., -1:] * taper], axis=-1)
         G = scipy.fft.rfft(g, n=L, axis=-1, workers=workers)
         G *= Hk
-        q = scipy.fft.irfft(G, n=L, axis=-1, workers=workers)[..., :W]
+        q = scipy.fft.irfft(G, n=L, axis=-1, workers=workers)[..., n : n + W]
         out[s : s + chunk] = np.swapaxes(q, 1, 2)
     return out
 
@@ -254,10 +263,11 @@ def fdk(
     short_scan: bool | None = None,
     window: str = "ram-lak",
     cutoff: float = 1.0,
+    truncation: float = 0.0,
 ) -> tuple[np.ndarray, dict]:
     """FDK of line integrals ``projections`` (V, H, W) [mu*mm] -> (mu (nx, ny, nz) float32 [1/mm], info)."""
     orbit = fit_orbit(views) if orbit is None else orbit
     w, info = view_weights(views, orbit, short_scan)
-    q = filter_projections(np.asarray(projections, dtype=np.float32), w, window, cutoff)
+    q = filter_projections(np.asarray(projections, dtype=np.float32), w, window, cutoff, truncation)
     del w
     return backproject(q, views, grid), info

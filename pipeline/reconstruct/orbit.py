@@ -174,7 +174,7 @@ def fit_orbit(views: ConeBeamViews, tol_mm: float = 0.5) -> Orbit:
             r = src[k] - center
             r_in = r - (r @ axis) * axis
             # distance from the axis point (0 in-plane) to the line r_in + t d_in
-            cross = r_in[0] * 0 + np.linalg.norm(np.cross(r_in, d_in)) / np.linalg.norm(d_in)
+            cross = np.linalg.norm(np.cross(r_in, d_in)) / np.linalg.norm(d_in)
             fov = min(fov, float(cross))
             cosang = -(r_in @ d_in) / (np.linalg.norm(r_in) * np.linalg.norm(d_in))
             max_fan = max(max_fan, float(np.arccos(np.clip(cosang, -1, 1))))

@@ -18,6 +18,7 @@ Both give the same values up to float rounding (tests/test_render.py checks it).
 from __future__ import annotations
 
 import math
+import threading
 
 import numba as nb
 import numpy as np
@@ -231,6 +232,12 @@ def _project_columns(vol, nx, ny, nz, P, H, W, out):
             out[k, r, c] = acc[r] * math.sqrt(wx * wx + wy * wy + wz * wz) * inv_da
 
 
+# One kernel at a time per process: each call already uses every numba thread, and numba's "workqueue" threading
+# layer (the fallback where neither OpenMP nor TBB loads) must not be entered from two Python threads at once
+# (thread-pool task runners call us concurrently).
+_KERNEL_LOCK = threading.Lock()
+
+
 def _ring_fast_ok(P: np.ndarray, shape: tuple[int, int, int]) -> bool:
     """True when every view has v along voxel axis z, u in the x-y plane and the source outside the box in x-y."""
     u_i, v_i, s_i = P[:, 6:9], P[:, 9:12], P[:, 0:3]
@@ -271,6 +278,7 @@ def project(
     for b0 in range(0, V, max(1, batch_views)):
         b1 = min(V, b0 + max(1, batch_views))
         part = np.empty((b1 - b0, H, W), dtype=np.float32)
-        kern(flat, nx, ny, nz, np.ascontiguousarray(P[b0:b1]), H, W, part)
+        with _KERNEL_LOCK:
+            kern(flat, nx, ny, nz, np.ascontiguousarray(P[b0:b1]), H, W, part)
         out[b0:b1] = part
     return out

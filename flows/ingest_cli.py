@@ -1,0 +1,81 @@
+"""``xwin ingest``: CT sources (NIfTI, DICOM folders, NBIA metadata.csv) -> canonical volumes in a store.
+
+Body of the command registered in flows/cli.py. Logic lives in pipeline.ingest (ingest_sources) and storage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from schemas.ingest import RunSummary
+
+
+def _parse_spacing(s: str | None) -> tuple[float, float, float] | None:
+    if not s:
+        return None
+    parts = [float(x) for x in s.replace("x", ",").split(",") if x.strip()]
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) <= 0:
+        raise typer.BadParameter("--spacing takes one or three positive numbers (mm), e.g. 1 or 0.7,0.7,1.25")
+    return (parts[0], parts[1], parts[2])
+
+
+def ingest_cmd(
+    sources: Optional[list[str]] = typer.Argument(None, help="NIfTI files, DICOM folders, NBIA metadata.csv "
+                                                   "files, or 'example' (the bundled chest CT)"),
+    store: str = typer.Option(..., "--store", help="store URL: local path or s3://bucket/prefix"),
+    cohort: str = typer.Option("default", "--cohort", help="cohort name recorded with every volume"),
+    manifest: Optional[list[Path]] = typer.Option(None, "--manifest", help="NBIA metadata.csv (repeatable)"),
+    json_out: bool = typer.Option(False, "--json", help="print exactly one JSON object (RunSummary) on stdout"),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="resample to this spacing in mm: 'S' or 'X,Y,Z'"),
+    tilt: str = typer.Option("resample", "--tilt", help="gantry-tilted series: 'resample' or 'reject'"),
+) -> None:
+    """Validate CT inputs and store them as canonical int16 HU volumes (RAS). Every input ends done, skipped
+    (already stored) or rejected with a reason code; the exit status is non-zero only if the run itself failed."""
+    from pipeline.ingest import IngestConfig, ingest_sources
+
+    srcs = list(sources or [])
+    mans = [str(m) for m in (manifest or [])]
+    if not srcs and not mans:
+        raise typer.BadParameter("give at least one SOURCE or --manifest")
+    if tilt not in ("resample", "reject"):
+        raise typer.BadParameter("--tilt must be 'resample' or 'reject'")
+    cfg = IngestConfig(spacing_mm=_parse_spacing(spacing), tilt=tilt)  # type: ignore[arg-type]
+    try:
+        from storage import open_store
+
+        st = open_store(store)
+        summary = ingest_sources(srcs, cohort, st, cfg, manifests=mans)
+    except Exception as e:  # the run itself could not complete (store unreachable, invalid cohort, ...)
+        print(f"xwin ingest: run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        raise typer.Exit(1)
+    if json_out:
+        sys.stdout.write(summary.model_dump_json() + "\n")
+        return
+    _print_human(summary)
+
+
+def _print_human(summary: RunSummary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    c = summary.counts()
+    con.print(f"[bold]ingest[/bold]: {c['done']} done, {c['skipped']} skipped, {c['rejected']} rejected")
+    if summary.done or summary.skipped:
+        t = Table("status", "input", "volume_id")
+        for e in summary.done:
+            t.add_row("[green]done[/green]", e.input, e.volume_id)
+        for e in summary.skipped:
+            t.add_row("[cyan]skipped[/cyan]", e.input, e.volume_id)
+        con.print(t)
+    if summary.rejected:
+        t = Table("rejected", "reason", "detail")
+        for r in summary.rejected:
+            t.add_row(r.input, f"[red]{r.reason.value}[/red]", r.detail[:200])
+        con.print(t)

@@ -1,0 +1,90 @@
+"""Validation flow: FDK-reconstruct stored rings and score them (PSNR/SSIM) against their source volumes.
+
+Thin wiring of ``pipeline.reconstruct.validate_stored_ring`` over a cohort's dataset; one task per volume with the
+same retry policy as the backfill. Results go to ``<store>-reports/validation/<cohort>/<spec_hash>/<id>.json``
+and, in a flow run, to a table artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import reports as rep
+from flows.backfill import TASK_RETRIES, _artifact_key, _store
+from flows.runtime import LocalStages, PrefectStages, Stages, backoff_delays, retry_transient, slot
+from schemas.render import RenderSpec
+
+
+def recon_backend() -> str:
+    """XWIN_RECON_BACKEND, else "auto" where torch sees CUDA (ASTRA probe), else "numba" (skips the probe)."""
+    b = os.environ.get("XWIN_RECON_BACKEND")
+    if b:
+        return b
+    try:
+        import torch
+
+        return "auto" if torch.cuda.is_available() else "numba"
+    except Exception:  # pragma: no cover
+        return "numba"
+
+
+@task(name="validate-series", retries=TASK_RETRIES, retry_delay_seconds=backoff_delays(TASK_RETRIES),
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE, persist_result=False)
+def validate_series(store_url: str, cohort: str, spec_hash: str, volume_id: str, backend: str,
+                    reports: str | None) -> dict:
+    """Metrics of one stored ring: {"volume_id", "psnr", "ssim", "backend", "seconds", ...}."""
+    from pipeline.reconstruct import validate_stored_ring
+
+    st = _store(store_url)
+    ds = st.open_dataset(cohort, spec_hash)
+    with slot(f"xwin-recon:{os.environ.get('XWIN_HOST') or os.uname().nodename}", 1):
+        res = validate_stored_ring(st, ds, volume_id, backend=backend)
+    m = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    out = {"volume_id": volume_id, "psnr": float(res.metrics["psnr_db"]), "ssim": float(res.metrics["ssim"]),
+           "backend": res.metrics.get("backend"), "seconds": float(res.metrics.get("seconds", 0.0)), "metrics": m}
+    if reports:
+        rep.write_bytes(f"{reports}/validation/{cohort}/{spec_hash}/{volume_id}.json",
+                        json.dumps(out, indent=1, default=str).encode())
+    return out
+
+
+def run_validation(store: str, cohort: str, spec_hash: str, volume_ids: list[str] | None, stages: Stages,
+                   limit: int | None = None, reports: str | None = None) -> list[dict]:
+    st = _store(store)
+    ds = st.open_dataset(cohort, spec_hash)
+    ids = volume_ids or ds.volume_ids()
+    ids = ids[:limit] if limit else ids
+    reports = reports or rep.reports_url(store)
+    backend = recon_backend()
+    futs = [stages.submit(validate_series, store, cohort, spec_hash, v, backend, reports) for v in ids]
+    results = [stages.result(f) for f in futs]
+    if stages.mode == "prefect":
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(table=[{k: r[k] for k in ("volume_id", "psnr", "ssim", "backend", "seconds")}
+                                     for r in results], key=_artifact_key("validation", cohort),
+                              description=f"FDK validation of {cohort}/{spec_hash}: PSNR [dB], SSIM")
+    return results
+
+
+@flow(name="validate-cohort", task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False)
+def validate_cohort(store: str, cohort: str, spec: RenderSpec | None = None, spec_hash: str | None = None,
+                    volume_ids: list[str] | None = None, limit: int | None = None) -> list[dict]:
+    """FDK PSNR/SSIM of the stored rings of ``cohort`` (dataset by ``spec`` or ``spec_hash``)."""
+    return run_validation(store, cohort, spec_hash or (spec or RenderSpec()).spec_hash, volume_ids,
+                          PrefectStages(), limit)
+
+
+def validate_volumes(store: str, cohort: str, spec: RenderSpec, volume_ids: list[str], prefect: bool = False
+                     ) -> list[dict[str, Any]]:
+    """Validate ``volume_ids`` (the CLI after ``xwin backfill --cohort example``): flow or serverless."""
+    if prefect:
+        return validate_cohort(store=store, cohort=cohort, spec=spec, volume_ids=volume_ids)
+    with LocalStages(max_workers=1) as stages:
+        return run_validation(store, cohort, spec.spec_hash, volume_ids, stages)
