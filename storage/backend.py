@@ -146,7 +146,16 @@ class RetryingStore(WrapperStore[ZarrStore]):
         return await aretry(lambda: self._store.set_if_not_exists(key, value), what=f"set_if_not_exists {key}")
 
     async def delete_dir(self, prefix: str) -> None:
-        return await aretry(lambda: self._store.delete_dir(prefix), what=f"delete_dir {prefix}")
+        # One retried listing, then one retried delete per key: a whole-prefix delete makes many requests, so
+        # retrying it as a unit can fail on every attempt under a steady rate of transient errors.
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+
+        async def _keys() -> list[str]:
+            return [k async for k in self._store.list_prefix(prefix)]
+
+        for key in await aretry(_keys, what=f"list {prefix}"):
+            await self.delete(key)
 
     async def is_empty(self, prefix: str) -> bool:
         return await aretry(lambda: self._store.is_empty(prefix), what=f"is_empty {prefix}")
