@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/bench_store.py [--views 120] [--size 512] [--workdir /tmp/xwin_bench_store]
 
-Reports: float16 error vs float32; per codec (zstd, blosc-zstd+shuffle, blosc-lz4+shuffle): compression ratio,
-write throughput of the full commit (write + read-back verify + commit record + catalog) and of the shard write
-alone vs writing the same bytes as raw .npy files (one per view); latency of reading 9 random views (1 context +
-8 targets) vs np.load of the same 9 .npy files. Goals: write >= 0.8x raw, 9-view read <= 1.5x raw.
+Reports: float16 error vs float32; per stored dtype and codec (zstd, blosc-zstd+shuffle, blosc-lz4+shuffle):
+compression ratio; write throughput of the full commit (``write_ring``: claim, encode, write, read-back verify,
+commit record, catalog; fsync'd) and of zarr-python's own shard write, each vs writing the same views as raw .npy
+files (one per view, in the stored dtype, then os.sync), medians of interleaved repetitions; latency of reading 9
+random views (1 context + 8 targets) in the stored dtype vs np.load of the same 9 .npy files (and both converted to
+float32). Goals: write >= 0.8x raw, 9-view read <= 1.5x raw.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=120)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--workdir", default="/tmp/xwin_bench_store")
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=30, help="repetitions of each 9-view read")
+    ap.add_argument("--codecs", default="zstd3,blosc-zstd3-shuffle,blosc-lz4-shuffle")
+    ap.add_argument("--dtypes", default="float32,float16")
+    ap.add_argument("--write-reps", type=int, default=5, help="interleaved raw / commit / zarr-python write repetitions")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -98,7 +103,7 @@ def main() -> None:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
         t = time.perf_counter()
-        vv = views.astype(dt)
+        vv = views.astype(dt, copy=False)  # same conversion the store does (none for float32)
         for k in range(V):
             np.save(d / f"{k:03d}.npy", vv[k])
         os.sync()
@@ -110,10 +115,10 @@ def main() -> None:
         "blosc-lz4-shuffle": lambda dt: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dt).itemsize),
     }
     results = []
-    for dt in ("float32", "float16"):
-        t_raw, rawdir = raw_write(dt)
-        t_raw = min(t_raw, raw_write(dt)[0])
+    codecs = {k: v for k, v in codecs.items() if k in args.codecs.split(",")}
+    for dt in args.dtypes.split(","):
         raw_bytes = views.astype(dt).nbytes
+        rawdir = raw_write(dt)[1]
 
         def raw_read(ix, rawdir=rawdir):
             return np.stack([np.load(rawdir / f"{k:03d}.npy") for k in ix])
@@ -121,6 +126,8 @@ def main() -> None:
         raw_read(picks[0])
         i = iter(range(10**9))
         t_raw_read = median_time(lambda: raw_read(picks[next(i) % len(picks)]), args.reps)
+        i = iter(range(10**9))
+        t_raw_read32 = median_time(lambda: raw_read(picks[next(i) % len(picks)]).astype(np.float32), args.reps)
         for name, make in codecs.items():
             st.views_compressors = make  # the store's codec hook
             root = work / f"store_{dt}_{name}"
@@ -128,41 +135,52 @@ def main() -> None:
             s = open_store(root)
             sp = spec.model_copy(update={"store_dtype": dt})
             ds = s.dataset("bench", sp)
-            t = time.perf_counter()
-            ds.write_ring("ct", views, geom, {"bench": True})
-            os.sync()
-            t_commit = time.perf_counter() - t
-            # shard write alone (what raw .npy writing is compared to)
-            g = st.zarr.open_group(str(root), path=f"{ds.path}/rings/ct", mode="a")
             px = views.astype(dt)
-            t = time.perf_counter()
-            st._write_whole(g, "views_again", px, (1, H, W), make(dt))
-            os.sync()
-            t_shard = time.perf_counter() - t
-            shard = root / ds.path / "rings/ct/views/c/0/0/0"
+            g = st.zarr.open_group(str(root), path="zarr_reference", mode="a")
+            t_raw, t_raw32, t_commit, t_zarr = [], [], [], []
+            for rep in range(args.write_reps):  # interleaved, so all see the same machine state
+                t_raw.append(raw_write(dt)[0])
+                t_raw32.append(t_raw[-1] if dt == "float32" else raw_write("float32")[0])
+                t = time.perf_counter()
+                assert ds.write_ring(f"ct{rep}", views, geom, {"bench": True})
+                os.sync()
+                t_commit.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                st._write_whole(g, f"views{rep}", px, (1, H, W), make(dt))  # zarr-python's own shard write
+                os.sync()
+                t_zarr.append(time.perf_counter() - t)
+            t_raw, t_raw32, t_commit, t_zarr = (float(np.median(x)) for x in (t_raw, t_raw32, t_commit, t_zarr))
+            shard = root / ds.path / "rings/ct0/views/c/0/0/0"
             ratio = raw_bytes / shard.stat().st_size
             ds2 = open_store(root).dataset("bench", sp)
-            ds2.read_views("ct", [0])  # open the handle (warm)
+            ds2.read_views("ct0", [0])  # open the handle (warm)
             j = iter(range(10**9))
-            t_read = median_time(lambda: ds2.read_views("ct", picks[next(j) % len(picks)]), args.reps)
+            t_read = median_time(lambda: ds2.read_views("ct0", picks[next(j) % len(picks)], dtype=None), args.reps)
+            j = iter(range(10**9))
+            t_read32 = median_time(lambda: ds2.read_views("ct0", picks[next(j) % len(picks)]), args.reps)
             ds3 = open_store(root).dataset("bench", sp)
             t = time.perf_counter()
-            ds3.read_views("ct", picks[0])
+            ds3.read_views("ct0", picks[0])
             t_cold = time.perf_counter() - t
             r = {
                 "dtype": dt,
                 "codec": name,
                 "ratio": round(ratio, 3),
                 "raw_write_MBps": round(raw_bytes / t_raw / 1e6, 1),
-                "shard_write_MBps": round(raw_bytes / t_shard / 1e6, 1),
-                "shard_write_vs_raw": round(t_raw / t_shard, 2),
+                "commit_write_MBps": round(raw_bytes / t_commit / 1e6, 1),
                 "commit_write_vs_raw": round(t_raw / t_commit, 2),
+                "commit_s": round(t_commit, 3),
+                "raw_s": round(t_raw, 3),
+                "raw_float32_s": round(t_raw32, 3),
+                "commit_vs_raw_float32_ring": round(t_raw32 / t_commit, 2),
+                "zarr_python_shard_write_vs_raw": round(t_raw / t_zarr, 2),
                 "read9_ms": round(t_read * 1e3, 2),
                 "raw_read9_ms": round(t_raw_read * 1e3, 2),
                 "read9_vs_raw": round(t_read / t_raw_read, 2),
+                "read9_as_float32_vs_raw_plus_astype": round(t_read32 / t_raw_read32, 2),
                 "read9_cold_ms": round(t_cold * 1e3, 1),
             }
-            print(json.dumps(r))
+            print(json.dumps(r), flush=True)
             results.append(r)
     out["codecs"] = results
     print(json.dumps(out, indent=1))

@@ -24,7 +24,7 @@ import random
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from zarr.abc.store import ByteRequest, Store as ZarrStore
 from zarr.core.buffer import Buffer, BufferPrototype
@@ -175,6 +175,14 @@ class Backend:
         """Write ``data``; returns its etag. Raises ConflictError when a condition fails."""
         raise NotImplementedError
 
+    def put_pieces(self, key: str, pieces: Iterable[bytes]) -> None:
+        """Write one object from ``pieces`` (unconditional). Readers see the old object or the whole new one."""
+        self.put(key, b"".join(pieces))
+
+    def read_all(self, key: str) -> bytes:
+        """The whole object's bytes (no etag computed). FileNotFoundError if absent."""
+        return self.get_range(key, 0, None)
+
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
@@ -188,8 +196,9 @@ class Backend:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
-    def list(self, prefix: str) -> list[str]:
-        """All keys under ``prefix`` (recursive), relative to the root."""
+    def list(self, prefix: str, *, include_partial: bool = False) -> list[str]:
+        """All keys under ``prefix`` (recursive), relative to the root. ``include_partial``: also the temporary
+        objects of writes that never finished (local stores; S3 has none: a PUT is atomic)."""
         raise NotImplementedError
 
     def zarr_store(self, sub: str = "") -> ZarrStore:
@@ -237,6 +246,27 @@ class LocalBackend(Backend):
             os.fsync(f.fileno())
         os.replace(tmp, p)
 
+    def put_pieces(self, key: str, pieces: Iterable[bytes]) -> None:
+        """Stream ``pieces`` into a temporary file (so writing overlaps the producer), fsync, then rename."""
+        p = self._p(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                for piece in pieces:
+                    f.write(piece)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+    def read_all(self, key: str) -> bytes:
+        with open(self._p(key), "rb", buffering=0) as f:
+            return f.read(os.fstat(f.fileno()).st_size)  # one allocation of the known size, no growing buffer
+
     def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         if if_match is None and not if_none_match:
             self._write_atomic(key, data)
@@ -272,14 +302,14 @@ class LocalBackend(Backend):
     def exists(self, key: str) -> bool:
         return self._p(key).is_file()
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str, *, include_partial: bool = False) -> list[str]:
         base = self._p(prefix)
         if not base.exists():
             return []
         out = []
         for dirpath, _, files in os.walk(base):
             for f in files:
-                if f.endswith(".tmp"):
+                if f.endswith(".tmp") and not include_partial:
                     continue
                 out.append(str(Path(dirpath, f).relative_to(self.root)).replace(os.sep, "/"))
         return sorted(out)
@@ -369,6 +399,18 @@ class S3Backend(Backend):
         retry(go, what=f"put {key}")
         return etag_of(data)
 
+    def put_pieces(self, key: str, pieces: Iterable[bytes]) -> None:
+        bucket, k = self._split(key)
+        data = b"".join(pieces)
+
+        def go() -> None:
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=k, Body=data)
+            finally:
+                self.fs.invalidate_cache(self._k(key))
+
+        retry(go, what=f"put {key}")
+
     def delete(self, key: str) -> None:
         def go() -> None:
             with contextlib.suppress(FileNotFoundError):
@@ -391,7 +433,7 @@ class S3Backend(Backend):
             what=f"get_ranges {key}",
         )
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str, *, include_partial: bool = False) -> list[str]:
         base = self._k(prefix).rstrip("/")
 
         def go() -> list[str]:

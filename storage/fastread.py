@@ -36,21 +36,24 @@ class ShardReader:
         return self._index
 
     def read(self, idx: np.ndarray) -> np.ndarray:
-        """(n, H, W) views ``idx`` in stored dtype."""
+        """(n, H, W) views ``idx`` in stored dtype; each requested chunk is fetched once and decoded in place."""
         ix = self.index()
         _, H, W = self.shape
-        out = np.zeros((len(idx), H, W), dtype=self.dtype)
-        want = sorted(set(int(k) for k in idx))
-        ranges = [(int(ix[k, 0]), int(ix[k, 0] + ix[k, 1])) for k in want if ix[k, 0] != _EMPTY]
-        blobs = iter(self.backend.get_ranges(self.key, ranges))
-        got = {}
-        for k in want:
-            if ix[k, 0] == _EMPTY:
-                continue
-            got[k] = np.frombuffer(self.decode(next(blobs)), dtype=self.dtype.newbyteorder("<")).reshape(H, W)
-        for j, k in enumerate(idx):
-            if int(k) in got:
-                out[j] = got[int(k)]
+        out = np.empty((len(idx), H, W), dtype=self.dtype.newbyteorder("<"))
+        first: dict[int, int] = {}
+        for j, k in enumerate(int(k) for k in idx):
+            first.setdefault(k, j)
+        present = [k for k in first if ix[k, 0] != _EMPTY]
+        ranges = [(int(ix[k, 0]), int(ix[k, 0] + ix[k, 1])) for k in present]
+        for k, blob in zip(present, self.backend.get_ranges(self.key, ranges)):
+            dst = out[first[k]]
+            self.decode(blob, out=dst.reshape(-1).view(np.uint8))
+        for k, j in first.items():
+            if ix[k, 0] == _EMPTY:  # never written (zarr fill value)
+                out[j] = 0
+        for j, k in enumerate(int(k) for k in idx):
+            if first[k] != j:
+                out[j] = out[first[k]]
         return out
 
 

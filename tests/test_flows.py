@@ -64,7 +64,7 @@ def _expected_ring(path: Path) -> np.ndarray:
     (c,), _ = plan_inputs([str(path)], "test")
     rec, hu = load_candidate(c)
     views, _ = render_ring(hu, np.asarray(rec.affine), SPEC, "joseph")
-    return views
+    return views.astype(SPEC.store_dtype).astype(np.float32)  # as stored (rounded to spec.store_dtype)
 
 
 # ---- policy units --------------------------------------------------------------------------------------------

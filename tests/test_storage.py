@@ -24,7 +24,7 @@ from schemas.store import ClaimRecord
 from storage import ChecksumMismatch, ClaimHeld, NotCommitted, SpecMismatchError, open_store, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = RenderSpec(height=24, width=20, n_views=12, yaw_step_deg=30.0)
+SPEC = RenderSpec(height=24, width=20, n_views=12, yaw_step_deg=30.0, store_dtype="float32")  # exact round trips
 AFFINE = [[2.0, 0, 0, -30.0], [0, 2.0, 0, -28.0], [0, 0, 3.0, -27.0], [0, 0, 0, 1.0]]
 
 
@@ -150,13 +150,16 @@ def test_spec_mismatch_and_float16(tmp_path):
     # float16 rounding: |err| <= 2^-11 * |x| (half an ulp, 10-bit mantissa)
     assert np.all(err <= np.abs(views) * 2.0**-11 + 1e-7)
     assert err.max() > 0
+    raw16, _ = ds16.read_views("vol-a", [3, 0, 3], dtype=None)  # stored dtype, no conversion
+    assert raw16.dtype == np.float16
+    np.testing.assert_array_equal(raw16, views[[3, 0, 3]].astype(np.float16))
     assert {d.spec_hash for d in store.datasets()} == {SPEC.spec_hash, spec16.spec_hash}
     assert store.open_dataset("c1", spec16.spec_hash).spec == spec16
 
 
 def test_read_views_reads_only_requested_chunks(tmp_path):
     store = open_store(tmp_path / "s")
-    spec = RenderSpec(height=64, width=64, n_views=24, yaw_step_deg=15.0)
+    spec = RenderSpec(height=64, width=64, n_views=24, yaw_step_deg=15.0, store_dtype="float32")
     ds = store.dataset("c1", spec)
     rng = np.random.default_rng(3)
     views = rng.random((24, 64, 64), dtype=np.float32) * 15  # incompressible: chunk bytes ~ raw bytes
@@ -258,19 +261,20 @@ _WORKER = textwrap.dedent(
     elif mode == "kill_before_catalog":     # die after the commit record, before the catalog row
         st.Scope.catalog_add = lambda self, row: pause("COMMITTED")
         ds.write_ring("r0", *make_ring(0), {{}})
-    elif mode == "kill_mid_shard":          # die while the views shard is half written
-        from storage.backend import RetryingStore
-        orig_set = RetryingStore.set
-        async def slow_set(self, key, value):
-            if key.endswith("views/c/0/0/0"):
-                raw = value.to_bytes()
-                p = os.path.join(url, key)
-                os.makedirs(os.path.dirname(p), exist_ok=True)
-                with open(p, "wb") as f:
-                    f.write(raw[: len(raw) // 2]); f.flush()
-                pause("HALF")
-            return await orig_set(self, key, value)
-        RetryingStore.set = slow_set
+    elif mode == "kill_mid_shard":          # die while the views shard is half streamed out
+        from storage.backend import LocalBackend
+        orig_pp = LocalBackend.put_pieces
+        def half_pp(self, key, pieces):
+            if not key.endswith("views/c/0/0/0"):
+                return orig_pp(self, key, pieces)
+            pieces = list(pieces)
+            def gen():
+                for i, piece in enumerate(pieces):
+                    if i == len(pieces) // 2:
+                        pause("HALF")
+                    yield piece
+            return orig_pp(self, key, gen())
+        LocalBackend.put_pieces = half_pp
         ds.write_ring("r0", *make_ring(0), {{}})
     elif mode == "backfill":                # write rings r0..r5, skipping those claimed by the other process
         done = []
@@ -321,6 +325,7 @@ def test_sigkill_before_commit_leaves_nothing_visible_and_rerun_completes(tmp_pa
     # the rerun takes over the dead writer's claim at once and completes the ring
     views, geom = make_ring(0)
     assert ds.write_ring("r0", views, geom, {}) is True
+    assert not list((tmp_path / "s").rglob("*.tmp"))  # the killed writer's partial object was cleaned up
     np.testing.assert_array_equal(ds.read_views("r0", range(12))[0], views)
     assert store.verify().clean and store.status().datasets[0].counts == {
         "committed": 1,

@@ -1,0 +1,166 @@
+"""Whole-shard writes of xwin arrays, byte-identical to what zarr-python writes (docs/format.md, "Write path").
+
+Every data array of the store is ONE shard (``sharding_indexed``, index at the end with crc32c, every chunk
+written). zarr-python encodes such a shard one chunk at a time through its async codec pipeline, buffers the whole
+shard, and then needs a full decode to read it back: 0.56x the speed of writing raw ``.npy`` files for a ring, and
+0.1-0.3x for a verified commit (docs/benchmarks.md, Store). Here the layout is fixed by us, so we
+
+* take the array metadata document (``zarr.json``) from zarr-python itself (created once per array shape/dtype/codec
+  in an in-memory zarr store and cached), so the metadata can never drift from what zarr reads;
+* encode the chunks with the same numcodecs codecs zarr uses, on a small thread pool (blosc/zstd release the GIL),
+  while already-encoded chunks stream to the backend (local: chunked writes + fsync overlap the encoding);
+* append the shard index (offset, nbytes per chunk, little-endian uint64, C order) and its crc32c;
+* return the crc32c of the whole shard so the caller verifies the stored object by reading back raw bytes
+  (no decode) and comparing.
+
+``tests/test_shardwrite.py`` checks byte identity with zarr-python's own output for every codec and array kind the
+store uses, and that zarr-python reads our shards back to the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+import google_crc32c
+import numpy as np
+import numcodecs
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.storage import MemoryStore
+
+SHARD_KEY = "c/0/0/0"  # the one shard of a 3-D array (default chunk key encoding, "/" separator)
+_EMPTY = 2**64 - 1
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID: int | None = None
+
+
+def encode_pool() -> ThreadPoolExecutor:
+    """Process-wide encoder pool (one thread per core, at most 4; recreated after a fork)."""
+    global _POOL, _POOL_PID
+    if _POOL is None or _POOL_PID != os.getpid():
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="xwin-encode")
+        _POOL_PID = os.getpid()
+    return _POOL
+
+
+def numcodec_of(codec: BloscCodec | ZstdCodec) -> numcodecs.abc.Codec:
+    """The numcodecs codec zarr-python uses for ``codec`` (same configuration, hence the same bytes)."""
+    if isinstance(codec, BloscCodec):
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.name]
+        return numcodecs.Blosc.from_config(
+            {"cname": codec.cname.name, "clevel": codec.clevel, "shuffle": shuffle, "blocksize": codec.blocksize,
+             "typesize": codec.typesize}
+        )
+    if isinstance(codec, ZstdCodec):
+        return numcodecs.Zstd.from_config({"level": codec.level, "checksum": codec.checksum})
+    raise TypeError(f"no direct encoder for codec {codec!r}")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One array stored as a single shard: its zarr.json document and how to encode its chunks."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    fill_value: float | int
+    zarr_json: bytes  # the array metadata document exactly as zarr-python writes it
+    codec_json: str  # the compressor's zarr configuration (cache key / reproducibility)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Chunks per shard along each axis (the shard covers the whole array)."""
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunks))
+
+    @property
+    def shard_key(self) -> str:
+        return "c/" + "/".join("0" for _ in self.shape)
+
+
+@lru_cache(maxsize=64)
+def _layout_cached(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], codec_json: str, fill) -> ShardLayout:
+    codec = _codec_from_json(codec_json)
+    ms = MemoryStore()
+    shards = tuple(-(-s // c) * c for s, c in zip(shape, chunks))
+    zarr.create_array(
+        ms, shape=shape, dtype=dtype, chunks=chunks, shards=shards, compressors=codec, fill_value=fill,
+        zarr_format=3, config={"write_empty_chunks": True},
+    )
+    doc = ms._store_dict["zarr.json"].to_bytes()
+    return ShardLayout(tuple(shape), np.dtype(dtype), tuple(chunks), fill, doc, codec_json)
+
+
+def _codec_from_json(codec_json: str) -> BloscCodec | ZstdCodec:
+    d = json.loads(codec_json)
+    return {"blosc": BloscCodec, "zstd": ZstdCodec}[d["name"]].from_dict(d)
+
+
+def shard_layout(shape: tuple[int, ...], dtype, chunks: tuple[int, ...], codec: BloscCodec | ZstdCodec, fill=0) -> ShardLayout:
+    """Layout (and zarr.json, from zarr-python) of a ``shape`` array of ``chunks`` stored as one shard."""
+    if len(shape) != len(chunks) or any(c <= 0 for c in chunks):
+        raise ValueError(f"chunks {chunks} do not fit shape {shape}")
+    return _layout_cached(tuple(int(s) for s in shape), np.dtype(dtype).name, tuple(int(c) for c in chunks),
+                          json.dumps(codec.to_dict(), sort_keys=True), fill)
+
+
+def _chunk_bytes(data: np.ndarray, lay: ShardLayout, ix: tuple[int, ...]) -> np.ndarray:
+    """Chunk ``ix`` as zarr's ``bytes`` codec sees it: little-endian, C order, edge chunks padded with fill."""
+    sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(ix, lay.chunks, lay.shape))
+    part = data[sl]
+    if part.shape != lay.chunks:
+        full = np.full(lay.chunks, lay.fill_value, dtype=data.dtype)
+        full[tuple(slice(0, n) for n in part.shape)] = part
+        part = full
+    part = np.ascontiguousarray(part, dtype=lay.dtype.newbyteorder("<"))
+    return part.reshape(-1).view(np.uint8)
+
+
+def encode_shard(data: np.ndarray, lay: ShardLayout, codec: BloscCodec | ZstdCodec) -> Iterator[bytes]:
+    """The shard object of ``data`` as pieces (encoded chunks in C order, then index + crc32c), lazily.
+
+    Chunks are encoded on :func:`encode_pool` in order; a piece is yielded as soon as it is ready, so the caller can
+    write while later chunks are still being compressed."""
+    if tuple(data.shape) != lay.shape:
+        raise ValueError(f"data shape {data.shape} != layout shape {lay.shape}")
+    enc = numcodec_of(codec)
+    coords = list(np.ndindex(*lay.grid))
+    index = np.full((len(coords), 2), _EMPTY, dtype="<u8")
+    offset = 0
+    pool = encode_pool()
+    window = 2 * pool._max_workers + 2  # bounded read-ahead: memory stays a few chunks, not the whole shard
+    futures = []
+    submit = iter(coords)
+    for ix in [next(submit) for _ in range(min(window, len(coords)))]:
+        futures.append(pool.submit(lambda ix=ix: bytes(enc.encode(_chunk_bytes(data, lay, ix)))))
+    for k in range(len(coords)):
+        blob = futures[k].result()
+        futures[k] = None
+        nxt = next(submit, None)
+        if nxt is not None:
+            futures.append(pool.submit(lambda ix=nxt: bytes(enc.encode(_chunk_bytes(data, lay, ix)))))
+        index[k] = (offset, len(blob))
+        offset += len(blob)
+        yield blob
+    body = index.tobytes()
+    yield body + np.uint32(google_crc32c.value(body)).astype("<u4").tobytes()
+
+
+class Crc32cTee:
+    """Wraps a piece iterator, computing the crc32c and size of everything that passed through."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self.crc = 0
+        self.nbytes = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for p in self._pieces:
+            self.crc = google_crc32c.extend(self.crc, p)
+            self.nbytes += len(p)
+            yield p
