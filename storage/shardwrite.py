@@ -24,7 +24,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
+from typing import Callable, Iterator
 
 import google_crc32c
 import numpy as np
@@ -109,23 +109,56 @@ def shard_layout(shape: tuple[int, ...], dtype, chunks: tuple[int, ...], codec: 
                           json.dumps(codec.to_dict(), sort_keys=True), fill)
 
 
-def _chunk_bytes(data: np.ndarray, lay: ShardLayout, ix: tuple[int, ...]) -> np.ndarray:
-    """Chunk ``ix`` as zarr's ``bytes`` codec sees it: little-endian, C order, edge chunks padded with fill."""
+def cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``a`` as C-contiguous little-endian ``dtype``. float32 -> float16 goes through torch when it is importable:
+    bit-identical to numpy's cast (round to nearest even; tests/test_shardwrite.py) at ~3x the speed (numpy's
+    float16 cast is not vectorised). storage never requires torch."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    if dtype == np.float16 and a.dtype == np.float32:
+        torch = _torch()
+        if torch is not None:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float16).numpy()
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+@lru_cache(maxsize=1)
+def _torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a project dependency
+        return None
+    return torch
+
+
+def _chunk_bytes(data: np.ndarray, lay: ShardLayout, ix: tuple[int, ...], check: Callable | None = None) -> np.ndarray:
+    """Chunk ``ix`` as zarr's ``bytes`` codec sees it: ``lay.dtype`` little-endian, C order, edge chunks padded with
+    fill. ``check(part, ix)`` validates the source values first (raises to abort the shard)."""
     sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(ix, lay.chunks, lay.shape))
     part = data[sl]
+    if check is not None:
+        check(part, ix)
     if part.shape != lay.chunks:
         full = np.full(lay.chunks, lay.fill_value, dtype=data.dtype)
         full[tuple(slice(0, n) for n in part.shape)] = part
         part = full
-    part = np.ascontiguousarray(part, dtype=lay.dtype.newbyteorder("<"))
-    return part.reshape(-1).view(np.uint8)
+    return cast(part, lay.dtype).reshape(-1).view(np.uint8)
 
 
-def encode_shard(data: np.ndarray, lay: ShardLayout, codec: BloscCodec | ZstdCodec) -> Iterator[bytes]:
+def encode_shard(
+    data: np.ndarray,
+    lay: ShardLayout,
+    codec: BloscCodec | ZstdCodec,
+    *,
+    on_chunk: Callable[[np.ndarray], None] | None = None,
+    check: Callable[[np.ndarray, tuple[int, ...]], None] | None = None,
+) -> Iterator[bytes]:
     """The shard object of ``data`` as pieces (encoded chunks in C order, then index + crc32c), lazily.
 
-    Chunks are encoded on :func:`encode_pool` in order; a piece is yielded as soon as it is ready, so the caller can
-    write while later chunks are still being compressed."""
+    ``data`` may have another dtype than ``lay.dtype``: each chunk is cast inside its encode task. Chunks are
+    validated (``check``), cast and encoded on :func:`encode_pool`, in order; a piece is yielded as soon as it is
+    ready, so the caller writes while later chunks are still being compressed. ``on_chunk(raw)`` receives each
+    chunk's uncompressed bytes (uint8, ``lay.dtype``) in C order of the chunk grid, in the calling thread (e.g. to
+    hash the stored values without another pass over the array)."""
     if tuple(data.shape) != lay.shape:
         raise ValueError(f"data shape {data.shape} != layout shape {lay.shape}")
     enc = numcodec_of(codec)
@@ -134,19 +167,29 @@ def encode_shard(data: np.ndarray, lay: ShardLayout, codec: BloscCodec | ZstdCod
     offset = 0
     pool = encode_pool()
     window = 2 * pool._max_workers + 2  # bounded read-ahead: memory stays a few chunks, not the whole shard
-    futures = []
+
+    def task(ix: tuple[int, ...]) -> tuple[bytes, np.ndarray | None]:
+        raw = _chunk_bytes(data, lay, ix, check)
+        return bytes(enc.encode(raw)), (raw if on_chunk is not None else None)
+
     submit = iter(coords)
-    for ix in [next(submit) for _ in range(min(window, len(coords)))]:
-        futures.append(pool.submit(lambda ix=ix: bytes(enc.encode(_chunk_bytes(data, lay, ix)))))
-    for k in range(len(coords)):
-        blob = futures[k].result()
-        futures[k] = None
-        nxt = next(submit, None)
-        if nxt is not None:
-            futures.append(pool.submit(lambda ix=nxt: bytes(enc.encode(_chunk_bytes(data, lay, ix)))))
-        index[k] = (offset, len(blob))
-        offset += len(blob)
-        yield blob
+    futures = [pool.submit(task, ix) for ix in [next(submit) for _ in range(min(window, len(coords)))]]
+    try:
+        for k in range(len(coords)):
+            blob, raw = futures[k].result()
+            futures[k] = None
+            nxt = next(submit, None)
+            if nxt is not None:
+                futures.append(pool.submit(task, nxt))
+            if on_chunk is not None:
+                on_chunk(raw)
+            index[k] = (offset, len(blob))
+            offset += len(blob)
+            yield blob
+    finally:  # abandoned early (error, or the consumer stopped): drop the queued tasks
+        for f in futures:
+            if f is not None:
+                f.cancel()
     body = index.tobytes()
     yield body + np.uint32(google_crc32c.value(body)).astype("<u4").tobytes()
 

@@ -22,8 +22,7 @@ import json
 import threading
 from collections import OrderedDict
 from datetime import datetime, timezone
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 import google_crc32c
 import numpy as np
@@ -46,7 +45,7 @@ from schemas.store import (
 )
 from storage.backend import Backend, ConflictError, RetryingStore, StorageError, make_backend
 from storage.scope import ClaimHeld, Scope, check_id, default_owner, row_of
-from storage.shardwrite import Crc32cTee, encode_pool, encode_shard, shard_layout
+from storage.shardwrite import Crc32cTee, cast, encode_pool, encode_shard, shard_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.geometry import ConeBeamViews
@@ -126,19 +125,30 @@ def _write_whole(group, name: str, data: np.ndarray, chunks: tuple[int, ...], co
     arr[...] = data
 
 
-def to_store_dtype(views: np.ndarray, dt: np.dtype) -> np.ndarray:
-    """``views`` as C-contiguous ``dt``. float32 -> float16 goes through torch when it is importable: the same
-    round-to-nearest-even result as numpy (tests/test_storage.py) at ~3x the speed (numpy's cast is not vectorised);
-    storage itself never requires torch."""
-    views = np.asarray(views)
-    if dt == np.float16 and views.dtype == np.float32 and views.size >= 1 << 20:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a project dependency
-            torch = None
-        if torch is not None:
-            return torch.from_numpy(np.ascontiguousarray(views)).to(torch.float16).numpy()
-    return np.ascontiguousarray(views.astype(dt, copy=False))
+def _finite_check(dt: np.dtype, what: str) -> Callable[[np.ndarray, tuple[int, ...]], None]:
+    """Per-chunk validation run inside the encode tasks: refuse NaN/inf and values beyond ``dt``'s range.
+    Reductions only (a NaN/inf makes the sum non-finite; an overflowing sum of finite values takes the exact test)."""
+    lim = float(np.finfo(dt).max) if dt.kind == "f" else None
+
+    def check(part: np.ndarray, ix: tuple[int, ...]) -> None:
+        if not np.isfinite(part.sum()) and not np.isfinite(part).all():
+            raise ValueError(f"{what}: view {ix[0]} contains NaN/inf")
+        if lim is not None and (part.max() > lim or part.min() < -lim):
+            raise ValueError(f"{what}: view {ix[0]} exceeds the range of {dt.name} (|x| <= {lim:g})")
+
+    return check
+
+
+class ArrayWrite(NamedTuple):
+    """One array of an entry: ``data`` stored as ``dtype`` (default: its own) in one shard of ``chunks``."""
+
+    name: str
+    data: np.ndarray
+    chunks: tuple[int, ...]
+    codec: Any
+    dtype: np.dtype | None = None
+    on_chunk: Callable[[np.ndarray], None] | None = None  # see shardwrite.encode_shard
+    check: Callable[[np.ndarray, tuple[int, ...]], None] | None = None
 
 
 def _group_doc(attributes: dict) -> bytes:
@@ -148,27 +158,25 @@ def _group_doc(attributes: dict) -> bytes:
     return ms._store_dict["zarr.json"].to_bytes()
 
 
-def _write_entry(
-    backend: Backend, path: str, attributes: dict | Callable[[], dict], arrays: list[tuple[str, np.ndarray, tuple[int, ...], Any]]
-) -> None:
+def _write_entry(backend: Backend, path: str, attributes: dict | Callable[[], dict], arrays: list[ArrayWrite]) -> None:
     """Write a group of single-shard arrays under ``path`` and verify every object it wrote.
 
-    ``arrays``: (name, data, chunk shape, compressor). Metadata documents come from zarr-python, shards from
+    ``arrays``: :class:`ArrayWrite` (or plain (name, data, chunks, codec) tuples). Metadata documents come from zarr-python, shards from
     :mod:`storage.shardwrite` (byte-identical to zarr's). Verification reads every object back as raw bytes and
     compares it (metadata: equality; shards: size + crc32c of the bytes streamed out), without decoding. Objects
     under ``path`` that are not part of the entry (a crashed earlier attempt's leftovers) are deleted."""
     docs: dict[str, bytes] = {}
     layouts = []
-    for name, data, chunks, codec in arrays:
-        lay = shard_layout(data.shape, data.dtype, chunks, codec)
-        docs[f"{path}/{name}/zarr.json"] = lay.zarr_json
-        layouts.append((f"{path}/{name}/{lay.shard_key}", data, lay, codec))
+    for a in (ArrayWrite(*a) for a in arrays):
+        lay = shard_layout(a.data.shape, a.dtype or a.data.dtype, a.chunks, a.codec)
+        docs[f"{path}/{a.name}/zarr.json"] = lay.zarr_json
+        layouts.append((f"{path}/{a.name}/{lay.shard_key}", lay, a))
     stale = set(backend.list(path, include_partial=True))
     for key, doc in docs.items():
         backend.put(key, doc)
     written: dict[str, tuple[int, int]] = {}
-    for key, data, lay, codec in layouts:
-        tee = Crc32cTee(encode_shard(data, lay, codec))
+    for key, lay, a in layouts:
+        tee = Crc32cTee(encode_shard(a.data, lay, a.codec, on_chunk=a.on_chunk, check=a.check))
         backend.put_pieces(key, tee)
         written[key] = (tee.crc, tee.nbytes)
     # the group document last: its attributes may hold the content checksum, hashed while the shards were encoded
@@ -280,7 +288,7 @@ class Store:
                 raise ValueError(f"volume {vid}: hu must be int16 (got {hu.dtype})")
             hu = hu.astype(np.int16)
         hu = np.ascontiguousarray(hu)
-        checksum = encode_pool().submit(sha256_of, hu)  # hashed while the shard is encoded
+        checksum = encode_pool().submit(sha256_of, hu).result  # hashed while the shard is encoded
         path = f"volumes/{vid}"
         record_json = json.loads(record.model_dump_json())
 
@@ -296,7 +304,7 @@ class Store:
                 shape=tuple(hu.shape),
                 dtype="int16",
                 nbytes=int(hu.nbytes),
-                checksum=checksum.result(),
+                checksum=checksum(),
                 writer=owner or default_owner(),
                 versions=library_versions(),
                 record=record_json,
@@ -383,11 +391,11 @@ class Store:
         return out
 
 
-def _commit_entry(scope: Scope, vid: str, checksum_f: "Future[str]", write, owner: str | None) -> bool:
+def _commit_entry(scope: Scope, vid: str, checksum: Callable[[], str], write, owner: str | None) -> bool:
     """Steps 1-6 of the module docstring around ``write() -> CommitRecord`` (which writes + verifies data).
 
-    ``checksum_f``: the pixel checksum, still being computed (it is only needed once an existing commit or the new
-    commit record has to be compared)."""
+    ``checksum()``: the pixel checksum, computed only when needed (beside the encoding for a new entry; by itself
+    only when an existing commit has to be compared)."""
     existing = scope.get_commit(vid)
     if existing is None:
         with scope.claim(vid, owner):
@@ -396,13 +404,12 @@ def _commit_entry(scope: Scope, vid: str, checksum_f: "Future[str]", write, owne
                 rec = write()
                 committed = scope.put_commit(rec)
                 scope.catalog_add(row_of(committed))
-                if committed.checksum != checksum_f.result():  # pragma: no cover - lost a race to different bytes
+                if committed.checksum != checksum():  # pragma: no cover - lost a race to different bytes
                     raise ChecksumMismatch(f"{scope.prefix}/{vid}: committed by another writer with other content")
                 return committed is rec
-    checksum = checksum_f.result()
-    if existing.checksum != checksum:
+    if existing.checksum != checksum():
         raise ChecksumMismatch(
-            f"{scope.prefix}/{vid}: already committed with checksum {existing.checksum}, new data has {checksum}"
+            f"{scope.prefix}/{vid}: already committed with checksum {existing.checksum}, new data has {checksum()}"
         )
     if scope.catalog_row(vid) is None:  # writer died between commit and catalog update
         scope.catalog_add(row_of(existing))
@@ -492,12 +499,17 @@ class ProjectionDataset:
         if len(geometry) != V or (geometry.height, geometry.width) != (H, W):
             raise ValueError(f"ring {vid}: geometry has {len(geometry)} views of {geometry.height}x{geometry.width}")
         dt = np.dtype(self.spec.store_dtype)
-        pix = to_store_dtype(views, dt)
-        # one reduction instead of a full boolean mask (a NaN/inf makes the sum non-finite); an overflowing sum of
-        # finite values falls back to the exact test
-        if not np.isfinite(pix.sum(dtype=np.float32)) and not np.isfinite(pix).all():
-            raise ValueError(f"ring {vid}: views contain NaN/inf (or values beyond {dt.name})")
-        checksum = encode_pool().submit(sha256_of, pix)  # hashed while the shard is encoded
+        if views.dtype.kind != "f":
+            raise ValueError(f"ring {vid}: views must be floating point line integrals, got {views.dtype}")
+        # The stored values' sha256 is taken from the cast chunks as they are encoded (no extra pass); only a rerun
+        # against an existing commit hashes the array by itself.
+        hasher, done = hashlib.sha256(), {}
+
+        def checksum() -> str:
+            if "sha" not in done:
+                done["sha"] = sha256_of(cast(views, dt))
+            return done["sha"]
+
         meta = _meta_arrays(geometry)
         mcs = meta_checksum(meta)
         path = f"{self.path}/rings/{vid}"
@@ -506,10 +518,12 @@ class ProjectionDataset:
         prov = json.loads(json.dumps(prov, default=str))
 
         def write() -> CommitRecord:
-            def attrs() -> dict:
-                return {"provenance": prov, "spec_hash": self.spec_hash, "checksum": checksum.result()}
+            def attrs() -> dict:  # called once the views shard is written: the hasher has seen every chunk
+                done["sha"] = "sha256:" + hasher.hexdigest()
+                return {"provenance": prov, "spec_hash": self.spec_hash, "checksum": done["sha"]}
 
-            arrays = [("views", pix, (1, H, W), views_compressors(dt.name))]
+            arrays = [ArrayWrite("views", views, (1, H, W), views_compressors(dt.name), dt, hasher.update,
+                                 _finite_check(dt, f"ring {vid}"))]
             arrays += [(name, meta[name], meta[name].shape, meta_compressors()) for name in META_ARRAYS]
             _write_entry(self.store.backend, path, attrs, arrays)
             return CommitRecord(
@@ -519,10 +533,10 @@ class ProjectionDataset:
                 spec_hash=self.spec_hash,
                 path=path,
                 array="views",
-                shape=pix.shape,
+                shape=views.shape,
                 dtype=dt.name,
-                nbytes=int(pix.nbytes),
-                checksum=checksum.result(),
+                nbytes=int(views.size * dt.itemsize),
+                checksum=done["sha"],
                 meta_checksum=mcs,
                 writer=owner or default_owner(),
                 versions=library_versions(),

@@ -153,6 +153,15 @@ def test_spec_mismatch_and_float16(tmp_path):
     raw16, _ = ds16.read_views("vol-a", [3, 0, 3], dtype=None)  # stored dtype, no conversion
     assert raw16.dtype == np.float16
     np.testing.assert_array_equal(raw16, views[[3, 0, 3]].astype(np.float16))
+    # the checksum hashed from the cast chunks during the write == sha256 of numpy's float16 array; verify agrees
+    assert ds16.provenance("vol-a")["checksum"] == sha256_of(views.astype(np.float16))
+    assert ds16.verify().clean and ds16.write_ring("vol-a", views, geom, {}) is False  # rerun: identical
+    # a value float16 cannot hold is refused, naming the view; nothing becomes visible, no claim is left behind
+    big = views.copy()
+    big[7, 1, 1] = 1e6
+    with pytest.raises(ValueError, match="view 7 exceeds the range of float16"):
+        ds16.write_ring("vol-big", big, geom, {})
+    assert not ds16.has_ring("vol-big") and ds16.scope.list_claims() == []
     assert {d.spec_hash for d in store.datasets()} == {SPEC.spec_hash, spec16.spec_hash}
     assert store.open_dataset("c1", spec16.spec_hash).spec == spec16
 
