@@ -61,12 +61,52 @@ def drop_cache_hint() -> None:
     os.sync()
 
 
+def bench_catalog(work: Path, n_rows: int, reps: int = 15) -> dict:
+    """Cost of one catalog row added by a commit when the dataset already holds ``n_rows`` volumes (NLST: ~26k),
+    with the 16 one-digit buckets of older stores vs the 256 two-digit buckets of new ones."""
+    from datetime import datetime, timezone
+
+    from schemas.store import CatalogRow, EntryKind
+    from storage.backend import LocalBackend
+    from storage.scope import Scope
+
+    now = datetime.now(timezone.utc)
+    row = CatalogRow(volume_id="x", kind=EntryKind.ring, cohort="c", spec_hash="0" * 16, path="p", shape=(120, 512, 512),
+                     dtype="float16", nbytes=62914560, checksum="sha256:" + "0" * 64, committed_at=now)
+    res = {"rows": n_rows}
+    for hexd in (1, 2):
+        root = work / f"catalog_{hexd}"
+        shutil.rmtree(root, ignore_errors=True)
+        scope = Scope(LocalBackend(root), "datasets/c/h", hexd)
+        by: dict[str, list] = {}
+        for i in range(n_rows):
+            vid = f"v{i:06d}"
+            by.setdefault(scope.bucket_of(vid), []).append(row.model_copy(update={"volume_id": vid}).model_dump(mode="json"))
+        for b, rows in by.items():
+            scope.b.put(scope.bucket_key(b), json.dumps(rows, indent=0).encode())
+        ts = []
+        for k in range(reps):
+            t = time.perf_counter()
+            scope.catalog_add(row.model_copy(update={"volume_id": f"new{k}"}))
+            ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        n = len(scope.catalog())
+        res[f"{16**hexd}_buckets"] = {
+            "add_row_ms": round(float(np.median(ts)) * 1e3, 1),
+            "bucket_kB": round(float(np.mean([(root / scope.bucket_key(b)).stat().st_size for b in by])) / 1e3, 1),
+            "read_catalog_s": round(time.perf_counter() - t, 3),
+            "rows_read": n,
+        }
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--views", type=int, default=120)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--workdir", default="/tmp/xwin_bench_store")
     ap.add_argument("--reps", type=int, default=30, help="repetitions of each 9-view read")
+    ap.add_argument("--catalog-rows", type=int, default=26000, help="catalog size for the row-add benchmark (0: skip)")
     ap.add_argument("--codecs", default="zstd3,blosc-zstd3-shuffle,blosc-lz4-shuffle")
     ap.add_argument("--dtypes", default="float32,float16")
     ap.add_argument("--write-reps", type=int, default=5, help="interleaved raw / commit / zarr-python write repetitions")
@@ -190,6 +230,9 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             results.append(r)
     out["codecs"] = results
+    if args.catalog_rows:
+        out["catalog"] = bench_catalog(work, args.catalog_rows)
+        print(json.dumps(out["catalog"]))
     print(json.dumps(out, indent=1))
     (work / "bench_store.json").write_text(json.dumps(out, indent=1))
 

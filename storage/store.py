@@ -44,7 +44,7 @@ from schemas.store import (
     ViewMeta,
 )
 from storage.backend import Backend, ConflictError, RetryingStore, StorageError, make_backend
-from storage.scope import ClaimHeld, Scope, check_id, default_owner, row_of
+from storage.scope import DEFAULT_BUCKET_HEX, ClaimHeld, Scope, check_id, default_owner, row_of
 from storage.shardwrite import Crc32cTee, cast, encode_pool, encode_shard, shard_layout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,8 +209,8 @@ class Store:
         self.url = self.backend.url
         self._zstore = None
         self._lock = threading.Lock()
-        self.volumes = Scope(self.backend, "volumes")
-        self._check_or_init(create)
+        self.bucket_hex = self._check_or_init(create)
+        self.volumes = Scope(self.backend, "volumes", self.bucket_hex)
 
     def __reduce__(self):
         return (Store, (self._url_arg, self._opts))
@@ -232,21 +232,24 @@ class Store:
             return {}, None
         return json.loads(got[0]), got[1]
 
-    def _check_or_init(self, create: bool) -> None:
+    def _check_or_init(self, create: bool) -> int:
+        """Check (or create) the store index; returns the catalog bucket width (hex digits) of this store."""
         idx, _ = self._read_index()
         if idx:
             if idx.get("format") != FORMAT_NAME or idx.get("format_version") != FORMAT_VERSION:
                 raise StorageError(f"{self.url}: not an {FORMAT_NAME} v{FORMAT_VERSION} store ({idx.get('format')!r})")
-            return
+            return int(idx.get("catalog_bucket_hex", 1))  # stores written before the key existed: 16 buckets
         if not create:
             raise FileNotFoundError(f"no xwin store at {self.url} (missing {INDEX_KEY})")
         zarr.open_group(self.zstore, mode="a", attributes={"xwin": {"format": FORMAT_NAME, "version": FORMAT_VERSION}})
         zarr.open_group(self.zstore, path="volumes", mode="a")
-        body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "datasets": []}
+        body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "catalog_bucket_hex": DEFAULT_BUCKET_HEX,
+                "datasets": []}
         try:
             self.backend.put(INDEX_KEY, json.dumps(body, indent=1).encode(), if_none_match=True)
-        except ConflictError:
-            pass
+        except ConflictError:  # created concurrently by another process: use what it wrote
+            return int(self._read_index()[0].get("catalog_bucket_hex", 1))
+        return DEFAULT_BUCKET_HEX
 
     def datasets(self) -> list[DatasetInfo]:
         return [DatasetInfo.model_validate(d) for d in self._read_index()[0].get("datasets", [])]
@@ -424,7 +427,7 @@ class ProjectionDataset:
         self.store, self.cohort, self.spec = store, cohort, spec
         self.spec_hash = spec.spec_hash
         self.path = f"datasets/{cohort}/{self.spec_hash}"
-        self.scope = Scope(store.backend, self.path)
+        self.scope = Scope(store.backend, self.path, store.bucket_hex)
         self._cache: OrderedDict[str, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
         self._cache_size = cache
         self._open(create)

@@ -3,6 +3,7 @@ verify. The S3 path of the same contract is in test_storage_s3.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -419,3 +420,28 @@ def test_store_is_picklable_and_lock_files_bounded(tmp_path):
     s2 = pickle.loads(pickle.dumps(store))
     assert s2.url == store.url and s2.dataset("c1", SPEC).volume_ids() == [f"r{i}" for i in range(5)]
     assert len(os.listdir(tmp_path / "s/.locks")) <= 64
+
+
+def test_catalog_buckets_new_and_legacy_width(tmp_path):
+    """New stores spread the catalog over 256 buckets (2 hex digits); a store whose index predates the setting keeps
+    its 16 one-digit buckets and reads and extends its catalog as before."""
+    new = open_store(tmp_path / "new")
+    ds = new.dataset("c1", SPEC)
+    for i in range(3):
+        ds.write_ring(f"r{i}", *make_ring(i), {})
+    names = sorted(p.name for p in (tmp_path / "new" / ds.path / "_catalog").iterdir())
+    assert names and all(len(n) == len("ab.json") for n in names)
+    assert ds.volume_ids() == ["r0", "r1", "r2"] and ds.verify().clean
+    # legacy index: no catalog_bucket_hex key -> 16 buckets named by one hex digit
+    idx = json.loads((tmp_path / "new" / "xwin.json").read_text())
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    idx.pop("catalog_bucket_hex")
+    idx["datasets"] = []
+    (legacy / "xwin.json").write_text(json.dumps(idx))
+    old = open_store(legacy)
+    assert old.bucket_hex == 1
+    dso = old.dataset("c1", SPEC)
+    dso.write_ring("r0", *make_ring(0), {})
+    assert [p.name for p in (legacy / dso.path / "_catalog").iterdir()] == [f"{hashlib.sha1(b'r0').hexdigest()[0]}.json"]
+    assert open_store(legacy).dataset("c1", SPEC).volume_ids() == ["r0"]
