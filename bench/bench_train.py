@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from training.config import TrainConfig, load_config
+from training.config import load_config
+from training.data.bench import block_flops, xwin_step_flops  # noqa: F401  (block_flops re-exported)
 from training.loop import Trainer
 from training.masks import MultiBlockMasker
 from training.synthetic import SyntheticRealStream, SyntheticRingStream
@@ -61,30 +62,8 @@ def bench_cpu(steps: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def block_flops(tokens: float, dim: int, mlp_ratio: float = 4.0) -> float:
-    """Forward multiply-add FLOPs (x2) of one pre-norm transformer block on one sequence."""
-    return 2 * tokens * (4 * dim * dim + 2 * mlp_ratio * dim * dim) + 2 * 2 * tokens * tokens * dim
-
-
-def base_step_flops(cfg: TrainConfig, keep: float, masked: float) -> dict:
-    """Analytic FLOPs of one X-WIN step (training = 3x forward for trained paths, 1x for the EMA encoder)."""
-    m, d = cfg.model, cfg.data
-    L, D, P = m.grid**2, m.embed_dim, m.view_pred_dim
-    B, N = d.batch_size, d.n_targets
-    R = d.real_batch_size or B * N
-    enc = lambda T: m.depth * block_flops(T, D) + 2 * T * D * m.patch_size**2 * m.in_chans  # noqa: E731
-    f = {
-        "context_encoder": 3 * B * enc(L),
-        "ema_targets": (B * N + R) * enc(L),
-        "view_predictor": 3 * B * N * m.view_pred_depth * block_flops(L + 1, P),
-        "mim_encoder": 3 * (B * N + R) * enc(keep),
-        "mask_predictor": 3 * (B * N + R) * m.mask_pred_depth * block_flops(keep + masked, m.mask_pred_dim),
-    }
-    f["domain_classifier"] = 3 * m.domain_depth * ((B * N + R) * block_flops(keep + masked, m.domain_dim or D)
-                                                  + B * N * block_flops(L, m.domain_dim or D))
-    f["total"] = sum(f.values())
-    f["images_per_step"] = B * (1 + N) + R
-    return f
+# one definition of the step's FLOPs, shared with the consumer's H100 need (training.data.bench.vit_b16_need)
+base_step_flops = xwin_step_flops
 
 
 def main() -> None:

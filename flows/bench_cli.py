@@ -19,7 +19,7 @@ bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchm
 @bench_app.command("consumer")
 def consumer(
     store: Optional[str] = typer.Option(
-        None, help="dataset URL '<store url>#<cohort>[/<spec hash>]' or a store URL (with --cohort); "
+        None, help="dataset URL '<store url>#<cohort>' or '<store url>#<cohort>/<spec hash>', or a store URL (with --cohort); "
         "default: render the bundled CT into a temporary store"),
     cohort: Optional[str] = typer.Option(None, help="cohort, when --store is a plain store URL"),
     workers: int = typer.Option(2, help="worker count reported at the top level of the JSON"),
@@ -28,6 +28,7 @@ def consumer(
     batch_size: int = typer.Option(12),
     image_size: Optional[int] = typer.Option(None, help="model resolution S (default: the detector size)"),
     appearance: str = typer.Option("minmax", help="minmax | neglog | none"),
+    dtype: str = typer.Option("float32", help="output image dtype: float32 (default) | float16 | bfloat16"),
     volumes: int = typer.Option(8, help="volumes in the generated store (no --store)"),
     size: int = typer.Option(512, help="detector size of the generated store (no --store)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -55,7 +56,7 @@ def consumer(
     counts = tuple(int(x) for x in worker_counts.split(",") if x.strip())
     try:
         res = run_bench(src, workers=counts, samples=samples, batch_size=batch_size, image_size=image_size,
-                        appearance=appearance, main_workers=workers,
+                        appearance=appearance, main_workers=workers, dtype=dtype,
                         wds_dir=f"{tmp.name}/wds" if tmp is not None else None)
     finally:
         if tmp is not None:

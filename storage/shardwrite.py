@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -109,15 +110,17 @@ def shard_layout(shape: tuple[int, ...], dtype, chunks: tuple[int, ...], codec: 
                           json.dumps(codec.to_dict(), sort_keys=True), fill)
 
 
-def cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``a`` as C-contiguous little-endian ``dtype``. float32 -> float16 goes through torch when it is importable:
-    bit-identical to numpy's cast (round to nearest even; tests/test_shardwrite.py) at ~3x the speed (numpy's
-    float16 cast is not vectorised). storage never requires torch."""
+def cast(a: np.ndarray, dtype: np.dtype, *, import_torch: bool = True) -> np.ndarray:
+    """``a`` as C-contiguous little-endian ``dtype``. float32 <-> float16 go through torch when it is available:
+    bit-identical to numpy's cast (round to nearest even; tests/test_shardwrite.py) at 3-25x the speed (numpy's
+    float16 casts are not vectorised). ``import_torch=False`` uses torch only if the process already imported it
+    (light readers do not pay torch's import). storage never requires torch."""
     dtype = np.dtype(dtype).newbyteorder("<")
-    if dtype == np.float16 and a.dtype == np.float32:
-        torch = _torch()
+    if {dtype.name, a.dtype.name} == {"float16", "float32"} and a.dtype.byteorder in "=<|":
+        torch = _torch() if import_torch else sys.modules.get("torch")
         if torch is not None:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float16).numpy()
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return t.to(torch.float16 if dtype == np.float16 else torch.float32).numpy()
     return np.ascontiguousarray(a, dtype=dtype)
 
 

@@ -597,12 +597,12 @@ class ProjectionDataset:
             height=int(arr.shape[1]),
             width=int(arr.shape[2]),
         )
-        return (data if dtype is None else data.astype(dtype, copy=False)), vm
+        return (data if dtype is None else cast(data, np.dtype(dtype), import_torch=False)), vm
 
     def read_ring(self, volume_id: str) -> np.ndarray:
         """All views (V, H, W) float32."""
         arr = self._handle(volume_id)[0]
-        return arr[...].astype(np.float32, copy=False)
+        return cast(arr[...], np.dtype(np.float32), import_torch=False)
 
     def read_geometry(self, volume_id: str) -> "ConeBeamViews":
         """All views' geometry, rebuilt only from the stored cone_vecs (and yaws)."""

@@ -187,3 +187,79 @@ def test_resume_across_worker_counts():
     ref.set_epoch(1)
     dl = loader2._dl
     assert [_key(s) for s in loader2] == [_key(s) for s in ref] and loader2._dl is dl
+
+
+# --------------------------------------------------------------------------------------------- fast batch assembly
+def test_appearance_into_matches_reference_transforms():
+    from pipeline.render.appearance import minmax
+    from training.data.transforms import appearance_into, apply_appearance, resize
+
+    rng = np.random.default_rng(0)
+    views = (rng.random((9, 24, 24)) * 7 + 2).astype(np.float32)
+    views[3] = 5.0  # a constant view: min-max gives 0, like the reference
+    out = torch.empty(9, 1, 24, 24)
+    appearance_into(views, "minmax", out)
+    ref = np.stack([minmax(v) for v in views])
+    np.testing.assert_array_equal(out[:, 0].numpy(), ref)  # in-place path is bit-identical to the definition
+    assert float(out[3].abs().max()) == 0.0
+    # float16 rings: widened exactly, then the same arithmetic
+    v16 = views.astype(np.float16)
+    appearance_into(list(v16), "minmax", out)
+    np.testing.assert_array_equal(out[:, 0].numpy(), np.stack([minmax(v.astype(np.float32)) for v in v16]))
+    # half-size outputs: the float32 result rounded once
+    for dt in (torch.bfloat16, torch.float16):
+        o = torch.empty(9, 1, 24, 24, dtype=dt)
+        appearance_into(views, "minmax", o)
+        assert torch.equal(o, torch.from_numpy(ref).unsqueeze(1).to(dt))
+    # other appearances and resizing go through the reference functions
+    for name, S in (("neglog", 24), ("minmax", 12), ("none", 16)):
+        o = torch.empty(9, 1, S, S)
+        appearance_into(views, name, o)
+        torch.testing.assert_close(o, resize(torch.from_numpy(apply_appearance(views, name)).unsqueeze(1), S))
+
+
+class _HalfReader:
+    """A reader whose ``read_views(..., dtype=None)`` returns float16 (a ring stored as float16)."""
+
+    def __init__(self, inner):
+        self.inner, self.spec, self.calls = inner, inner.spec, []
+
+    def volume_ids(self):
+        return self.inner.volume_ids()
+
+    def read_views(self, volume_id, indices, dtype=np.float32):
+        self.calls.append(dtype)
+        v, meta = self.inner.read_views(volume_id, indices)
+        return v.astype(np.float16 if dtype is None else dtype), meta
+
+
+class _HalfSource:
+    def __init__(self, n):
+        self.inner = SyntheticSource(n, SPEC)
+
+    def open(self):
+        return _HalfReader(self.inner.open())
+
+
+def test_output_dtypes_and_stored_float16_views():
+    ref = _stream(appearance="minmax", batch_size=4)
+    half = _stream(appearance="minmax", batch_size=4, dtype="bfloat16")
+    for b32, b16 in itertools.islice(zip(ref, half), 3):
+        assert b16["context"].dtype == torch.bfloat16 and b16["targets"].dtype == torch.bfloat16
+        assert b32["context"].dtype == torch.float32 and b32["targets"].shape == b16["targets"].shape
+        assert torch.equal(b32["targets"].to(torch.bfloat16), b16["targets"])
+        assert b32["volume_id"] == b16["volume_id"] and torch.equal(b32["actions"], b16["actions"])
+    with pytest.raises(ValueError, match="output dtype"):
+        _stream(dtype="int8")
+    # a reader that can return the stored dtype is asked for it (dtype=None); float16 views are widened exactly
+    ds = XWinStream(_HalfSource(7), image_size=24, appearance="minmax", seed=3, draws_per_volume=2, shuffle_window=5)
+    s, r = ds.sample_at(5), _stream(appearance="minmax").sample_at(5)
+    assert ds.reader.calls and all(c is None for c in ds.reader.calls)
+    assert s["volume_id"] == r["volume_id"] and torch.equal(s["actions"], r["actions"])
+    # independent reference: the same views rounded to float16, widened, then the min-max definition
+    from pipeline.render.appearance import minmax
+
+    want = [SPEC.view_index(float(s["context_yaw"]))] + [SPEC.view_index(float(y)) for y in s["target_yaws"]]
+    raw = SyntheticSource(7, SPEC).open().read_views(s["volume_id"], want)[0].astype(np.float16).astype(np.float32)
+    got = torch.cat([s["context"][None], s["targets"]])[:, 0].numpy()
+    np.testing.assert_array_equal(got, np.stack([minmax(v) for v in raw]))

@@ -18,6 +18,11 @@ def _key(s):
     return (s["epoch"], s["position"], s["volume_id"], tuple(s["actions"].tolist()), float(s["context_yaw"]))
 
 
+def _stored(rd, volume_id):
+    """The rendered ring as the store holds it: rounded to ``spec.store_dtype`` (float16 by default), widened."""
+    return rd.rings[volume_id].astype(rd.spec.store_dtype).astype(np.float32)
+
+
 def _stream(source, **kw):
     kw.setdefault("image_size", 64)
     kw.setdefault("appearance", "none")
@@ -36,7 +41,7 @@ def test_samples_are_the_stored_views(rendered_dataset):
     samples = list(ds)
     assert len(samples) == 9 and sorted(s["volume_id"] for s in samples) == sorted(rd.volume_ids * 3)
     for s in samples:
-        ring = rd.rings[s["volume_id"]]
+        ring = _stored(rd, s["volume_id"])
         ci = rd.spec.view_index(float(s["context_yaw"]))
         np.testing.assert_array_equal(s["context"][0].numpy(), ring[ci])
         # the stored yaw of every target view returned == context yaw + its action
@@ -50,14 +55,14 @@ def test_appearance_resize_on_rendered_views(rendered_dataset):
 
     rd = rendered_dataset
     s = next(iter(_stream(StoreSource(rd.url, rd.cohort, rd.spec), appearance="minmax", image_size=32)))
-    raw = rd.rings[s["volume_id"]][rd.spec.view_index(float(s["context_yaw"]))]
+    raw = _stored(rd, s["volume_id"])[rd.spec.view_index(float(s["context_yaw"]))]
     ref = (raw - raw.min()) / (raw.max() - raw.min())  # X-WIN per-image min-max
     ref = torch.nn.functional.interpolate(torch.from_numpy(ref)[None, None], size=(32, 32), mode="bilinear", antialias=True)
     torch.testing.assert_close(s["context"][None], ref)
     assert 0.0 <= float(s["targets"].min()) and float(s["targets"].max()) <= 1.0
     # -log window: a monotone (non-decreasing) map of the line integral into [0, 1]: bone (high) stays bright
     s2 = next(iter(_stream(StoreSource(rd.url, rd.cohort, rd.spec.spec_hash), appearance="neglog", image_size=64)))
-    raw2 = rd.rings[s2["volume_id"]][rd.spec.view_index(float(s2["context_yaw"]))].ravel()
+    raw2 = _stored(rd, s2["volume_id"])[rd.spec.view_index(float(s2["context_yaw"]))].ravel()
     img2 = s2["context"][0].numpy().ravel()
     order = np.argsort(raw2, kind="stable")
     assert img2.min() >= 0 and img2.max() <= 1 and np.all(np.diff(img2[order]) >= -1e-6)
@@ -101,7 +106,7 @@ def test_s3_store_through_workers(rendered_dataset, s3_server):
     yaws = np.asarray(rd.spec.yaws_deg)
     for b in samples:  # every pixel is the stored view at the yaw reported, and actions match those yaws
         for i, vid in enumerate(b["volume_id"]):
-            ring = rd.rings[vid]
+            ring = _stored(rd, vid)
             np.testing.assert_array_equal(b["context"][i, 0].numpy(), ring[rd.spec.view_index(float(b["context_yaw"][i]))])
             rel = _wrap(b["target_yaws"][i].numpy() - float(b["context_yaw"][i]))
             np.testing.assert_allclose(rel, b["actions"][i].numpy(), atol=1e-4)

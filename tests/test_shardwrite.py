@@ -87,3 +87,5 @@ def test_float16_conversion_matches_numpy_rounding():
     with np.errstate(over="ignore"):  # 1e9 -> inf is the expected result
         want = x.astype(np.float16)
     np.testing.assert_array_equal(got.reshape(-1).view(np.uint16), want.view(np.uint16))
+    back = cast(got, np.dtype(np.float32))  # and back: exact widening, inf stays inf
+    np.testing.assert_array_equal(back, got.astype(np.float32))

@@ -4,7 +4,8 @@ Baseline (fair by construction): the same rings written as WebDataset tar shards
 ``.npy`` member per view (``000.npy`` .. ``119.npy``, stored dtype, uncompressed) plus ``yaw.json``; read with
 webdataset's own pipeline (``WebDataset(shards, shardshuffle=..., nodesplitter=split_by_worker)`` -> ``.shuffle``),
 and for each record the *same* sampler picks the 1 + N views, which are the only ``.npy`` members decoded. Both
-sides then run the identical appearance + resize code, produce one sample per volume per epoch and batch 12,
+sides then run the identical appearance + resize + batch assembly code (``stream.collate_views``: in place into
+shared-memory batch tensors), produce one sample per volume per epoch and batch 12,
 under the same DataLoader (same worker counts, forkserver workers). A tar must be streamed record by record, so the
 baseline reads all 120 views of a volume to use 9; the Zarr stream reads only those 9 chunks.
 """
@@ -29,8 +30,8 @@ from schemas.render import RenderSpec
 from .order import unit_rng
 from .readers import StoreSource
 from .sampling import XWinSampling
-from .stream import XWinStream, _forkserver_context, _worker_init, make_loader
-from .transforms import apply_appearance, resize
+from .stream import XWinStream, _forkserver_context, _worker_init, collate_views, make_loader
+from .transforms import out_dtype
 
 
 # ---------------------------------------------------------------------------------------------- dataset builders
@@ -92,8 +93,8 @@ class WdsXWin(IterableDataset):
     """The baseline: webdataset's pipeline over the tar shards, the same sampler and transforms per record."""
 
     def __init__(self, shards: list[str], spec: RenderSpec, sampling: XWinSampling, image_size: int, appearance: str,
-                 batch_size: int, seed: int = 0, shuffle: int = 8) -> None:
-        self.shards, self.spec, self.sampling = shards, spec, sampling
+                 batch_size: int, seed: int = 0, shuffle: int = 8, dtype: torch.dtype = torch.float32) -> None:
+        self.shards, self.spec, self.sampling, self.dtype = shards, spec, sampling, dtype
         self.image_size, self.appearance, self.batch_size, self.seed, self.shuffle = image_size, appearance, batch_size, seed, shuffle
 
     def __iter__(self) -> Iterator[dict]:
@@ -108,20 +109,22 @@ class WdsXWin(IterableDataset):
             vid = rec["__key__"]
             d = plan.draw(unit_rng(self.seed, 0, vid, 0))
             want = np.concatenate([[d.context_index], d.target_indices])
-            views = np.stack([np.load(io.BytesIO(rec[f"{int(k):03d}.npy"])) for k in want]).astype(np.float32)
-            imgs = resize(torch.from_numpy(apply_appearance(views, self.appearance)).unsqueeze(1), self.image_size)
-            batch.append({"context": imgs[0], "targets": imgs[1:], "actions": torch.from_numpy(d.actions_deg),
+            views = [np.load(io.BytesIO(rec[f"{int(k):03d}.npy"])) for k in want]  # decode only these 9 members
+            batch.append({"_views": views, "actions": torch.from_numpy(d.actions_deg),
                           "context_yaw": torch.tensor(yaws[want[0]], dtype=torch.float32), "volume_id": vid})
             if len(batch) == self.batch_size:
-                yield _collate(batch)
+                yield _collate(batch, self.appearance, self.image_size, self.dtype)
                 batch = []
         if batch:
-            yield _collate(batch)
+            yield _collate(batch, self.appearance, self.image_size, self.dtype)
 
 
-def _collate(samples: list[dict]) -> dict:
-    return {k: torch.stack([s[k] for s in samples]) if isinstance(samples[0][k], torch.Tensor) else [s[k] for s in samples]
-            for k in samples[0]}
+def _collate(samples: list[dict], appearance: str, image_size: int, dtype: torch.dtype) -> dict:
+    """The consumer's own batch assembly (``collate_views``: same transform, written in place into shared memory)."""
+    out = collate_views([s.pop("_views") for s in samples], appearance, image_size, dtype)
+    out.update({k: torch.stack([s[k] for s in samples]) if isinstance(samples[0][k], torch.Tensor)
+                else [s[k] for s in samples] for k in samples[0]})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- measurement
@@ -152,11 +155,12 @@ def _drain(make_iter, min_samples: int) -> Measure:
 
 def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samples: int = 96, batch_size: int = 12,
               image_size: int | None = None, appearance: str = "minmax", wds_dir: str | Path | None = None,
-              main_workers: int = 2) -> dict[str, Any]:
+              main_workers: int = 2, dtype: str | None = None) -> dict[str, Any]:
     reader = source.open()
     spec = reader.spec
     S = image_size or spec.width
     sampling = XWinSampling()
+    odt = out_dtype(dtype)
     n_vol = len(reader.volume_ids())
     wds_dir = Path(wds_dir) if wds_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"xwin-wds-{spec.spec_hash}"
     t = time.perf_counter()
@@ -166,10 +170,10 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
     rows = []
     for w in workers:
         ds = XWinStream(source, sampling=sampling, image_size=S, appearance=appearance, batch_size=batch_size,
-                        shuffle_window=64, seed=0)
+                        shuffle_window=64, seed=0, dtype=odt)
         loader = make_loader(ds, num_workers=w)
         m = _drain(lambda: iter(loader), samples)
-        base = WdsXWin(shards, spec, sampling, S, appearance, batch_size)
+        base = WdsXWin(shards, spec, sampling, S, appearance, batch_size, dtype=odt)
         kw: dict[str, Any] = {"batch_size": None, "num_workers": w}
         if w:
             kw.update(multiprocessing_context=_forkserver_context(), worker_init_fn=_worker_init, persistent_workers=True)
@@ -197,6 +201,7 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
         "image_size": S,
         "batch_size": batch_size,
         "views_per_sample": 1 + sampling.n_targets,
+        "output_dtype": str(odt).removeprefix("torch."),
         "cpu_count": os.cpu_count(),
         "wds_build_s": tar_s,
         "rows": rows,
@@ -206,21 +211,66 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
         "baseline_samples_per_s": main["baseline_samples_per_s"],
         "ratio": main["ratio"],
         "gpu_need_samples_per_s": need["samples_per_s"],
+        "gpu_need": need,
         "keeps_up_ratio": max(r["samples_per_s"] for r in rows) / need["samples_per_s"],
     }
 
 
-def vit_b16_need(tokens: int = 1024, targets: int = 8, mfu: float = 0.4, peak_tflops: float = 989.0) -> dict[str, float]:
-    """Samples/s one H100 consumes for X-WIN with a ViT-B/16 at 512² (docs/training-data.md derives it).
+def block_flops(tokens: float, dim: int, mlp_ratio: float = 4.0) -> float:
+    """Forward multiply-add FLOPs (x2) of one pre-norm transformer block on one sequence."""
+    return 2 * tokens * (4 * dim * dim + 2 * mlp_ratio * dim * dim) + 2 * 2 * tokens * tokens * dim
 
-    Matmul FLOPs per forward of a transformer with L layers, width d, n tokens: L*(24*n*d² + 4*n²*d).
-    Encoder: ViT-B (12 x 768) on the context, forward + backward (x3). EMA encoder: forward only on the N targets.
-    View predictor (3 x 384, 1 + n tokens) per target forward + backward; mask predictor (3 x 384) on the context.
+
+def xwin_step_flops(cfg: Any, keep: float, masked: float) -> dict[str, float]:
+    """Analytic FLOPs of one X-WIN training step as ``training.loop.Trainer.train_step`` builds it (training = 3x
+    forward for trained paths, 1x for the EMA encoder). ``keep``/``masked``: mean context/masked tokens per image
+    of the multi-block masks. B samples (1 context + N targets each) and R real images (default R = B*N)."""
+    m, d = cfg.model, cfg.data
+    L, D, P = m.grid**2, m.embed_dim, m.view_pred_dim
+    B, N = d.batch_size, d.n_targets
+    R = d.real_batch_size or B * N
+    enc = lambda T: m.depth * block_flops(T, D) + 2 * T * D * m.patch_size**2 * m.in_chans  # noqa: E731
+    f = {
+        "context_encoder": 3 * B * enc(L),
+        "ema_targets": (B * N + R) * enc(L),
+        "view_predictor": 3 * B * N * m.view_pred_depth * block_flops(L + 1, P),
+        "mim_encoder": 3 * (B * N + R) * enc(keep),
+        "mask_predictor": 3 * (B * N + R) * m.mask_pred_depth * block_flops(keep + masked, m.mask_pred_dim),
+    }
+    f["domain_classifier"] = 3 * m.domain_depth * ((B * N + R) * block_flops(keep + masked, m.domain_dim or D)
+                                                  + B * N * block_flops(L, m.domain_dim or D))
+    f["total"] = sum(f.values())
+    f["images_per_step"] = B * (1 + N) + R
+    return f
+
+
+def mean_mask_tokens(cfg: Any, draws: int = 20, seed: int = 0) -> tuple[float, float]:
+    """Mean (keep, masked) tokens per image of the config's multi-block masker (R images per draw)."""
+    from training.masks import MultiBlockMasker
+
+    mk = MultiBlockMasker(cfg.model.grid, **cfg.masks.model_dump())
+    rng = np.random.default_rng(seed)
+    R = cfg.data.real_batch_size or cfg.data.batch_size * cfg.data.n_targets
+    ks, ms = zip(*[(mb.keep.shape[1], mb.masked.shape[1]) for mb in (mk.sample(rng, R) for _ in range(draws))])
+    return float(np.mean(ks)), float(np.mean(ms))
+
+
+def vit_b16_need(mfu: float = 0.4, peak_tflops: float = 989.0, cfg: Any = None) -> dict[str, float]:
+    """THE figure (docs/training-data.md, docs/benchmarks.md): samples/s one H100 consumes training X-WIN with a
+    ViT-B/16 at 512^2, batch 12, as our trainer builds a step (``training.config`` preset "base": N = 8 targets and
+    R = B*N = 96 real images per step for L_MIM(real)/L_domain, like the paper's N real images per N targets).
+
+    One step = ``xwin_step_flops`` (~112.7 TFLOP); at ``mfu`` of ``peak_tflops`` (H100 SXM bf16 dense) a step takes
+    total / (mfu*peak) s, and the trainer consumes B samples (B*(1+N) DRRs) plus R real images per step.
     """
-    def fwd(L: int, d: int, n: int) -> float:
-        return L * (24 * n * d * d + 4 * n * n * d)
+    from training.config import load_config
 
-    enc = fwd(12, 768, tokens)
-    pred = fwd(3, 384, tokens + 1)
-    flops = 3 * enc + targets * enc + 3 * targets * pred + 3 * pred
-    return {"flops_per_sample": flops, "samples_per_s": mfu * peak_tflops * 1e12 / flops}
+    cfg = cfg or load_config(preset="base")
+    keep, masked = mean_mask_tokens(cfg)
+    f = xwin_step_flops(cfg, keep, masked)
+    step_s = f["total"] / (mfu * peak_tflops * 1e12)
+    B, N = cfg.data.batch_size, cfg.data.n_targets
+    R = cfg.data.real_batch_size or B * N
+    return {"flops_per_step": f["total"], "flops_per_sample": f["total"] / B, "step_s": step_s, "mfu": mfu,
+            "samples_per_s": B / step_s, "drr_views_per_s": B * (1 + N) / step_s, "real_images_per_s": R / step_s,
+            "batch_size": B, "real_per_step": R}

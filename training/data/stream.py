@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .order import EpochOrder, shard_batches, unit_rng
 from .readers import ViewReader, ViewSource
 from .sampling import SamplingPlan, XWinSampling
-from .transforms import apply_appearance, resize
+from .transforms import appearance_into, empty_output, out_dtype
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ class ResumableStream(IterableDataset):
     def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict | None:
         """One sample, or ``None`` to skip the unit (bad input, logged by the implementation)."""
         raise NotImplementedError
+
+    def _finalize(self, sample: dict) -> dict:
+        """A sample returned on its own (``batch_size=None``, ``sample_at``); ``_collate`` finishes batched ones.
+        Subclasses that defer work to batch assembly (``XWinStream``) complete single samples here."""
+        return sample
 
     def _collate(self, samples: list[dict]) -> dict:
         out: dict[str, Any] = {}
@@ -147,7 +152,8 @@ class ResumableStream(IterableDataset):
         """The sample at a global position (a pure function of seed, epoch, position)."""
         e = self.epoch if epoch is None else epoch
         order = self.epoch_order(e)
-        return self._sample(order, e, position)
+        s = self._sample(order, e, position)
+        return None if s is None else self._finalize(s)
 
     def _sample(self, order: EpochOrder, epoch: int, p: int) -> dict | None:
         i, d = order.unit(p)
@@ -186,7 +192,7 @@ class ResumableStream(IterableDataset):
                 self.position = min(total, start + (step + 1) * bs * world)
             if self.batch_size is None:
                 if got:
-                    yield got[0]
+                    yield self._finalize(got[0])
             elif got:
                 yield self._collate(got)
         if self.epoch == epoch:  # ran to the end (a consumer that stops early never gets here)
@@ -214,12 +220,19 @@ class XWinStream(ResumableStream):
     """X-WIN samples from a projection dataset (``source.open()`` -> reader with ``volume_ids``/``read_views``).
 
     Each sample (one ``read_views`` call of the 1 + N views) is a dict:
-        context (1,S,S) float32, targets (N,1,S,S) float32 -- appearance-transformed and resized to S
+        context (1,S,S), targets (N,1,S,S) -- appearance-transformed and resized to S; float32, or ``dtype``
         actions (N,) float32 degrees          -- what the predictor is conditioned on (sampling.py, mode)
         actions_norm (N,) float32             -- actions / max_abs_deg, in [-1, 1]
         actions_cumulative (N,) float32       -- target yaw - context yaw, degrees (== actions for "direct")
         context_yaw () float32, target_yaws (N,) float32 -- absolute yaws of the views read (from the store)
         volume_id str, position int, epoch int
+
+    dtype: output image dtype, ``None``/"float32" (default), or "float16"/"bfloat16" (half the bytes to move;
+    the trainer autocasts to bf16 on GPU anyway). Values are computed in float32 and rounded once.
+
+    Throughput (docs/training-data.md, Loader): reads (prefetch threads) return the stored views untouched; the
+    appearance transform writes each view straight into the batch tensors, which inside a DataLoader worker are
+    allocated in shared memory, so a sample's pixels are written once after decoding and never copied again.
     """
 
     def __init__(
@@ -229,6 +242,7 @@ class XWinStream(ResumableStream):
         sampling: XWinSampling = XWinSampling(),
         image_size: int = 512,
         appearance: str = "minmax",
+        dtype: str | torch.dtype | None = None,
         **kw: Any,
     ) -> None:
         kw.setdefault("draws_per_item", kw.pop("draws_per_volume", 1))
@@ -237,9 +251,11 @@ class XWinStream(ResumableStream):
         self.sampling = sampling
         self.image_size = int(image_size)
         self.appearance = appearance
+        self.dtype = out_dtype(dtype)
         self._reader: ViewReader | None = None
         self._reader_pid: int | None = None
         self._reader_plan: SamplingPlan | None = None
+        self._reader_kw: dict = {}
 
     @property
     def reader(self) -> ViewReader:
@@ -247,6 +263,7 @@ class XWinStream(ResumableStream):
             self._reader = self.source.open()
             self._reader_pid = os.getpid()
             self._reader_plan = self.sampling.plan(self._reader.spec)
+            self._reader_kw = _stored_dtype_kw(self._reader)
         return self._reader
 
     @property
@@ -259,20 +276,17 @@ class XWinStream(ResumableStream):
         return list(self.reader.volume_ids())
 
     def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict:
+        """Reads the 1 + N views (context first) in one call; the images are made by ``_finalize``/``_collate``."""
         d = self.plan.draw(rng)
         want = np.concatenate([[d.context_index], d.target_indices])
-        uniq = np.unique(want)
-        views, meta = self.reader.read_views(key, uniq)  # one call: touches only these views' chunks
+        # one call in sample order (the reader takes any order): touches only these views' chunks, no reordering copy
+        views, meta = self.reader.read_views(key, want, **self._reader_kw)
         got_idx = np.asarray(meta.index, dtype=np.int64)
-        pos = {int(k): j for j, k in enumerate(got_idx)}
-        sel = np.asarray([pos[int(k)] for k in want])
-        views = np.asarray(views)[sel]
-        yaws = np.asarray(meta.yaw_deg, dtype=np.float64)[sel]
-        imgs = torch.from_numpy(apply_appearance(views, self.appearance)).unsqueeze(1)
-        imgs = resize(imgs, self.image_size).contiguous()
+        if not np.array_equal(got_idx, want):
+            raise ValueError(f"reader returned views {got_idx.tolist()} of {key!r}, asked for {want.tolist()}")
+        yaws = np.asarray(meta.yaw_deg, dtype=np.float64)
         return {
-            "context": imgs[0],
-            "targets": imgs[1:],
+            "_views": views,  # (1+N, H, W) stored dtype, consumed by _finalize / _collate
             "actions": torch.from_numpy(d.actions_deg),
             "actions_norm": torch.from_numpy(d.actions_deg / np.float32(self.sampling.max_abs_deg)),
             "actions_cumulative": torch.from_numpy(d.offsets_deg),
@@ -280,6 +294,47 @@ class XWinStream(ResumableStream):
             "target_yaws": torch.from_numpy(yaws[1:].astype(np.float32)),
             "volume_id": key,
         }
+
+    def _finalize(self, sample: dict) -> dict:
+        views = sample.pop("_views", None)
+        if views is None:
+            return sample
+        S = self.image_size
+        imgs = empty_output((len(views), 1, S, S), self.dtype, shared=get_worker_info() is not None)
+        appearance_into(views, self.appearance, imgs)
+        return {"context": imgs[0], "targets": imgs[1:], **sample}
+
+    def _collate(self, samples: list[dict]) -> dict:
+        """Batch assembly: each sample's views are transformed straight into its slot of the batch tensors."""
+        if "_views" not in samples[0]:
+            return super()._collate(samples)
+        imgs = collate_views([s.pop("_views") for s in samples], self.appearance, self.image_size, self.dtype)
+        return {**imgs, **super()._collate(samples)}
+
+
+def collate_views(views: Sequence[Any], appearance: str, image_size: int, dtype: torch.dtype = torch.float32) -> dict:
+    """B samples' stored views (each (1+N,H,W) array or sequence of (H,W) arrays, context first) ->
+    ``{"context": (B,1,S,S), "targets": (B,N,1,S,S)}`` of ``dtype``, transformed in place into tensors that live
+    in shared memory when called in a DataLoader worker (no copy on the way to the main process)."""
+    B, S, n = len(views), int(image_size), len(views[0])
+    shared = get_worker_info() is not None
+    context = empty_output((B, 1, S, S), dtype, shared)
+    targets = empty_output((B, n - 1, 1, S, S), dtype, shared)
+    for i, v in enumerate(views):
+        appearance_into(v[:1], appearance, context[i : i + 1])
+        appearance_into(v[1:], appearance, targets[i])
+    return {"context": context, "targets": targets}
+
+
+def _stored_dtype_kw(reader: Any) -> dict:
+    """``{"dtype": None}`` when the reader can return views in their stored dtype (float16 rings stay float16 until
+    the appearance transform widens them in place), else ``{}``."""
+    import inspect
+
+    try:
+        return {"dtype": None} if "dtype" in inspect.signature(reader.read_views).parameters else {}
+    except (TypeError, ValueError):
+        return {}
 
 
 # ------------------------------------------------------------------------------------------------------- loader

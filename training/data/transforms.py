@@ -60,3 +60,68 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-2:] == (size, size):
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+# ------------------------------------------------------------------------------------------ into preallocated output
+_OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def out_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """``None``/"float32" -> torch.float32; "float16"/"bfloat16" (or the torch dtypes) for half-size output."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        if name in _OUT_DTYPES.values():
+            return name
+    elif name in _OUT_DTYPES:
+        return _OUT_DTYPES[name]
+    raise ValueError(f"output dtype {name!r} not supported; choose float32, float16 or bfloat16")
+
+
+def _minmax_into(view: np.ndarray, out: np.ndarray, eps: float = 1e-8) -> None:
+    """(H,W) float32/float16 view -> ``out`` (H,W) float32, bit-identical to ``pipeline.render.appearance.minmax``
+    ((x - min) / ((max - min) + eps) in float32) without temporaries: one pass each for min, max, subtract, divide."""
+    if view.dtype != np.float32:  # float16 rings: widen once into the output (exact), then work in place
+        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(view)))  # SIMD cast; numpy's is ~25x slower
+        view = out
+    lo, hi = np.float32(view.min()), np.float32(view.max())
+    np.subtract(view, lo, out=out)
+    np.divide(out, np.float32(hi - lo) + np.float32(eps), out=out)
+
+
+def appearance_into(views, name: str, out: torch.Tensor) -> None:
+    """Appearance + resize of ``n`` stored views, written into ``out`` (n,1,S,S) float32/float16/bfloat16.
+
+    ``views``: (n,H,W) float32/float16 array, or a sequence of (H,W) arrays. Same values as
+    ``resize(torch.from_numpy(apply_appearance(views, name)).unsqueeze(1), S)`` cast to ``out.dtype``. The common
+    case (min-max, H = W = S, float32 out) writes straight into ``out``: no per-view temporaries, no stack, no resize.
+    """
+    n, S = out.shape[0], out.shape[-1]
+    if len(views) != n or out.ndim != 4 or out.shape[1] != 1:
+        raise ValueError(f"appearance_into: {len(views)} views into output of shape {tuple(out.shape)}")
+    H, W = np.shape(views[0])
+    if name == "minmax" and (H, W) == (S, S):
+        if out.dtype == torch.float32 and out.is_contiguous():
+            o = out.numpy()
+            for j in range(n):
+                _minmax_into(np.asarray(views[j]), o[j, 0])
+            return
+        tmp = np.empty((S, S), np.float32)
+        for j in range(n):
+            _minmax_into(np.asarray(views[j]), tmp)
+            out[j, 0].copy_(torch.from_numpy(tmp))
+        return
+    stacked = np.stack([np.asarray(v) for v in views]) if not isinstance(views, np.ndarray) else views
+    out.copy_(resize(torch.from_numpy(apply_appearance(stacked, name)).unsqueeze(1), S))
+
+
+def empty_output(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; ``shared`` allocates it in shared memory directly (what DataLoader's default_collate
+    does in workers), so sending it to the main process does not copy it into shared memory again."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    storage = torch.UntypedStorage._new_shared(n * torch.empty((), dtype=dtype).element_size())
+    return torch.empty((0,), dtype=dtype).set_(storage, 0, shape)
