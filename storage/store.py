@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -43,7 +44,7 @@ from schemas.store import (
     VerifyReport,
     ViewMeta,
 )
-from storage.backend import Backend, ConflictError, RetryingStore, StorageError, make_backend
+from storage.backend import Backend, ConflictError, LocalBackend, RetryingStore, StorageError, make_backend
 from storage.scope import DEFAULT_BUCKET_HEX, ClaimHeld, Scope, check_id, default_owner, row_of
 from storage.shardwrite import Crc32cTee, cast, encode_pool, encode_shard, shard_layout
 
@@ -549,7 +550,11 @@ class ProjectionDataset:
         return _commit_entry(self.scope, vid, checksum, write, owner)
 
     # ---- read ---------------------------------------------------------------------------------------------------
-    def _handle(self, volume_id: str):
+    def _handle(self, volume_id: str) -> "_RingHandle":
+        """Open one committed ring: its commit record, per-view metadata and the views' shard index (cached, LRU).
+
+        In the X-WIN regime (one sample per volume per epoch over 10^4 volumes) nearly every sample opens a ring,
+        so this path reads the metadata arrays directly (storage/fastread.py) instead of through zarr-python."""
         vid = check_id("volume_id", volume_id)
         h = self._cache.get(vid)
         if h is not None:
@@ -558,14 +563,19 @@ class ProjectionDataset:
         c = self.scope.get_commit(vid)
         if c is None:
             raise NotCommitted(f"ring {vid!r} is not committed in {self.path} of {self.store.url}")
-        zs = self.store.zstore
-        grp = zarr.open_group(zs, path=c.path, mode="r", zarr_format=3)
-        arr = grp[c.array]
-        meta = {n: grp[n][...] for n in META_ARRAYS}
-        from storage.fastread import shard_reader
+        from storage.fastread import read_small_array, shard_reader
 
-        zmeta = json.loads(self.store.backend.get(f"{c.path}/{c.array}/zarr.json")[0])
-        h = (arr, meta, shard_reader(self.store.backend, f"{c.path}/{c.array}", zmeta))
+        b = self.store.backend
+        if isinstance(b, LocalBackend):
+            meta = {n: read_small_array(b, f"{c.path}/{n}") for n in META_ARRAYS}
+        else:  # object stores: the 10 small GETs in parallel (latency-bound)
+            got = _io_pool().map(lambda n: read_small_array(b, f"{c.path}/{n}"), META_ARRAYS)
+            meta = dict(zip(META_ARRAYS, got))
+        for n in [n for n, a in meta.items() if a is None]:  # not our layout: zarr reads it
+            meta[n] = zarr.open_array(self.store.zstore, path=f"{c.path}/{n}", mode="r", zarr_format=3)[...]
+        zmeta = json.loads(b.get(f"{c.path}/{c.array}/zarr.json")[0])
+        h = _RingHandle(self.store, f"{c.path}/{c.array}", tuple(zmeta["shape"]), meta,
+                        shard_reader(b, f"{c.path}/{c.array}", zmeta))
         self._cache[vid] = h
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -579,43 +589,72 @@ class ProjectionDataset:
         Reads only the requested chunks of the shard (plus the shard index, once per handle), never the whole shard.
         ``dtype=None`` returns the stored dtype (``spec.store_dtype``) without a conversion.
         """
-        arr, meta, fast = self._handle(volume_id)
+        h = self._handle(volume_id)
+        meta = h.meta
         idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64).reshape(-1)
-        V = arr.shape[0]
+        V = h.shape[0]
         if idx.size == 0:
             raise ValueError("read_views: no indices given")
         if idx.min() < -V or idx.max() >= V:
             raise IndexError(f"ring {volume_id}: view indices must lie in [0, {V}), got {idx.tolist()}")
         idx = idx % V
-        data = fast.read(idx) if fast is not None else arr.oindex[idx]
+        data = h.fast.read(idx) if h.fast is not None else h.array.oindex[idx]
         vm = ViewMeta(
             index=meta["index"][idx],
             yaw_deg=meta["yaw_deg"][idx],
             cone_vec=meta["cone_vec"][idx],
             world_from_camera=meta["world_from_camera"][idx],
             intrinsics=meta["intrinsics"][idx],
-            height=int(arr.shape[1]),
-            width=int(arr.shape[2]),
+            height=int(h.shape[1]),
+            width=int(h.shape[2]),
         )
         return (data if dtype is None else cast(data, np.dtype(dtype), import_torch=False)), vm
 
     def read_ring(self, volume_id: str) -> np.ndarray:
         """All views (V, H, W) float32."""
-        arr = self._handle(volume_id)[0]
-        return cast(arr[...], np.dtype(np.float32), import_torch=False)
+        return cast(self._handle(volume_id).array[...], np.dtype(np.float32), import_torch=False)
 
     def read_geometry(self, volume_id: str) -> "ConeBeamViews":
         """All views' geometry, rebuilt only from the stored cone_vecs (and yaws)."""
         from pipeline.geometry import ConeBeamViews
 
-        arr, meta, _ = self._handle(volume_id)
-        return ConeBeamViews.from_cone_vecs(meta["cone_vec"], arr.shape[1], arr.shape[2], meta["yaw_deg"])
+        h = self._handle(volume_id)
+        return ConeBeamViews.from_cone_vecs(h.meta["cone_vec"], h.shape[1], h.shape[2], h.meta["yaw_deg"])
 
     def provenance(self, volume_id: str) -> dict:
         c = self.scope.get_commit(check_id("volume_id", volume_id))
         if c is None:
             raise NotCommitted(volume_id)
         return dict(c.provenance or {}, versions=c.versions, spec_hash=c.spec_hash, checksum=c.checksum)
+
+
+_IO_POOL: "ThreadPoolExecutor | None" = None
+
+
+def _io_pool() -> "ThreadPoolExecutor":
+    """Threads for latency-bound small reads on object stores (recreated after a fork)."""
+    global _IO_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _IO_POOL is None or getattr(_IO_POOL, "_pid", None) != os.getpid():
+        _IO_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="xwin-io")
+        _IO_POOL._pid = os.getpid()
+    return _IO_POOL
+
+
+class _RingHandle:
+    """An opened ring: views shape, per-view metadata, the direct shard reader (None: not our layout) and the zarr
+    array (opened only when needed: whole-ring reads, the fallback selection path)."""
+
+    def __init__(self, store: Store, array_path: str, shape: tuple[int, ...], meta: dict, fast) -> None:
+        self.store, self.array_path, self.shape, self.meta, self.fast = store, array_path, shape, meta, fast
+        self._array = None
+
+    @property
+    def array(self):
+        if self._array is None:
+            self._array = zarr.open_array(self.store.zstore, path=self.array_path, mode="r", zarr_format=3)
+        return self._array
 
 
 def _meta_arrays(g: "ConeBeamViews") -> dict[str, np.ndarray]:
