@@ -118,6 +118,18 @@ def test_no_real_stream_is_logged(tmp_path, rendered_dataset):
     assert {"event": "note", "message": NO_REAL_NOTE} in logs
 
 
+def test_bfloat16_images_from_the_loader(tmp_path, rendered_dataset):
+    """data.image_dtype=bfloat16: the loader hands over the same images rounded to bf16; the trainer widens them."""
+    sims = {dt: build_streams(tiny_cfg(tmp_path, rendered_dataset, data__image_dtype=dt))[0] for dt in ("float32", "bfloat16")}
+    b32, b16 = (next(iter(sims[dt])) for dt in ("float32", "bfloat16"))
+    assert b16["context"].dtype == torch.bfloat16 and b16["targets"].dtype == torch.bfloat16
+    assert b32["volume_id"] == b16["volume_id"] and torch.equal(b32["actions"], b16["actions"])
+    assert torch.equal(b16["targets"], b32["targets"].to(torch.bfloat16))  # one rounding of the float32 image
+    tr = Trainer(tiny_cfg(tmp_path, rendered_dataset, data__image_dtype="bfloat16"), sims["bfloat16"], None)
+    rec = tr.train_step(b16)
+    assert all(math.isfinite(v) for v in rec.values() if isinstance(v, float))
+
+
 def _run(cfg, steps, resume_from=None, save_to=None):
     sim, real = build_streams(cfg)
     tr = Trainer(cfg, sim, real)

@@ -390,7 +390,7 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
                             context_yaws=tuple(d.context_yaws))
     ds = XWinStream(StoreSource(d.store, cohort, spec), sampling=sampling, image_size=S, appearance=d.appearance,
                     seed=cfg.seed, batch_size=d.batch_size, draws_per_volume=d.draws_per_volume,
-                    shuffle_window=d.shuffle_window)
+                    shuffle_window=d.shuffle_window, dtype=d.image_dtype)
     sim = make_loader(ds, num_workers=d.num_workers)
     real = None
     if d.real:
