@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -76,6 +77,9 @@ class ResumableStream(IterableDataset):
         self.epoch = 0
         self.position = 0  # global positions [0, position) of `epoch` are consumed
         self._keys_cache: list[str] | None = None
+        # the item set is pinned for the life of a loader: catalog rows committed at or before this ISO time
+        # (set by the first ``keys()`` in the main process, carried to workers, saved in ``state_dict``)
+        self.catalog_as_of: str | None = None
 
     # ---------------------------------------------------------------- to implement
     def _keys(self) -> list[str]:
@@ -122,13 +126,18 @@ class ResumableStream(IterableDataset):
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "position": self.position,
-                "draws_per_item": self.draws_per_item, "shuffle_window": self.shuffle_window}
+                "draws_per_item": self.draws_per_item, "shuffle_window": self.shuffle_window,
+                "catalog_as_of": self.catalog_as_of}
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("seed", "draws_per_item", "shuffle_window"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(f"state was saved with {k}={state[k]}, this stream has {getattr(self, k)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        # mid-epoch: the same item set as the interrupted run (volumes committed since then wait for the next
+        # epoch boundary); at an epoch boundary: the catalog as it is now
+        self.catalog_as_of = state.get("catalog_as_of") if self.position > 0 else None
+        self._keys_cache = None
 
     def __getstate__(self) -> dict:  # open readers/caches never cross process boundaries
         d = dict(self.__dict__)
@@ -273,7 +282,16 @@ class XWinStream(ResumableStream):
         return self._reader_plan
 
     def _keys(self) -> list[str]:
-        return list(self.reader.volume_ids())
+        r = self.reader
+        if not hasattr(r, "catalog"):  # readers without a catalog (synthetic, tests): their ids as they are
+            return list(r.volume_ids())
+        rows = r.catalog()
+        if self.catalog_as_of is None:
+            self.catalog_as_of = _agreed_as_of(max((row.committed_at for row in rows), default=None))
+        if not self.catalog_as_of:
+            return []
+        cut = datetime.fromisoformat(self.catalog_as_of)
+        return [row.volume_id for row in rows if row.committed_at <= cut]
 
     def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict:
         """Reads the 1 + N views (context first) in one call; the images are made by ``_finalize``/``_collate``."""
@@ -324,6 +342,18 @@ def collate_views(views: Sequence[Any], appearance: str, image_size: int, dtype:
         appearance_into(v[:1], appearance, context[i : i + 1])
         appearance_into(v[1:], appearance, targets[i])
     return {"context": context, "targets": targets}
+
+
+def _agreed_as_of(latest: "datetime | None") -> str:
+    """The catalog time every process uses: this process's latest commit time, or rank 0's under torch.distributed
+    (ranks read the catalog at slightly different times; they must shard the same item list). Called in the main
+    process (workers receive the value with the dataset)."""
+    value = latest.isoformat() if latest is not None else ""
+    if get_worker_info() is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
 
 
 def _stored_dtype_kw(reader: Any) -> dict:
