@@ -143,3 +143,24 @@ def test_resume_mid_epoch_ignores_volumes_committed_since(rendered_dataset, tmp_
     fresh = _stream(src)
     fresh.load_state_dict({**state, "epoch": 1, "position": 0})
     assert {"added-0", "added-1"} <= set(fresh.keys()) and len(fresh.keys()) == len(rd.volume_ids) + 2
+
+
+def test_a_ring_gone_from_the_store_is_skipped_not_fatal(rendered_dataset, tmp_path, caplog):
+    import shutil
+
+    from storage import open_store
+
+    rd = rendered_dataset
+    url = str(tmp_path / "store")
+    shutil.copytree(rd.url, url)
+    src = StoreSource(url, rd.cohort, rd.spec)
+    ds = _stream(src)
+    assert len(ds.keys()) == len(rd.volume_ids)  # the item set is pinned before the ring disappears
+    gone = rd.volume_ids[1]
+    pds = open_store(url).dataset(rd.cohort, rd.spec)
+    (tmp_path / "store" / pds.scope.commit_key(gone)).unlink()  # e.g. an operator removed a bad ring
+    got = [s["volume_id"] for s in ds]
+    assert gone not in got
+    assert sorted(set(got)) == sorted(v for v in rd.volume_ids if v != gone)
+    assert len(got) == (len(rd.volume_ids) - 1) * 3  # every draw of every other volume
+    assert any(gone in r.getMessage() and "NotCommitted" in r.getMessage() for r in caplog.records)

@@ -293,12 +293,20 @@ class XWinStream(ResumableStream):
         cut = datetime.fromisoformat(self.catalog_as_of)
         return [row.volume_id for row in rows if row.committed_at <= cut]
 
-    def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict:
-        """Reads the 1 + N views (context first) in one call; the images are made by ``_finalize``/``_collate``."""
+    def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict | None:
+        """Reads the 1 + N views (context first) in one call; the images are made by ``_finalize``/``_collate``.
+
+        A ring that cannot be read as data (no longer committed, missing or corrupt objects) is skipped with a logged
+        reason (``None``): one bad volume never stops a training epoch. Infrastructure errors (the store itself
+        unreachable after retries) still raise."""
         d = self.plan.draw(rng)
         want = np.concatenate([[d.context_index], d.target_indices])
         # one call in sample order (the reader takes any order): touches only these views' chunks, no reordering copy
-        views, meta = self.reader.read_views(key, want, **self._reader_kw)
+        try:
+            views, meta = self.reader.read_views(key, want, **self._reader_kw)
+        except (KeyError, FileNotFoundError, ValueError) as e:  # NotCommitted is a KeyError; corrupt data ValueError
+            log.warning("skipping volume %s: %s: %s", key, type(e).__name__, e)
+            return None
         got_idx = np.asarray(meta.index, dtype=np.int64)
         if not np.array_equal(got_idx, want):
             raise ValueError(f"reader returned views {got_idx.tolist()} of {key!r}, asked for {want.tolist()}")
