@@ -28,6 +28,21 @@ from pipeline.render._rays import index_space as _index_space
 
 
 @nb.njit(cache=True, inline="always")
+def _clip_slab(s, d, n, tmin, tmax):
+    """Slab clip of the ray parameter interval [tmin, tmax] to [-1/2, n-1/2] along one index axis (start ``s``,
+    direction ``d``); an empty result has tmin >= tmax (a ray parallel to the slab and outside it: (1, 0))."""
+    if abs(d) < 1e-12:
+        if s < -0.5 or s > n - 0.5:
+            return 1.0, 0.0
+        return tmin, tmax
+    t0 = (-0.5 - s) / d
+    t1 = (n - 0.5 - s) / d
+    if t0 > t1:
+        t0, t1 = t1, t0
+    return max(tmin, t0), min(tmax, t1)
+
+
+@nb.njit(cache=True, inline="always")
 def _ray(vol, nx, ny, nz, sx, sy, sz, px, py, pz, length):
     """Line integral along source (sx,sy,sz) -> pixel (px,py,pz), index space; ``length`` = world mm."""
     d0 = px - sx
@@ -43,18 +58,7 @@ def _ray(vol, nx, ny, nz, sx, sy, sz, px, py, pz, length):
             s, d, n = sy, d1, ny
         else:
             s, d, n = sz, d2, nz
-        if abs(d) < 1e-12:
-            if s < -0.5 or s > n - 0.5:
-                return 0.0
-        else:
-            t0 = (-0.5 - s) / d
-            t1 = (n - 0.5 - s) / d
-            if t0 > t1:
-                t0, t1 = t1, t0
-            if t0 > tmin:
-                tmin = t0
-            if t1 < tmax:
-                tmax = t1
+        tmin, tmax = _clip_slab(s, d, n, tmin, tmax)
     if tmin >= tmax:
         return 0.0
     a0, a1, a2 = abs(d0), abs(d1), abs(d2)
@@ -151,25 +155,13 @@ def _project_columns(vol, nx, ny, nz, P, H, W, out):
         # in-plane clip of t to the box in x and y (shared by every ray of the column)
         tmin = 0.0
         tmax = 1.0
-        ok = True
         for ax in range(2):
             if ax == 0:
                 s, d, n = sx, ex, nx
             else:
                 s, d, n = sy, ey, ny
-            if abs(d) < 1e-12:
-                if s < -0.5 or s > n - 0.5:
-                    ok = False
-            else:
-                t0 = (-0.5 - s) / d
-                t1 = (n - 0.5 - s) / d
-                if t0 > t1:
-                    t0, t1 = t1, t0
-                if t0 > tmin:
-                    tmin = t0
-                if t1 < tmax:
-                    tmax = t1
-        if not ok or tmin >= tmax:
+            tmin, tmax = _clip_slab(s, d, n, tmin, tmax)
+        if tmin >= tmax:
             for r in range(H):
                 out[k, r, c] = 0.0
             continue
