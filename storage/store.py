@@ -162,8 +162,8 @@ def _group_doc(attributes: dict) -> bytes:
 def _write_entry(backend: Backend, path: str, attributes: dict | Callable[[], dict], arrays: list[ArrayWrite]) -> None:
     """Write a group of single-shard arrays under ``path`` and verify every object it wrote.
 
-    ``arrays``: :class:`ArrayWrite` (or plain (name, data, chunks, codec) tuples). Metadata documents come from zarr-python, shards from
-    :mod:`storage.shardwrite` (byte-identical to zarr's). Verification reads every object back as raw bytes and
+    ``arrays``: :class:`ArrayWrite` (or plain (name, data, chunks, codec) tuples). Metadata documents come from
+    zarr-python, shards from :mod:`storage.shardwrite` (byte-identical to zarr's). Verification reads every object back as raw bytes and
     compares it (metadata: equality; shards: size + crc32c of the bytes streamed out), without decoding. Objects
     under ``path`` that are not part of the entry (a crashed earlier attempt's leftovers) are deleted."""
     docs: dict[str, bytes] = {}
