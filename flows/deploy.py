@@ -75,19 +75,14 @@ def ensure_pool(name: str, pool_type: str = "process") -> bool:
     """Create work pool ``name`` unless it exists. Returns True when created."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    from flows.runtime import create_unless_exists
 
     with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(name)
-            return False
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
-            return True
-        except ObjectAlreadyExists:
-            return False
+        return create_unless_exists(
+            lambda: client.read_work_pool(name),
+            lambda: client.create_work_pool(WorkPoolCreate(name=name, type=pool_type)),
+        )
 
 
 def register(specs: list[DeploymentSpec], code_dir: str | Path = REPO_ROOT, gpus: int = 1,

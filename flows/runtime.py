@@ -79,20 +79,32 @@ def ensure_limit(name: str, slots: int) -> bool:
     configured). Returns True when it was created. Needs a reachable Prefect API (or ephemeral mode)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return False
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-            log.info("created global concurrency limit %s (%d slots)", name, slots)
-            return True
-        except ObjectAlreadyExists:  # created concurrently by another worker
-            return False
+        created = create_unless_exists(
+            lambda: client.read_global_concurrency_limit_by_name(name),
+            lambda: client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots)),
+        )
+    if created:
+        log.info("created global concurrency limit %s (%d slots)", name, slots)
+    return created
+
+
+def create_unless_exists(read: Callable[[], Any], create: Callable[[], Any]) -> bool:
+    """Idempotent creation of a Prefect server object: ``read()``; if it is not found, ``create()``; another process
+    creating it concurrently is fine. Returns True when this call created it."""
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    try:
+        read()
+        return False
+    except ObjectNotFound:
+        pass
+    try:
+        create()
+        return True
+    except ObjectAlreadyExists:  # created concurrently by another worker
+        return False
 
 
 def ensure_limits_once(*limits: tuple[str, int]) -> None:
