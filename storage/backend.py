@@ -13,6 +13,7 @@ Credentials for S3 come from the environment or ``storage_options``; nothing her
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import errno
@@ -162,18 +163,19 @@ class RetryingStore(WrapperStore[ZarrStore]):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-class Backend:
-    """Small-object operations on the store root. Keys are '/'-separated paths relative to the root."""
+class Backend(abc.ABC):
+    """Small-object operations on the store root. Keys are '/'-separated paths relative to the root.
+    Implementations: LocalBackend, S3Backend (an incomplete one fails when constructed, not at first use)."""
 
     url: str
 
+    @abc.abstractmethod
     def get(self, key: str) -> tuple[bytes, str] | None:
         """(bytes, etag) or None when absent."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         """Write ``data``; returns its etag. Raises ConflictError when a condition fails."""
-        raise NotImplementedError
 
     def put_pieces(self, key: str, pieces: Iterable[bytes]) -> None:
         """Write one object from ``pieces`` (unconditional). Readers see the old object or the whole new one."""
@@ -183,27 +185,29 @@ class Backend:
         """The whole object's bytes (no etag computed). FileNotFoundError if absent."""
         return self.get_range(key, 0, None)
 
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
-        raise NotImplementedError
+        """Remove an object (absent is fine)."""
 
+    @abc.abstractmethod
     def get_range(self, key: str, start: int, end: int | None) -> bytes:
         """Bytes [start, end) of an object; negative ``start`` with end None = suffix. FileNotFoundError if absent."""
-        raise NotImplementedError
 
     def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         return [self.get_range(key, a, b) for a, b in ranges]
 
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
-        raise NotImplementedError
+        """Whether the object exists."""
 
+    @abc.abstractmethod
     def list(self, prefix: str, *, include_partial: bool = False) -> list[str]:
         """All keys under ``prefix`` (recursive), relative to the root. ``include_partial``: also the temporary
         objects of writes that never finished (local stores; S3 has none: a PUT is atomic)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def zarr_store(self, sub: str = "") -> ZarrStore:
         """A zarr store rooted at the store root, or at ``sub`` below it."""
-        raise NotImplementedError
 
 
 class LocalBackend(Backend):

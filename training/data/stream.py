@@ -11,6 +11,7 @@ positions not yet consumed, for any number of workers and any ``world_size``.
 
 from __future__ import annotations
 
+import abc
 import logging
 import multiprocessing as mp
 import os
@@ -40,7 +41,7 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-class ResumableStream(IterableDataset):
+class ResumableStream(IterableDataset, abc.ABC):
     """Base class: subclasses implement ``_keys()`` (the item list, per process) and ``_load(key, draw, rng)``.
 
     seed: order and per-unit randomness. draws_per_item: units per item per epoch (a volume can give several
@@ -82,12 +83,13 @@ class ResumableStream(IterableDataset):
         self.catalog_as_of: str | None = None
 
     # ---------------------------------------------------------------- to implement
+    @abc.abstractmethod
     def _keys(self) -> list[str]:
-        raise NotImplementedError
+        """The items (volume ids, image paths) of this process's view of the source."""
 
+    @abc.abstractmethod
     def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict | None:
         """One sample, or ``None`` to skip the unit (bad input, logged by the implementation)."""
-        raise NotImplementedError
 
     def _finalize(self, sample: dict) -> dict:
         """A sample returned on its own (``batch_size=None``, ``sample_at``); ``_collate`` finishes batched ones.
