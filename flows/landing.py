@@ -15,9 +15,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import flow
 
@@ -108,17 +110,21 @@ def scan_once(landing: str, cohort: str, store: str, spec: RenderSpec | None = N
         new = new[:max_new]
     if not new:
         return RunSummary(), []
-    stage_dir = Path(staging or os.environ.get("XWIN_STAGING") or tempfile.mkdtemp(prefix="xwin-landing-"))
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    local = {_stage(e, stage_dir): e for e in new}
-    params = BackfillParams(cohort=cohort, store=store, source=list(local), spec=spec or RenderSpec(),
-                            backend=backend, reports=reports)
     failed_inputs: set[str] = set()
-    try:
-        summary = runner(params) if runner else _default_runner(params)
-    except BackfillIncomplete as e:
-        summary = e.summary
-        failed_inputs = {i for i, _ in e.failed}
+    with _staging_dir(staging, any(e.startswith("s3://") for e in new)) as stage_dir:
+        local = {_stage(e, stage_dir): e for e in new}
+        params = BackfillParams(cohort=cohort, store=store, source=list(local), spec=spec or RenderSpec(),
+                                backend=backend, reports=reports)
+        try:
+            summary = runner(params) if runner else _default_runner(params)
+        except BackfillIncomplete as e:
+            summary = e.summary
+            failed_inputs = {i for i, _ in e.failed}
+        finally:  # staged copies are only needed by this run (a transient failure stages them again next tick)
+            for path, entry in local.items():
+                if path != entry:
+                    _remove(Path(path))
+    summary = _name_landing_entries(summary, local)
     for path, entry in local.items():  # an entry is finished unless one of its series failed transiently
         if not any(i == path or i.startswith(path + "#") for i in failed_inputs):
             seen[entry] = current[entry]
@@ -126,6 +132,43 @@ def scan_once(landing: str, cohort: str, store: str, spec: RenderSpec | None = N
     if failed_inputs:
         raise BackfillIncomplete(summary, [(i, "failed") for i in sorted(failed_inputs)], None)
     return summary, new
+
+
+@contextmanager
+def _staging_dir(staging: str | None, needed: bool) -> Iterator[Path]:
+    """Where S3 entries are copied for one scan: ``staging`` / ``$XWIN_STAGING`` (kept), else a temporary directory
+    made only when an entry needs staging and removed afterwards."""
+    given = staging or os.environ.get("XWIN_STAGING")
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        yield Path(given)
+    elif not needed:
+        yield Path(tempfile.gettempdir())  # unused: local entries are read in place
+    else:
+        with tempfile.TemporaryDirectory(prefix="xwin-landing-") as d:
+            yield Path(d)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _name_landing_entries(summary: RunSummary, local: dict[str, str]) -> RunSummary:
+    """Report inputs by their landing name (``s3://...``), not by the deleted staged copy."""
+    def orig(i: str) -> str:
+        for path, entry in local.items():
+            if path != entry and (i == path or i.startswith(path + "#") or i.startswith(path + "/")):
+                return entry + i[len(path):]
+        return i
+
+    return RunSummary(
+        done=[e.model_copy(update={"input": orig(e.input)}) for e in summary.done],
+        skipped=[e.model_copy(update={"input": orig(e.input)}) for e in summary.skipped],
+        rejected=[r.model_copy(update={"input": orig(r.input)}) for r in summary.rejected],
+    )
 
 
 def _default_runner(params: BackfillParams) -> RunSummary:

@@ -425,7 +425,21 @@ def test_landing_scan_of_an_s3_prefix(tmp_path, cohort, monkeypatch):
         s1, new1 = scan_once("s3://landing/incoming", "test", store, SPEC, "joseph", **kw)
         assert sorted(new1) == ["s3://landing/incoming/broken.nii.gz", "s3://landing/incoming/ct3.nii.gz"]
         assert (len(s1.done), [r.reason for r in s1.rejected]) == (1, [RejectReason.unreadable_file])
+        # inputs are reported by their landing name, and the staged copies are gone after the scan
+        assert [r.input for r in s1.rejected] == ["s3://landing/incoming/broken.nii.gz"]
+        assert [e.input for e in s1.done] == ["s3://landing/incoming/ct3.nii.gz"]
+        assert list((tmp_path / "staging").iterdir()) == []
         s2, new2 = scan_once("s3://landing/incoming", "test", store, SPEC, "joseph", **kw)
         assert new2 == [] and s2.counts() == {"done": 0, "skipped": 0, "rejected": 0}
+        # without a staging directory: a temporary one, removed after the scan
+        s3.upload_file(str(good[2]), "landing", "incoming/ct2.nii.gz")
+        monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+        (tmp_path / "tmp").mkdir()
+        import tempfile
+
+        monkeypatch.setattr(tempfile, "tempdir", None)
+        s3_, new3 = scan_once("s3://landing/incoming", "test", store, SPEC, "joseph")
+        assert new3 == ["s3://landing/incoming/ct2.nii.gz"] and len(s3_.done) == 1
+        assert list((tmp_path / "tmp").iterdir()) == []
     finally:
         server.stop()
