@@ -31,6 +31,8 @@ def consumer(
     dtype: str = typer.Option("float32", help="output image dtype: float32 (default) | float16 | bfloat16"),
     volumes: int = typer.Option(8, help="volumes in the generated store (no --store)"),
     size: int = typer.Option(512, help="detector size of the generated store (no --store)"),
+    fresh: bool = typer.Option(True, "--fresh/--no-fresh",
+                               help="also time the stream allocating every batch afresh (no buffer reuse)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Samples/s and MB/s of the X-WIN stream vs a WebDataset tar of the same views (goal ratio >= 1.5)."""
@@ -56,7 +58,7 @@ def consumer(
     counts = tuple(int(x) for x in worker_counts.split(",") if x.strip())
     try:
         res = run_bench(src, workers=counts, samples=samples, batch_size=batch_size, image_size=image_size,
-                        appearance=appearance, main_workers=workers, dtype=dtype,
+                        appearance=appearance, main_workers=workers, dtype=dtype, fresh_buffers=fresh,
                         wds_dir=f"{tmp.name}/wds" if tmp is not None else None)
     finally:
         if tmp is not None:
@@ -66,10 +68,13 @@ def consumer(
         return
     typer.echo(f"dataset {res['dataset']}: {res['volumes']} volumes, views {res['view_shape']} {res['store_dtype']}, "
                f"S={res['image_size']}, batch {res['batch_size']}, {res['cpu_count']} CPUs")
-    typer.echo(f"{'workers':>7} {'samples/s':>10} {'MB/s':>8} {'wds samples/s':>14} {'wds MB/s':>9} {'ratio':>6}")
+    typer.echo(f"{'workers':>7} {'samples/s':>10} {'MB/s':>8} {'wds samples/s':>14} {'wds MB/s':>9} {'ratio':>6}"
+               f" {'fresh-buffer samples/s':>23} {'ratio':>6}")
     for r in res["rows"]:
+        fr = r["samples_per_s_fresh_buffers"]
         typer.echo(f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['mb_per_s']:>8.1f} "
-                   f"{r['baseline_samples_per_s']:>14.1f} {r['baseline_mb_per_s']:>9.1f} {r['ratio']:>6.2f}")
+                   f"{r['baseline_samples_per_s']:>14.1f} {r['baseline_mb_per_s']:>9.1f} {r['ratio']:>6.2f}"
+                   + (f" {fr:>23.1f} {r['ratio_fresh_buffers']:>6.2f}" if fr is not None else ""))
     typer.echo(f"ViT-B/16 @512² on one H100 consumes ~{res['gpu_need_samples_per_s']:.0f} samples/s; "
                f"best here {res['keeps_up_ratio']:.2f}x that")
 

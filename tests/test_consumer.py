@@ -263,3 +263,52 @@ def test_output_dtypes_and_stored_float16_views():
     raw = SyntheticSource(7, SPEC).open().read_views(s["volume_id"], want)[0].astype(np.float16).astype(np.float32)
     got = torch.cat([s["context"][None], s["targets"]])[:, 0].numpy()
     np.testing.assert_array_equal(got, np.stack([minmax(v) for v in raw]))
+
+
+# ------------------------------------------------------------------------------------------- reused batch buffers
+def _images(b):
+    return b["context"].clone(), b["targets"].clone(), list(b["volume_id"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_buffers_are_reused_but_never_while_the_consumer_holds_them(workers):
+    """Batches are assembled in reused memory (no fresh 100 MB per batch at 512²); a batch the consumer still holds,
+    or a numpy view of one, is never overwritten: values equal a stream that allocates every batch afresh."""
+    ref = [_images(b) for e in range(4) for b in _fresh_epoch(e)]  # 4 epochs x 5 batches, fresh memory
+    ds = _stream(n_volumes=9, batch_size=4)
+    loader = make_loader(ds, num_workers=workers)
+    # 1. a training loop: holds one batch at a time -> buffers are recycled
+    ptrs, got = set(), []
+    for _ in range(2):
+        for b in loader:
+            ptrs.add(b["targets"].data_ptr())
+            got.append(_images(b))
+    _assert_same(got, ref[:10])
+    if workers:
+        slots = loader._slots
+        assert slots.retired == 0 and len(ptrs) <= workers * slots.per_worker
+    else:
+        assert ds._local_buffers.allocated <= 2 and len(ptrs) <= 2
+    # 2. a consumer that keeps every batch (and a numpy view of one): nothing it holds changes
+    held = list(loader)
+    arr = held[0]["targets"].numpy()
+    first = arr.copy()
+    held += list(loader)
+    _assert_same([_images(b) for b in held], ref[10:])
+    np.testing.assert_array_equal(arr, first)
+    assert len({b["targets"].data_ptr() for b in held}) == len(held)  # all distinct memory
+    if workers:
+        assert loader._slots.retired > 0  # held slots were given fresh memory instead of being waited on
+
+
+def _fresh_epoch(epoch):
+    ds = _stream(n_volumes=9, batch_size=4, reuse_buffers=False)
+    ds.set_epoch(epoch)
+    return list(ds)
+
+
+def _assert_same(got, ref):
+    assert len(got) == len(ref)
+    for (c, t, v), (rc, rt, rv) in zip(got, ref):
+        assert v == rv
+        assert torch.equal(c, rc) and torch.equal(t, rt)

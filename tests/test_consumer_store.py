@@ -164,3 +164,28 @@ def test_a_ring_gone_from_the_store_is_skipped_not_fatal(rendered_dataset, tmp_p
     assert sorted(set(got)) == sorted(v for v in rd.volume_ids if v != gone)
     assert len(got) == (len(rd.volume_ids) - 1) * 3  # every draw of every other volume
     assert any(gone in r.getMessage() and "NotCommitted" in r.getMessage() for r in caplog.records)
+
+
+def test_consumer_bench_cli_reports_both_readers(rendered_dataset, tmp_path, monkeypatch):
+    """``xwin bench consumer --json`` on a rendered store: one row per worker count, each with the stream (reused
+    buffers), the stream with fresh buffers and the WebDataset baseline of the same views, and the H100 need."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the WebDataset tars go here
+    url = f"{rendered_dataset.url}#{rendered_dataset.cohort}"
+    res = CliRunner().invoke(app, ["bench", "consumer", "--store", url, "--worker-counts", "0,2", "--samples", "6",
+                                   "--batch-size", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert [r["workers"] for r in out["rows"]] == [0, 2] and out["volumes"] == 3
+    for r in out["rows"]:
+        assert r["samples_per_s"] > 0 and r["baseline_samples_per_s"] > 0 and r["samples_per_s_fresh_buffers"] > 0
+        assert r["ratio"] == pytest.approx(r["samples_per_s"] / r["baseline_samples_per_s"])
+    assert 30 < out["gpu_need_samples_per_s"] < 50  # ViT-B/16 X-WIN step at 40 % MFU on an H100: ~42 samples/s
+    best = max(r["samples_per_s"] for r in out["rows"])
+    assert out["keeps_up_ratio"] == pytest.approx(best / out["gpu_need_samples_per_s"])
+    assert len(list(tmp_path.glob("xwin-wds-*/shard-*.tar"))) >= 2

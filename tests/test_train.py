@@ -128,6 +128,13 @@ def test_bfloat16_images_from_the_loader(tmp_path, rendered_dataset):
     tr = Trainer(tiny_cfg(tmp_path, rendered_dataset, data__image_dtype="bfloat16"), sims["bfloat16"], None)
     rec = tr.train_step(b16)
     assert all(math.isfinite(v) for v in rec.values() if isinstance(v, float))
+    # "auto" (the default): bfloat16 exactly when the trainer autocasts to bf16
+    from training.loop import loader_image_dtype
+
+    auto = {prec: tiny_cfg(tmp_path, rendered_dataset, precision=prec) for prec in ("fp32", "bf16")}
+    assert auto["fp32"].data.image_dtype == "auto"
+    assert (loader_image_dtype(auto["fp32"]), loader_image_dtype(auto["bf16"])) == ("float32", "bfloat16")
+    assert build_streams(auto["bf16"])[0].dataset.dtype == torch.bfloat16
 
 
 def _run(cfg, steps, resume_from=None, save_to=None):

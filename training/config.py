@@ -136,9 +136,11 @@ class DataConfig(_Strict):
     draws_per_volume: int = 1
     shuffle_window: int = 1024
     # dtype of the DRR image tensors the loader hands over; the trainer widens them to float32 on the device.
-    # bfloat16 halves the bytes a worker writes and ships (+15-25% samples/s on 2 cores, docs/benchmarks.md, Consumer);
-    # min-max images in [0, 1] keep 8 mantissa bits, what bf16 autocast gives the encoder anyway.
-    image_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # bfloat16 halves the bytes a worker writes and ships (+15-40% samples/s on 2 cores, docs/benchmarks.md, Consumer).
+    # Images only enter the model through the encoders' patch embedding, which bf16 autocast runs in bf16: with
+    # autocast, bf16 images are exactly what the model sees anyway. "auto": bfloat16 when the trainer autocasts to
+    # bf16 (precision bf16, or auto on CUDA), else float32.
+    image_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class TrainConfig(_Strict):

@@ -99,6 +99,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_bf16_autocast(cfg: TrainConfig, device: torch.device | None = None) -> bool:
+    """Whether the trainer runs its forward passes under bf16 autocast (``precision``: bf16, or auto on CUDA)."""
+    device = device if device is not None else resolve_device(cfg.device)
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def loader_image_dtype(cfg: TrainConfig) -> str:
+    """``data.image_dtype`` resolved: "auto" -> bfloat16 under bf16 autocast (what the encoders see), else float32."""
+    dt = cfg.data.image_dtype
+    return dt if dt != "auto" else ("bfloat16" if uses_bf16_autocast(cfg) else "float32")
+
+
 def param_groups(model: nn.Module) -> list[dict]:
     """AdamW groups: weight decay on matrices/kernels only; biases, norms, mask token, temperatures exempt."""
     decay, no_decay = [], []
@@ -153,7 +165,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.device.type == "cpu" and cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.amp = uses_bf16_autocast(cfg, self.device)
 
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.model = XWin(cfg.model, cfg.loss).to(self.device)
@@ -390,7 +402,7 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
                             context_yaws=tuple(d.context_yaws))
     ds = XWinStream(StoreSource(d.store, cohort, spec), sampling=sampling, image_size=S, appearance=d.appearance,
                     seed=cfg.seed, batch_size=d.batch_size, draws_per_volume=d.draws_per_volume,
-                    shuffle_window=d.shuffle_window, dtype=d.image_dtype)
+                    shuffle_window=d.shuffle_window, dtype=loader_image_dtype(cfg))
     sim = make_loader(ds, num_workers=d.num_workers)
     real = None
     if d.real:

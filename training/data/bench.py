@@ -155,7 +155,10 @@ def _drain(make_iter, min_samples: int) -> Measure:
 
 def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samples: int = 96, batch_size: int = 12,
               image_size: int | None = None, appearance: str = "minmax", wds_dir: str | Path | None = None,
-              main_workers: int = 2, dtype: str | None = None) -> dict[str, Any]:
+              main_workers: int = 2, dtype: str | None = None, fresh_buffers: bool = True) -> dict[str, Any]:
+    """Each row: the stream as the trainer runs it (reused batch buffers, ``buffers.py``), the WebDataset baseline,
+    and (``fresh_buffers``) the stream allocating every batch afresh like the baseline, which isolates what the read
+    path alone gains over WebDataset (``ratio_fresh_buffers``)."""
     reader = source.open()
     spec = reader.spec
     S = image_size or spec.width
@@ -169,21 +172,32 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
     bytes_per_sample = (1 + sampling.n_targets) * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize
     rows = []
     for w in workers:
-        ds = XWinStream(source, sampling=sampling, image_size=S, appearance=appearance, batch_size=batch_size,
-                        shuffle_window=64, seed=0, dtype=odt)
-        loader = make_loader(ds, num_workers=w)
+        def stream_loader(reuse: bool):
+            ds = XWinStream(source, sampling=sampling, image_size=S, appearance=appearance, batch_size=batch_size,
+                            shuffle_window=64, seed=0, dtype=odt, reuse_buffers=reuse)
+            return make_loader(ds, num_workers=w)
+
+        loader = stream_loader(True)
         m = _drain(lambda: iter(loader), samples)
+        del loader
+        mf = None
+        if fresh_buffers:
+            loader = stream_loader(False)
+            mf = _drain(lambda: iter(loader), samples)
+            del loader
         base = WdsXWin(shards, spec, sampling, S, appearance, batch_size, dtype=odt)
         kw: dict[str, Any] = {"batch_size": None, "num_workers": w}
         if w:
             kw.update(multiprocessing_context=_forkserver_context(), worker_init_fn=_worker_init, persistent_workers=True)
         base_loader = DataLoader(base, **kw)
         mb = _drain(lambda: iter(base_loader), samples)
-        del base_loader, loader
+        del base_loader
         rows.append({
             "workers": w,
             "samples_per_s": m.samples_per_s,
             "mb_per_s": m.samples_per_s * bytes_per_sample / 1e6,
+            "samples_per_s_fresh_buffers": mf.samples_per_s if mf else None,
+            "ratio_fresh_buffers": (mf.samples_per_s / mb.samples_per_s if mf and mb.samples_per_s else None),
             "baseline_samples_per_s": mb.samples_per_s,
             "baseline_mb_per_s": mb.samples_per_s * bytes_per_sample / 1e6,
             "baseline_tar_mb_read_per_s": mb.samples_per_s * spec.n_views * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize / 1e6,

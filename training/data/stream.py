@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .buffers import LocalBuffers, SharedSlots, layout_nbytes, shared_storage, tensors_on
 from .order import EpochOrder, shard_batches, unit_rng
 from .readers import ViewReader, ViewSource
 from .sampling import SamplingPlan, XWinSampling
@@ -149,6 +150,8 @@ class ResumableStream(IterableDataset, abc.ABC):
         for k in [k for k in d if k.startswith("_reader")]:
             d[k] = None
         d.pop("_skip_lock", None)
+        if mp.context.get_spawning_popen() is None:  # batch slots go to a starting DataLoader worker, nowhere else
+            d["_slots"] = None
         return d
 
     # ---------------------------------------------------------------- iteration
@@ -254,6 +257,7 @@ class XWinStream(ResumableStream):
         image_size: int = 512,
         appearance: str = "minmax",
         dtype: str | torch.dtype | None = None,
+        reuse_buffers: bool = True,
         **kw: Any,
     ) -> None:
         kw.setdefault("draws_per_item", kw.pop("draws_per_volume", 1))
@@ -263,6 +267,9 @@ class XWinStream(ResumableStream):
         self.image_size = int(image_size)
         self.appearance = appearance
         self.dtype = out_dtype(dtype)
+        self.reuse_buffers = bool(reuse_buffers)
+        self._local_buffers = LocalBuffers()
+        self._slots: SharedSlots | None = None  # set by ResumableLoader for its workers
         self._reader: ViewReader | None = None
         self._reader_pid: int | None = None
         self._reader_plan: SamplingPlan | None = None
@@ -333,21 +340,66 @@ class XWinStream(ResumableStream):
         return {"context": imgs[0], "targets": imgs[1:], **sample}
 
     def _collate(self, samples: list[dict]) -> dict:
-        """Batch assembly: each sample's views are transformed straight into its slot of the batch tensors."""
+        """Batch assembly: each sample's views are transformed straight into its place in the batch tensors.
+
+        Those tensors are reused buffers (``buffers.py``) when ``reuse_buffers``: in a DataLoader worker of a
+        ``ResumableLoader``, a shared slot of which only the number travels (``"_slot"``, made into tensors again by
+        the loader); in the consuming process, a pooled storage; otherwise fresh memory."""
         if "_views" not in samples[0]:
             return super()._collate(samples)
-        imgs = collate_views([s.pop("_views") for s in samples], self.appearance, self.image_size, self.dtype)
-        return {**imgs, **super()._collate(samples)}
+        views = [s.pop("_views") for s in samples]
+        out, slot = self._batch_images(len(views), len(views[0]))
+        try:
+            collate_views(views, self.appearance, self.image_size, self.dtype, out=out)
+        except BaseException:
+            if slot is not None and self._slots is not None:  # the slot goes back to this worker's free list
+                self._slots.release(slot[0], slot[1])
+            raise
+        batch = super()._collate(samples)
+        if slot is not None:
+            batch["_slot"] = slot
+        else:
+            batch.update(out)
+        return batch
+
+    def batch_layout(self, b: int, n: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Where a batch of ``b`` samples of ``n`` views lies in a buffer: name -> (element offset, shape)."""
+        S, B = self.image_size, max(int(self.batch_size or b), b)
+        return {"context": (0, (b, 1, S, S)), "targets": (B * S * S, (b, n - 1, 1, S, S))}
+
+    def batch_nbytes(self) -> int:
+        """Bytes of one full batch's images (the size of a reusable buffer)."""
+        return layout_nbytes(self.batch_layout(int(self.batch_size or 1), 1 + self.sampling.n_targets), self.dtype)
+
+    def _batch_images(self, b: int, n: int) -> tuple[dict[str, torch.Tensor], tuple | None]:
+        layout = self.batch_layout(b, n)
+        nbytes = layout_nbytes(layout, self.dtype)
+        info = get_worker_info()
+        if not self.reuse_buffers:
+            storage = shared_storage(nbytes) if info is not None else torch.UntypedStorage(nbytes)
+            return tensors_on(storage, layout, self.dtype), None
+        if info is None:
+            return tensors_on(self._local_buffers.acquire(nbytes), layout, self.dtype), None
+        slots = self._slots
+        if slots is not None and nbytes <= slots.nbytes:
+            i, storage = slots.acquire(info.id)
+            return tensors_on(storage, layout, self.dtype), (info.id, i, layout, self.dtype)
+        return tensors_on(shared_storage(nbytes), layout, self.dtype), None
 
 
-def collate_views(views: Sequence[Any], appearance: str, image_size: int, dtype: torch.dtype = torch.float32) -> dict:
+def collate_views(views: Sequence[Any], appearance: str, image_size: int, dtype: torch.dtype = torch.float32,
+                  out: dict[str, torch.Tensor] | None = None) -> dict:
     """B samples' stored views (each (1+N,H,W) array or sequence of (H,W) arrays, context first) ->
-    ``{"context": (B,1,S,S), "targets": (B,N,1,S,S)}`` of ``dtype``, transformed in place into tensors that live
-    in shared memory when called in a DataLoader worker (no copy on the way to the main process)."""
+    ``{"context": (B,1,S,S), "targets": (B,N,1,S,S)}`` of ``dtype``, transformed in place into ``out`` when given,
+    else into new tensors that live in shared memory when called in a DataLoader worker (no copy on the way to the
+    main process)."""
     B, S, n = len(views), int(image_size), len(views[0])
-    shared = get_worker_info() is not None
-    context = empty_output((B, 1, S, S), dtype, shared)
-    targets = empty_output((B, n - 1, 1, S, S), dtype, shared)
+    if out is not None:
+        context, targets = out["context"], out["targets"]
+    else:
+        shared = get_worker_info() is not None
+        context = empty_output((B, 1, S, S), dtype, shared)
+        targets = empty_output((B, n - 1, 1, S, S), dtype, shared)
     for i, v in enumerate(views):
         appearance_into(v[:1], appearance, context[i : i + 1])
         appearance_into(v[1:], appearance, targets[i])
@@ -403,6 +455,7 @@ class ResumableLoader:
         self.loader_kw = loader_kw
         self._dl: DataLoader | None = None
         self._dl_state: tuple[int, int] | None = None  # the state the persistent workers will start from
+        self._slots: SharedSlots | None = None
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()
@@ -413,7 +466,19 @@ class ResumableLoader:
 
     def close(self) -> None:
         """Shut the persistent workers down (they also go when the loader is garbage collected)."""
-        self._dl, self._dl_state = None, None
+        self._dl, self._dl_state, self._slots = None, None, None
+
+    def _make_slots(self) -> SharedSlots | None:
+        """Reusable shared-memory batch slots for the workers (``buffers.SharedSlots``), when the dataset makes
+        batches that can use them; handed to the workers with the dataset when they start."""
+        ds = self.dataset
+        nw = int(self.loader_kw.get("num_workers", 0))
+        if nw == 0 or not getattr(ds, "reuse_buffers", False) or not ds.batch_size or not hasattr(ds, "batch_nbytes"):
+            return None
+        ctx = self.loader_kw.get("multiprocessing_context") or mp.get_context()
+        if isinstance(ctx, str):
+            ctx = mp.get_context(ctx)
+        return SharedSlots(ctx, nw, ds.batch_nbytes(), prefetch_factor=self.loader_kw.get("prefetch_factor") or 2)
 
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
@@ -422,16 +487,33 @@ class ResumableLoader:
             return
         epoch, start = ds.epoch, ds.position
         if self._dl is None or self._dl_state != (epoch, start):
+            self._slots = self._make_slots()
             self._dl = DataLoader(ds, batch_size=None, persistent_workers=True, **self.loader_kw)
         self._dl_state = None  # until this epoch completes, the workers' state is unknown
         _, world = ds.rank_world
         step_size = (ds.batch_size or 1) * world
         total = len(ds)
         steps = 0
-        for item in self._dl:
+        slots = self._slots
+        pin = bool(self.loader_kw.get("pin_memory")) and torch.cuda.is_available()
+        ds._slots = slots  # travels to the workers if this starts them (and only then)
+        try:
+            batches = iter(self._dl)
+        finally:
+            ds._slots = None
+        for item in batches:
             steps += 1
             ds.position = min(total, start + steps * step_size)
+            slot = item.pop("_slot", None)
+            if slot is not None:
+                assert slots is not None, "a worker sent a batch slot to a loader without slots"
+                images = slots.lend(*slot)
+                item.update({k: v.pin_memory() for k, v in images.items()} if pin else images)
+                del images
             yield item
+            item = None  # drop our reference: the slot goes back once the consumer has dropped the batch too
+            if slots is not None:
+                slots.reclaim()
         if ds.epoch == epoch:
             ds.epoch, ds.position = epoch + 1, 0
             self._dl_state = (ds.epoch, 0)
