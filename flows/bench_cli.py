@@ -33,6 +33,7 @@ def consumer(
     size: int = typer.Option(512, help="detector size of the generated store (no --store)"),
     fresh: bool = typer.Option(True, "--fresh/--no-fresh",
                                help="also time the stream allocating every batch afresh (no buffer reuse)"),
+    repeats: int = typer.Option(1, help="rounds over all configurations (rows report medians)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Samples/s and MB/s of the X-WIN stream vs a WebDataset tar of the same views (goal ratio >= 1.5)."""
@@ -58,7 +59,7 @@ def consumer(
     counts = tuple(int(x) for x in worker_counts.split(",") if x.strip())
     try:
         res = run_bench(src, workers=counts, samples=samples, batch_size=batch_size, image_size=image_size,
-                        appearance=appearance, main_workers=workers, dtype=dtype, fresh_buffers=fresh,
+                        appearance=appearance, main_workers=workers, dtype=dtype, fresh_buffers=fresh, repeats=repeats,
                         wds_dir=f"{tmp.name}/wds" if tmp is not None else None)
     finally:
         if tmp is not None:

@@ -312,3 +312,13 @@ def _assert_same(got, ref):
     for (c, t, v), (rc, rt, rv) in zip(got, ref):
         assert v == rv
         assert torch.equal(c, rc) and torch.equal(t, rt)
+
+
+def test_close_stops_the_workers_at_once():
+    """``close()`` ends the persistent workers now (a benchmark or a resume must not share the CPU with them)."""
+    loader = make_loader(_stream(n_volumes=9, batch_size=4), num_workers=2)
+    next(iter(loader))
+    procs = list(loader._dl._iterator._workers)
+    assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    loader.close()
+    assert loader._dl is None and not any(p.is_alive() for p in procs)

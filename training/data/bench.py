@@ -30,7 +30,7 @@ from schemas.render import RenderSpec
 from .order import unit_rng
 from .readers import StoreSource
 from .sampling import XWinSampling
-from .stream import XWinStream, _forkserver_context, _worker_init, collate_views, make_loader
+from .stream import XWinStream, _forkserver_context, _worker_init, collate_views, make_loader, shutdown_workers
 from .transforms import out_dtype
 
 
@@ -155,10 +155,12 @@ def _drain(make_iter, min_samples: int) -> Measure:
 
 def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samples: int = 96, batch_size: int = 12,
               image_size: int | None = None, appearance: str = "minmax", wds_dir: str | Path | None = None,
-              main_workers: int = 2, dtype: str | None = None, fresh_buffers: bool = True) -> dict[str, Any]:
+              main_workers: int = 2, dtype: str | None = None, fresh_buffers: bool = True,
+              repeats: int = 1) -> dict[str, Any]:
     """Each row: the stream as the trainer runs it (reused batch buffers, ``buffers.py``), the WebDataset baseline,
     and (``fresh_buffers``) the stream allocating every batch afresh like the baseline, which isolates what the read
-    path alone gains over WebDataset (``ratio_fresh_buffers``)."""
+    path alone gains over WebDataset (``ratio_fresh_buffers``). ``repeats`` rounds over all configurations; rows
+    give medians, ``runs`` every value."""
     reader = source.open()
     spec = reader.spec
     S = image_size or spec.width
@@ -170,40 +172,49 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
     shards = write_wds_shards(source, wds_dir, n_shards=max(4, max(workers)))
     tar_s = time.perf_counter() - t
     bytes_per_sample = (1 + sampling.n_targets) * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize
-    rows = []
-    for w in workers:
-        def stream_loader(reuse: bool):
-            ds = XWinStream(source, sampling=sampling, image_size=S, appearance=appearance, batch_size=batch_size,
-                            shuffle_window=64, seed=0, dtype=odt, reuse_buffers=reuse)
-            return make_loader(ds, num_workers=w)
+    def stream_loader(w: int, reuse: bool):
+        ds = XWinStream(source, sampling=sampling, image_size=S, appearance=appearance, batch_size=batch_size,
+                        shuffle_window=64, seed=0, dtype=odt, reuse_buffers=reuse)
+        return make_loader(ds, num_workers=w)
 
-        loader = stream_loader(True)
-        m = _drain(lambda: iter(loader), samples)
-        del loader
-        mf = None
-        if fresh_buffers:
-            loader = stream_loader(False)
-            mf = _drain(lambda: iter(loader), samples)
-            del loader
+    def wds_loader(w: int) -> DataLoader:
         base = WdsXWin(shards, spec, sampling, S, appearance, batch_size, dtype=odt)
         kw: dict[str, Any] = {"batch_size": None, "num_workers": w}
         if w:
             kw.update(multiprocessing_context=_forkserver_context(), worker_init_fn=_worker_init, persistent_workers=True)
-        base_loader = DataLoader(base, **kw)
-        mb = _drain(lambda: iter(base_loader), samples)
-        del base_loader
+        return DataLoader(base, **kw)
+
+    def timed(make) -> float:
+        loader = make()
+        try:
+            return _drain(lambda: iter(loader), samples).samples_per_s
+        finally:  # stop the workers now: left to the garbage collector they read ahead into the next measurement
+            loader.close() if hasattr(loader, "close") else shutdown_workers(loader)
+            del loader
+
+    runs: dict[int, dict[str, list[float]]] = {w: {"stream": [], "fresh": [], "wds": []} for w in workers}
+    for _ in range(max(1, int(repeats))):  # rounds interleave every configuration: slow spells hit all of them
+        for w in workers:
+            runs[w]["stream"].append(timed(lambda: stream_loader(w, True)))
+            if fresh_buffers:
+                runs[w]["fresh"].append(timed(lambda: stream_loader(w, False)))
+            runs[w]["wds"].append(timed(lambda: wds_loader(w)))
+    rows = []
+    for w in workers:
+        r = runs[w]
+        sps, base = float(np.median(r["stream"])), float(np.median(r["wds"]))
+        fresh = float(np.median(r["fresh"])) if r["fresh"] else None
         rows.append({
             "workers": w,
-            "samples_per_s": m.samples_per_s,
-            "mb_per_s": m.samples_per_s * bytes_per_sample / 1e6,
-            "samples_per_s_fresh_buffers": mf.samples_per_s if mf else None,
-            "ratio_fresh_buffers": (mf.samples_per_s / mb.samples_per_s if mf and mb.samples_per_s else None),
-            "baseline_samples_per_s": mb.samples_per_s,
-            "baseline_mb_per_s": mb.samples_per_s * bytes_per_sample / 1e6,
-            "baseline_tar_mb_read_per_s": mb.samples_per_s * spec.n_views * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize / 1e6,
-            "ratio": m.samples_per_s / mb.samples_per_s if mb.samples_per_s else float("inf"),
-            "startup_s": m.startup_s,
-            "baseline_startup_s": mb.startup_s,
+            "samples_per_s": sps,
+            "mb_per_s": sps * bytes_per_sample / 1e6,
+            "samples_per_s_fresh_buffers": fresh,
+            "ratio_fresh_buffers": fresh / base if fresh and base else None,
+            "baseline_samples_per_s": base,
+            "baseline_mb_per_s": base * bytes_per_sample / 1e6,
+            "baseline_tar_mb_read_per_s": base * spec.n_views * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize / 1e6,
+            "ratio": sps / base if base else float("inf"),
+            "runs": r,
         })
     main = next((r for r in rows if r["workers"] == main_workers), rows[-1])
     need = vit_b16_need()
@@ -227,6 +238,7 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
         "gpu_need_samples_per_s": need["samples_per_s"],
         "gpu_need": need,
         "keeps_up_ratio": max(r["samples_per_s"] for r in rows) / need["samples_per_s"],
+        "repeats": max(1, int(repeats)),
     }
 
 

@@ -465,7 +465,10 @@ class ResumableLoader:
         self.close()
 
     def close(self) -> None:
-        """Shut the persistent workers down (they also go when the loader is garbage collected)."""
+        """Shut the persistent workers down now (they also go when the loader is garbage collected, which reference
+        cycles can delay while the workers go on reading ahead)."""
+        if self._dl is not None:
+            shutdown_workers(self._dl)
         self._dl, self._dl_state, self._slots = None, None, None
 
     def _make_slots(self) -> SharedSlots | None:
@@ -524,6 +527,15 @@ class ResumableLoader:
         rest = max(0, len(ds) - ds.position)
         step = (ds.batch_size or 1) * world
         return rest // step if ds.drop_last else -(-rest // step)
+
+
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop a DataLoader's (persistent) workers and wait for them to exit."""
+    it = getattr(loader, "_iterator", None)
+    stop = getattr(it, "_shutdown_workers", None)  # torch's own shutdown path (private, stable since 1.x)
+    if stop is not None:
+        stop()
+    loader._iterator = None
 
 
 def make_loader(
