@@ -150,3 +150,41 @@ def test_mimic_layout_filters_views_and_resumes(tmp_path):
     ds2 = RealCXRStream(tmp_path, image_size=16, seed=4)
     ds2.load_state_dict(ds1.state_dict())
     assert head + [(s["position"], s["path"]) for s in ds2] == full
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_reuse_buffers_without_changing_what_the_consumer_holds(cxr_dir, workers):
+    """Real batches are stacked into reused buffers (training/data/buffers.py); batches shortened by skipped images
+    included. Every batch, held or not, equals the stream that stacks into fresh memory."""
+    from training.data import make_loader
+
+    d, _ = cxr_dir
+    kw = dict(image_size=32, seed=0, batch_size=2)
+    ref = []
+    for e in range(3):
+        fresh = RealCXRStream(d, reuse_buffers=False, **kw)
+        fresh.set_epoch(e)
+        ref += [(b["image"].clone(), b["path"]) for b in fresh]
+    loader = make_loader(RealCXRStream(d, **kw), num_workers=workers)
+    got = [(b["image"].clone(), b["path"]) for b in loader]  # epoch 0: one batch at a time
+    held = list(loader) + list(loader)  # epochs 1 and 2: every batch kept
+    assert len(got) + len(held) == len(ref) and {len(p) for _, p in ref} == {1, 2}  # some batches are short
+    for (img, paths), (rimg, rpaths) in zip(got + [(b["image"], b["path"]) for b in held], ref):
+        assert paths == rpaths and torch.equal(img, rimg)
+    assert len({b["image"].data_ptr() for b in held}) == len(held)
+
+
+def test_large_jpegs_decode_at_reduced_scale(tmp_path):
+    """A JPEG much larger than the model resolution is decoded at 1/2-1/8 scale (libjpeg DCT scaling), never below
+    the requested side; the image equals the full-resolution decode + resize to within JPEG-level differences."""
+    big = np.asarray(Image.fromarray(_phantom(250, 210, seed=5)).resize((840, 1000), Image.BICUBIC))
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    full = read_radiograph(tmp_path / "big.jpg")
+    assert full.shape == (1000, 840)
+    small = read_radiograph(tmp_path / "big.jpg", min_side=200)
+    assert small.shape == (250, 210)  # 1/4: the largest reduction keeping both sides >= 200
+    assert read_radiograph(tmp_path / "big.jpg", min_side=300).shape == (500, 420)  # 1/2
+    ds = RealCXRStream(tmp_path, image_size=200, seed=0)
+    img = ds.sample_at(0)["image"]
+    diff = (img - _ref(full, 200)).abs()  # the noisy phantom's pixel noise is near the new Nyquist: filters differ
+    assert float(diff.max()) < 0.06 and float(diff.mean()) < 0.01  # (a DRR-like 2544x3056 JPEG at 512²: 0.008 / 0.001)

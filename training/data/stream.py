@@ -65,6 +65,7 @@ class ResumableStream(IterableDataset, abc.ABC):
         world_size: int | None = None,
         prefetch: int = 4,
         io_threads: int = 2,
+        reuse_buffers: bool = True,
     ) -> None:
         super().__init__()
         self.seed = int(seed)
@@ -82,6 +83,10 @@ class ResumableStream(IterableDataset, abc.ABC):
         # the item set is pinned for the life of a loader: catalog rows committed at or before this ISO time
         # (set by the first ``keys()`` in the main process, carried to workers, saved in ``state_dict``)
         self.catalog_as_of: str | None = None
+        # batch buffers (buffers.py): pooled in-process, shared slots handed out by ResumableLoader to its workers
+        self.reuse_buffers = bool(reuse_buffers)
+        self._local_buffers = LocalBuffers()
+        self._slots: SharedSlots | None = None
 
     # ---------------------------------------------------------------- to implement
     @abc.abstractmethod
@@ -98,11 +103,70 @@ class ResumableStream(IterableDataset, abc.ABC):
         return sample
 
     def _collate(self, samples: list[dict]) -> dict:
+        """Batch assembly: the tensors named by ``batch_layout`` are stacked into one reusable buffer, the rest
+        stacked (tensors) or listed."""
+        layout = self.batch_layout(len(samples))
+        if layout is None or any(k not in samples[0] for k in layout):
+            return self._stack(samples)
+        big = {k: [s.pop(k) for s in samples] for k in layout}
+        return self._assemble(samples, layout, lambda out: [torch.stack(v, out=out[k]) for k, v in big.items()])
+
+    @staticmethod
+    def _stack(samples: list[dict]) -> dict:
         out: dict[str, Any] = {}
         for k in samples[0]:
             vals = [s[k] for s in samples]
             out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
         return out
+
+    # ---------------------------------------------------------------- reusable batch buffers (buffers.py)
+    def batch_layout(self, b: int) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+        """Where the large tensors of a batch of ``b`` samples lie in one buffer: name -> (element offset, shape)
+        in units of ``buffer_dtype``; ``None``: no reusable buffer (everything stacked afresh)."""
+        return None
+
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def batch_nbytes(self) -> int | None:
+        """Bytes of one full batch's buffer (the size of a reusable slot); ``None`` without a layout."""
+        layout = self.batch_layout(int(self.batch_size or 1))
+        return None if layout is None else layout_nbytes(layout, self.buffer_dtype)
+
+    def _assemble(self, samples: list[dict], layout: dict, fill) -> dict:
+        """``fill(out)`` writes the large tensors into buffers of ``layout``; the rest of the samples are stacked.
+        Inside a worker with slots only the slot number travels (``"_slot"``; ``ResumableLoader`` rebuilds it)."""
+        out, slot = self._batch_buffers(layout)
+        try:
+            fill(out)
+        except BaseException:
+            if slot is not None and self._slots is not None:  # the slot goes back to this worker's free list
+                self._slots.release(slot[0], slot[1])
+            raise
+        batch = self._stack(samples)
+        if slot is not None:
+            batch["_slot"] = slot
+        else:
+            batch.update(out)
+        return batch
+
+    def _batch_buffers(self, layout: dict) -> tuple[dict[str, torch.Tensor], tuple | None]:
+        """Tensors of ``layout``: a shared slot (in a worker of a ``ResumableLoader``), a pooled storage (in the
+        consuming process), or fresh memory (``reuse_buffers=False``, or a plain DataLoader's worker)."""
+        dtype = self.buffer_dtype
+        nbytes = layout_nbytes(layout, dtype)
+        info = get_worker_info()
+        if not self.reuse_buffers:
+            storage = shared_storage(nbytes) if info is not None else torch.UntypedStorage(nbytes)
+            return tensors_on(storage, layout, dtype), None
+        if info is None:
+            return tensors_on(self._local_buffers.acquire(nbytes), layout, dtype), None
+        slots = self._slots
+        if slots is not None and nbytes <= slots.nbytes:
+            i, storage = slots.acquire(info.id)
+            return tensors_on(storage, layout, dtype), (info.id, i, layout, dtype)
+        return tensors_on(shared_storage(nbytes), layout, dtype), None
 
     # ---------------------------------------------------------------- state
     @property
@@ -257,7 +321,6 @@ class XWinStream(ResumableStream):
         image_size: int = 512,
         appearance: str = "minmax",
         dtype: str | torch.dtype | None = None,
-        reuse_buffers: bool = True,
         **kw: Any,
     ) -> None:
         kw.setdefault("draws_per_item", kw.pop("draws_per_volume", 1))
@@ -267,9 +330,6 @@ class XWinStream(ResumableStream):
         self.image_size = int(image_size)
         self.appearance = appearance
         self.dtype = out_dtype(dtype)
-        self.reuse_buffers = bool(reuse_buffers)
-        self._local_buffers = LocalBuffers()
-        self._slots: SharedSlots | None = None  # set by ResumableLoader for its workers
         self._reader: ViewReader | None = None
         self._reader_pid: int | None = None
         self._reader_plan: SamplingPlan | None = None
@@ -340,51 +400,24 @@ class XWinStream(ResumableStream):
         return {"context": imgs[0], "targets": imgs[1:], **sample}
 
     def _collate(self, samples: list[dict]) -> dict:
-        """Batch assembly: each sample's views are transformed straight into its place in the batch tensors.
-
-        Those tensors are reused buffers (``buffers.py``) when ``reuse_buffers``: in a DataLoader worker of a
-        ``ResumableLoader``, a shared slot of which only the number travels (``"_slot"``, made into tensors again by
-        the loader); in the consuming process, a pooled storage; otherwise fresh memory."""
+        """Batch assembly: each sample's views are transformed straight into its place in the batch tensors, which
+        are reused buffers (``ResumableStream._assemble``, ``buffers.py``) unless ``reuse_buffers=False``."""
         if "_views" not in samples[0]:
             return super()._collate(samples)
         views = [s.pop("_views") for s in samples]
-        out, slot = self._batch_images(len(views), len(views[0]))
-        try:
-            collate_views(views, self.appearance, self.image_size, self.dtype, out=out)
-        except BaseException:
-            if slot is not None and self._slots is not None:  # the slot goes back to this worker's free list
-                self._slots.release(slot[0], slot[1])
-            raise
-        batch = super()._collate(samples)
-        if slot is not None:
-            batch["_slot"] = slot
-        else:
-            batch.update(out)
-        return batch
+        layout = self.batch_layout(len(views), len(views[0]))
+        return self._assemble(samples, layout, lambda out: collate_views(
+            views, self.appearance, self.image_size, self.dtype, out=out))
 
-    def batch_layout(self, b: int, n: int) -> dict[str, tuple[int, tuple[int, ...]]]:
-        """Where a batch of ``b`` samples of ``n`` views lies in a buffer: name -> (element offset, shape)."""
+    def batch_layout(self, b: int, n: int | None = None) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Context then targets of ``b`` samples of ``n`` views (default 1 + N) at S²."""
+        n = 1 + self.sampling.n_targets if n is None else n
         S, B = self.image_size, max(int(self.batch_size or b), b)
         return {"context": (0, (b, 1, S, S)), "targets": (B * S * S, (b, n - 1, 1, S, S))}
 
-    def batch_nbytes(self) -> int:
-        """Bytes of one full batch's images (the size of a reusable buffer)."""
-        return layout_nbytes(self.batch_layout(int(self.batch_size or 1), 1 + self.sampling.n_targets), self.dtype)
-
-    def _batch_images(self, b: int, n: int) -> tuple[dict[str, torch.Tensor], tuple | None]:
-        layout = self.batch_layout(b, n)
-        nbytes = layout_nbytes(layout, self.dtype)
-        info = get_worker_info()
-        if not self.reuse_buffers:
-            storage = shared_storage(nbytes) if info is not None else torch.UntypedStorage(nbytes)
-            return tensors_on(storage, layout, self.dtype), None
-        if info is None:
-            return tensors_on(self._local_buffers.acquire(nbytes), layout, self.dtype), None
-        slots = self._slots
-        if slots is not None and nbytes <= slots.nbytes:
-            i, storage = slots.acquire(info.id)
-            return tensors_on(storage, layout, self.dtype), (info.id, i, layout, self.dtype)
-        return tensors_on(shared_storage(nbytes), layout, self.dtype), None
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        return self.dtype
 
 
 def collate_views(views: Sequence[Any], appearance: str, image_size: int, dtype: torch.dtype = torch.float32,
@@ -476,12 +509,13 @@ class ResumableLoader:
         batches that can use them; handed to the workers with the dataset when they start."""
         ds = self.dataset
         nw = int(self.loader_kw.get("num_workers", 0))
-        if nw == 0 or not getattr(ds, "reuse_buffers", False) or not ds.batch_size or not hasattr(ds, "batch_nbytes"):
+        nbytes = ds.batch_nbytes() if getattr(ds, "reuse_buffers", False) and ds.batch_size else None
+        if nw == 0 or not nbytes:
             return None
         ctx = self.loader_kw.get("multiprocessing_context") or mp.get_context()
         if isinstance(ctx, str):
             ctx = mp.get_context(ctx)
-        return SharedSlots(ctx, nw, ds.batch_nbytes(), prefetch_factor=self.loader_kw.get("prefetch_factor") or 2)
+        return SharedSlots(ctx, nw, nbytes, prefetch_factor=self.loader_kw.get("prefetch_factor") or 2)
 
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
