@@ -42,6 +42,7 @@ from training import cli as _train_cli  # noqa: E402
 
 app.command("train")(_train_cli.train)
 app.command("probe")(_train_cli.probe)
+app.command("prepare-cxr")(_train_cli.prepare_cxr)
 
 # ---- reconstruction (helper "recon"): body in flows/reconstruct_cli.py ----
 from flows.reconstruct_cli import reconstruct_cmd as _reconstruct_cmd  # noqa: E402

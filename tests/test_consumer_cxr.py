@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,15 @@ def test_mimic_layout_filters_views_and_resumes(tmp_path):
     ds2 = RealCXRStream(tmp_path, image_size=16, seed=4)
     ds2.load_state_dict(ds1.state_dict())
     assert head + [(s["position"], s["path"]) for s in ds2] == full
+    # a prepared copy keeps the layout: CSV copied, same paths, the missing file reported
+    from training.data.real_prepare import prepare_real_cxr
+
+    rep = prepare_real_cxr(tmp_path, tmp_path / "prep", size=16, workers=1)
+    assert (rep["written"], rep["skip_reasons"]) == (3, {"missing": 1})
+    assert (tmp_path / "prep" / "mimic-cxr-2.0.0-metadata.csv").is_file()
+    assert [(s["position"], s["path"]) for s in RealCXRStream(tmp_path / "prep", image_size=16, seed=4, min_size=16)] == full
+    with pytest.raises(ValueError, match="jpeg"):
+        prepare_real_cxr(tmp_path, tmp_path / "prep_png", size=16, fmt="png")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -188,3 +198,33 @@ def test_large_jpegs_decode_at_reduced_scale(tmp_path):
     img = ds.sample_at(0)["image"]
     diff = (img - _ref(full, 200)).abs()  # the noisy phantom's pixel noise is near the new Nyquist: filters differ
     assert float(diff.max()) < 0.06 and float(diff.mean()) < 0.01  # (a DRR-like 2544x3056 JPEG at 512²: 0.008 / 0.001)
+
+
+@pytest.mark.parametrize("fmt,atol", [("png", 1e-4), ("jpeg", 0.05)])
+def test_prepared_copy_gives_the_same_images(cxr_dir, tmp_path, fmt, atol):
+    """``xwin prepare-cxr``: every image the stream would use, written at S² (16-bit PNG: lossless up to 1/65535;
+    8-bit JPEG: quantisation + JPEG error); the images the stream skips are reported with the stream's reasons;
+    a rerun keeps what is there."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    d, good = cxr_dir
+    dst = tmp_path / "prep"
+    res = CliRunner().invoke(app, ["prepare-cxr", str(d), str(dst), "--size", "32", "--format", fmt, "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert (rep["images"], rep["written"], rep["kept"]) == (12, 5, 0)
+    assert rep["skip_reasons"] == {"unreadable": 4, "wrong_channels": 1, "too_small": 1, "blank": 1}
+    assert json.loads((dst / "prepare-report.json").read_text()) == rep
+    src = {s["path"]: s["image"] for s in RealCXRStream(d, image_size=32, seed=0)}
+    prep = {s["path"]: s["image"] for s in RealCXRStream(dst, image_size=32, seed=0, min_size=32)}  # S² images
+    suffix = ".png" if fmt == "png" else ".jpg"
+    assert sorted(prep) == sorted(str(Path(k).with_suffix(suffix)) for k in good)
+    for k, img in src.items():
+        got = prep[str(Path(k).with_suffix(suffix))]
+        assert got.shape == img.shape and float((got - img).abs().max()) < atol
+    again = CliRunner().invoke(app, ["prepare-cxr", str(d), str(dst), "--size", "32", "--format", fmt, "--json"])
+    assert (json.loads(again.stdout)["written"], json.loads(again.stdout)["kept"]) == (0, 5)

@@ -96,3 +96,29 @@ def probe(
     for c, a in rep["auroc"].items():
         typer.echo(f"  {c:<24s} AUROC {a:.4f}")
     typer.echo(f"  macro AUROC {rep['macro_auroc']:.4f}, accuracy {rep['accuracy']:.4f}")
+
+
+def prepare_cxr(
+    src: Path = typer.Argument(..., help="directory of radiographs, or a MIMIC-CXR-JPG root"),
+    dst: Path = typer.Argument(..., help="where the prepared copy goes (same relative paths)"),
+    size: int = typer.Option(512, "--size", help="model resolution S (square)"),
+    fmt: str = typer.Option("jpeg", "--format", help="jpeg (8-bit, quality 95) | png (16-bit, lossless)"),
+    workers: int = typer.Option(2, "--workers", help="processes"),
+    views: str = typer.Option("AP,PA", "--views", help="MIMIC ViewPosition filter"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="rewrite images already prepared"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Write real radiographs at the model resolution once, so training decodes small images (RealCXRStream)."""
+    from training.data.real_prepare import REPORT, prepare_real_cxr
+
+    try:
+        rep = prepare_real_cxr(src, dst, size=size, fmt=fmt, workers=workers, overwrite=overwrite,
+                               views=tuple(v.strip() for v in views.split(",") if v.strip()))
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(rep))
+        return
+    typer.echo(f"{rep['images']} images: {rep['written']} written, {rep['kept']} already there, "
+               f"{rep['skipped']} skipped {rep['skip_reasons']} (report: {dst / REPORT})")
