@@ -309,8 +309,10 @@ class XWinStream(ResumableStream):
     the trainer autocasts to bf16 on GPU anyway). Values are computed in float32 and rounded once.
 
     Throughput (docs/training-data.md, Loader): reads (prefetch threads) return the stored views untouched; the
-    appearance transform writes each view straight into the batch tensors, which inside a DataLoader worker are
-    allocated in shared memory, so a sample's pixels are written once after decoding and never copied again.
+    appearance transform writes each view straight into the batch tensors, which inside a DataLoader worker live
+    in shared memory, so a sample's pixels are written once after decoding and never copied again. Those tensors
+    are reused buffers (``buffers.py``: shared slots from ``ResumableLoader``, a pool in-process), never reused
+    while any tensor made from them is alive; ``reuse_buffers=False`` allocates every batch afresh.
     """
 
     def __init__(
