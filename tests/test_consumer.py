@@ -322,3 +322,20 @@ def test_close_stops_the_workers_at_once():
     assert len(procs) == 2 and all(p.is_alive() for p in procs)
     loader.close()
     assert loader._dl is None and not any(p.is_alive() for p in procs)
+
+
+def test_too_little_shared_memory_is_a_clear_error(monkeypatch):
+    """Slots are checked against /dev/shm up front (a full /dev/shm would SIGBUS a worker at its first write)."""
+    import multiprocessing as mp
+    import os
+    from types import SimpleNamespace
+
+    from training.data.buffers import SharedSlots
+
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=16, f_frsize=2**20))  # 16 MiB free
+    with pytest.raises(RuntimeError, match=r"2 workers x 4 batch slots need 80 MiB of shared memory .* 16 MiB free"):
+        SharedSlots(mp.get_context("spawn"), workers=2, nbytes=10 * 2**20)
+    loader = make_loader(_stream(n_volumes=9, batch_size=4), num_workers=2)
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=0, f_frsize=4096))  # /dev/shm full
+    with pytest.raises(RuntimeError, match="shm-size"):  # raised by the loader before any worker starts
+        next(iter(loader))

@@ -43,6 +43,22 @@ def shared_storage(nbytes: int) -> torch.UntypedStorage:
     return torch.UntypedStorage._new_shared(int(nbytes))
 
 
+def check_shared_memory(nbytes: int, what: str, shm: str = "/dev/shm") -> None:
+    """Fail now, with the numbers, when ``shm`` cannot hold ``nbytes``: shared memory is only reserved when first
+    written, so a full /dev/shm (64 MB in a default Docker container) would otherwise kill a worker with SIGBUS."""
+    try:
+        st = os.statvfs(shm)
+    except OSError:  # no such mount (not Linux): nothing to check
+        return
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise RuntimeError(
+            f"{what} need {nbytes / 2**20:.0f} MiB of shared memory but {shm} has {free / 2**20:.0f} MiB free: "
+            "enlarge it (docker run --shm-size, or a larger tmpfs), or lower num_workers, prefetch_factor or the "
+            "batch size"
+        )
+
+
 def tensors_on(storage: torch.UntypedStorage, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors of ``layout`` on ``storage`` (fresh tensor objects each call; they share the storage)."""
     out = {}
@@ -92,6 +108,7 @@ class SharedSlots:
         self.nbytes = int(nbytes)
         self.keep = int(keep)
         self.per_worker = int(prefetch_factor) + self.keep + 1
+        check_shared_memory(workers * self.per_worker * self.nbytes, f"{workers} workers x {self.per_worker} batch slots")
         self.storages = [[shared_storage(self.nbytes) for _ in range(self.per_worker)] for _ in range(workers)]
         self.queues = [ctx.Queue() for _ in range(workers)]
         for q in self.queues:
