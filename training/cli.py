@@ -10,6 +10,15 @@ from typing import Optional
 import typer
 
 
+def _or_exit(fn, *args, **kw):
+    """``fn(*args, **kw)``; a bad input (ValueError, FileNotFoundError) ends the command with its message, exit 2."""
+    try:
+        return fn(*args, **kw)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON config file (training/config.py)"),
     preset: Optional[str] = typer.Option(None, "--preset", help="tiny (CPU) or base (the paper)"),
@@ -45,12 +54,8 @@ def train(
         ov.append(f"out_dir={out}")
     if device:
         ov.append(f"device={device}")
-    try:
-        cfg = load_config(config, preset, ov)
-        sim, real_stream = build_streams(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    cfg = _or_exit(load_config, config, preset, ov)
+    sim, real_stream = _or_exit(build_streams, cfg)
     trainer = Trainer(cfg, sim, real_stream, echo=echo)
     if resume:
         path = Path(cfg.out_dir) / "checkpoints" / "latest.pt" if resume == "auto" else Path(resume)
@@ -84,11 +89,7 @@ def probe(
     """Linear probe of a frozen encoder: AUROC per class on a held-out split."""
     from training.probe import run_probe
 
-    try:
-        rep = run_probe(checkpoint, data, test_frac=test_frac, seed=seed, which=encoder)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    rep = _or_exit(run_probe, checkpoint, data, test_frac=test_frac, seed=seed, which=encoder)
     if as_json:
         typer.echo(json.dumps(rep))
         return
@@ -111,12 +112,8 @@ def prepare_cxr(
     """Write real radiographs at the model resolution once, so training decodes small images (RealCXRStream)."""
     from training.data.real_prepare import REPORT, prepare_real_cxr
 
-    try:
-        rep = prepare_real_cxr(src, dst, size=size, fmt=fmt, workers=workers, overwrite=overwrite,
-                               views=tuple(v.strip() for v in views.split(",") if v.strip()))
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    rep = _or_exit(prepare_real_cxr, src, dst, size=size, fmt=fmt, workers=workers, overwrite=overwrite,
+                   views=tuple(v.strip() for v in views.split(",") if v.strip()))
     if as_json:
         typer.echo(json.dumps(rep))
         return
