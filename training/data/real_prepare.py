@@ -20,6 +20,7 @@ import os
 import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -98,7 +99,7 @@ def prepare_real_cxr(
         chunks = [jobs[i : i + n] for i in range(0, len(jobs), n)]
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for part in pool.map(_prepare_chunk, chunks, *zip(*[(size, min_size, fmt)] * len(chunks))):
+            for part in pool.map(partial(_prepare_chunk, size=size, min_size=min_size, fmt=fmt), chunks):
                 results += part
     else:
         results = _prepare_chunk(jobs, size, min_size, fmt)
