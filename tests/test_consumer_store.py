@@ -185,6 +185,7 @@ def test_consumer_bench_cli_reports_both_readers(rendered_dataset, tmp_path, mon
     for r in out["rows"]:
         assert r["samples_per_s"] > 0 and r["baseline_samples_per_s"] > 0 and r["samples_per_s_fresh_buffers"] > 0
         assert r["ratio"] == pytest.approx(r["samples_per_s"] / r["baseline_samples_per_s"])
+        assert r["startup_s"] > 0 and len(r["runs"]["stream"]) == len(r["runs"]["wds"]) == 1
     assert 30 < out["gpu_need_samples_per_s"] < 50  # ViT-B/16 X-WIN step at 40 % MFU on an H100: ~42 samples/s
     best = max(r["samples_per_s"] for r in out["rows"])
     assert out["keeps_up_ratio"] == pytest.approx(best / out["gpu_need_samples_per_s"])

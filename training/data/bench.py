@@ -184,24 +184,24 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
             kw.update(multiprocessing_context=_forkserver_context(), worker_init_fn=_worker_init, persistent_workers=True)
         return DataLoader(base, **kw)
 
-    def timed(make) -> float:
+    def timed(make) -> Measure:
         loader = make()
         try:
-            return _drain(lambda: iter(loader), samples).samples_per_s
+            return _drain(lambda: iter(loader), samples)
         finally:  # stop the workers now: left to the garbage collector they read ahead into the next measurement
             loader.close() if hasattr(loader, "close") else shutdown_workers(loader)
             del loader
 
-    runs: dict[int, dict[str, list[float]]] = {w: {"stream": [], "fresh": [], "wds": []} for w in workers}
+    got: dict[int, dict[str, list[Measure]]] = {w: {"stream": [], "fresh": [], "wds": []} for w in workers}
     for _ in range(max(1, int(repeats))):  # rounds interleave every configuration: slow spells hit all of them
         for w in workers:
-            runs[w]["stream"].append(timed(lambda: stream_loader(w, True)))
+            got[w]["stream"].append(timed(lambda: stream_loader(w, True)))
             if fresh_buffers:
-                runs[w]["fresh"].append(timed(lambda: stream_loader(w, False)))
-            runs[w]["wds"].append(timed(lambda: wds_loader(w)))
+                got[w]["fresh"].append(timed(lambda: stream_loader(w, False)))
+            got[w]["wds"].append(timed(lambda: wds_loader(w)))
     rows = []
     for w in workers:
-        r = runs[w]
+        r = {k: [m.samples_per_s for m in ms] for k, ms in got[w].items()}
         sps, base = float(np.median(r["stream"])), float(np.median(r["wds"]))
         fresh = float(np.median(r["fresh"])) if r["fresh"] else None
         rows.append({
@@ -214,6 +214,8 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
             "baseline_mb_per_s": base * bytes_per_sample / 1e6,
             "baseline_tar_mb_read_per_s": base * spec.n_views * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize / 1e6,
             "ratio": sps / base if base else float("inf"),
+            "startup_s": float(np.median([m.startup_s for m in got[w]["stream"]])),
+            "baseline_startup_s": float(np.median([m.startup_s for m in got[w]["wds"]])),
             "runs": r,
         })
     main = next((r for r in rows if r["workers"] == main_workers), rows[-1])
