@@ -140,3 +140,12 @@ def prefect_api():
         from prefect.settings import PREFECT_API_URL
 
         yield PREFECT_API_URL.value()
+
+
+def slab(path, z0: int, z1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slices ``z0:z1`` of a NIfTI as (int16 HU array, affine of the slab: origin moved to slice ``z0``)."""
+    img = nib.load(str(path))
+    hu = np.asarray(img.dataobj).astype(np.int16)[:, :, z0:z1].copy()
+    aff = img.affine.copy()
+    aff[:3, 3] = img.affine[:3, :3] @ [0, 0, z0] + img.affine[:3, 3]
+    return hu, aff

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from dicom_fixtures import write_ct_series, write_localizer
 from flows.cli import app
+from conftest import slab
 from pipeline.ingest import IngestError, ingest_sources, load_candidate, plan_inputs, plan_manifest
 from schemas.ingest import RejectReason as R
 from schemas.ingest import RunSummary
@@ -25,11 +26,7 @@ HEADER = ["Series UID", "Collection", "3rd Party Analysis", "Data Description UR
 
 @pytest.fixture(scope="module")
 def small(small_ct_path):
-    img = nib.load(str(small_ct_path))
-    hu = np.asarray(img.dataobj).astype(np.int16)[:, :, 24:36].copy()
-    aff = img.affine.copy()
-    aff[:3, 3] = img.affine[:3, :3] @ [0, 0, 24] + img.affine[:3, 3]
-    return hu, aff
+    return slab(small_ct_path, 24, 36)
 
 
 def _row(series_uid, subject, study_uid, loc, modality="CT", n=12, desc="1,OPA,GE,HSQX,STANDARD,350,2.5,120,40"):

@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
 from dicom_fixtures import LPS, rewrite_coronal, series_from_nifti, write_ct_series, write_localizer
+from conftest import slab
 from pipeline.ingest import IngestConfig, IngestError, load_candidate, plan_inputs
 from pipeline.ingest.dicom_headers import fast_header, header_from_dataset, read_header
 from schemas.ingest import RejectReason as R
@@ -73,10 +74,7 @@ def test_full_resolution_series_matches_nifti(tmp_path, bundled_ct_path):
 @pytest.fixture(scope="module")
 def base(small_ct_path):
     """(hu (128, 128, 20) with a circular -2048 FOV padding, RAS affine) from the downsampled CT."""
-    img = nib.load(str(small_ct_path))
-    hu = np.asarray(img.dataobj).astype(np.int16)[:, :, 20:40].copy()
-    aff = img.affine.copy()
-    aff[:3, 3] = img.affine[:3, :3] @ [0, 0, 20] + img.affine[:3, 3]
+    hu, aff = slab(small_ct_path, 20, 40)
     yy, xx = np.mgrid[:128, :128]
     hu[((xx - 63.5) ** 2 + (yy - 63.5) ** 2 > 62**2).T] = -2048
     return hu, aff
