@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.example import example_ct_path  # noqa: E402
-from schemas.render import RenderSpec  # noqa: E402
+from xwin.pipeline.example import example_ct_path  # noqa: E402
+from xwin.schemas.render import RenderSpec  # noqa: E402
 
 
 def make_cohort(d: Path, n: int) -> list[Path]:
@@ -52,9 +52,9 @@ def make_cohort(d: Path, n: int) -> list[Path]:
 
 
 def stages_alone(paths: list[Path], spec: RenderSpec, backend: str, root: Path) -> dict[str, list[float]]:
-    from pipeline.ingest import load_candidate, plan_inputs
-    from pipeline.render import render_ring
-    from storage import open_store
+    from xwin.pipeline.ingest import load_candidate, plan_inputs
+    from xwin.pipeline.render import render_ring
+    from xwin.storage import open_store
 
     store = open_store(str(root))
     ds = store.dataset("bench", spec)
@@ -81,7 +81,7 @@ def stages_alone(paths: list[Path], spec: RenderSpec, backend: str, root: Path) 
 
 
 def e2e(paths: list[Path], spec: RenderSpec, backend: str, root: Path, mode: str) -> float:
-    from flows.backfill import BackfillParams, run_local
+    from xwin.flows.backfill import BackfillParams, run_local
 
     params = BackfillParams(cohort="bench", store=str(root / f"e2e-{mode}"), source=[str(p) for p in paths],
                             spec=spec, backend=backend, verify="none", previews=4)
@@ -89,7 +89,7 @@ def e2e(paths: list[Path], spec: RenderSpec, backend: str, root: Path, mode: str
     if mode == "local":
         s = run_local(params)
     else:
-        from flows.backfill import backfill_cohort
+        from xwin.flows.backfill import backfill_cohort
 
         s = backfill_cohort(**params.model_dump(exclude={"spec"}), spec=spec)
     wall = time.perf_counter() - t0

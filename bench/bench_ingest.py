@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dicom_fixtures import series_from_nifti  # noqa: E402
-from pipeline.example import example_ct_path  # noqa: E402
-from pipeline.ingest import IngestConfig, load_candidate, plan_inputs  # noqa: E402
+from xwin.pipeline.example import example_ct_path  # noqa: E402
+from xwin.pipeline.ingest import IngestConfig, load_candidate, plan_inputs  # noqa: E402
 
 
 def ours(folder: str, cfg: IngestConfig) -> tuple[float, float, np.ndarray]:

@@ -18,12 +18,12 @@ import time
 import nibabel as nib
 import numpy as np
 
-from pipeline.example import example_ct_path
-from pipeline.geometry import ring_for_volume
-from pipeline.reconstruct import default_grid, reconstruct
-from pipeline.reconstruct.metrics import reference_mu, score, validation_mask
-from pipeline.render import render_views
-from schemas.render import RenderSpec
+from xwin.pipeline.example import example_ct_path
+from xwin.pipeline.geometry import ring_for_volume
+from xwin.pipeline.reconstruct import default_grid, reconstruct
+from xwin.pipeline.reconstruct.metrics import reference_mu, score, validation_mask
+from xwin.pipeline.render import render_views
+from xwin.schemas.render import RenderSpec
 
 
 def main() -> None:

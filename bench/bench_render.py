@@ -19,10 +19,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from pipeline.example import example_ct_path
-from pipeline.geometry import ConeBeamViews, ring_for_volume
-from pipeline.render import hu_to_mu, render_views
-from schemas import RenderSpec
+from xwin.pipeline.example import example_ct_path
+from xwin.pipeline.geometry import ConeBeamViews, ring_for_volume
+from xwin.pipeline.render import hu_to_mu, render_views
+from xwin.schemas import RenderSpec
 
 YAWS = [0.0, 45.0, 90.0, 180.0, 270.0]
 

@@ -27,9 +27,9 @@ def load_ring(n_views: int, size: int, workdir: Path) -> tuple[np.ndarray, objec
     """Render the bundled CT's ring with the joseph projector (cached in workdir)."""
     import nibabel as nib
 
-    from pipeline.example import example_ct_path
-    from pipeline.geometry import ring_for_volume
-    from schemas.render import RenderSpec
+    from xwin.pipeline.example import example_ct_path
+    from xwin.pipeline.geometry import ring_for_volume
+    from xwin.schemas.render import RenderSpec
 
     spec = RenderSpec(n_views=n_views, height=size, width=size, yaw_step_deg=360.0 / n_views)
     img = nib.as_closest_canonical(nib.load(str(example_ct_path())))
@@ -39,7 +39,7 @@ def load_ring(n_views: int, size: int, workdir: Path) -> tuple[np.ndarray, objec
     cache = workdir / f"ring_{n_views}_{size}.npy"
     if cache.exists():
         return np.load(cache), spec, geom, "joseph (cached)"
-    from pipeline.render import render_views
+    from xwin.pipeline.render import render_views
 
     t = time.perf_counter()
     views = render_views(hu, img.affine, geom, spec.mu_water_per_mm, backend="joseph")
@@ -66,9 +66,9 @@ def bench_catalog(work: Path, n_rows: int, reps: int = 15) -> dict:
     with the 16 one-digit buckets of older stores vs the 256 two-digit buckets of new ones."""
     from datetime import datetime, timezone
 
-    from schemas.store import CatalogRow, EntryKind
-    from storage.backend import LocalBackend
-    from storage.scope import Scope
+    from xwin.schemas.store import CatalogRow, EntryKind
+    from xwin.storage.backend import LocalBackend
+    from xwin.storage.scope import Scope
 
     now = datetime.now(timezone.utc)
     row = CatalogRow(volume_id="x", kind=EntryKind.ring, cohort="c", spec_hash="0" * 16, path="p", shape=(120, 512, 512),
@@ -114,9 +114,9 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
 
-    import storage.store as st
-    from storage.shardwrite import cast
-    from storage import open_store
+    import xwin.storage.store as st
+    from xwin.storage.shardwrite import cast
+    from xwin.storage import open_store
     from zarr.codecs import BloscCodec, ZstdCodec
 
     views, spec, geom, how = load_ring(args.views, args.size, work)

@@ -18,11 +18,11 @@ import time
 import numpy as np
 import torch
 
-from training.config import load_config
-from training.data.bench import block_flops, xwin_step_flops  # noqa: F401  (block_flops re-exported)
-from training.loop import Trainer
-from training.masks import MultiBlockMasker
-from training.synthetic import SyntheticRealStream, SyntheticRingStream
+from xwin.training.config import load_config
+from xwin.training.data.bench import block_flops, xwin_step_flops  # noqa: F401  (block_flops re-exported)
+from xwin.training.loop import Trainer
+from xwin.training.masks import MultiBlockMasker
+from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
 
 
 def time_it(fn, steps: int, warmup: int = 3) -> float:

@@ -35,8 +35,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
-from flows import reports as rep
-from flows.runtime import (
+from xwin.flows import reports as rep
+from xwin.flows.runtime import (
     LocalStages,
     PrefectStages,
     Stages,
@@ -48,8 +48,8 @@ from flows.runtime import (
     retry_transient,
     slot,
 )
-from schemas.ingest import RejectReason, Rejection, RunEntry, RunSummary
-from schemas.render import RenderSpec
+from xwin.schemas.ingest import RejectReason, Rejection, RunEntry, RunSummary
+from xwin.schemas.render import RenderSpec
 
 log = logging.getLogger("xwin.flows.backfill")
 
@@ -126,7 +126,7 @@ class BackfillIncomplete(RuntimeError):
 # ---- per-process handles -------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _store(url: str):
-    from storage import open_store
+    from xwin.storage import open_store
 
     return open_store(url)
 
@@ -168,7 +168,7 @@ _TASK_OPTS: dict[str, Any] = dict(
 @task(name="plan-series", **_TASK_OPTS)
 def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection]]:
     """Sources/manifest -> (candidates in this shard, rejections). Cheap: headers and checksums only."""
-    from pipeline.ingest import plan_inputs, plan_manifest
+    from xwin.pipeline.ingest import plan_inputs, plan_manifest
 
     cands, rejs = [], []
     if params.manifest:  # manifest studies are sharded after planning, by volume id
@@ -199,7 +199,7 @@ def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection]]:
 @task(name="ingest-series", **_TASK_OPTS)
 def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
     """Load, validate and commit one canonical volume (skipped when the store has it). Bad input -> Rejection."""
-    from pipeline.ingest import IngestError, load_candidate
+    from xwin.pipeline.ingest import IngestError, load_candidate
 
     store = _store(store_url)
     if store.has_volume(candidate.volume_id):
@@ -230,8 +230,8 @@ def render_series(ingested: Ingested | Rejection, store_url: str, cohort: str, s
     """Render the ring of one committed volume and commit it (single writer via the storage claim)."""
     if isinstance(ingested, Rejection):
         return Outcome("rejected", rejection=ingested)
-    from pipeline.render import backend_versions, render_ring, resolve_backend
-    from storage import ClaimHeld
+    from xwin.pipeline.render import backend_versions, render_ring, resolve_backend
+    from xwin.storage import ClaimHeld
 
     vid = ingested.volume_id
     entry = RunEntry(input=ingested.input, volume_id=vid, series_uid=ingested.series_uid, stage="render")
@@ -344,7 +344,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
     reports = params.reports_url()
 
     if prefect_mode:  # create this host's limits before tasks race to do it (strict=True needs them)
-        from pipeline.render import resolve_backend
+        from xwin.pipeline.render import resolve_backend
 
         ensure_limits_once(cpu_slot(), render_slot(resolve_backend(backend)))
     cands, rejections = stages.result(stages.submit(plan_series, params))
@@ -463,13 +463,6 @@ def backfill_cohort(
     return run_backfill(params, PrefectStages(), run_id=run_id)
 
 
-# Dask workers put their local directory first on sys.path and spill to "<local dir>/storage": with an editable
-# install of this project that empty folder shadows the ``storage`` package (a namespace package wins over the
-# editable finder). Our tasks exchange small records only (pixels go through the store), so spilling is off.
-# (For `dask worker` processes set DASK_DISTRIBUTED__WORKER__MEMORY__TARGET/SPILL=False, or install non-editable.)
-DASK_WORKER_KWARGS: dict = {"data": dict}
-
-
 def dask_task_runner(address: str | None = None, n_workers: int | None = None):
     """A DaskTaskRunner on an existing scheduler (``address`` / XWIN_DASK_ADDRESS) or a LocalCluster."""
     from prefect_dask import DaskTaskRunner
@@ -478,7 +471,7 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
     if address:
         return DaskTaskRunner(address=address)
     kw = {"n_workers": n_workers or int(os.environ.get("XWIN_DASK_WORKERS") or 2), "threads_per_worker": 2,
-          "processes": True, "dashboard_address": None, **DASK_WORKER_KWARGS}
+          "processes": True, "dashboard_address": None}
     return DaskTaskRunner(cluster_kwargs=kw)
 
 

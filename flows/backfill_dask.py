@@ -4,6 +4,6 @@ The scheduler comes from XWIN_DASK_ADDRESS (e.g. ``tcp://dask-scheduler:8786`` i
 a LocalCluster of XWIN_DASK_WORKERS processes is started for the run.
 """
 
-from flows.backfill import backfill_cohort, dask_task_runner
+from xwin.flows.backfill import backfill_cohort, dask_task_runner
 
 backfill_cohort_dask = backfill_cohort.with_options(name="backfill-cohort-dask", task_runner=dask_task_runner())

@@ -37,8 +37,8 @@ def consumer(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Samples/s and MB/s of the X-WIN stream vs a WebDataset tar of the same views (goal ratio >= 1.5)."""
-    from training.data.bench import make_bench_store, run_bench
-    from training.data.readers import StoreSource
+    from xwin.training.data.bench import make_bench_store, run_bench
+    from xwin.training.data.readers import StoreSource
 
     tmp = None
     if store is None:
@@ -49,7 +49,7 @@ def consumer(
         src = StoreSource.parse(store)
     else:
         if cohort is None:
-            from storage import open_store
+            from xwin.storage import open_store
 
             infos = open_store(store, create=False).datasets()
             if len(infos) != 1:

@@ -13,18 +13,18 @@ def _main() -> None:
 
 
 # ---- ingest (helper "ingest"): body in flows/ingest_cli.py ----
-from flows.ingest_cli import ingest_cmd as _ingest_cmd  # noqa: E402
+from xwin.flows.ingest_cli import ingest_cmd as _ingest_cmd  # noqa: E402
 
 app.command("ingest")(_ingest_cmd)
 
 # ---- storage (helper "storage"): bodies in storage/cli.py ----
-from storage.cli import status_cmd as _status_cmd, verify_cmd as _verify_cmd  # noqa: E402
+from xwin.storage.cli import status_cmd as _status_cmd, verify_cmd as _verify_cmd  # noqa: E402
 
 app.command("status")(_status_cmd)
 app.command("verify")(_verify_cmd)
 
 # ---- orchestration (helper "flows"): bodies in flows/commands.py ----
-from flows import commands as _flows_cmds  # noqa: E402
+from xwin.flows import commands as _flows_cmds  # noqa: E402
 
 app.command("backfill")(_flows_cmds.backfill_cmd)
 app.command("inspect")(_flows_cmds.inspect_cmd)
@@ -33,24 +33,24 @@ app.command("scan")(_flows_cmds.scan_cmd)
 app.command("validate")(_flows_cmds.validate_cmd)
 
 # ---- benchmarks: `xwin bench <name>`; add subcommands in flows/bench_cli.py (consumer: helper "consumer") ----
-from flows.bench_cli import bench_app as _bench_app  # noqa: E402
+from xwin.flows.bench_cli import bench_app as _bench_app  # noqa: E402
 
 app.add_typer(_bench_app, name="bench")
 
 # ---- training (helper "model"): bodies in training/cli.py ----
-from training import cli as _train_cli  # noqa: E402
+from xwin.training import cli as _train_cli  # noqa: E402
 
 app.command("train")(_train_cli.train)
 app.command("probe")(_train_cli.probe)
 app.command("prepare-cxr")(_train_cli.prepare_cxr)
 
 # ---- reconstruction (helper "recon"): body in flows/reconstruct_cli.py ----
-from flows.reconstruct_cli import reconstruct_cmd as _reconstruct_cmd  # noqa: E402
+from xwin.flows.reconstruct_cli import reconstruct_cmd as _reconstruct_cmd  # noqa: E402
 
 app.command("reconstruct")(_reconstruct_cmd)
 
 # ---- rendering (helper "render"): bodies in pipeline/render/cli.py ----
-from pipeline.render import cli as _render_cli  # noqa: E402
+from xwin.pipeline.render import cli as _render_cli  # noqa: E402
 
 app.command("render")(_render_cli.render_cmd)
 app.command("describe")(_render_cli.describe_cmd)

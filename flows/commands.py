@@ -27,7 +27,7 @@ def _quiet_prefect(verbose: bool) -> None:
 
 
 def _load_spec(path: Optional[Path]):
-    from schemas.render import RenderSpec
+    from xwin.schemas.render import RenderSpec
 
     if path is None:
         return RenderSpec()
@@ -107,8 +107,8 @@ def backfill_cmd(
         raise typer.BadParameter("--runner must be threads or dask")
     if verify not in ("none", "shallow", "deep"):
         raise typer.BadParameter("--verify must be none, shallow or deep")
-    from flows.backfill import BackfillIncomplete, BackfillParams, add_listener, backfill_cohort_on, run_local
-    from flows.runtime import prefect_api_url
+    from xwin.flows.backfill import BackfillIncomplete, BackfillParams, add_listener, backfill_cohort_on, run_local
+    from xwin.flows.runtime import prefect_api_url
 
     params = BackfillParams(cohort=cohort, store=store, source=list(source) if source else None,
                             manifest=str(manifest) if manifest else None,
@@ -175,7 +175,7 @@ class _Null:
 def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | None:
     """FDK PSNR/SSIM of the stored ring vs its source volume (the validation flow in Prefect mode)."""
     try:
-        from flows.validate import validate_volumes
+        from xwin.flows.validate import validate_volumes
     except ImportError:  # pragma: no cover - pipeline.reconstruct absent
         return None
     res = validate_volumes(params.store, params.cohort, params.spec, volume_ids, prefect=use_prefect)
@@ -196,8 +196,8 @@ def validate_cmd(
 ) -> None:
     """FDK-reconstruct stored rings of a cohort and score PSNR/SSIM against their source volumes."""
     _quiet_prefect(verbose)
-    from flows.runtime import LocalStages, prefect_api_url
-    from flows.validate import run_validation, validate_cohort
+    from xwin.flows.runtime import LocalStages, prefect_api_url
+    from xwin.flows.validate import run_validation, validate_cohort
 
     sh = spec_hash or _load_spec(spec).spec_hash
     use_prefect = prefect if prefect is not None else prefect_api_url() is not None
@@ -224,8 +224,8 @@ def inspect_cmd(
     big: int = typer.Option(512, "--big", help="frontal/lateral size (px)"),
 ) -> None:
     """Contact sheet of one stored ring: frontal and lateral views large, every view as a thumbnail."""
-    from flows.reports import contact_sheet
-    from storage import open_store
+    from xwin.flows.reports import contact_sheet
+    from xwin.storage import open_store
 
     st = open_store(store, create=False)
     hits = []
@@ -265,7 +265,7 @@ def deploy_cmd(
 ) -> None:
     """Register work pools, GPU concurrency limits and the deployments (incl. the cron landing scan)."""
     _quiet_prefect(verbose)
-    from flows.deploy import deployment_specs, register
+    from xwin.flows.deploy import deployment_specs, register
 
     specs = deployment_specs(store, landing, cohort, cron, dask_address=dask_address)
     ids = register(specs, code_dir=code_dir, gpus=gpus)
@@ -282,7 +282,7 @@ def scan_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """One landing scan now (what the cron deployment does), without a server."""
-    from flows.landing import scan_once
+    from xwin.flows.landing import scan_once
 
     summary, new = scan_once(landing, cohort, store, _load_spec(spec), backend)
     if as_json:

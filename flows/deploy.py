@@ -16,6 +16,7 @@ checkout), so no image is built or pushed here.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class DeploymentSpec:
-    flow_entrypoint: str  # "flows/backfill.py:backfill_cohort"
+    flow_entrypoint: str  # "xwin.flows.backfill.backfill_cohort"
     name: str
     work_pool: str
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -36,12 +37,9 @@ class DeploymentSpec:
 
     @property
     def flow_name(self) -> str:
-        return {
-            "backfill_cohort": "backfill-cohort",
-            "backfill_cohort_dask": "backfill-cohort-dask",
-            "backfill_sharded": "backfill-sharded",
-            "scan_landing": "scan-landing",
-        }[self.flow_entrypoint.rsplit(":", 1)[1]]
+        """The Prefect flow's name, read from the flow object the entrypoint names."""
+        module, attr = self.flow_entrypoint.rsplit(".", 1)
+        return str(getattr(importlib.import_module(module), attr).name)
 
     @property
     def full_name(self) -> str:
@@ -54,18 +52,18 @@ def deployment_specs(store: str, landing: str | None = None, cohort: str = "land
     """The deployments xwin registers (parameters left out here are given per run)."""
     base = {"store": store}
     out = [
-        DeploymentSpec("flows/backfill.py:backfill_cohort", "gpu", gpu_pool, dict(base, backend="gpu"),
+        DeploymentSpec("xwin.flows.backfill.backfill_cohort", "gpu", gpu_pool, dict(base, backend="gpu"),
                        {"XWIN_RENDER_BACKEND": "gpu"}, description="backfill a cohort on a GPU worker"),
-        DeploymentSpec("flows/backfill.py:backfill_cohort", "cpu", cpu_pool, dict(base, backend="joseph"),
+        DeploymentSpec("xwin.flows.backfill.backfill_cohort", "cpu", cpu_pool, dict(base, backend="joseph"),
                        {"XWIN_RENDER_BACKEND": "joseph"}, description="backfill a cohort on a CPU worker"),
-        DeploymentSpec("flows/backfill_dask.py:backfill_cohort_dask", "dask", cpu_pool, dict(base),
+        DeploymentSpec("xwin.flows.backfill_dask.backfill_cohort_dask", "dask", cpu_pool, dict(base),
                        {"XWIN_DASK_ADDRESS": dask_address} if dask_address else {},
                        description="backfill with tasks on a Dask cluster"),
-        DeploymentSpec("flows/landing.py:backfill_sharded", "fanout", cpu_pool, dict(base, shards=8),
+        DeploymentSpec("xwin.flows.landing.backfill_sharded", "fanout", cpu_pool, dict(base, shards=8),
                        description="split a cohort over N runs of backfill-cohort/gpu"),
     ]
     if landing:
-        out.append(DeploymentSpec("flows/landing.py:scan_landing", "landing", gpu_pool,
+        out.append(DeploymentSpec("xwin.flows.landing.scan_landing", "landing", gpu_pool,
                                   {"landing": landing, "cohort": cohort, "store": store}, cron=cron,
                                   concurrency_limit=1, description="backfill new series of the landing location"))
     return out
@@ -76,7 +74,7 @@ def ensure_pool(name: str, pool_type: str = "process") -> bool:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from flows.runtime import create_unless_exists
+    from xwin.flows.runtime import create_unless_exists
 
     with get_client(sync_client=True) as client:
         return create_unless_exists(
@@ -90,7 +88,7 @@ def register(specs: list[DeploymentSpec], code_dir: str | Path = REPO_ROOT, gpus
     """Create pools, GPU limits and deployments. Returns the deployment ids."""
     from prefect import flow as prefect_flow
 
-    from flows.runtime import ensure_limit
+    from xwin.flows.runtime import ensure_limit
 
     for pool in sorted({s.work_pool for s in specs}):
         ensure_pool(pool)

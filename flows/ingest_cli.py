@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from schemas.ingest import RunSummary
+from xwin.schemas.ingest import RunSummary
 
 
 def _parse_spacing(s: str | None) -> tuple[float, float, float] | None:
@@ -37,7 +37,7 @@ def ingest_cmd(
 ) -> None:
     """Validate CT inputs and store them as canonical int16 HU volumes (RAS). Every input ends done, skipped
     (already stored) or rejected with a reason code; the exit status is non-zero only if the run itself failed."""
-    from pipeline.ingest import IngestConfig, ingest_sources
+    from xwin.pipeline.ingest import IngestConfig, ingest_sources
 
     srcs = list(sources or [])
     mans = [str(m) for m in (manifest or [])]
@@ -47,7 +47,7 @@ def ingest_cmd(
         raise typer.BadParameter("--tilt must be 'resample' or 'reject'")
     cfg = IngestConfig(spacing_mm=_parse_spacing(spacing), tilt=tilt)  # type: ignore[arg-type]
     try:
-        from storage import open_store
+        from xwin.storage import open_store
 
         st = open_store(store)
         summary = ingest_sources(srcs, cohort, st, cfg, manifests=mans)

@@ -23,10 +23,10 @@ from typing import Any, Iterator
 
 from prefect import flow
 
-from flows import reports as rep
-from flows.backfill import BackfillIncomplete, BackfillParams, backfill_cohort, run_local
-from schemas.ingest import RunSummary
-from schemas.render import RenderSpec
+from xwin.flows import reports as rep
+from xwin.flows.backfill import BackfillIncomplete, BackfillParams, backfill_cohort, run_local
+from xwin.schemas.ingest import RunSummary
+from xwin.schemas.render import RenderSpec
 
 log = logging.getLogger("xwin.flows.landing")
 _SERIES_SUFFIXES = (".nii", ".nii.gz", ".csv")

@@ -38,8 +38,8 @@ def reconstruct_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the full metrics as JSON"),
 ) -> None:
     """Reconstruct a stored ring with FDK and print PSNR/SSIM against the stored CT."""
-    from pipeline.reconstruct import validate_stored_ring
-    from storage import open_store
+    from xwin.pipeline.reconstruct import validate_stored_ring
+    from xwin.storage import open_store
 
     try:
         st = open_store(store, create=False)
@@ -50,7 +50,7 @@ def reconstruct_cmd(
         raise typer.Exit(2)
     m = res.metrics
     if report is not None:
-        from pipeline.reconstruct.report import write_report
+        from xwin.pipeline.reconstruct.report import write_report
 
         m["report"] = write_report(report, m, res.reference, res.reconstruction, res.mask, tuple(res.grid.spacing))
     short = {k: m[k] for k in ("psnr_db", "ssim", "backend", "seconds")}

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from schemas.ingest import RunSummary
+from xwin.schemas.ingest import RunSummary
 
 
 # ---- locations -----------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def display(img: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.nd
     """
     a = np.asarray(img, dtype=np.float32)
     try:
-        from pipeline.render.appearance import neglog_window  # type: ignore[attr-defined]
+        from xwin.pipeline.render.appearance import neglog_window  # type: ignore[attr-defined]
 
         w = np.asarray(neglog_window(a), dtype=np.float32)
         lo, hi = float(np.nanmin(w)), float(np.nanmax(w))

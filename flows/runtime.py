@@ -161,7 +161,7 @@ def is_transient(exc: BaseException) -> bool:
     classification of S3/botocore errors, plus transient ``errno`` values of plain ``OSError``.
     """
     try:
-        from storage.backend import is_transient as storage_transient
+        from xwin.storage.backend import is_transient as storage_transient
 
         if storage_transient(exc):
             return True

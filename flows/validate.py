@@ -15,10 +15,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import reports as rep
-from flows.backfill import TASK_RETRIES, _artifact_key, _store
-from flows.runtime import LocalStages, PrefectStages, Stages, backoff_delays, retry_transient, slot
-from schemas.render import RenderSpec
+from xwin.flows import reports as rep
+from xwin.flows.backfill import TASK_RETRIES, _artifact_key, _store
+from xwin.flows.runtime import LocalStages, PrefectStages, Stages, backoff_delays, retry_transient, slot
+from xwin.schemas.render import RenderSpec
 
 
 def recon_backend() -> str:
@@ -39,7 +39,7 @@ def recon_backend() -> str:
 def validate_series(store_url: str, cohort: str, spec_hash: str, volume_id: str, backend: str,
                     reports: str | None) -> dict:
     """Metrics of one stored ring: {"volume_id", "psnr", "ssim", "backend", "seconds", ...}."""
-    from pipeline.reconstruct import validate_stored_ring
+    from xwin.pipeline.reconstruct import validate_stored_ring
 
     st = _store(store_url)
     ds = st.open_dataset(cohort, spec_hash)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.render import RenderSpec, ViewGeometry
+from xwin.schemas.render import RenderSpec, ViewGeometry
 
 
 def rot_z(deg: np.ndarray | float) -> np.ndarray:

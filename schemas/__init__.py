@@ -1,6 +1,6 @@
 """Pydantic v2 contracts shared by every stage. No I/O lives here."""
 
-from schemas.ingest import (
+from xwin.schemas.ingest import (
     InputKind,
     ManifestRow,
     RejectReason,
@@ -13,7 +13,7 @@ from schemas.ingest import (
     HUStats,
     Provenance,
 )
-from schemas.render import RenderSpec, ViewGeometry, VolumeGeometry
+from xwin.schemas.render import RenderSpec, ViewGeometry, VolumeGeometry
 
 __all__ = [
     "InputKind",

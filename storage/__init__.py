@@ -8,9 +8,9 @@
 >>> views, meta = ds.read_views(volume_id, [0, 3, 5])
 """
 
-from storage.backend import ConflictError, StorageError
-from storage.scope import ClaimHeld
-from storage.store import (
+from xwin.storage.backend import ConflictError, StorageError
+from xwin.storage.scope import ClaimHeld
+from xwin.storage.store import (
     ChecksumMismatch,
     NotCommitted,
     ProjectionDataset,

@@ -13,7 +13,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a t
 
 def status_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
     """Counts per status and per cohort: canonical volumes and rings of every dataset (from the catalogs)."""
-    from storage import open_store
+    from xwin.storage import open_store
 
     st = open_store(store, create=False).status()
     if as_json:
@@ -40,7 +40,7 @@ def verify_cmd(
     shallow: Annotated[bool, typer.Option("--shallow", help="check presence only, skip checksums")] = False,
 ) -> None:
     """Recompute checksums of every committed volume and ring; exit 1 if anything is corrupt or missing."""
-    from storage import open_store
+    from xwin.storage import open_store
 
     rep = open_store(store, create=False).verify(deep=not shallow)
     if as_json:

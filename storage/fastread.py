@@ -15,7 +15,7 @@ import google_crc32c
 import numpy as np
 from numcodecs import Blosc, Zstd
 
-from storage.backend import Backend
+from xwin.storage.backend import Backend
 
 _EMPTY = np.uint64(2**64 - 1)
 

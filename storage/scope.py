@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
-from schemas.store import CatalogRow, ClaimRecord, CommitRecord, EntryStatus
+from xwin.schemas.store import CatalogRow, ClaimRecord, CommitRecord, EntryStatus
 
-from storage.backend import Backend, ConflictError
+from xwin.storage.backend import Backend, ConflictError
 
 DEFAULT_BUCKET_HEX = 2  # new stores: 16**2 = 256 catalog buckets per scope
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")

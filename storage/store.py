@@ -31,9 +31,9 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import MemoryStore
 
-from schemas.ingest import VolumeRecord
-from schemas.render import RenderSpec
-from schemas.store import (
+from xwin.schemas.ingest import VolumeRecord
+from xwin.schemas.render import RenderSpec
+from xwin.schemas.store import (
     CatalogRow,
     CommitRecord,
     DatasetInfo,
@@ -44,12 +44,12 @@ from schemas.store import (
     VerifyReport,
     ViewMeta,
 )
-from storage.backend import Backend, ConflictError, LocalBackend, RetryingStore, StorageError, make_backend
-from storage.scope import DEFAULT_BUCKET_HEX, ClaimHeld, Scope, check_id, default_owner, row_of
-from storage.shardwrite import Crc32cTee, cast, encode_pool, encode_shard, shard_layout
+from xwin.storage.backend import Backend, ConflictError, LocalBackend, RetryingStore, StorageError, make_backend
+from xwin.storage.scope import DEFAULT_BUCKET_HEX, ClaimHeld, Scope, check_id, default_owner, row_of
+from xwin.storage.shardwrite import Crc32cTee, cast, encode_pool, encode_shard, shard_layout
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.geometry import ConeBeamViews
+    from xwin.pipeline.geometry import ConeBeamViews
 
 FORMAT_NAME = "xwin-store"
 FORMAT_VERSION = 1
@@ -563,7 +563,7 @@ class ProjectionDataset:
         c = self.scope.get_commit(vid)
         if c is None:
             raise NotCommitted(f"ring {vid!r} is not committed in {self.path} of {self.store.url}")
-        from storage.fastread import read_small_array, shard_reader
+        from xwin.storage.fastread import read_small_array, shard_reader
 
         b = self.store.backend
         if isinstance(b, LocalBackend):
@@ -616,7 +616,7 @@ class ProjectionDataset:
 
     def read_geometry(self, volume_id: str) -> "ConeBeamViews":
         """All views' geometry, rebuilt only from the stored cone_vecs (and yaws)."""
-        from pipeline.geometry import ConeBeamViews
+        from xwin.pipeline.geometry import ConeBeamViews
 
         h = self._handle(volume_id)
         return ConeBeamViews.from_cone_vecs(h.meta["cone_vec"], h.shape[1], h.shape[2], h.meta["yaw_deg"])

@@ -6,7 +6,7 @@ import numpy as np
 import nibabel as nib
 import pytest
 
-from pipeline.example import example_ct_path, example_mask_path
+from xwin.pipeline.example import example_ct_path, example_mask_path
 
 
 @pytest.fixture(scope="session")
@@ -110,9 +110,9 @@ def rendered_dataset(tmp_path_factory, small_ct_path):
     """
     from types import SimpleNamespace
 
-    from pipeline.render import render_ring
-    from schemas.render import RenderSpec
-    from storage import open_store
+    from xwin.pipeline.render import render_ring
+    from xwin.schemas.render import RenderSpec
+    from xwin.storage import open_store
 
     img = nib.load(str(small_ct_path))
     hu = np.asarray(img.dataobj)

@@ -116,7 +116,7 @@ def _options(args: list[str]) -> set[str]:
 
 
 def test_every_command_is_a_real_entry_point():
-    from flows.cli import app
+    from xwin.flows.cli import app
 
     checks: list[tuple[str, list[str], subprocess.Popen | None]] = []
     py_snippets = []

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.render import RenderSpec
-from training.data import EpochOrder, SyntheticSource, XWinSampling, XWinStream, make_loader, shard_batches
-from training.data.readers import synthetic_view_value
+from xwin.schemas.render import RenderSpec
+from xwin.training.data import EpochOrder, SyntheticSource, XWinSampling, XWinStream, make_loader, shard_batches
+from xwin.training.data.readers import synthetic_view_value
 
 SPEC = RenderSpec(height=24, width=24, n_views=120, yaw_step_deg=3.0)
 
@@ -191,8 +191,8 @@ def test_resume_across_worker_counts():
 
 # --------------------------------------------------------------------------------------------- fast batch assembly
 def test_appearance_into_matches_reference_transforms():
-    from pipeline.render.appearance import minmax
-    from training.data.transforms import appearance_into, apply_appearance, resize
+    from xwin.pipeline.render.appearance import minmax
+    from xwin.training.data.transforms import appearance_into, apply_appearance, resize
 
     rng = np.random.default_rng(0)
     views = (rng.random((9, 24, 24)) * 7 + 2).astype(np.float32)
@@ -257,7 +257,7 @@ def test_output_dtypes_and_stored_float16_views():
     assert ds.reader.calls and all(c is None for c in ds.reader.calls)
     assert s["volume_id"] == r["volume_id"] and torch.equal(s["actions"], r["actions"])
     # independent reference: the same views rounded to float16, widened, then the min-max definition
-    from pipeline.render.appearance import minmax
+    from xwin.pipeline.render.appearance import minmax
 
     want = [SPEC.view_index(float(s["context_yaw"]))] + [SPEC.view_index(float(y)) for y in s["target_yaws"]]
     raw = SyntheticSource(7, SPEC).open().read_views(s["volume_id"], want)[0].astype(np.float16).astype(np.float32)
@@ -330,7 +330,7 @@ def test_too_little_shared_memory_is_a_clear_error(monkeypatch):
     import os
     from types import SimpleNamespace
 
-    from training.data.buffers import SharedSlots
+    from xwin.training.data.buffers import SharedSlots
 
     monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=16, f_frsize=2**20))  # 16 MiB free
     with pytest.raises(RuntimeError, match=r"2 workers x 4 batch slots need 80 MiB of shared memory .* 16 MiB free"):

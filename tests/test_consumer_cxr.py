@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import RealCXRStream, read_radiograph
+from xwin.training.data import RealCXRStream, read_radiograph
 
 
 def _phantom(h=96, w=80, seed=0):
@@ -89,7 +89,7 @@ def cxr_dir(tmp_path_factory):
 def test_directory_stream_skips_bad_images(cxr_dir, caplog):
     d, good = cxr_dir
     ds = RealCXRStream(d, image_size=32, seed=0)
-    with caplog.at_level(logging.WARNING, logger="training.data.real_cxr"):
+    with caplog.at_level(logging.WARNING, logger="xwin.training.data.real_cxr"):
         out = list(ds)
     assert sorted(s["path"] for s in out) == sorted(good)
     assert dict(ds.skipped) == {"unreadable": 4, "wrong_channels": 1, "too_small": 1, "blank": 1}
@@ -152,7 +152,7 @@ def test_mimic_layout_filters_views_and_resumes(tmp_path):
     ds2.load_state_dict(ds1.state_dict())
     assert head + [(s["position"], s["path"]) for s in ds2] == full
     # a prepared copy keeps the layout: CSV copied, same paths, the missing file reported
-    from training.data.real_prepare import prepare_real_cxr
+    from xwin.training.data.real_prepare import prepare_real_cxr
 
     rep = prepare_real_cxr(tmp_path, tmp_path / "prep", size=16, workers=1)
     assert (rep["written"], rep["skip_reasons"]) == (3, {"missing": 1})
@@ -166,7 +166,7 @@ def test_mimic_layout_filters_views_and_resumes(tmp_path):
 def test_batches_reuse_buffers_without_changing_what_the_consumer_holds(cxr_dir, workers):
     """Real batches are stacked into reused buffers (training/data/buffers.py); batches shortened by skipped images
     included. Every batch, held or not, equals the stream that stacks into fresh memory."""
-    from training.data import make_loader
+    from xwin.training.data import make_loader
 
     d, _ = cxr_dir
     kw = dict(image_size=32, seed=0, batch_size=2)
@@ -209,7 +209,7 @@ def test_prepared_copy_gives_the_same_images(cxr_dir, tmp_path, fmt, atol):
 
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from xwin.flows.cli import app
 
     d, good = cxr_dir
     dst = tmp_path / "prep"

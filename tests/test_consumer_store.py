@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.data import StoreSource, XWinSampling, XWinStream, make_loader
+from xwin.training.data import StoreSource, XWinSampling, XWinStream, make_loader
 
 from conftest import make_s3_bucket
 
@@ -89,7 +89,7 @@ def test_ranks_and_workers_disjoint_and_resume(rendered_dataset):
 
 
 def test_s3_store_through_workers(rendered_dataset, s3_server):
-    from storage import open_store
+    from xwin.storage import open_store
 
     rd = rendered_dataset
     url = make_s3_bucket(s3_server, "consumer-test") + "/xwin"
@@ -119,7 +119,7 @@ def test_resume_mid_epoch_ignores_volumes_committed_since(rendered_dataset, tmp_
     epoch (no repeats, no skips); a loader starting at an epoch boundary sees them."""
     import shutil
 
-    from storage import open_store
+    from xwin.storage import open_store
 
     rd = rendered_dataset
     url = str(tmp_path / "store")
@@ -148,7 +148,7 @@ def test_resume_mid_epoch_ignores_volumes_committed_since(rendered_dataset, tmp_
 def test_a_ring_gone_from_the_store_is_skipped_not_fatal(rendered_dataset, tmp_path, caplog):
     import shutil
 
-    from storage import open_store
+    from xwin.storage import open_store
 
     rd = rendered_dataset
     url = str(tmp_path / "store")
@@ -173,7 +173,7 @@ def test_consumer_bench_cli_reports_both_readers(rendered_dataset, tmp_path, mon
 
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from xwin.flows.cli import app
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the WebDataset tars go here
     url = f"{rendered_dataset.url}#{rendered_dataset.cohort}"

@@ -21,12 +21,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows import backfill as bf
-from flows import reports as rep
-from flows.runtime import LocalStages, is_transient
-from schemas.ingest import RejectReason
-from schemas.render import RenderSpec
-from storage import open_store
+from xwin.flows import backfill as bf
+from xwin.flows import reports as rep
+from xwin.flows.runtime import LocalStages, is_transient
+from xwin.schemas.ingest import RejectReason
+from xwin.schemas.render import RenderSpec
+from xwin.storage import open_store
 
 SPEC = RenderSpec(height=64, width=64, pixel_mm=6.0, n_views=8, yaw_step_deg=45.0)
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +58,8 @@ def _params(store, sources, **kw) -> bf.BackfillParams:
 
 def _expected_ring(path: Path) -> np.ndarray:
     """Independent path to the same ring: ingest + render without flows or storage."""
-    from pipeline.ingest import load_candidate, plan_inputs
-    from pipeline.render import render_ring
+    from xwin.pipeline.ingest import load_candidate, plan_inputs
+    from xwin.pipeline.render import render_ring
 
     (c,), _ = plan_inputs([str(path)], "test")
     rec, hu = load_candidate(c)
@@ -71,7 +71,7 @@ def _expected_ring(path: Path) -> np.ndarray:
 def test_transient_classification():
     from botocore.exceptions import ClientError
 
-    from pipeline.ingest import IngestError
+    from xwin.pipeline.ingest import IngestError
 
     assert is_transient(OSError(errno.EIO, "I/O error"))
     assert is_transient(ConnectionResetError())
@@ -143,11 +143,11 @@ def test_local_retries_transient_not_bad_input(tmp_path, cohort, monkeypatch):
             return real.write_volume(*a, **kw)
 
     monkeypatch.setattr(bf, "_store", lambda url: Flaky())
-    import pipeline.render as render_mod
+    import xwin.pipeline.render as render_mod
 
     real_render = render_mod.render_ring
 
-    from pipeline.ingest import load_candidate, plan_inputs
+    from xwin.pipeline.ingest import load_candidate, plan_inputs
 
     (c1,), _ = plan_inputs([str(good[1])], "test")
     doomed = int(load_candidate(c1)[1].sum(dtype=np.int64))
@@ -170,7 +170,7 @@ def test_local_retries_transient_not_bad_input(tmp_path, cohort, monkeypatch):
 
 
 def test_local_landing_scan_processes_only_new(tmp_path, cohort):
-    from flows.landing import scan_once
+    from xwin.flows.landing import scan_once
 
     good, bad = cohort
     landing = tmp_path / "landing"
@@ -188,7 +188,7 @@ def test_local_landing_scan_processes_only_new(tmp_path, cohort):
 
 
 def test_cli_backfill_json_and_inspect(tmp_path, cohort):
-    from flows.cli import app
+    from xwin.flows.cli import app
 
     good, bad = cohort
     spec_file = tmp_path / "spec.json"
@@ -305,7 +305,7 @@ def test_prefect_backfill_killed_midway_then_resumed(prefect_api, tmp_path, coho
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(SPEC.model_dump_json())
     env = dict(os.environ, PREFECT_API_URL=prefect_api, XWIN_STAGE_THREADS="1", PREFECT_LOGGING_LEVEL="WARNING")
-    cmd = [sys.executable, "-m", "flows.cli", "backfill", "--cohort", "test", "--store", str(store),
+    cmd = [sys.executable, "-m", "xwin.flows.cli", "backfill", "--cohort", "test", "--store", str(store),
            "--spec", str(spec_file), "--backend", "joseph", "--prefect", "--verify", "none"]
     for g in good:
         cmd += ["--source", str(g)]
@@ -344,8 +344,7 @@ def test_prefect_backfill_on_dask_each_series_once(prefect_api, tmp_path, cohort
 
     good, _ = cohort
     store = tmp_path / "store"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      **bf.DASK_WORKER_KWARGS) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         flow = bf.backfill_cohort.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
         state = flow(cohort="test", store=str(store), source=[str(g) for g in good[:4]], spec=SPEC,
                      backend="joseph", verify="deep", return_state=True)
@@ -365,8 +364,8 @@ def test_prefect_backfill_on_dask_each_series_once(prefect_api, tmp_path, cohort
 
 def test_local_validation_matches_direct_reconstruction(tmp_path, cohort):
     """The validation flow body reports what pipeline.reconstruct.validate_stored_ring computes, and files it."""
-    from flows.validate import run_validation
-    from pipeline.reconstruct import validate_stored_ring
+    from xwin.flows.validate import run_validation
+    from xwin.pipeline.reconstruct import validate_stored_ring
 
     good, _ = cohort
     spec = RenderSpec(height=96, width=96, pixel_mm=5.0, n_views=36, yaw_step_deg=10.0)
@@ -405,7 +404,7 @@ def test_landing_scan_of_an_s3_prefix(tmp_path, cohort, monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from flows.landing import scan_once
+    from xwin.flows.landing import scan_once
 
     good, bad = cohort
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)

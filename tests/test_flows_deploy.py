@@ -14,9 +14,9 @@ import httpx
 import pytest
 import yaml
 
-from flows.deploy import DeploymentSpec, deployment_specs, register
-from schemas.render import RenderSpec
-from storage import open_store
+from xwin.flows.deploy import DeploymentSpec, deployment_specs, register
+from xwin.schemas.render import RenderSpec
+from xwin.storage import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = RenderSpec(height=64, width=64, pixel_mm=6.0, n_views=8, yaw_step_deg=45.0)
@@ -29,10 +29,10 @@ def test_prefect_yaml_matches_xwin_deploy():
     theirs = {(d["name"], d["work_pool"]["name"], d["entrypoint"],
                (d.get("schedules") or [{}])[0].get("cron")) for d in doc["deployments"]}
     assert ours == theirs
-    for _, _, entry, _ in ours:  # every entrypoint is a Prefect flow object in a file of this repo
-        path, attr = entry.split(":")
-        assert (REPO / path).is_file()
-        mod = importlib.import_module(path[:-3].replace("/", "."))
+    for _, _, entry, _ in ours:  # every entrypoint is a module path to a Prefect flow object of the package
+        module, attr = entry.rsplit(".", 1)
+        assert module.startswith("xwin.flows."), entry
+        mod = importlib.import_module(module)
         assert hasattr(getattr(mod, attr), "deploy"), entry
 
 
@@ -57,9 +57,9 @@ def test_deployment_runs_on_process_worker(prefect_api, tmp_path, small_ct_path)
     pool = "xwin-test-cpu"
     env = {"XWIN_RENDER_BACKEND": "joseph", "PREFECT_LOGGING_LEVEL": "WARNING"}
     specs = [
-        DeploymentSpec("flows/backfill.py:backfill_cohort", "test", pool, {"store": str(store), "backend": "joseph"},
+        DeploymentSpec("xwin.flows.backfill.backfill_cohort", "test", pool, {"store": str(store), "backend": "joseph"},
                        env),
-        DeploymentSpec("flows/landing.py:scan_landing", "landing", pool,
+        DeploymentSpec("xwin.flows.landing.scan_landing", "landing", pool,
                        {"landing": str(tmp_path / "landing"), "cohort": "landing", "store": str(store)},
                        cron="*/15 * * * *", concurrency_limit=1),
     ]

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.geometry import ConeBeamViews, project_points, volume_center
-from schemas import RenderSpec
+from xwin.pipeline.geometry import ConeBeamViews, project_points, volume_center
+from xwin.schemas import RenderSpec
 
 
 def test_ring_defaults_match_xwin():

@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from dicom_fixtures import write_ct_series, write_localizer
-from flows.cli import app
+from xwin.flows.cli import app
 from conftest import slab
-from pipeline.ingest import IngestError, ingest_sources, load_candidate, plan_inputs, plan_manifest
-from schemas.ingest import RejectReason as R
-from schemas.ingest import RunSummary
+from xwin.pipeline.ingest import IngestError, ingest_sources, load_candidate, plan_inputs, plan_manifest
+from xwin.schemas.ingest import RejectReason as R
+from xwin.schemas.ingest import RunSummary
 
 HEADER = ["Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID", "Study UID",
           "Study Description", "Study Date", "Series Description", "Manufacturer", "Modality", "SOP Class Name",
@@ -98,7 +98,7 @@ def test_candidates_pickle_and_load(cohort):
 
 
 def test_ingest_sources_mixed_cohort_into_store(cohort, small, tmp_path, bundled_ct_path):
-    from storage import open_store
+    from xwin.storage import open_store
 
     root, sA, _ = cohort
     bad_nii = tmp_path / "nan.nii"

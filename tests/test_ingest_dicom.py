@@ -13,9 +13,9 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
 from dicom_fixtures import LPS, rewrite_coronal, series_from_nifti, write_ct_series, write_localizer
 from conftest import slab
-from pipeline.ingest import IngestConfig, IngestError, load_candidate, plan_inputs
-from pipeline.ingest.dicom_headers import fast_header, header_from_dataset, read_header
-from schemas.ingest import RejectReason as R
+from xwin.pipeline.ingest import IngestConfig, IngestError, load_candidate, plan_inputs
+from xwin.pipeline.ingest.dicom_headers import fast_header, header_from_dataset, read_header
+from xwin.schemas.ingest import RejectReason as R
 
 COHORT = "test"
 

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.ingest import IngestConfig, IngestError, hu_stats, load_candidate, plan_inputs
-from schemas.ingest import RejectReason as R
+from xwin.pipeline.ingest import IngestConfig, IngestError, hu_stats, load_candidate, plan_inputs
+from xwin.schemas.ingest import RejectReason as R
 
 COHORT = "test"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import losses as L
+from xwin.training import losses as L
 
 torch.manual_seed(0)
 

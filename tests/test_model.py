@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import LossConfig, ModelConfig, load_config
-from training.masks import MultiBlockMasker
-from training.models import DomainClassifier, EMAEncoder, MaskPredictor, ViewPredictor, VisionTransformer, XWin
-from training.models.vit import sincos_2d
+from xwin.training.config import LossConfig, ModelConfig, load_config
+from xwin.training.masks import MultiBlockMasker
+from xwin.training.models import DomainClassifier, EMAEncoder, MaskPredictor, ViewPredictor, VisionTransformer, XWin
+from xwin.training.models.vit import sincos_2d
 
 TINY = load_config(preset="tiny").model
 

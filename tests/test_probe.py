@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from training.probe import auroc, stratified_split
+from xwin.training.probe import auroc, stratified_split
 
 
 def test_auroc_matches_pairwise_definition():
@@ -52,10 +52,10 @@ def views_folder(tmp_path_factory, rendered_dataset):
 def test_probe_frontal_vs_lateral(tmp_path, views_folder):
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from training.config import load_config
-    from training.loop import Trainer
-    from training.synthetic import SyntheticRingStream
+    from xwin.flows.cli import app
+    from xwin.training.config import load_config
+    from xwin.training.loop import Trainer
+    from xwin.training.synthetic import SyntheticRingStream
 
     cfg = load_config(preset="tiny", overrides=[f"out_dir={tmp_path}", "log_every=1000", "ckpt_every=0"])
     tr = Trainer(cfg, SyntheticRingStream(batch_size=2), None)

@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.geometry import ConeBeamViews, project_points, ring_for_volume, rot_z, volume_center
-from pipeline.reconstruct import (
+from xwin.pipeline.geometry import ConeBeamViews, project_points, ring_for_volume, rot_z, volume_center
+from xwin.pipeline.reconstruct import (
     GeometryError,
     default_grid,
     fit_orbit,
@@ -21,10 +21,10 @@ from pipeline.reconstruct import (
     truncation_report,
     validate_volume,
 )
-from pipeline.reconstruct.fdk_numba import parker_weights, ramp_kernel_fft
-from pipeline.reconstruct.metrics import resample_to_grid, validation_mask
-from pipeline.render import render_views
-from schemas.render import RenderSpec
+from xwin.pipeline.reconstruct.fdk_numba import parker_weights, ramp_kernel_fft
+from xwin.pipeline.reconstruct.metrics import resample_to_grid, validation_mask
+from xwin.pipeline.render import render_views
+from xwin.schemas.render import RenderSpec
 
 SMALL_SPEC = RenderSpec(height=128, width=128, pixel_mm=4.0, n_views=60, yaw_step_deg=6.0)
 
@@ -107,8 +107,8 @@ def test_reference_resampling_is_a_block_average_on_the_default_grid():
 
 def test_astra_geometry_conversion_matches_project_points(small_case):
     """ASTRA's cone_vec convention, written independently from its definition, reproduces our projection."""
-    from pipeline.reconstruct.fdk_astra import astra_project_points, astra_setup
-    from pipeline.reconstruct.frames import orbit_frame
+    from xwin.pipeline.reconstruct.fdk_astra import astra_project_points, astra_setup
+    from xwin.pipeline.reconstruct.frames import orbit_frame
 
     hu, A, views, _ = small_case
     grid = default_grid(A, hu.shape)
@@ -132,8 +132,8 @@ def test_astra_geometry_conversion_matches_project_points(small_case):
 
 
 def test_auto_backend_never_crashes_without_cuda():
-    from pipeline.reconstruct import resolve_backend
-    from pipeline.reconstruct.fdk_astra import cuda_available
+    from xwin.pipeline.reconstruct import resolve_backend
+    from xwin.pipeline.reconstruct.fdk_astra import cuda_available
 
     if cuda_available():  # pragma: no cover - GPU machines
         assert resolve_backend("auto") == "astra"
@@ -158,7 +158,7 @@ def test_small_ct_round_trip_quality(small_case):
 
 def test_numba_fdk_agrees_with_rtk(small_case):
     """Our FDK against RTK's, same projections, same grid (a coarse 64x64x33 one to keep RTK's CPU time low)."""
-    from pipeline.reconstruct import ReconGrid
+    from xwin.pipeline.reconstruct import ReconGrid
 
     hu, A, views, proj = small_case
     g = default_grid(A, hu.shape)
@@ -236,9 +236,9 @@ def test_truncation_report_on_a_phantom_inside_the_fov():
 def test_report_and_cli(tmp_path, small_case):
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from schemas.ingest import HUStats, Provenance, VolumeRecord
-    from storage import open_store
+    from xwin.flows.cli import app
+    from xwin.schemas.ingest import HUStats, Provenance, VolumeRecord
+    from xwin.storage import open_store
 
     hu, A, views, proj = small_case
     rec = VolumeRecord(volume_id="small", cohort="c1", source="small_ct.nii.gz", kind="nifti", shape=hu.shape,
@@ -262,7 +262,7 @@ def test_report_and_cli(tmp_path, small_case):
 
 def test_astra_fdk_matches_numba_on_gpu(small_case):
     """Runs only where ASTRA's CUDA works (probed in a subprocess); same projections, grid and Hann filter."""
-    from pipeline.reconstruct.fdk_astra import cuda_available
+    from xwin.pipeline.reconstruct.fdk_astra import cuda_available
 
     if not cuda_available():
         pytest.skip("no CUDA for ASTRA FDK_CUDA here (probe in a subprocess)")
@@ -275,7 +275,7 @@ def test_astra_fdk_matches_numba_on_gpu(small_case):
 
 
 def test_fov_grid_covers_the_field_of_view():
-    from pipeline.reconstruct import fov_grid
+    from xwin.pipeline.reconstruct import fov_grid
 
     iso = np.array([5.0, -3.0, 40.0])
     views = ConeBeamViews.ring(RenderSpec(), iso)

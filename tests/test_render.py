@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.geometry import ConeBeamViews, project_points, ring_for_volume, rot_z, volume_center
-from pipeline.render import available_backends, hu_to_mu, render_ring, render_views, resolve_backend
-from pipeline.render import appearance
-from schemas import RenderSpec
+from xwin.pipeline.geometry import ConeBeamViews, project_points, ring_for_volume, rot_z, volume_center
+from xwin.pipeline.render import available_backends, hu_to_mu, render_ring, render_views, resolve_backend
+from xwin.pipeline.render import appearance
+from xwin.schemas import RenderSpec
 
 
 def rel_l2(a: np.ndarray, ref: np.ndarray) -> float:

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from pipeline.geometry import ConeBeamViews, ring_for_volume
-from pipeline.render import render_ring, render_views
-from schemas import RenderSpec
+from xwin.flows.cli import app
+from xwin.pipeline.geometry import ConeBeamViews, ring_for_volume
+from xwin.pipeline.render import render_ring, render_views
+from xwin.schemas import RenderSpec
 
 SPEC = RenderSpec(height=32, width=40, pixel_mm=13.0, n_views=6, yaw_step_deg=60.0)
 
 
 @pytest.fixture(scope="module")
 def store_with_volume(tmp_path_factory, small_ct_path):
-    from pipeline.ingest import load_candidate, plan_inputs
-    from storage import open_store
+    from xwin.pipeline.ingest import load_candidate, plan_inputs
+    from xwin.storage import open_store
 
     cands, rej = plan_inputs([str(small_ct_path)], "small")
     assert not rej and len(cands) == 1

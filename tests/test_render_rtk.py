@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.geometry import ConeBeamViews, project_points, ring_for_volume
-from pipeline.render import hu_to_mu, render_views
-from schemas import RenderSpec
+from xwin.pipeline.geometry import ConeBeamViews, project_points, ring_for_volume
+from xwin.pipeline.render import hu_to_mu, render_views
+from xwin.schemas import RenderSpec
 
 itk = pytest.importorskip("itk")
 
@@ -18,7 +18,7 @@ def rel_l2(a, ref):
 
 
 def test_itk_volume_placement_round_trip():
-    from pipeline.render.rtk_backend import itk_image_from_volume, volume_from_itk_image
+    from xwin.pipeline.render.rtk_backend import itk_image_from_volume, volume_from_itk_image
 
     A = np.array([[-0.7, 0.0, 0.0, 166.0], [0.0, 0.7, 0.0, -187.6], [0.0, 0.0, 2.5, -340.0], [0, 0, 0, 1.0]])
     arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
@@ -32,7 +32,7 @@ def test_itk_volume_placement_round_trip():
 
 
 def test_rtk_projection_matrices_match_project_points():
-    from pipeline.render.rtk_backend import rtk_geometry
+    from xwin.pipeline.render.rtk_backend import rtk_geometry
 
     spec = RenderSpec(height=20, width=30, pixel_mm=2.0, n_views=5, yaw_step_deg=71.0, yaw_start_deg=13.0)
     g = ring_for_volume(spec, np.eye(4), (10, 10, 10))

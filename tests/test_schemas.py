@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from schemas.ingest import (HUStats, InputKind, ManifestRow, Provenance, RejectReason, Rejection, RunEntry,
+from xwin.schemas.ingest import (HUStats, InputKind, ManifestRow, Provenance, RejectReason, Rejection, RunEntry,
                             RunSummary, SeriesChoice, SeriesRecord, VolumeRecord)
 
 
@@ -45,7 +45,7 @@ def test_volume_record_roundtrip_keeps_affine_exactly(record):
 
 
 def test_volume_record_from_real_ingest_roundtrips(small_ct_path):
-    from pipeline.ingest import load_candidate, plan_inputs
+    from xwin.pipeline.ingest import load_candidate, plan_inputs
 
     cands, _ = plan_inputs([str(small_ct_path)], "t")
     rec, _ = load_candidate(cands[0])

@@ -7,9 +7,9 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-import storage.store as st
-from storage.backend import LocalBackend
-from storage.shardwrite import Crc32cTee, cast, encode_shard, shard_layout
+import xwin.storage.store as st
+from xwin.storage.backend import LocalBackend
+from xwin.storage.shardwrite import Crc32cTee, cast, encode_shard, shard_layout
 
 RNG = np.random.default_rng(3)
 CASES = [
@@ -48,7 +48,7 @@ def test_write_entry_is_read_by_zarr_and_cleans_leftovers(tmp_path):
         assert got.dtype == d.dtype and np.array_equal(got, d), n
     assert not b.exists("e/old/c/0/0/0")
     # the direct reader of single-chunk arrays (ring metadata) agrees with zarr; multi-chunk arrays are not its job
-    from storage.fastread import read_small_array
+    from xwin.storage.fastread import read_small_array
 
     for n, d, c, _ in CASES:
         got = read_small_array(b, f"e/{n}")

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.geometry import ConeBeamViews, ring_for_volume
-from schemas.ingest import HUStats, Provenance, VolumeRecord
-from schemas.render import RenderSpec
-from schemas.store import ClaimRecord
-from storage import ChecksumMismatch, ClaimHeld, NotCommitted, SpecMismatchError, open_store, sha256_of
+from xwin.pipeline.geometry import ConeBeamViews, ring_for_volume
+from xwin.schemas.ingest import HUStats, Provenance, VolumeRecord
+from xwin.schemas.render import RenderSpec
+from xwin.schemas.store import ClaimRecord
+from xwin.storage import ChecksumMismatch, ClaimHeld, NotCommitted, SpecMismatchError, open_store, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = RenderSpec(height=24, width=20, n_views=12, yaw_step_deg=30.0, store_dtype="float32")  # exact round trips
@@ -223,7 +223,7 @@ def test_verify_finds_flipped_byte_deleted_chunk_and_row_without_data(tmp_path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "xwin.flows.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=60
     )
 
 
@@ -252,8 +252,8 @@ _WORKER = textwrap.dedent(
     import os, sys, time, json
     sys.path.insert(0, {tests!r})
     from test_storage import make_ring, make_volume, SPEC
-    import storage.store as st
-    from storage import open_store, ClaimHeld
+    import xwin.storage.store as st
+    from xwin.storage import open_store, ClaimHeld
     mode, url = sys.argv[1], sys.argv[2]
     store = open_store(url)
     ds = store.dataset("c1", SPEC)
@@ -271,7 +271,7 @@ _WORKER = textwrap.dedent(
         st.Scope.catalog_add = lambda self, row: pause("COMMITTED")
         ds.write_ring("r0", *make_ring(0), {{}})
     elif mode == "kill_mid_shard":          # die while the views shard is half streamed out
-        from storage.backend import LocalBackend
+        from xwin.storage.backend import LocalBackend
         orig_pp = LocalBackend.put_pieces
         def half_pp(self, key, pieces):
             if not key.endswith("views/c/0/0/0"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import make_s3_bucket
-from storage import NotCommitted, open_store
+from xwin.storage import NotCommitted, open_store
 from test_storage import SPEC, _kill, _spawn, _wait_line, make_ring, make_volume
 
 
@@ -136,7 +136,7 @@ def test_retrying_store_absorbs_connection_errors(tmp_path):
     """The zarr-level retry wrapper (every zarr read of the store goes through it) retries errors raised below it."""
     import zarr
 
-    from storage.backend import RetryingStore
+    from xwin.storage.backend import RetryingStore
 
     calls = {"get": 0}
 

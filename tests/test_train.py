@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import load_config
-from training.loop import NO_REAL_NOTE, Schedules, Trainer, build_streams, cosine
+from xwin.training.config import load_config
+from xwin.training.loop import NO_REAL_NOTE, Schedules, Trainer, build_streams, cosine
 
 
 # ------------------------------------------------------------------------------------------------- schedules/config
@@ -129,7 +129,7 @@ def test_bfloat16_images_from_the_loader(tmp_path, rendered_dataset):
     rec = tr.train_step(b16)
     assert all(math.isfinite(v) for v in rec.values() if isinstance(v, float))
     # "auto" (the default): bfloat16 exactly when the trainer autocasts to bf16
-    from training.loop import loader_image_dtype
+    from xwin.training.loop import loader_image_dtype
 
     auto = {prec: tiny_cfg(tmp_path, rendered_dataset, precision=prec) for prec in ("fp32", "bf16")}
     assert auto["fp32"].data.image_dtype == "auto"
@@ -177,7 +177,7 @@ def test_resume_equals_straight_run(tmp_path, rendered_dataset, real_dir):
 def test_cli_train_json(tmp_path, rendered_dataset):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from xwin.flows.cli import app
 
     out = tmp_path / "cli"
     res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--store", rendered_dataset.url, "--max-steps", "3",

@@ -35,8 +35,8 @@ def train(
     echo: bool = typer.Option(False, "--echo", help="also print each log line to stderr"),
 ) -> None:
     """Train the X-WIN world model (CPU, one GPU, or torchrun/DDP)."""
-    from training.config import load_config
-    from training.loop import Trainer, build_streams
+    from xwin.training.config import load_config
+    from xwin.training.loop import Trainer, build_streams
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ov = list(overrides)
@@ -87,7 +87,7 @@ def probe(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Linear probe of a frozen encoder: AUROC per class on a held-out split."""
-    from training.probe import run_probe
+    from xwin.training.probe import run_probe
 
     rep = _or_exit(run_probe, checkpoint, data, test_frac=test_frac, seed=seed, which=encoder)
     if as_json:
@@ -110,7 +110,7 @@ def prepare_cxr(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Write real radiographs at the model resolution once, so training decodes small images (RealCXRStream)."""
-    from training.data.real_prepare import REPORT, prepare_real_cxr
+    from xwin.training.data.real_prepare import REPORT, prepare_real_cxr
 
     rep = _or_exit(prepare_real_cxr, src, dst, size=size, fmt=fmt, workers=workers, overwrite=overwrite,
                    views=tuple(v.strip() for v in views.split(",") if v.strip()))

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import TrainConfig
-from training.masks import MaskBatch, MultiBlockMasker
-from training.models.xwin import EMAEncoder, XWin
+from xwin.training.config import TrainConfig
+from xwin.training.masks import MaskBatch, MultiBlockMasker
+from xwin.training.models.xwin import EMAEncoder, XWin
 
 log = logging.getLogger("xwin.train")
 CKPT_VERSION = 1
@@ -386,7 +386,7 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     d, S = cfg.data, cfg.model.img_size
     real_bs = d.real_batch_size or d.batch_size * d.n_targets
     if d.synthetic:
-        from training.synthetic import SyntheticRealStream, SyntheticRingStream
+        from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
 
         sim = SyntheticRingStream(n_volumes=max(16, d.batch_size), batch_size=d.batch_size, n_targets=d.n_targets,
                                   image_size=S, step_deg=d.step_deg or 3.0, max_abs_deg=d.max_abs_deg,
@@ -395,7 +395,7 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
         return sim, real
     if not d.store:
         raise ValueError("config has no data source: set data.store (a store URL) or data.synthetic=true")
-    from training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
+    from xwin.training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
 
     cohort, spec = resolve_dataset(d.store, d.cohort)
     sampling = XWinSampling(n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg,
@@ -413,7 +413,7 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
 
 def resolve_dataset(url: str, cohort: str | None):
     """(cohort, RenderSpec) of the projection dataset to train on; cohort None = the store's only dataset."""
-    from storage import open_store
+    from xwin.storage import open_store
 
     store = open_store(url)
     infos = [i for i in store.datasets() if cohort is None or i.cohort == cohort]

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import ModelConfig
-from training.models.vit import VisionTransformer
-from training.models.xwin import build_encoder
+from xwin.training.config import ModelConfig
+from xwin.training.models.vit import VisionTransformer
+from xwin.training.models.xwin import build_encoder
 
 log = logging.getLogger("xwin.probe")
 SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".npy")
@@ -36,7 +36,7 @@ class ImageFolder:
 
 
 def load_image_folder(root: str | Path, image_size: int) -> ImageFolder:
-    from training.data.real_cxr import BadImage, read_radiograph, to_tensor
+    from xwin.training.data.real_cxr import BadImage, read_radiograph, to_tensor
 
     root = Path(root)
     if not root.is_dir():

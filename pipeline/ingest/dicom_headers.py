@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from pipeline.ingest import fastdicom
+from xwin.pipeline.ingest import fastdicom
 
 # Tags read while planning (header-only): enough to group, select and validate geometry.
 HEADER_TAGS = [

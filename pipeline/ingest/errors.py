@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.ingest import RejectReason
+from xwin.schemas.ingest import RejectReason
 
 
 class IngestError(Exception):

@@ -20,16 +20,16 @@ from numba import get_num_threads as nb_threads
 from nibabel.orientations import inv_ornt_aff
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 
-from pipeline.ingest.config import INGEST_VERSION
-from pipeline.ingest import fastdicom
-from pipeline.ingest.dicom_headers import SliceHeader, fast_header, header_from_dataset
-from pipeline.ingest.kernels import KERNEL_LOCK, assemble_hu
-from pipeline.ingest.errors import IngestError
-from pipeline.ingest.plan import Candidate
-from pipeline.ingest.series_geometry import series_geometry
-from pipeline.ingest.volume import (AIR_HU, canonical_ras, check_hu_range, hu_stats, orientation,
+from xwin.pipeline.ingest.config import INGEST_VERSION
+from xwin.pipeline.ingest import fastdicom
+from xwin.pipeline.ingest.dicom_headers import SliceHeader, fast_header, header_from_dataset
+from xwin.pipeline.ingest.kernels import KERNEL_LOCK, assemble_hu
+from xwin.pipeline.ingest.errors import IngestError
+from xwin.pipeline.ingest.plan import Candidate
+from xwin.pipeline.ingest.series_geometry import series_geometry
+from xwin.pipeline.ingest.volume import (AIR_HU, canonical_ras, check_hu_range, hu_stats, orientation,
                                     resample_to_spacing, to_ras)
-from schemas.ingest import InputKind, Provenance, RejectReason, VolumeRecord
+from xwin.schemas.ingest import InputKind, Provenance, RejectReason, VolumeRecord
 
 R = RejectReason
 _NATIVE_LE = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian), None}

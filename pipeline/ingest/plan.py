@@ -18,12 +18,12 @@ from pydantic import ValidationError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.dicom_headers import SliceHeader, group_series, is_nifti_name, iter_files, scan_paths
-from pipeline.ingest.errors import IngestError
-from pipeline.ingest.selection import rank_series, summarize_series, why_lower
-from pipeline.ingest.series_geometry import series_geometry
-from schemas.ingest import InputKind, ManifestRow, RejectReason, Rejection, SeriesChoice
+from xwin.pipeline.ingest.config import IngestConfig
+from xwin.pipeline.ingest.dicom_headers import SliceHeader, group_series, is_nifti_name, iter_files, scan_paths
+from xwin.pipeline.ingest.errors import IngestError
+from xwin.pipeline.ingest.selection import rank_series, summarize_series, why_lower
+from xwin.pipeline.ingest.series_geometry import series_geometry
+from xwin.schemas.ingest import InputKind, ManifestRow, RejectReason, Rejection, SeriesChoice
 
 R = RejectReason
 EXAMPLE_SOURCE = "example"
@@ -312,7 +312,7 @@ def plan_inputs(sources: Sequence[str | Path], cohort: str, config: IngestConfig
     for src in sources:
         label = str(src)
         if label == EXAMPLE_SOURCE:
-            from pipeline.example import example_ct_path
+            from xwin.pipeline.example import example_ct_path
 
             _try(lambda: plan_nifti(example_ct_path(), cohort, cfg, label=label, kind=InputKind.example),
                  label, cands, rejs)

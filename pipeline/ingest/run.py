@@ -7,11 +7,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.errors import IngestError
-from pipeline.ingest.load import load_candidate
-from pipeline.ingest.plan import plan_inputs, plan_manifest
-from schemas.ingest import Rejection, RunEntry, RunSummary, VolumeRecord
+from xwin.pipeline.ingest.config import IngestConfig
+from xwin.pipeline.ingest.errors import IngestError
+from xwin.pipeline.ingest.load import load_candidate
+from xwin.pipeline.ingest.plan import plan_inputs, plan_manifest
+from xwin.schemas.ingest import Rejection, RunEntry, RunSummary, VolumeRecord
 
 
 class VolumeStore(Protocol):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.dicom_headers import SliceHeader
-from schemas.ingest import RejectReason
+from xwin.pipeline.ingest.config import IngestConfig
+from xwin.pipeline.ingest.dicom_headers import SliceHeader
+from xwin.schemas.ingest import RejectReason
 
 _SIEMENS = re.compile(r"^[BIDHJQTUVY]R?(\d{2})[A-Z]?", re.I)  # B30f, I26f, Br40, Qr36 ...
 _TOSHIBA = re.compile(r"^FC(\d{2})", re.I)

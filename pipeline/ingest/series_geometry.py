@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.dicom_headers import SliceHeader
-from pipeline.ingest.errors import IngestError
-from schemas.ingest import RejectReason
+from xwin.pipeline.ingest.config import IngestConfig
+from xwin.pipeline.ingest.dicom_headers import SliceHeader
+from xwin.pipeline.ingest.errors import IngestError
+from xwin.schemas.ingest import RejectReason
 
 R = RejectReason
 

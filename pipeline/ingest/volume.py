@@ -9,10 +9,10 @@ import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from scipy import ndimage
 
-from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.errors import IngestError
-from pipeline.ingest.kernels import KERNEL_LOCK, histogram_int16
-from schemas.ingest import HUStats, RejectReason
+from xwin.pipeline.ingest.config import IngestConfig
+from xwin.pipeline.ingest.errors import IngestError
+from xwin.pipeline.ingest.kernels import KERNEL_LOCK, histogram_int16
+from xwin.schemas.ingest import HUStats, RejectReason
 
 AIR_HU = -1000
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews
-from pipeline.reconstruct.grid import ReconGrid, default_grid
-from pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
+from xwin.pipeline.geometry import ConeBeamViews
+from xwin.pipeline.reconstruct.grid import ReconGrid, default_grid
+from xwin.pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
 
 __all__ = [
     "BACKENDS",
@@ -46,7 +46,7 @@ BACKENDS = ("numba", "rtk", "astra")
 
 def resolve_backend(name: str = "auto") -> str:
     """'auto' -> 'astra' where ASTRA's CUDA works (probed in a subprocess), else 'numba'."""
-    from pipeline.reconstruct.fdk_astra import cuda_available
+    from xwin.pipeline.reconstruct.fdk_astra import cuda_available
 
     if name == "auto":
         return "astra" if cuda_available() else "numba"
@@ -80,7 +80,7 @@ def fov_grid(views: ConeBeamViews, orbit: Orbit | None = None, inplane_mm: float
     """An axis-aligned grid covering the scanned field of view (when no CT grid is given): the FOV cylinder
     in-plane at ~``inplane_mm`` and the detector's axial coverage at the axis at the detector row pitch there."""
     orbit = fit_orbit(views) if orbit is None else orbit
-    from pipeline.reconstruct.frames import orbit_frame
+    from xwin.pipeline.reconstruct.frames import orbit_frame
 
     T = orbit_frame(orbit, views, "z")
     n = int(np.ceil(2 * orbit.fov_radius / inplane_mm))
@@ -145,15 +145,15 @@ def reconstruct(
     name = resolve_backend(backend)
     t0 = time.perf_counter()
     if name == "numba":
-        from pipeline.reconstruct import fdk_numba
+        from xwin.pipeline.reconstruct import fdk_numba
 
         mu, info = fdk_numba.fdk(p, views, grid, orbit, short_scan, window=window, cutoff=cut)
     elif name == "rtk":
-        from pipeline.reconstruct import fdk_rtk
+        from xwin.pipeline.reconstruct import fdk_rtk
 
         mu, info = fdk_rtk.fdk(p, views, grid, orbit, short_scan, window=window, cutoff=cut)
     else:
-        from pipeline.reconstruct import fdk_astra
+        from xwin.pipeline.reconstruct import fdk_astra
 
         mu, info = fdk_astra.fdk(p, views, grid, orbit, short_scan, window=window, cutoff=cut)
     seconds = time.perf_counter() - t0
@@ -185,7 +185,7 @@ def validate_volume(
 ) -> ValidationResult:
     """Reconstruct and score against the projected volume (HU (X,Y,Z) + affine) on ``grid`` (default: the
     CT's box at ~1.4 mm in-plane, native axial spacing). ``options`` go to :func:`reconstruct`."""
-    from pipeline.reconstruct.metrics import reference_mu, score, validation_mask
+    from xwin.pipeline.reconstruct.metrics import reference_mu, score, validation_mask
 
     grid = default_grid(affine, np.shape(hu)) if grid is None else grid
     rec = reconstruct(projections, views, grid, backend, **options)

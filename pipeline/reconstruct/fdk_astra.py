@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews
-from pipeline.reconstruct.frames import orbit_frame, transform_views
-from pipeline.reconstruct.grid import ReconGrid
-from pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
+from xwin.pipeline.geometry import ConeBeamViews
+from xwin.pipeline.reconstruct.frames import orbit_frame, transform_views
+from xwin.pipeline.reconstruct.grid import ReconGrid
+from xwin.pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
 
 _PROBE = "import astra, sys; sys.exit(0 if astra.use_cuda() else 3)"
 
@@ -134,7 +134,7 @@ def fdk(
         raise RuntimeError("ASTRA FDK_CUDA needs a CUDA GPU; none found (probe ran in a subprocess)")
     import astra
 
-    from pipeline.reconstruct.metrics import resample_to_grid
+    from xwin.pipeline.reconstruct.metrics import resample_to_grid
 
     orbit = fit_orbit(views) if orbit is None else orbit
     st = astra_setup(views, grid, orbit)

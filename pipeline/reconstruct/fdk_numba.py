@@ -25,9 +25,9 @@ import numba as nb
 import numpy as np
 import scipy.fft
 
-from pipeline.geometry import ConeBeamViews
-from pipeline.reconstruct.grid import ReconGrid
-from pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
+from xwin.pipeline.geometry import ConeBeamViews
+from xwin.pipeline.reconstruct.grid import ReconGrid
+from xwin.pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
 
 
 def ramp_kernel_fft(width: int, window: str = "ram-lak", cutoff: float = 1.0) -> tuple[int, np.ndarray]:

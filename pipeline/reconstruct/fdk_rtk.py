@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews
-from pipeline.reconstruct.frames import orbit_frame, transform_grid, transform_views
-from pipeline.reconstruct.grid import ReconGrid
-from pipeline.reconstruct.orbit import Orbit, fit_orbit
+from xwin.pipeline.geometry import ConeBeamViews
+from xwin.pipeline.reconstruct.frames import orbit_frame, transform_grid, transform_views
+from xwin.pipeline.reconstruct.grid import ReconGrid
+from xwin.pipeline.reconstruct.orbit import Orbit, fit_orbit
 
 
 def fdk(
@@ -33,7 +33,7 @@ def fdk(
     import itk
     from itk import RTK as rtk
 
-    from pipeline.render.rtk_backend import itk_image_from_volume, projection_stack, rtk_geometry, volume_from_itk_image
+    from xwin.pipeline.render.rtk_backend import itk_image_from_volume, projection_stack, rtk_geometry, volume_from_itk_image
 
     if window not in ("ram-lak", "hann"):
         raise ValueError(f"RTK FDK supports windows 'ram-lak' and 'hann', not {window!r}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews
-from pipeline.reconstruct.grid import ReconGrid
-from pipeline.reconstruct.orbit import Orbit
+from xwin.pipeline.geometry import ConeBeamViews
+from xwin.pipeline.reconstruct.grid import ReconGrid
+from xwin.pipeline.reconstruct.orbit import Orbit
 
 
 def orbit_frame(orbit: Orbit, views: ConeBeamViews, axis_to: str = "y") -> np.ndarray:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pipeline.reconstruct.grid import ReconGrid
-from pipeline.reconstruct.orbit import Orbit
+from xwin.pipeline.reconstruct.grid import ReconGrid
+from xwin.pipeline.reconstruct.orbit import Orbit
 
 
 def resample_to_grid(vol: np.ndarray, affine: np.ndarray, grid: ReconGrid, order: int = 1) -> np.ndarray:
@@ -37,7 +37,7 @@ def resample_to_grid(vol: np.ndarray, affine: np.ndarray, grid: ReconGrid, order
 
 def reference_mu(hu: np.ndarray, affine: np.ndarray, grid: ReconGrid, mu_water: float) -> np.ndarray:
     """The projected volume as mu [1/mm] on ``grid``: (nx, ny, nz) float32."""
-    from pipeline.render import hu_to_mu
+    from xwin.pipeline.render import hu_to_mu
 
     return resample_to_grid(hu_to_mu(hu, mu_water), affine, grid)
 

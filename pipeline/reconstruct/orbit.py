@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews
+from xwin.pipeline.geometry import ConeBeamViews
 
 
 class GeometryError(ValueError):

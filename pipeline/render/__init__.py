@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews, ring_for_volume
-from schemas.render import RenderSpec
+from xwin.pipeline.geometry import ConeBeamViews, ring_for_volume
+from xwin.schemas.render import RenderSpec
 
 __all__ = [
     "hu_to_mu",
@@ -86,18 +86,18 @@ def _rtk() -> bool:
 
 
 BACKENDS: dict[str, Backend] = {
-    "joseph": Backend("joseph", "pipeline.render.joseph", "project", _always, "numba Joseph projector (CPU)"),
-    "torch": Backend("torch", "pipeline.render.gpu", "project", _always, "torch Joseph projector (CPU/CUDA)"),
+    "joseph": Backend("joseph", "xwin.pipeline.render.joseph", "project", _always, "numba Joseph projector (CPU)"),
+    "torch": Backend("torch", "xwin.pipeline.render.gpu", "project", _always, "torch Joseph projector (CPU/CUDA)"),
     "gpu": Backend(
-        "gpu", "pipeline.render.gpu", "project", _cuda, "torch Joseph projector on CUDA", (("device", "cuda"),)
+        "gpu", "xwin.pipeline.render.gpu", "project", _cuda, "torch Joseph projector on CUDA", (("device", "cuda"),)
     ),
     "nanodrr": Backend(
-        "nanodrr", "pipeline.render.gpu", "project", _cuda, "alias of 'gpu'", (("device", "cuda"),)
+        "nanodrr", "xwin.pipeline.render.gpu", "project", _cuda, "alias of 'gpu'", (("device", "cuda"),)
     ),
     "diffdrr": Backend(
-        "diffdrr", "pipeline.render.diffdrr_backend", "project", _always, "DiffDRR 0.6.1 Siddon (reference)"
+        "diffdrr", "xwin.pipeline.render.diffdrr_backend", "project", _always, "DiffDRR 0.6.1 Siddon (reference)"
     ),
-    "rtk": Backend("rtk", "pipeline.render.rtk_backend", "project", _rtk, "RTK JosephForwardProjection (CPU)"),
+    "rtk": Backend("rtk", "xwin.pipeline.render.rtk_backend", "project", _rtk, "RTK JosephForwardProjection (CPU)"),
 }
 
 

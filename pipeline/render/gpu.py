@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.geometry import ConeBeamViews
-from pipeline.render._rays import index_space
+from xwin.pipeline.geometry import ConeBeamViews
+from xwin.pipeline.render._rays import index_space
 
 
 def _default_device() -> str:

@@ -23,8 +23,8 @@ import threading
 import numba as nb
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews
-from pipeline.render._rays import index_space as _index_space
+from xwin.pipeline.geometry import ConeBeamViews
+from xwin.pipeline.render._rays import index_space as _index_space
 
 
 @nb.njit(cache=True, inline="always")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.geometry import ConeBeamViews
+from xwin.pipeline.geometry import ConeBeamViews
 
 
 def _rtk():

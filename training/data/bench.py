@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from schemas.render import RenderSpec
+from xwin.schemas.render import RenderSpec
 
 from .order import unit_rng
 from .readers import StoreSource
@@ -40,9 +40,9 @@ def make_bench_store(path: str | Path, n_volumes: int = 8, size: int = 512, back
     intensity-scaled copies under cohort "bench". Returns its source."""
     import nibabel as nib
 
-    from pipeline.example import example_ct_path
-    from pipeline.render import render_ring
-    from storage import open_store
+    from xwin.pipeline.example import example_ct_path
+    from xwin.pipeline.render import render_ring
+    from xwin.storage import open_store
 
     spec = RenderSpec(height=size, width=size, pixel_mm=512.0 / size)
     ds = open_store(str(path)).dataset("bench", spec)
@@ -274,7 +274,7 @@ def xwin_step_flops(cfg: Any, keep: float, masked: float) -> dict[str, float]:
 
 def mean_mask_tokens(cfg: Any, draws: int = 20, seed: int = 0) -> tuple[float, float]:
     """Mean (keep, masked) tokens per image of the config's multi-block masker (R images per draw)."""
-    from training.masks import MultiBlockMasker
+    from xwin.training.masks import MultiBlockMasker
 
     mk = MultiBlockMasker(cfg.model.grid, **cfg.masks.model_dump())
     rng = np.random.default_rng(seed)
@@ -291,7 +291,7 @@ def vit_b16_need(mfu: float = 0.4, peak_tflops: float = 989.0, cfg: Any = None) 
     One step = ``xwin_step_flops`` (~112.7 TFLOP); at ``mfu`` of ``peak_tflops`` (H100 SXM bf16 dense) a step takes
     total / (mfu*peak) s, and the trainer consumes B samples (B*(1+N) DRRs) plus R real images per step.
     """
-    from training.config import load_config
+    from xwin.training.config import load_config
 
     cfg = cfg or load_config(preset="base")
     keep, masked = mean_mask_tokens(cfg)

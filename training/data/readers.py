@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from schemas.render import RenderSpec
+from xwin.schemas.render import RenderSpec
 
 
 @runtime_checkable
@@ -107,7 +107,7 @@ class StoreSource:
         return f"{self.url}#{self.cohort}" + (f"/{h}" if h else "")
 
     def open(self) -> ViewReader:
-        from storage import open_store
+        from xwin.storage import open_store
 
         store = open_store(self.url, storage_options=self.storage_options, create=False)
         if isinstance(self.spec, RenderSpec):

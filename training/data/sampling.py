@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from schemas.render import RenderSpec
+from xwin.schemas.render import RenderSpec
 
 
 @dataclass(frozen=True)

@@ -473,7 +473,7 @@ def _forkserver_context() -> Any:
     """The forkserver context, preloading torch and this package in the server (a clean process that never opens a
     store), so each worker forks from it in ~0.1 s instead of importing torch again (~2 s)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "numpy", "training.data.stream"])  # no effect once the server runs
+    ctx.set_forkserver_preload(["torch", "numpy", "xwin.training.data.stream"])  # no effect once the server runs
     return ctx
 
 

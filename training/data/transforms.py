@@ -23,7 +23,7 @@ def appearance_fn(name: str) -> Callable[[np.ndarray], np.ndarray]:
     if name == "none":
         return lambda x: x
     try:
-        from pipeline.render import appearance as app
+        from xwin.pipeline.render import appearance as app
 
         fns = {"minmax": app.minmax, "neglog": app.neglog_window}
     except ImportError:  # render helper's module not installed in this checkout: same definitions, local

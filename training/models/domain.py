@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models.vit import Block, init_weights
+from xwin.training.models.vit import Block, init_weights
 
 
 class DomainClassifier(nn.Module):

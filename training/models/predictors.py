@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models.vit import Block, gather_tokens, init_weights, rescale_residuals, sincos_2d
+from xwin.training.models.vit import Block, gather_tokens, init_weights, rescale_residuals, sincos_2d
 
 
 class ViewPredictor(nn.Module):

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from training import losses as L
-from training.config import LossConfig, ModelConfig
-from training.masks import MaskBatch
-from training.models.domain import DomainClassifier
-from training.models.predictors import MaskPredictor, ViewPredictor
-from training.models.vit import VisionTransformer, gather_tokens
+from xwin.training import losses as L
+from xwin.training.config import LossConfig, ModelConfig
+from xwin.training.masks import MaskBatch
+from xwin.training.models.domain import DomainClassifier
+from xwin.training.models.predictors import MaskPredictor, ViewPredictor
+from xwin.training.models.vit import VisionTransformer, gather_tokens
 
 
 def build_encoder(cfg: ModelConfig) -> VisionTransformer:
