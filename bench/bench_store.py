@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import time
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +65,25 @@ def drop_cache_hint() -> None:
 def bench_catalog(work: Path, n_rows: int, reps: int = 15) -> dict:
     """Cost of one catalog row added by a commit when the dataset already holds ``n_rows`` volumes (NLST: ~26k),
     with the 16 one-digit buckets of older stores vs the 256 two-digit buckets of new ones."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from xwin.schemas.store import CatalogRow, EntryKind
     from xwin.storage.backend import LocalBackend
     from xwin.storage.scope import Scope
 
-    now = datetime.now(timezone.utc)
-    row = CatalogRow(volume_id="x", kind=EntryKind.ring, cohort="c", spec_hash="0" * 16, path="p", shape=(120, 512, 512),
-                     dtype="float16", nbytes=62914560, checksum="sha256:" + "0" * 64, committed_at=now)
+    now = datetime.now(UTC)
+    row = CatalogRow(
+        volume_id="x",
+        kind=EntryKind.ring,
+        cohort="c",
+        spec_hash="0" * 16,
+        path="p",
+        shape=(120, 512, 512),
+        dtype="float16",
+        nbytes=62914560,
+        checksum="sha256:" + "0" * 64,
+        committed_at=now,
+    )
     res = {"rows": n_rows}
     for hexd in (1, 2):
         root = work / f"catalog_{hexd}"
@@ -81,7 +92,9 @@ def bench_catalog(work: Path, n_rows: int, reps: int = 15) -> dict:
         by: dict[str, list] = {}
         for i in range(n_rows):
             vid = f"v{i:06d}"
-            by.setdefault(scope.bucket_of(vid), []).append(row.model_copy(update={"volume_id": vid}).model_dump(mode="json"))
+            by.setdefault(scope.bucket_of(vid), []).append(
+                row.model_copy(update={"volume_id": vid}).model_dump(mode="json")
+            )
         for b, rows in by.items():
             scope.b.put(scope.bucket_key(b), json.dumps(rows, indent=0).encode())
         ts = []
@@ -109,15 +122,18 @@ def main() -> None:
     ap.add_argument("--catalog-rows", type=int, default=26000, help="catalog size for the row-add benchmark (0: skip)")
     ap.add_argument("--codecs", default="zstd3,blosc-zstd3-shuffle,blosc-lz4-shuffle")
     ap.add_argument("--dtypes", default="float32,float16")
-    ap.add_argument("--write-reps", type=int, default=5, help="interleaved raw / commit / zarr-python write repetitions")
+    ap.add_argument(
+        "--write-reps", type=int, default=5, help="interleaved raw / commit / zarr-python write repetitions"
+    )
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
 
-    import xwin.storage.store as st
-    from xwin.storage.shardwrite import cast
-    from xwin.storage import open_store
     from zarr.codecs import BloscCodec, ZstdCodec
+
+    import xwin.storage.store as st
+    from xwin.storage import open_store
+    from xwin.storage.shardwrite import cast
 
     views, spec, geom, how = load_ring(args.views, args.size, work)
     V, H, W = views.shape
@@ -153,8 +169,12 @@ def main() -> None:
 
     codecs = {
         "zstd3": lambda dt: ZstdCodec(level=3),
-        "blosc-zstd3-shuffle": lambda dt: BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dt).itemsize),
-        "blosc-lz4-shuffle": lambda dt: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dt).itemsize),
+        "blosc-zstd3-shuffle": lambda dt: BloscCodec(
+            cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dt).itemsize
+        ),
+        "blosc-lz4-shuffle": lambda dt: BloscCodec(
+            cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dt).itemsize
+        ),
     }
     results = []
     codecs = {k: v for k, v in codecs.items() if k in args.codecs.split(",")}

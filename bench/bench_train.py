@@ -56,10 +56,16 @@ def bench_cpu(steps: int) -> dict:
         opt.step()
 
     t_base = time_it(baseline, steps)
-    return {"images_per_step": n_img, "xwin_step_s": t_step, "encoder_only_s": t_base,
-            "xwin_steps_per_s": 1 / t_step, "xwin_images_per_s": n_img / t_step,
-            "encoder_only_steps_per_s": 1 / t_base, "ratio_xwin_over_baseline_time": t_step / t_base,
-            "threads": torch.get_num_threads()}
+    return {
+        "images_per_step": n_img,
+        "xwin_step_s": t_step,
+        "encoder_only_s": t_base,
+        "xwin_steps_per_s": 1 / t_step,
+        "xwin_images_per_s": n_img / t_step,
+        "encoder_only_steps_per_s": 1 / t_base,
+        "ratio_xwin_over_baseline_time": t_step / t_base,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # one definition of the step's FLOPs, shared with the consumer's H100 need (training.data.bench.vit_b16_need)
@@ -80,12 +86,18 @@ def main() -> None:
     fl = base_step_flops(base, float(np.mean(ks)), float(np.mean(ms)))
     h100_bf16_dense = 989e12  # FLOP/s, H100 SXM bf16 dense peak
     total_steps = base.optim.total_steps
-    out = {"cpu_tiny": cpu, "base_step": {k: v for k, v in fl.items()},
-           "mask_tokens_mean": {"keep": float(np.mean(ks)), "masked": float(np.mean(ms))}}
+    out = {
+        "cpu_tiny": cpu,
+        "base_step": {k: v for k, v in fl.items()},
+        "mask_tokens_mean": {"keep": float(np.mean(ks)), "masked": float(np.mean(ms))},
+    }
     for mfu in (0.3, 0.45):
         s = fl["total"] / (h100_bf16_dense * mfu)
-        out[f"h100_mfu{int(mfu * 100)}"] = {"step_s": s, "images_per_s": fl["images_per_step"] / s,
-                                            "run_gpu_hours_one_gpu": total_steps * s / 3600}
+        out[f"h100_mfu{int(mfu * 100)}"] = {
+            "step_s": s,
+            "images_per_s": fl["images_per_step"] / s,
+            "run_gpu_hours_one_gpu": total_steps * s / 3600,
+        }
     if args.json:
         print(json.dumps(out, indent=1))
         return
@@ -93,16 +105,20 @@ def main() -> None:
     print(f"  xwin_step     {cpu['xwin_steps_per_s']:.2f} steps/s  ({cpu['xwin_images_per_s']:.0f} images/s)")
     print(f"  encoder_only  {cpu['encoder_only_steps_per_s']:.2f} steps/s  (baseline)")
     print(f"  ratio xwin/baseline step time: {cpu['ratio_xwin_over_baseline_time']:.2f}x")
-    print(f"ViT-B/16 @ 512^2, B=12, N=8, R=96 (mean keep {out['mask_tokens_mean']['keep']:.0f}, "
-          f"masked {out['mask_tokens_mean']['masked']:.0f} of 1024 tokens):")
+    print(
+        f"ViT-B/16 @ 512^2, B=12, N=8, R=96 (mean keep {out['mask_tokens_mean']['keep']:.0f}, "
+        f"masked {out['mask_tokens_mean']['masked']:.0f} of 1024 tokens):"
+    )
     for k, v in fl.items():
         if k not in ("total", "images_per_step"):
             print(f"  {k:<18s} {v / 1e12:8.1f} TFLOP ({100 * v / fl['total']:.0f}%)")
     print(f"  total              {fl['total'] / 1e12:8.1f} TFLOP per step, {fl['images_per_step']} images")
     for mfu in (30, 45):
         h = out[f"h100_mfu{mfu}"]
-        print(f"  H100 at {mfu}% MFU: {h['step_s']:.2f} s/step, {h['images_per_s']:.0f} images/s, "
-              f"{total_steps} steps = {h['run_gpu_hours_one_gpu']:.0f} GPU-hours")
+        print(
+            f"  H100 at {mfu}% MFU: {h['step_s']:.2f} s/step, {h['images_per_s']:.0f} images/s, "
+            f"{total_steps} steps = {h['run_gpu_hours_one_gpu']:.0f} GPU-hours"
+        )
 
 
 if __name__ == "__main__":

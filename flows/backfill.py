@@ -25,9 +25,10 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Literal
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import numpy as np
 from prefect import flow, task
@@ -48,7 +49,7 @@ from xwin.flows.runtime import (
     retry_transient,
     slot,
 )
-from xwin.schemas.ingest import RejectReason, Rejection, RunEntry, RunSummary
+from xwin.schemas.ingest import Rejection, RejectReason, RunEntry, RunSummary
 from xwin.schemas.render import RenderSpec
 
 log = logging.getLogger("xwin.flows.backfill")
@@ -210,23 +211,36 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
         with slot(name, n):
             record, hu = load_candidate(candidate)
     except IngestError as e:
-        return Rejection(input=candidate.input, reason=e.reason, detail=e.detail,
-                         series_uid=e.series_uid or candidate.series_uid)
-    except Exception as e:  # noqa: BLE001 - unexpected reader error on this input: reject it unless transient
+        return Rejection(
+            input=candidate.input, reason=e.reason, detail=e.detail, series_uid=e.series_uid or candidate.series_uid
+        )
+    except Exception as e:
         if is_transient(e):
             raise
-        return Rejection(input=candidate.input, reason=RejectReason.unreadable_file, series_uid=candidate.series_uid,
-                         detail=f"{candidate.input}: unexpected {type(e).__name__} while loading: {e}")
+        return Rejection(
+            input=candidate.input,
+            reason=RejectReason.unreadable_file,
+            series_uid=candidate.series_uid,
+            detail=f"{candidate.input}: unexpected {type(e).__name__} while loading: {e}",
+        )
     t1 = time.perf_counter()
     written = store.write_volume(record, hu, owner=_owner())
     t2 = time.perf_counter()
-    return Ingested(candidate.input, record.volume_id, record.series_uid, written,
-                    {"ingest_load": t1 - t0, "ingest_write": t2 - t1})
+    return Ingested(
+        candidate.input, record.volume_id, record.series_uid, written, {"ingest_load": t1 - t0, "ingest_write": t2 - t1}
+    )
 
 
 @task(name="render-series", **_TASK_OPTS)
-def render_series(ingested: Ingested | Rejection, store_url: str, cohort: str, spec_json: str, backend: str,
-                  previews_url: str | None, n_preview: int = 4) -> Outcome:
+def render_series(
+    ingested: Ingested | Rejection,
+    store_url: str,
+    cohort: str,
+    spec_json: str,
+    backend: str,
+    previews_url: str | None,
+    n_preview: int = 4,
+) -> Outcome:
     """Render the ring of one committed volume and commit it (single writer via the storage claim)."""
     if isinstance(ingested, Rejection):
         return Outcome("rejected", rejection=ingested)
@@ -254,16 +268,29 @@ def render_series(ingested: Ingested | Rejection, store_url: str, cohort: str, s
                     t2 = time.perf_counter()
                     views, geom = render_ring(hu, np.asarray(record.affine), ds.spec, name)
                     t3 = time.perf_counter()
-            except Exception as e:  # noqa: BLE001 - classified below
+            except Exception as e:
                 if is_transient(e):
                     raise
-                return Outcome("rejected", rejection=Rejection(
-                    input=ingested.input, reason=RejectReason.render_failed, series_uid=ingested.series_uid,
-                    detail=f"{vid}: render backend {name!r} raised {type(e).__name__}: {e}"))
+                return Outcome(
+                    "rejected",
+                    rejection=Rejection(
+                        input=ingested.input,
+                        reason=RejectReason.render_failed,
+                        series_uid=ingested.series_uid,
+                        detail=f"{vid}: render backend {name!r} raised {type(e).__name__}: {e}",
+                    ),
+                )
             del hu
-            prov = {"source": ingested.input, "canonical_volume_id": vid, "series_uid": ingested.series_uid,
-                    "backend": name, "backend_versions": backend_versions(name), "spec_hash": ds.spec_hash,
-                    "rendered_at": datetime.now(timezone.utc).isoformat(), "writer": owner}
+            prov = {
+                "source": ingested.input,
+                "canonical_volume_id": vid,
+                "series_uid": ingested.series_uid,
+                "backend": name,
+                "backend_versions": backend_versions(name),
+                "spec_hash": ds.spec_hash,
+                "rendered_at": datetime.now(UTC).isoformat(),
+                "writer": owner,
+            }
             ds.write_ring(vid, views, geom, prov, owner=owner)
             t4 = time.perf_counter()
     except ClaimHeld as e:  # another live worker is writing this ring right now
@@ -297,7 +324,7 @@ def _emit(ev: dict) -> None:
     for fn in list(_listeners):
         try:
             fn(ev)
-        except Exception:  # noqa: BLE001 - a broken progress bar must not break a run
+        except Exception:
             log.debug("progress listener failed", exc_info=True)
 
 
@@ -316,15 +343,23 @@ class _Progress:
             from prefect.artifacts import create_progress_artifact
 
             self.artifact = create_progress_artifact(
-                progress=0.0, key=_artifact_key("backfill-progress", cohort),
-                description=f"backfill {cohort}: {total} series to process, {skipped} already done")
+                progress=0.0,
+                key=_artifact_key("backfill-progress", cohort),
+                description=f"backfill {cohort}: {total} series to process, {skipped} already done",
+            )
         _emit({"event": "start", "total": total, "skipped": skipped, "cohort": cohort})
 
     def advance(self, o: Outcome) -> None:
         self.n += 1
         vid = o.entry.volume_id if o.entry else None
-        _emit({"event": "series", "status": o.status, "volume_id": vid,
-               "input": o.entry.input if o.entry else (o.rejection.input if o.rejection else None)})
+        _emit(
+            {
+                "event": "series",
+                "status": o.status,
+                "volume_id": vid,
+                "input": o.entry.input if o.entry else (o.rejection.input if o.rejection else None),
+            }
+        )
         now = time.monotonic()
         if self.artifact is not None and (now - self._last > 0.5 or self.n == self.total):
             from prefect.artifacts import update_progress_artifact
@@ -338,7 +373,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
     """Plan, skip what is committed, run ingest -> render for the rest, verify, report. Same code in every mode."""
     t_start = time.perf_counter()
     prefect_mode = stages.mode == "prefect"
-    run_id = run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     spec_json = params.spec.model_dump_json()
     backend = params.backend_name()
     reports = params.reports_url()
@@ -354,8 +389,9 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
     todo = []
     for c in cands:
         if c.volume_id in committed:
-            summary.skipped.append(RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid,
-                                            stage="render"))
+            summary.skipped.append(
+                RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid, stage="render")
+            )
         else:
             todo.append(c)
     progress = _Progress(params.cohort, len(todo), len(summary.skipped), prefect_mode)
@@ -363,8 +399,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
     futures: dict[Any, Any] = {}
     for c in todo:
         fi = stages.submit(ingest_series, c, params.store)
-        fr = stages.submit(render_series, fi, params.store, params.cohort, spec_json, backend, reports,
-                           params.previews)
+        fr = stages.submit(render_series, fi, params.store, params.cohort, spec_json, backend, reports, params.previews)
         futures[fr] = (c, fi)
     failed: list[tuple[str, str]] = []
     previews: dict[str, str] = {}
@@ -401,14 +436,34 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         _emit({"event": "stage", "name": f"verify ({params.verify})"})
         rep_v = ds.verify(deep=params.verify == "deep")
         verify_ok = rep_v.clean
-        verify_msg = (f"{params.verify}: {rep_v.ok}/{rep_v.volumes} rings ok, {len(rep_v.corrupt)} corrupt, "
-                      f"{len(rep_v.missing)} missing")
+        verify_msg = (
+            f"{params.verify}: {rep_v.ok}/{rep_v.volumes} rings ok, {len(rep_v.corrupt)} corrupt, "
+            f"{len(rep_v.missing)} missing"
+        )
     wall = time.perf_counter() - t_start
-    md = rep.summary_markdown(summary, cohort=params.cohort, spec_hash=ds.spec_hash, store=params.store,
-                              previews=previews, failed=failed, verify=verify_msg, wall_s=wall)
-    extra = {"run_id": run_id, "cohort": params.cohort, "spec_hash": ds.spec_hash, "store": params.store,
-             "mode": stages.mode, "backend": backend, "wall_s": wall, "stage_seconds": seconds,
-             "failed": failed, "verify": verify_msg, "previews": previews}
+    md = rep.summary_markdown(
+        summary,
+        cohort=params.cohort,
+        spec_hash=ds.spec_hash,
+        store=params.store,
+        previews=previews,
+        failed=failed,
+        verify=verify_msg,
+        wall_s=wall,
+    )
+    extra = {
+        "run_id": run_id,
+        "cohort": params.cohort,
+        "spec_hash": ds.spec_hash,
+        "store": params.store,
+        "mode": stages.mode,
+        "backend": backend,
+        "wall_s": wall,
+        "stage_seconds": seconds,
+        "failed": failed,
+        "verify": verify_msg,
+        "previews": previews,
+    }
     try:
         json_url, md_url = rep.write_run_report(reports, run_id, summary, md, extra)
     except Exception as e:  # noqa: BLE001 - reports are best effort
@@ -418,15 +473,32 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
         key = _artifact_key("backfill", params.cohort)
-        create_markdown_artifact(markdown=md + (f"\n[summary file]({rep.link(md_url)})\n" if md_url else ""),
-                                 key=key, description=f"backfill {params.cohort} summary")
-        rows = [{"outcome": "done", "series": len(summary.done)}, {"outcome": "skipped", "series": len(summary.skipped)}]
+        create_markdown_artifact(
+            markdown=md + (f"\n[summary file]({rep.link(md_url)})\n" if md_url else ""),
+            key=key,
+            description=f"backfill {params.cohort} summary",
+        )
+        rows = [
+            {"outcome": "done", "series": len(summary.done)},
+            {"outcome": "skipped", "series": len(summary.skipped)},
+        ]
         rows += [{"outcome": f"rejected: {k}", "series": v} for k, v in rep.counts_by_reason(summary).items()]
         if failed:
             rows.append({"outcome": "failed (rerun resumes)", "series": len(failed)})
         create_table_artifact(table=rows, key=key + "-counts", description="done / skipped / rejected by reason")
-    _emit({"event": "end", "summary": summary, "report": md_url, "json": json_url, "wall_s": wall,
-           "verify": verify_msg, "failed": failed, "previews": previews, "stage_seconds": seconds})
+    _emit(
+        {
+            "event": "end",
+            "summary": summary,
+            "report": md_url,
+            "json": json_url,
+            "wall_s": wall,
+            "verify": verify_msg,
+            "failed": failed,
+            "previews": previews,
+            "stage_seconds": seconds,
+        }
+    )
     if failed or not verify_ok:
         raise BackfillIncomplete(summary, failed, verify_msg)
     return summary
@@ -455,9 +527,20 @@ def backfill_cohort(
     """Backfill ``cohort`` into ``store``: every series ingested, rendered with ``spec`` and committed once."""
     from prefect.context import FlowRunContext
 
-    params = BackfillParams(cohort=cohort, store=store, source=source, manifest=manifest,
-                            manifest_root=manifest_root, spec=spec or RenderSpec(), backend=backend, limit=limit,
-                            shard=shard, verify=verify, previews=previews, reports=reports)
+    params = BackfillParams(
+        cohort=cohort,
+        store=store,
+        source=source,
+        manifest=manifest,
+        manifest_root=manifest_root,
+        spec=spec or RenderSpec(),
+        backend=backend,
+        limit=limit,
+        shard=shard,
+        verify=verify,
+        previews=previews,
+        reports=reports,
+    )
     ctx = FlowRunContext.get()
     run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
     return run_backfill(params, PrefectStages(), run_id=run_id)
@@ -470,8 +553,12 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
     address = address or os.environ.get("XWIN_DASK_ADDRESS") or None
     if address:
         return DaskTaskRunner(address=address)
-    kw = {"n_workers": n_workers or int(os.environ.get("XWIN_DASK_WORKERS") or 2), "threads_per_worker": 2,
-          "processes": True, "dashboard_address": None}
+    kw = {
+        "n_workers": n_workers or int(os.environ.get("XWIN_DASK_WORKERS") or 2),
+        "threads_per_worker": 2,
+        "processes": True,
+        "dashboard_address": None,
+    }
     return DaskTaskRunner(cluster_kwargs=kw)
 
 
@@ -480,8 +567,9 @@ def backfill_cohort_on(runner: str = "threads", dask_address: str | None = None,
     if runner == "threads":
         return backfill_cohort
     if runner == "dask":
-        return backfill_cohort.with_options(name="backfill-cohort-dask",
-                                            task_runner=dask_task_runner(dask_address, n_workers))
+        return backfill_cohort.with_options(
+            name="backfill-cohort-dask", task_runner=dask_task_runner(dask_address, n_workers)
+        )
     raise ValueError(f"unknown runner {runner!r}: threads | dask")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from typing import Optional
 
 import typer
 
@@ -18,21 +17,24 @@ bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchm
 
 @bench_app.command("consumer")
 def consumer(
-    store: Optional[str] = typer.Option(
-        None, help="dataset URL '<store url>#<cohort>' or '<store url>#<cohort>/<spec hash>', or a store URL (with --cohort); "
-        "default: render the bundled CT into a temporary store"),
-    cohort: Optional[str] = typer.Option(None, help="cohort, when --store is a plain store URL"),
+    store: str | None = typer.Option(
+        None,
+        help="dataset URL '<store url>#<cohort>' or '<store url>#<cohort>/<spec hash>', or a store URL (with --cohort); "
+        "default: render the bundled CT into a temporary store",
+    ),
+    cohort: str | None = typer.Option(None, help="cohort, when --store is a plain store URL"),
     workers: int = typer.Option(2, help="worker count reported at the top level of the JSON"),
     worker_counts: str = typer.Option("0,2,4", help="worker counts to measure"),
     samples: int = typer.Option(96, help="samples timed per configuration (after the first batch)"),
     batch_size: int = typer.Option(12),
-    image_size: Optional[int] = typer.Option(None, help="model resolution S (default: the detector size)"),
+    image_size: int | None = typer.Option(None, help="model resolution S (default: the detector size)"),
     appearance: str = typer.Option("minmax", help="minmax | neglog | none"),
     dtype: str = typer.Option("float32", help="output image dtype: float32 (default) | float16 | bfloat16"),
     volumes: int = typer.Option(8, help="volumes in the generated store (no --store)"),
     size: int = typer.Option(512, help="detector size of the generated store (no --store)"),
-    fresh: bool = typer.Option(True, "--fresh/--no-fresh",
-                               help="also time the stream allocating every batch afresh (no buffer reuse)"),
+    fresh: bool = typer.Option(
+        True, "--fresh/--no-fresh", help="also time the stream allocating every batch afresh (no buffer reuse)"
+    ),
     repeats: int = typer.Option(1, help="rounds over all configurations (rows report medians)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -53,31 +55,51 @@ def consumer(
 
             infos = open_store(store, create=False).datasets()
             if len(infos) != 1:
-                raise typer.BadParameter(f"{store} holds {len(infos)} datasets; give --cohort or '<url>#<cohort>/<hash>'")
+                raise typer.BadParameter(
+                    f"{store} holds {len(infos)} datasets; give --cohort or '<url>#<cohort>/<hash>'"
+                )
             cohort = infos[0].cohort
         src = StoreSource(store, cohort)
     counts = tuple(int(x) for x in worker_counts.split(",") if x.strip())
     try:
-        res = run_bench(src, workers=counts, samples=samples, batch_size=batch_size, image_size=image_size,
-                        appearance=appearance, main_workers=workers, dtype=dtype, fresh_buffers=fresh, repeats=repeats,
-                        wds_dir=f"{tmp.name}/wds" if tmp is not None else None)
+        res = run_bench(
+            src,
+            workers=counts,
+            samples=samples,
+            batch_size=batch_size,
+            image_size=image_size,
+            appearance=appearance,
+            main_workers=workers,
+            dtype=dtype,
+            fresh_buffers=fresh,
+            repeats=repeats,
+            wds_dir=f"{tmp.name}/wds" if tmp is not None else None,
+        )
     finally:
         if tmp is not None:
             tmp.cleanup()
     if as_json:
         typer.echo(json.dumps(res, indent=1))
         return
-    typer.echo(f"dataset {res['dataset']}: {res['volumes']} volumes, views {res['view_shape']} {res['store_dtype']}, "
-               f"S={res['image_size']}, batch {res['batch_size']}, {res['cpu_count']} CPUs")
-    typer.echo(f"{'workers':>7} {'samples/s':>10} {'MB/s':>8} {'wds samples/s':>14} {'wds MB/s':>9} {'ratio':>6}"
-               f" {'fresh-buffer samples/s':>23} {'ratio':>6}")
+    typer.echo(
+        f"dataset {res['dataset']}: {res['volumes']} volumes, views {res['view_shape']} {res['store_dtype']}, "
+        f"S={res['image_size']}, batch {res['batch_size']}, {res['cpu_count']} CPUs"
+    )
+    typer.echo(
+        f"{'workers':>7} {'samples/s':>10} {'MB/s':>8} {'wds samples/s':>14} {'wds MB/s':>9} {'ratio':>6}"
+        f" {'fresh-buffer samples/s':>23} {'ratio':>6}"
+    )
     for r in res["rows"]:
         fr = r["samples_per_s_fresh_buffers"]
-        typer.echo(f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['mb_per_s']:>8.1f} "
-                   f"{r['baseline_samples_per_s']:>14.1f} {r['baseline_mb_per_s']:>9.1f} {r['ratio']:>6.2f}"
-                   + (f" {fr:>23.1f} {r['ratio_fresh_buffers']:>6.2f}" if fr is not None else ""))
-    typer.echo(f"ViT-B/16 @512² on one H100 consumes ~{res['gpu_need_samples_per_s']:.0f} samples/s; "
-               f"best here {res['keeps_up_ratio']:.2f}x that")
+        typer.echo(
+            f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['mb_per_s']:>8.1f} "
+            f"{r['baseline_samples_per_s']:>14.1f} {r['baseline_mb_per_s']:>9.1f} {r['ratio']:>6.2f}"
+            + (f" {fr:>23.1f} {r['ratio_fresh_buffers']:>6.2f}" if fr is not None else "")
+        )
+    typer.echo(
+        f"ViT-B/16 @512² on one H100 consumes ~{res['gpu_need_samples_per_s']:.0f} samples/s; "
+        f"best here {res['keeps_up_ratio']:.2f}x that"
+    )
 
 
 def consumer_main() -> None:

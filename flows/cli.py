@@ -18,7 +18,8 @@ from xwin.flows.ingest_cli import ingest_cmd as _ingest_cmd  # noqa: E402
 app.command("ingest")(_ingest_cmd)
 
 # ---- storage (helper "storage"): bodies in storage/cli.py ----
-from xwin.storage.cli import status_cmd as _status_cmd, verify_cmd as _verify_cmd  # noqa: E402
+from xwin.storage.cli import status_cmd as _status_cmd  # noqa: E402
+from xwin.storage.cli import verify_cmd as _verify_cmd
 
 app.command("status")(_status_cmd)
 app.command("verify")(_verify_cmd)

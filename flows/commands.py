@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -26,7 +25,7 @@ def _quiet_prefect(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 
-def _load_spec(path: Optional[Path]):
+def _load_spec(path: Path | None):
     from xwin.schemas.render import RenderSpec
 
     if path is None:
@@ -44,16 +43,30 @@ class _Bar:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console(stderr=True)
-        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[tally]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                          console=self.console, transient=False)
+        self.p = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[tally]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
         self.task = None
         self.tally = {"done": 0, "skipped": 0, "rejected": 0}
 
-    def __enter__(self) -> "_Bar":
+    def __enter__(self) -> _Bar:
         self.p.start()
         return self
 
@@ -79,25 +92,36 @@ class _Bar:
 def backfill_cmd(
     cohort: str = typer.Option(..., "--cohort", help="cohort name ('example': the bundled chest CT by default)"),
     store: str = typer.Option(..., "--store", help="store URL: a local path or s3://bucket/prefix"),
-    source: Optional[list[str]] = typer.Option(None, "--source", help="NIfTI file, DICOM folder or metadata.csv "
-                                               "(repeatable)"),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="NBIA metadata.csv"),
-    manifest_root: Optional[Path] = typer.Option(None, "--manifest-root", help="folder the manifest paths are "
-                                                 "relative to (default: the csv's folder)"),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="RenderSpec JSON/YAML (default: X-WIN 512x512, "
-                                        "120 views of 3 deg)"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="render backend (default: XWIN_RENDER_BACKEND "
-                                          "or auto = gpu if CUDA else joseph)"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="process at most N planned series"),
-    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: only the series hashing to shard i of n"),
+    source: list[str] | None = typer.Option(
+        None, "--source", help="NIfTI file, DICOM folder or metadata.csv (repeatable)"
+    ),
+    manifest: Path | None = typer.Option(None, "--manifest", help="NBIA metadata.csv"),
+    manifest_root: Path | None = typer.Option(
+        None, "--manifest-root", help="folder the manifest paths are relative to (default: the csv's folder)"
+    ),
+    spec: Path | None = typer.Option(
+        None, "--spec", help="RenderSpec JSON/YAML (default: X-WIN 512x512, 120 views of 3 deg)"
+    ),
+    backend: str | None = typer.Option(
+        None, "--backend", help="render backend (default: XWIN_RENDER_BACKEND or auto = gpu if CUDA else joseph)"
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="process at most N planned series"),
+    shard: str | None = typer.Option(None, "--shard", help="i/n: only the series hashing to shard i of n"),
     runner: str = typer.Option("threads", "--runner", help="threads | dask"),
-    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="existing Dask scheduler "
-                                               "(default: a LocalCluster)"),
+    dask_address: str | None = typer.Option(
+        None, "--dask-address", help="existing Dask scheduler (default: a LocalCluster)"
+    ),
     verify: str = typer.Option("deep", "--verify", help="after the run: none | shallow | deep (checksums)"),
-    prefect: Optional[bool] = typer.Option(None, "--prefect/--no-prefect", help="force the Prefect flow "
-                                           "(ephemeral server without PREFECT_API_URL) or the serverless path"),
-    validate: bool = typer.Option(True, "--validate/--no-validate", help="example cohort: FDK PSNR/SSIM check "
-                                  "after the backfill (when pipeline.reconstruct provides it)"),
+    prefect: bool | None = typer.Option(
+        None,
+        "--prefect/--no-prefect",
+        help="force the Prefect flow (ephemeral server without PREFECT_API_URL) or the serverless path",
+    ),
+    validate: bool = typer.Option(
+        True,
+        "--validate/--no-validate",
+        help="example cohort: FDK PSNR/SSIM check after the backfill (when pipeline.reconstruct provides it)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the RunSummary as JSON"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Prefect INFO logs"),
 ) -> None:
@@ -110,10 +134,18 @@ def backfill_cmd(
     from xwin.flows.backfill import BackfillIncomplete, BackfillParams, add_listener, backfill_cohort_on, run_local
     from xwin.flows.runtime import prefect_api_url
 
-    params = BackfillParams(cohort=cohort, store=store, source=list(source) if source else None,
-                            manifest=str(manifest) if manifest else None,
-                            manifest_root=str(manifest_root) if manifest_root else None, spec=_load_spec(spec),
-                            backend=backend, limit=limit, shard=shard, verify=verify)
+    params = BackfillParams(
+        cohort=cohort,
+        store=store,
+        source=list(source) if source else None,
+        manifest=str(manifest) if manifest else None,
+        manifest_root=str(manifest_root) if manifest_root else None,
+        spec=_load_spec(spec),
+        backend=backend,
+        limit=limit,
+        shard=shard,
+        verify=verify,
+    )
     try:
         params.sources()
     except ValueError as e:
@@ -128,7 +160,7 @@ def backfill_cmd(
     t0 = time.perf_counter()
     code = 0
     try:
-        with (bar if bar else _Null()):
+        with bar if bar else _Null():
             if use_prefect:
                 f = backfill_cohort_on(runner, dask_address)
                 summary = f(**params.model_dump(exclude={"spec"}), spec=params.spec)
@@ -147,8 +179,10 @@ def backfill_cmd(
         typer.echo(summary.model_dump_json(indent=1))
     else:
         c = summary.counts()
-        typer.echo(f"backfill {cohort}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']} "
-                   f"in {wall:.1f} s ({'prefect' if use_prefect else 'local'} mode)")
+        typer.echo(
+            f"backfill {cohort}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']} "
+            f"in {wall:.1f} s ({'prefect' if use_prefect else 'local'} mode)"
+        )
         for r in summary.rejected:
             typer.echo(f"  rejected {r.input}: {r.reason.value}: {r.detail}")
         for i, err in end.get("failed", []):
@@ -179,18 +213,20 @@ def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | N
     except ImportError:  # pragma: no cover - pipeline.reconstruct absent
         return None
     res = validate_volumes(params.store, params.cohort, params.spec, volume_ids, prefect=use_prefect)
-    return ", ".join(f"{r['volume_id'][:12]} PSNR {r['psnr']:.1f} dB SSIM {r['ssim']:.3f} ({r['backend']} FDK, "
-                     f"{r['seconds']:.0f} s)" for r in res)
+    return ", ".join(
+        f"{r['volume_id'][:12]} PSNR {r['psnr']:.1f} dB SSIM {r['ssim']:.3f} ({r['backend']} FDK, {r['seconds']:.0f} s)"
+        for r in res
+    )
 
 
 def validate_cmd(
     store: str = typer.Option(..., "--store", help="store URL"),
     cohort: str = typer.Option(..., "--cohort"),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="RenderSpec of the dataset (default X-WIN)"),
-    spec_hash: Optional[str] = typer.Option(None, "--spec-hash", help="dataset spec hash (instead of --spec)"),
-    volume: Optional[list[str]] = typer.Option(None, "--volume", help="volume ids (default: every ring)"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1),
-    prefect: Optional[bool] = typer.Option(None, "--prefect/--no-prefect"),
+    spec: Path | None = typer.Option(None, "--spec", help="RenderSpec of the dataset (default X-WIN)"),
+    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash (instead of --spec)"),
+    volume: list[str] | None = typer.Option(None, "--volume", help="volume ids (default: every ring)"),
+    limit: int | None = typer.Option(None, "--limit", min=1),
+    prefect: bool | None = typer.Option(None, "--prefect/--no-prefect"),
     as_json: bool = typer.Option(False, "--json"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -210,16 +246,18 @@ def validate_cmd(
         typer.echo(json.dumps(res, indent=1, default=str))
     else:
         for r in res:
-            typer.echo(f"{r['volume_id']}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f} ({r['backend']}, "
-                       f"{r['seconds']:.1f} s)")
+            typer.echo(
+                f"{r['volume_id']}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f} ({r['backend']}, "
+                f"{r['seconds']:.1f} s)"
+            )
 
 
 def inspect_cmd(
     store: str = typer.Option(..., "--store", help="store URL"),
     volume: str = typer.Option(..., "--volume", help="volume id (a unique prefix is enough)"),
     out: Path = typer.Option(..., "--out", help="PNG to write"),
-    cohort: Optional[str] = typer.Option(None, "--cohort", help="dataset cohort (when several hold the volume)"),
-    spec_hash: Optional[str] = typer.Option(None, "--spec-hash", help="dataset spec hash (idem)"),
+    cohort: str | None = typer.Option(None, "--cohort", help="dataset cohort (when several hold the volume)"),
+    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash (idem)"),
     thumb: int = typer.Option(96, "--thumb", help="thumbnail size (px)"),
     big: int = typer.Option(512, "--big", help="frontal/lateral size (px)"),
 ) -> None:
@@ -244,8 +282,10 @@ def inspect_cmd(
     views = ds.read_ring(vid)
     yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
     s = ds.spec
-    title = (f"{ds.cohort} / {vid}  spec {ds.spec_hash}: {s.n_views} views x {s.yaw_step_deg:g} deg, "
-             f"{s.height}x{s.width} @ {s.pixel_mm:g} mm")
+    title = (
+        f"{ds.cohort} / {vid}  spec {ds.spec_hash}: {s.n_views} views x {s.yaw_step_deg:g} deg, "
+        f"{s.height}x{s.width} @ {s.pixel_mm:g} mm"
+    )
     im = contact_sheet(views, yaws, title=title, big=big, thumb=thumb)
     out.parent.mkdir(parents=True, exist_ok=True)
     im.save(out)
@@ -254,13 +294,14 @@ def inspect_cmd(
 
 def deploy_cmd(
     store: str = typer.Option(..., "--store", help="store URL the deployments write to"),
-    landing: Optional[str] = typer.Option(None, "--landing", help="landing dir or s3://bucket/prefix to scan"),
+    landing: str | None = typer.Option(None, "--landing", help="landing dir or s3://bucket/prefix to scan"),
     cohort: str = typer.Option("landing", "--cohort", help="cohort of the landing scan"),
     cron: str = typer.Option("*/15 * * * *", "--cron", help="landing scan schedule"),
     gpus: int = typer.Option(1, "--gpus", min=0, help="GPU workers: creates limits xwin-gpu:gpu-worker-<i>"),
-    code_dir: Path = typer.Option(Path(__file__).resolve().parents[1], "--code-dir",
-                                  help="where the workers find this code"),
-    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="scheduler for backfill-cohort-dask"),
+    code_dir: Path = typer.Option(
+        Path(__file__).resolve().parents[1], "--code-dir", help="where the workers find this code"
+    ),
+    dask_address: str | None = typer.Option(None, "--dask-address", help="scheduler for backfill-cohort-dask"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Register work pools, GPU concurrency limits and the deployments (incl. the cron landing scan)."""
@@ -277,8 +318,8 @@ def scan_cmd(
     landing: str = typer.Option(..., "--landing", help="landing dir or s3://bucket/prefix"),
     cohort: str = typer.Option(..., "--cohort"),
     store: str = typer.Option(..., "--store"),
-    spec: Optional[Path] = typer.Option(None, "--spec"),
-    backend: Optional[str] = typer.Option(None, "--backend"),
+    spec: Path | None = typer.Option(None, "--spec"),
+    backend: str | None = typer.Option(None, "--backend"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """One landing scan now (what the cron deployment does), without a server."""

@@ -46,26 +46,62 @@ class DeploymentSpec:
         return f"{self.flow_name}/{self.name}"
 
 
-def deployment_specs(store: str, landing: str | None = None, cohort: str = "landing",
-                     cron: str = "*/15 * * * *", cpu_pool: str = "xwin-cpu", gpu_pool: str = "xwin-gpu",
-                     dask_address: str | None = None) -> list[DeploymentSpec]:
+def deployment_specs(
+    store: str,
+    landing: str | None = None,
+    cohort: str = "landing",
+    cron: str = "*/15 * * * *",
+    cpu_pool: str = "xwin-cpu",
+    gpu_pool: str = "xwin-gpu",
+    dask_address: str | None = None,
+) -> list[DeploymentSpec]:
     """The deployments xwin registers (parameters left out here are given per run)."""
     base = {"store": store}
     out = [
-        DeploymentSpec("xwin.flows.backfill.backfill_cohort", "gpu", gpu_pool, dict(base, backend="gpu"),
-                       {"XWIN_RENDER_BACKEND": "gpu"}, description="backfill a cohort on a GPU worker"),
-        DeploymentSpec("xwin.flows.backfill.backfill_cohort", "cpu", cpu_pool, dict(base, backend="joseph"),
-                       {"XWIN_RENDER_BACKEND": "joseph"}, description="backfill a cohort on a CPU worker"),
-        DeploymentSpec("xwin.flows.backfill_dask.backfill_cohort_dask", "dask", cpu_pool, dict(base),
-                       {"XWIN_DASK_ADDRESS": dask_address} if dask_address else {},
-                       description="backfill with tasks on a Dask cluster"),
-        DeploymentSpec("xwin.flows.landing.backfill_sharded", "fanout", cpu_pool, dict(base, shards=8),
-                       description="split a cohort over N runs of backfill-cohort/gpu"),
+        DeploymentSpec(
+            "xwin.flows.backfill.backfill_cohort",
+            "gpu",
+            gpu_pool,
+            dict(base, backend="gpu"),
+            {"XWIN_RENDER_BACKEND": "gpu"},
+            description="backfill a cohort on a GPU worker",
+        ),
+        DeploymentSpec(
+            "xwin.flows.backfill.backfill_cohort",
+            "cpu",
+            cpu_pool,
+            dict(base, backend="joseph"),
+            {"XWIN_RENDER_BACKEND": "joseph"},
+            description="backfill a cohort on a CPU worker",
+        ),
+        DeploymentSpec(
+            "xwin.flows.backfill_dask.backfill_cohort_dask",
+            "dask",
+            cpu_pool,
+            dict(base),
+            {"XWIN_DASK_ADDRESS": dask_address} if dask_address else {},
+            description="backfill with tasks on a Dask cluster",
+        ),
+        DeploymentSpec(
+            "xwin.flows.landing.backfill_sharded",
+            "fanout",
+            cpu_pool,
+            dict(base, shards=8),
+            description="split a cohort over N runs of backfill-cohort/gpu",
+        ),
     ]
     if landing:
-        out.append(DeploymentSpec("xwin.flows.landing.scan_landing", "landing", gpu_pool,
-                                  {"landing": landing, "cohort": cohort, "store": store}, cron=cron,
-                                  concurrency_limit=1, description="backfill new series of the landing location"))
+        out.append(
+            DeploymentSpec(
+                "xwin.flows.landing.scan_landing",
+                "landing",
+                gpu_pool,
+                {"landing": landing, "cohort": cohort, "store": store},
+                cron=cron,
+                concurrency_limit=1,
+                description="backfill new series of the landing location",
+            )
+        )
     return out
 
 
@@ -83,8 +119,9 @@ def ensure_pool(name: str, pool_type: str = "process") -> bool:
         )
 
 
-def register(specs: list[DeploymentSpec], code_dir: str | Path = REPO_ROOT, gpus: int = 1,
-             gpu_ids: list[str] | None = None) -> list[str]:
+def register(
+    specs: list[DeploymentSpec], code_dir: str | Path = REPO_ROOT, gpus: int = 1, gpu_ids: list[str] | None = None
+) -> list[str]:
     """Create pools, GPU limits and deployments. Returns the deployment ids."""
     from prefect import flow as prefect_flow
 
@@ -102,10 +139,17 @@ def register(specs: list[DeploymentSpec], code_dir: str | Path = REPO_ROOT, gpus
             kw["cron"] = s.cron
         if s.concurrency_limit:
             kw["concurrency_limit"] = s.concurrency_limit
-        dep_id = f.deploy(name=s.name, work_pool_name=s.work_pool, parameters=s.parameters,
-                          job_variables={"env": s.env, "working_dir": str(code_dir)} if s.env else
-                          {"working_dir": str(code_dir)},
-                          description=s.description, build=False, push=False, print_next_steps=False,
-                          ignore_warnings=True, **kw)
+        dep_id = f.deploy(
+            name=s.name,
+            work_pool_name=s.work_pool,
+            parameters=s.parameters,
+            job_variables={"env": s.env, "working_dir": str(code_dir)} if s.env else {"working_dir": str(code_dir)},
+            description=s.description,
+            build=False,
+            push=False,
+            print_next_steps=False,
+            ignore_warnings=True,
+            **kw,
+        )
         ids.append(str(dep_id))
     return ids

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -26,13 +25,14 @@ def _parse_spacing(s: str | None) -> tuple[float, float, float] | None:
 
 
 def ingest_cmd(
-    sources: Optional[list[str]] = typer.Argument(None, help="NIfTI files, DICOM folders, NBIA metadata.csv "
-                                                   "files, or 'example' (the bundled chest CT)"),
+    sources: list[str] | None = typer.Argument(
+        None, help="NIfTI files, DICOM folders, NBIA metadata.csv files, or 'example' (the bundled chest CT)"
+    ),
     store: str = typer.Option(..., "--store", help="store URL: local path or s3://bucket/prefix"),
     cohort: str = typer.Option("default", "--cohort", help="cohort name recorded with every volume"),
-    manifest: Optional[list[Path]] = typer.Option(None, "--manifest", help="NBIA metadata.csv (repeatable)"),
+    manifest: list[Path] | None = typer.Option(None, "--manifest", help="NBIA metadata.csv (repeatable)"),
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON object (RunSummary) on stdout"),
-    spacing: Optional[str] = typer.Option(None, "--spacing", help="resample to this spacing in mm: 'S' or 'X,Y,Z'"),
+    spacing: str | None = typer.Option(None, "--spacing", help="resample to this spacing in mm: 'S' or 'X,Y,Z'"),
     tilt: str = typer.Option("resample", "--tilt", help="gantry-tilted series: 'resample' or 'reject'"),
 ) -> None:
     """Validate CT inputs and store them as canonical int16 HU volumes (RAS). Every input ends done, skipped

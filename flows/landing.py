@@ -17,9 +17,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import flow
 
@@ -47,7 +48,7 @@ def list_landing(landing: str) -> dict[str, str]:
     out: dict[str, str] = {}
     if landing.startswith("s3://"):
         fs = _s3fs()
-        root = landing[len("s3://"):].rstrip("/")
+        root = landing[len("s3://") :].rstrip("/")
         for info in fs.ls(root, detail=True, refresh=True):
             name = info["name"].rsplit("/", 1)[-1]
             if info["type"] == "directory":
@@ -85,7 +86,7 @@ def _stage(entry: str, staging: Path) -> str:
     if not entry.startswith("s3://"):
         return entry
     fs = _s3fs()
-    key = entry[len("s3://"):]
+    key = entry[len("s3://") :]
     dst = staging / key.replace("/", "__")
     if fs.isdir(key):
         fs.get(key, str(dst), recursive=True)
@@ -94,9 +95,17 @@ def _stage(entry: str, staging: Path) -> str:
     return str(dst)
 
 
-def scan_once(landing: str, cohort: str, store: str, spec: RenderSpec | None = None, backend: str | None = None,
-              staging: str | None = None, max_new: int | None = None, reports: str | None = None,
-              runner: Any = None) -> tuple[RunSummary, list[str]]:
+def scan_once(
+    landing: str,
+    cohort: str,
+    store: str,
+    spec: RenderSpec | None = None,
+    backend: str | None = None,
+    staging: str | None = None,
+    max_new: int | None = None,
+    reports: str | None = None,
+    runner: Any = None,
+) -> tuple[RunSummary, list[str]]:
     """One scan: backfill the new entries of ``landing``. Returns (summary, entries processed).
 
     ``runner(params) -> RunSummary`` runs the backfill (default: the Prefect flow as a subflow inside a flow run,
@@ -113,8 +122,9 @@ def scan_once(landing: str, cohort: str, store: str, spec: RenderSpec | None = N
     failed_inputs: set[str] = set()
     with _staging_dir(staging, any(e.startswith("s3://") for e in new)) as stage_dir:
         local = {_stage(e, stage_dir): e for e in new}
-        params = BackfillParams(cohort=cohort, store=store, source=list(local), spec=spec or RenderSpec(),
-                                backend=backend, reports=reports)
+        params = BackfillParams(
+            cohort=cohort, store=store, source=list(local), spec=spec or RenderSpec(), backend=backend, reports=reports
+        )
         try:
             summary = runner(params) if runner else _default_runner(params)
         except BackfillIncomplete as e:
@@ -158,10 +168,11 @@ def _remove(path: Path) -> None:
 
 def _name_landing_entries(summary: RunSummary, local: dict[str, str]) -> RunSummary:
     """Report inputs by their landing name (``s3://...``), not by the deleted staged copy."""
+
     def orig(i: str) -> str:
         for path, entry in local.items():
             if path != entry and (i == path or i.startswith(path + "#") or i.startswith(path + "/")):
-                return entry + i[len(path):]
+                return entry + i[len(path) :]
         return i
 
     return RunSummary(
@@ -180,8 +191,15 @@ def _default_runner(params: BackfillParams) -> RunSummary:
 
 
 @flow(name="scan-landing", persist_result=False)
-def scan_landing(landing: str, cohort: str, store: str, spec: RenderSpec | None = None, backend: str | None = None,
-                 staging: str | None = None, max_new: int | None = None) -> RunSummary:
+def scan_landing(
+    landing: str,
+    cohort: str,
+    store: str,
+    spec: RenderSpec | None = None,
+    backend: str | None = None,
+    staging: str | None = None,
+    max_new: int | None = None,
+) -> RunSummary:
     """Cron deployment body: backfill only the series that arrived in ``landing`` since the last scan."""
     summary, new = scan_once(landing, cohort, store, spec, backend, staging, max_new)
     log.info("landing scan of %s: %d new entries, %s", landing, len(new), summary.counts())
@@ -189,10 +207,18 @@ def scan_landing(landing: str, cohort: str, store: str, spec: RenderSpec | None 
 
 
 @flow(name="backfill-sharded", persist_result=False)
-def backfill_sharded(cohort: str, store: str, shards: int, deployment: str = "backfill-cohort/gpu",
-                     source: list[str] | None = None, manifest: str | None = None,
-                     manifest_root: str | None = None, spec: RenderSpec | None = None, wait: bool = True,
-                     verify: str = "shallow") -> list[dict]:
+def backfill_sharded(
+    cohort: str,
+    store: str,
+    shards: int,
+    deployment: str = "backfill-cohort/gpu",
+    source: list[str] | None = None,
+    manifest: str | None = None,
+    manifest_root: str | None = None,
+    spec: RenderSpec | None = None,
+    wait: bool = True,
+    verify: str = "shallow",
+) -> list[dict]:
     """Fan ``cohort`` out over ``shards`` flow runs of ``deployment`` (one per GPU worker); returns their states."""
     import time
 
@@ -201,11 +227,19 @@ def backfill_sharded(cohort: str, store: str, shards: int, deployment: str = "ba
 
     runs = []
     for i in range(shards):  # launch every shard first (timeout=0), then wait for all
-        p = {"cohort": cohort, "store": store, "source": source, "manifest": manifest,
-             "manifest_root": manifest_root, "spec": (spec or RenderSpec()).model_dump(mode="json"),
-             "shard": f"{i}/{shards}", "verify": verify}
-        fr = run_deployment(deployment, parameters=p, timeout=0, flow_run_name=f"{cohort}-shard-{i}-of-{shards}",
-                            as_subflow=True)
+        p = {
+            "cohort": cohort,
+            "store": store,
+            "source": source,
+            "manifest": manifest,
+            "manifest_root": manifest_root,
+            "spec": (spec or RenderSpec()).model_dump(mode="json"),
+            "shard": f"{i}/{shards}",
+            "verify": verify,
+        }
+        fr = run_deployment(
+            deployment, parameters=p, timeout=0, flow_run_name=f"{cohort}-shard-{i}-of-{shards}", as_subflow=True
+        )
         runs.append({"shard": f"{i}/{shards}", "flow_run_id": str(fr.id), "state": None})
     if not wait:
         return runs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -31,10 +30,10 @@ def find_dataset(store, volume_id: str, cohort: str | None = None, spec_hash: st
 def reconstruct_cmd(
     store: str = typer.Option(..., "--store", help="store URL (local path or s3://bucket/prefix)"),
     volume: str = typer.Option(..., "--volume", help="volume id"),
-    cohort: Optional[str] = typer.Option(None, "--cohort", help="cohort (default: the volume's cohort)"),
-    spec_hash: Optional[str] = typer.Option(None, "--spec-hash", help="dataset spec hash when several exist"),
+    cohort: str | None = typer.Option(None, "--cohort", help="cohort (default: the volume's cohort)"),
+    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash when several exist"),
     backend: str = typer.Option("auto", "--backend", help="auto | numba | rtk | astra"),
-    report: Optional[Path] = typer.Option(None, "--report", help="write metrics.json + slices.png here"),
+    report: Path | None = typer.Option(None, "--report", help="write metrics.json + slices.png here"),
     as_json: bool = typer.Option(False, "--json", help="print the full metrics as JSON"),
 ) -> None:
     """Reconstruct a stored ring with FDK and print PSNR/SSIM against the stored CT."""

@@ -12,8 +12,8 @@ import io
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -134,8 +134,9 @@ def png_bytes(im: Image.Image) -> bytes:
     return b.getvalue()
 
 
-def contact_sheet(views: np.ndarray, yaws: Sequence[float], title: str = "", big: int = 512, thumb: int = 96,
-                  cols: int = 12) -> Image.Image:
+def contact_sheet(
+    views: np.ndarray, yaws: Sequence[float], title: str = "", big: int = 512, thumb: int = 96, cols: int = 12
+) -> Image.Image:
     """The frontal (yaw 0) and lateral (yaw 90) views large on top, then every view of the ring as a thumbnail.
 
     views: (V, H, W) line integrals; yaws: (V,) degrees.
@@ -171,15 +172,30 @@ def counts_by_reason(summary: RunSummary) -> dict[str, int]:
     return dict(sorted(Counter(r.reason.value for r in summary.rejected).items()))
 
 
-def summary_markdown(summary: RunSummary, *, cohort: str, spec_hash: str, store: str, previews: dict[str, str],
-                     failed: Sequence[tuple[str, str]] = (), verify: str | None = None, wall_s: float | None = None,
-                     title: str = "xwin backfill") -> str:
+def summary_markdown(
+    summary: RunSummary,
+    *,
+    cohort: str,
+    spec_hash: str,
+    store: str,
+    previews: dict[str, str],
+    failed: Sequence[tuple[str, str]] = (),
+    verify: str | None = None,
+    wall_s: float | None = None,
+    title: str = "xwin backfill",
+) -> str:
     """Markdown run summary: counts (done / skipped / rejected by reason), rejections, preview links."""
     c = summary.counts()
-    lines = [f"# {title}: cohort `{cohort}`", "", f"store `{store}`, spec `{spec_hash}`"
-             + (f", {wall_s:.1f} s" if wall_s is not None else ""), "",
-             "| outcome | series |", "| --- | ---: |",
-             f"| done | {c['done']} |", f"| skipped (already done) | {c['skipped']} |"]
+    lines = [
+        f"# {title}: cohort `{cohort}`",
+        "",
+        f"store `{store}`, spec `{spec_hash}`" + (f", {wall_s:.1f} s" if wall_s is not None else ""),
+        "",
+        "| outcome | series |",
+        "| --- | ---: |",
+        f"| done | {c['done']} |",
+        f"| skipped (already done) | {c['skipped']} |",
+    ]
     for reason, n in counts_by_reason(summary).items():
         lines.append(f"| rejected: {reason} | {n} |")
     if failed:
@@ -199,8 +215,9 @@ def summary_markdown(summary: RunSummary, *, cohort: str, spec_hash: str, store:
     return "\n".join(lines) + "\n"
 
 
-def write_run_report(reports: str, run_id: str, summary: RunSummary, markdown: str, extra: dict | None = None
-                     ) -> tuple[str, str]:
+def write_run_report(
+    reports: str, run_id: str, summary: RunSummary, markdown: str, extra: dict | None = None
+) -> tuple[str, str]:
     """Write ``runs/<run_id>.json`` (the RunSummary + extra) and ``runs/<run_id>.md``; returns both URLs."""
     j = f"{reports}/runs/{run_id}.json"
     m = f"{reports}/runs/{run_id}.md"

@@ -25,9 +25,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import as_completed as _cf_as_completed
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger("xwin.flows")
 
@@ -234,7 +235,7 @@ class LocalStages:
         self.attempts: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "LocalStages":
+    def __enter__(self) -> LocalStages:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -249,14 +250,17 @@ class LocalStages:
                 self.attempts[task.name] = self.attempts.get(task.name, 0) + 1
             try:
                 return task.fn(*args)
-            except Exception as e:  # noqa: BLE001 - filtered by the task's retry condition
+            except Exception as e:
                 cond = task.retry_condition_fn
-                retry = is_transient(e) if cond is None or cond is retry_transient else bool(cond(task, None, _Failed(e)))
+                retry = (
+                    is_transient(e) if cond is None or cond is retry_transient else bool(cond(task, None, _Failed(e)))
+                )
                 if attempt >= retries or not retry:
                     raise
                 d = delays[min(attempt, len(delays) - 1)] if isinstance(delays, (list, tuple)) else float(delays or 0)
-                log.warning("%s failed (%s: %s), retry %d/%d in %.1fs", task.name, type(e).__name__, e,
-                            attempt + 1, retries, d)
+                log.warning(
+                    "%s failed (%s: %s), retry %d/%d in %.1fs", task.name, type(e).__name__, e, attempt + 1, retries, d
+                )
                 self.sleep(d)
         raise AssertionError("unreachable")
 

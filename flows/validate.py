@@ -34,10 +34,17 @@ def recon_backend() -> str:
         return "numba"
 
 
-@task(name="validate-series", retries=TASK_RETRIES, retry_delay_seconds=backoff_delays(TASK_RETRIES),
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE, persist_result=False)
-def validate_series(store_url: str, cohort: str, spec_hash: str, volume_id: str, backend: str,
-                    reports: str | None) -> dict:
+@task(
+    name="validate-series",
+    retries=TASK_RETRIES,
+    retry_delay_seconds=backoff_delays(TASK_RETRIES),
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def validate_series(
+    store_url: str, cohort: str, spec_hash: str, volume_id: str, backend: str, reports: str | None
+) -> dict:
     """Metrics of one stored ring: {"volume_id", "psnr", "ssim", "backend", "seconds", ...}."""
     from xwin.pipeline.reconstruct import validate_stored_ring
 
@@ -46,16 +53,31 @@ def validate_series(store_url: str, cohort: str, spec_hash: str, volume_id: str,
     with slot(f"xwin-recon:{os.environ.get('XWIN_HOST') or os.uname().nodename}", 1):
         res = validate_stored_ring(st, ds, volume_id, backend=backend)
     m = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    out = {"volume_id": volume_id, "psnr": float(res.metrics["psnr_db"]), "ssim": float(res.metrics["ssim"]),
-           "backend": res.metrics.get("backend"), "seconds": float(res.metrics.get("seconds", 0.0)), "metrics": m}
+    out = {
+        "volume_id": volume_id,
+        "psnr": float(res.metrics["psnr_db"]),
+        "ssim": float(res.metrics["ssim"]),
+        "backend": res.metrics.get("backend"),
+        "seconds": float(res.metrics.get("seconds", 0.0)),
+        "metrics": m,
+    }
     if reports:
-        rep.write_bytes(f"{reports}/validation/{cohort}/{spec_hash}/{volume_id}.json",
-                        json.dumps(out, indent=1, default=str).encode())
+        rep.write_bytes(
+            f"{reports}/validation/{cohort}/{spec_hash}/{volume_id}.json",
+            json.dumps(out, indent=1, default=str).encode(),
+        )
     return out
 
 
-def run_validation(store: str, cohort: str, spec_hash: str, volume_ids: list[str] | None, stages: Stages,
-                   limit: int | None = None, reports: str | None = None) -> list[dict]:
+def run_validation(
+    store: str,
+    cohort: str,
+    spec_hash: str,
+    volume_ids: list[str] | None,
+    stages: Stages,
+    limit: int | None = None,
+    reports: str | None = None,
+) -> list[dict]:
     st = _store(store)
     ds = st.open_dataset(cohort, spec_hash)
     ids = volume_ids or ds.volume_ids()
@@ -67,22 +89,32 @@ def run_validation(store: str, cohort: str, spec_hash: str, volume_ids: list[str
     if stages.mode == "prefect":
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(table=[{k: r[k] for k in ("volume_id", "psnr", "ssim", "backend", "seconds")}
-                                     for r in results], key=_artifact_key("validation", cohort),
-                              description=f"FDK validation of {cohort}/{spec_hash}: PSNR [dB], SSIM")
+        create_table_artifact(
+            table=[{k: r[k] for k in ("volume_id", "psnr", "ssim", "backend", "seconds")} for r in results],
+            key=_artifact_key("validation", cohort),
+            description=f"FDK validation of {cohort}/{spec_hash}: PSNR [dB], SSIM",
+        )
     return results
 
 
 @flow(name="validate-cohort", task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False)
-def validate_cohort(store: str, cohort: str, spec: RenderSpec | None = None, spec_hash: str | None = None,
-                    volume_ids: list[str] | None = None, limit: int | None = None) -> list[dict]:
+def validate_cohort(
+    store: str,
+    cohort: str,
+    spec: RenderSpec | None = None,
+    spec_hash: str | None = None,
+    volume_ids: list[str] | None = None,
+    limit: int | None = None,
+) -> list[dict]:
     """FDK PSNR/SSIM of the stored rings of ``cohort`` (dataset by ``spec`` or ``spec_hash``)."""
-    return run_validation(store, cohort, spec_hash or (spec or RenderSpec()).spec_hash, volume_ids,
-                          PrefectStages(), limit)
+    return run_validation(
+        store, cohort, spec_hash or (spec or RenderSpec()).spec_hash, volume_ids, PrefectStages(), limit
+    )
 
 
-def validate_volumes(store: str, cohort: str, spec: RenderSpec, volume_ids: list[str], prefect: bool = False
-                     ) -> list[dict[str, Any]]:
+def validate_volumes(
+    store: str, cohort: str, spec: RenderSpec, volume_ids: list[str], prefect: bool = False
+) -> list[dict[str, Any]]:
     """Validate ``volume_ids`` (the CLI after ``xwin backfill --cohort example``): flow or serverless."""
     if prefect:
         return validate_cohort(store=store, cohort=cohort, spec=spec, volume_ids=volume_ids)

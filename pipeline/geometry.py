@@ -65,7 +65,7 @@ class ConeBeamViews:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def ring(cls, spec: RenderSpec, isocenter: np.ndarray) -> "ConeBeamViews":
+    def ring(cls, spec: RenderSpec, isocenter: np.ndarray) -> ConeBeamViews:
         """The yaw ring of ``spec`` around ``isocenter`` (3,) in world mm."""
         yaw = np.asarray(spec.yaws_deg, dtype=np.float64)
         R = rot_z(yaw)  # (V,3,3)
@@ -90,7 +90,7 @@ class ConeBeamViews:
         yaw = np.full(len(cv), np.nan) if yaw_deg is None else np.asarray(yaw_deg, dtype=np.float64)
         return cls(cv[:, 0:3], cv[:, 3:6], cv[:, 6:9], cv[:, 9:12], int(height), int(width), yaw)
 
-    def subset(self, idx) -> "ConeBeamViews":
+    def subset(self, idx) -> ConeBeamViews:
         idx = np.atleast_1d(np.asarray(idx))
         return ConeBeamViews(
             self.src[idx], self.det[idx], self.u[idx], self.v[idx], self.height, self.width, self.yaw_deg[idx]

@@ -1,33 +1,33 @@
 """Pydantic v2 contracts shared by every stage. No I/O lives here."""
 
 from xwin.schemas.ingest import (
+    HUStats,
     InputKind,
     ManifestRow,
-    RejectReason,
+    Provenance,
     Rejection,
+    RejectReason,
     RunEntry,
     RunSummary,
     SeriesChoice,
     SeriesRecord,
     VolumeRecord,
-    HUStats,
-    Provenance,
 )
 from xwin.schemas.render import RenderSpec, ViewGeometry, VolumeGeometry
 
 __all__ = [
+    "HUStats",
     "InputKind",
     "ManifestRow",
+    "Provenance",
     "RejectReason",
     "Rejection",
+    "RenderSpec",
     "RunEntry",
     "RunSummary",
     "SeriesChoice",
     "SeriesRecord",
-    "VolumeRecord",
-    "HUStats",
-    "Provenance",
-    "RenderSpec",
     "ViewGeometry",
     "VolumeGeometry",
+    "VolumeRecord",
 ]

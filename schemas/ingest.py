@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, Literal
 
@@ -110,7 +110,7 @@ class Provenance(_Model):
     versions: dict[str, str]
     input_checksum: str  # sha256 over the input files' bytes (sorted by name)
     input_files: int
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     notes: list[str] = Field(default_factory=list)
 
 
@@ -174,7 +174,7 @@ class RunSummary(_Model):
     skipped: list[RunEntry] = Field(default_factory=list)
     rejected: list[Rejection] = Field(default_factory=list)
 
-    def merge(self, other: "RunSummary") -> "RunSummary":
+    def merge(self, other: RunSummary) -> RunSummary:
         return RunSummary(
             done=self.done + other.done,
             skipped=self.skipped + other.skipped,

@@ -50,7 +50,7 @@ class RenderSpec(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "RenderSpec":
+    def _check(self) -> RenderSpec:
         if self.sdd_mm <= self.sid_mm:
             raise ValueError(f"sdd_mm ({self.sdd_mm}) must exceed sid_mm ({self.sid_mm})")
         return self

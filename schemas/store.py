@@ -6,7 +6,7 @@ The layout these records live in is documented in docs/format.md and implemented
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Literal
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class _Model(BaseModel):
@@ -109,7 +109,7 @@ class VerifyReport(_Model):
     def clean(self) -> bool:
         return not self.corrupt and not self.missing
 
-    def merge(self, other: "VerifyReport") -> "VerifyReport":
+    def merge(self, other: VerifyReport) -> VerifyReport:
         return VerifyReport(
             volumes=self.volumes + other.volumes,
             ok=self.ok + other.ok,

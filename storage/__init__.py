@@ -21,14 +21,14 @@ from xwin.storage.store import (
 )
 
 __all__ = [
-    "open_store",
-    "Store",
-    "ProjectionDataset",
-    "ClaimHeld",
     "ChecksumMismatch",
+    "ClaimHeld",
     "ConflictError",
     "NotCommitted",
+    "ProjectionDataset",
     "SpecMismatchError",
     "StorageError",
+    "Store",
+    "open_store",
     "sha256_of",
 ]

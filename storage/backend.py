@@ -24,10 +24,12 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
-from zarr.abc.store import ByteRequest, Store as ZarrStore
+from zarr.abc.store import ByteRequest
+from zarr.abc.store import Store as ZarrStore
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
@@ -64,8 +66,17 @@ _TRANSIENT_CODES = {
 
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
 _TRANSIENT_MESSAGES = (
-    "slowdown", "slow down", "reduce your request rate", "service unavailable", "serviceunavailable",
-    "internal error", "internalerror", "bad gateway", "gateway timeout", "timeout", "timed out",
+    "slowdown",
+    "slow down",
+    "reduce your request rate",
+    "service unavailable",
+    "serviceunavailable",
+    "internal error",
+    "internalerror",
+    "bad gateway",
+    "gateway timeout",
+    "timeout",
+    "timed out",
 )
 
 
@@ -76,7 +87,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
         return True
     try:  # botocore is only present with the s3 extra
-        from botocore.exceptions import ClientError, ConnectionError as BotoConnErr, HTTPClientError
+        from botocore.exceptions import ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnErr
 
         if isinstance(exc, (BotoConnErr, HTTPClientError)):
             return True
@@ -102,7 +114,7 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_s: float = 
     for i in range(attempts):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - filtered by is_transient
+        except Exception as e:
             if i == attempts - 1 or not is_transient(e):
                 raise
             wait = min(2.0, base_s * 2**i) * (0.5 + random.random())
@@ -115,7 +127,7 @@ async def aretry(fn: Callable[[], Any], *, what: str, attempts: int = 6, base_s:
     for i in range(attempts):
         try:
             return await fn()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if i == attempts - 1 or not is_transient(e):
                 raise
             wait = min(2.0, base_s * 2**i) * (0.5 + random.random())

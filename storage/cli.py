@@ -28,9 +28,16 @@ def status_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
     v = st.volumes
     for cohort, n in sorted(v.per_cohort.items()) or [("-", 0)]:
         t.add_row("volumes", cohort, "-", str(n), "", "")
-    t.add_row("volumes (all)", "*", "-", *(str(v.counts.get(k, 0)) for k in ("committed", "in_progress", "stale_claim")))
+    t.add_row(
+        "volumes (all)", "*", "-", *(str(v.counts.get(k, 0)) for k in ("committed", "in_progress", "stale_claim"))
+    )
     for d in st.datasets:
-        t.add_row("rings", d.cohort or "", d.spec_hash or "", *(str(d.counts.get(k, 0)) for k in ("committed", "in_progress", "stale_claim")))
+        t.add_row(
+            "rings",
+            d.cohort or "",
+            d.spec_hash or "",
+            *(str(d.counts.get(k, 0)) for k in ("committed", "in_progress", "stale_claim")),
+        )
     Console().print(t)
 
 

@@ -70,14 +70,22 @@ def read_small_array(backend: Backend, array_path: str) -> np.ndarray | None:
         shape = tuple(meta["shape"])
         (sh,) = meta["codecs"]
         cfg = sh["configuration"]
-        if sh["name"] != "sharding_indexed" or cfg["index_location"] != "end" or list(cfg["chunk_shape"]) != list(shape):
+        if (
+            sh["name"] != "sharding_indexed"
+            or cfg["index_location"] != "end"
+            or list(cfg["chunk_shape"]) != list(shape)
+        ):
             return None
         if meta["chunk_grid"]["configuration"]["chunk_shape"] != list(shape):
             return None
         if [c["name"] for c in cfg["index_codecs"]] != ["bytes", "crc32c"]:
             return None
         inner = cfg["codecs"]
-        if len(inner) != 2 or inner[0]["name"] != "bytes" or inner[0].get("configuration", {}).get("endian") != "little":
+        if (
+            len(inner) != 2
+            or inner[0]["name"] != "bytes"
+            or inner[0].get("configuration", {}).get("endian") != "little"
+        ):
             return None
         decode = _DECODERS.get(inner[1]["name"])
         if decode is None or meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}:

@@ -23,12 +23,11 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
-from typing import Iterator
+from datetime import UTC, datetime, timedelta
 
 from xwin.schemas.store import CatalogRow, ClaimRecord, CommitRecord, EntryStatus
-
 from xwin.storage.backend import Backend, ConflictError
 
 DEFAULT_BUCKET_HEX = 2  # new stores: 16**2 = 256 catalog buckets per scope
@@ -72,7 +71,7 @@ def _bucket(volume_id: str, hex_digits: int) -> str:
 class Claim:
     """A held lease; renewed in a background thread every ttl/3 until released."""
 
-    def __init__(self, scope: "Scope", volume_id: str, owner: str, ttl_s: float, heartbeat: bool) -> None:
+    def __init__(self, scope: Scope, volume_id: str, owner: str, ttl_s: float, heartbeat: bool) -> None:
         self.scope, self.volume_id, self.owner, self.ttl_s = scope, volume_id, owner, ttl_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -229,7 +228,7 @@ class Scope:
         try:
             return ClaimRecord.model_validate_json(got[0]), got[1]
         except ValueError:  # unreadable claim: treat as stale
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             return ClaimRecord(volume_id=vid, owner="?", host="?", pid=0, acquired_at=now, expires_at=now), got[1]
 
     def claim_is_stale(self, c: ClaimRecord) -> bool:
@@ -240,7 +239,7 @@ class Scope:
     def acquire_claim(self, vid: str, owner: str, ttl_s: float) -> ClaimRecord:
         """Take or renew the lease on ``vid``. Raises ClaimHeld when another live owner holds it."""
         for _ in range(20):
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             cur = self.get_claim(vid)
             acquired = now
             if cur is not None:

@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator
 
 import google_crc32c
-import numpy as np
 import numcodecs
+import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import MemoryStore
@@ -44,7 +44,7 @@ _POOL_PID: int | None = None
 def encode_pool() -> ThreadPoolExecutor:
     """Process-wide encoder pool (one thread per core, at most 4; recreated after a fork)."""
     global _POOL, _POOL_PID
-    if _POOL is None or _POOL_PID != os.getpid():
+    if _POOL is None or os.getpid() != _POOL_PID:
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="xwin-encode")
         _POOL_PID = os.getpid()
     return _POOL
@@ -55,8 +55,13 @@ def numcodec_of(codec: BloscCodec | ZstdCodec) -> numcodecs.abc.Codec:
     if isinstance(codec, BloscCodec):
         shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.name]
         return numcodecs.Blosc.from_config(
-            {"cname": codec.cname.name, "clevel": codec.clevel, "shuffle": shuffle, "blocksize": codec.blocksize,
-             "typesize": codec.typesize}
+            {
+                "cname": codec.cname.name,
+                "clevel": codec.clevel,
+                "shuffle": shuffle,
+                "blocksize": codec.blocksize,
+                "typesize": codec.typesize,
+            }
         )
     if isinstance(codec, ZstdCodec):
         return numcodecs.Zstd.from_config({"level": codec.level, "checksum": codec.checksum})
@@ -90,8 +95,15 @@ def _layout_cached(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], 
     ms = MemoryStore()
     shards = tuple(-(-s // c) * c for s, c in zip(shape, chunks))
     zarr.create_array(
-        ms, shape=shape, dtype=dtype, chunks=chunks, shards=shards, compressors=codec, fill_value=fill,
-        zarr_format=3, config={"write_empty_chunks": True},
+        ms,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=codec,
+        fill_value=fill,
+        zarr_format=3,
+        config={"write_empty_chunks": True},
     )
     doc = ms._store_dict["zarr.json"].to_bytes()
     return ShardLayout(tuple(shape), np.dtype(dtype), tuple(chunks), fill, doc, codec_json)
@@ -102,12 +114,19 @@ def _codec_from_json(codec_json: str) -> BloscCodec | ZstdCodec:
     return {"blosc": BloscCodec, "zstd": ZstdCodec}[d["name"]].from_dict(d)
 
 
-def shard_layout(shape: tuple[int, ...], dtype, chunks: tuple[int, ...], codec: BloscCodec | ZstdCodec, fill=0) -> ShardLayout:
+def shard_layout(
+    shape: tuple[int, ...], dtype, chunks: tuple[int, ...], codec: BloscCodec | ZstdCodec, fill=0
+) -> ShardLayout:
     """Layout (and zarr.json, from zarr-python) of a ``shape`` array of ``chunks`` stored as one shard."""
     if len(shape) != len(chunks) or any(c <= 0 for c in chunks):
         raise ValueError(f"chunks {chunks} do not fit shape {shape}")
-    return _layout_cached(tuple(int(s) for s in shape), np.dtype(dtype).name, tuple(int(c) for c in chunks),
-                          json.dumps(codec.to_dict(), sort_keys=True), fill)
+    return _layout_cached(
+        tuple(int(s) for s in shape),
+        np.dtype(dtype).name,
+        tuple(int(c) for c in chunks),
+        json.dumps(codec.to_dict(), sort_keys=True),
+        fill,
+    )
 
 
 def cast(a: np.ndarray, dtype: np.dtype, *, import_torch: bool = True) -> np.ndarray:

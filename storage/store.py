@@ -22,8 +22,8 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import google_crc32c
 import numpy as np
@@ -244,8 +244,12 @@ class Store:
             raise FileNotFoundError(f"no xwin store at {self.url} (missing {INDEX_KEY})")
         zarr.open_group(self.zstore, mode="a", attributes={"xwin": {"format": FORMAT_NAME, "version": FORMAT_VERSION}})
         zarr.open_group(self.zstore, path="volumes", mode="a")
-        body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "catalog_bucket_hex": DEFAULT_BUCKET_HEX,
-                "datasets": []}
+        body = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "catalog_bucket_hex": DEFAULT_BUCKET_HEX,
+            "datasets": [],
+        }
         try:
             self.backend.put(INDEX_KEY, json.dumps(body, indent=1).encode(), if_none_match=True)
         except ConflictError:  # created concurrently by another process: use what it wrote
@@ -346,11 +350,11 @@ class Store:
         return self.volumes.claim(check_id("volume_id", volume_id), owner, ttl_s)
 
     # ---- projection datasets ------------------------------------------------------------------------------------
-    def dataset(self, cohort: str, spec: RenderSpec, create: bool = True) -> "ProjectionDataset":
+    def dataset(self, cohort: str, spec: RenderSpec, create: bool = True) -> ProjectionDataset:
         """The dataset of ``cohort`` rendered with ``spec``. Refuses a group whose stored spec differs."""
         return ProjectionDataset(self, check_id("cohort", cohort), spec, create=create)
 
-    def open_dataset(self, cohort: str, spec_hash: str) -> "ProjectionDataset":
+    def open_dataset(self, cohort: str, spec_hash: str) -> ProjectionDataset:
         """Open an existing dataset by hash, taking the spec from the store (readers without the spec)."""
         got = self.backend.get(f"datasets/{check_id('cohort', cohort)}/{check_id('spec_hash', spec_hash)}/_spec.json")
         if got is None:
@@ -363,7 +367,9 @@ class Store:
         per_cohort: dict[str, int] = {}
         for r in vol_rows:
             per_cohort[r.cohort] = per_cohort.get(r.cohort, 0) + 1
-        vols = ScopeStatus(scope="volumes", kind=EntryKind.volume, counts=self.volumes.entry_status(), per_cohort=per_cohort)
+        vols = ScopeStatus(
+            scope="volumes", kind=EntryKind.volume, counts=self.volumes.entry_status(), per_cohort=per_cohort
+        )
         out = []
         for d in self.datasets():
             ds = self.open_dataset(d.cohort, d.spec_hash)
@@ -485,7 +491,7 @@ class ProjectionDataset:
         self,
         volume_id: str,
         views: np.ndarray,
-        geometry: "ConeBeamViews",
+        geometry: ConeBeamViews,
         provenance: dict | None = None,
         *,
         owner: str | None = None,
@@ -526,8 +532,17 @@ class ProjectionDataset:
                 done["sha"] = "sha256:" + hasher.hexdigest()
                 return {"provenance": prov, "spec_hash": self.spec_hash, "checksum": done["sha"]}
 
-            arrays = [ArrayWrite("views", views, (1, H, W), views_compressors(dt.name), dt, hasher.update,
-                                 _finite_check(dt, f"ring {vid}"))]
+            arrays = [
+                ArrayWrite(
+                    "views",
+                    views,
+                    (1, H, W),
+                    views_compressors(dt.name),
+                    dt,
+                    hasher.update,
+                    _finite_check(dt, f"ring {vid}"),
+                )
+            ]
             arrays += [(name, meta[name], meta[name].shape, meta_compressors()) for name in META_ARRAYS]
             _write_entry(self.store.backend, path, attrs, arrays)
             return CommitRecord(
@@ -550,7 +565,7 @@ class ProjectionDataset:
         return _commit_entry(self.scope, vid, checksum, write, owner)
 
     # ---- read ---------------------------------------------------------------------------------------------------
-    def _handle(self, volume_id: str) -> "_RingHandle":
+    def _handle(self, volume_id: str) -> _RingHandle:
         """Open one committed ring: its commit record, per-view metadata and the views' shard index (cached, LRU).
 
         In the X-WIN regime (one sample per volume per epoch over 10^4 volumes) nearly every sample opens a ring,
@@ -574,15 +589,20 @@ class ProjectionDataset:
         for n in [n for n, a in meta.items() if a is None]:  # not our layout: zarr reads it
             meta[n] = zarr.open_array(self.store.zstore, path=f"{c.path}/{n}", mode="r", zarr_format=3)[...]
         zmeta = json.loads(b.get(f"{c.path}/{c.array}/zarr.json")[0])
-        h = _RingHandle(self.store, f"{c.path}/{c.array}", tuple(zmeta["shape"]), meta,
-                        shard_reader(b, f"{c.path}/{c.array}", zmeta))
+        h = _RingHandle(
+            self.store,
+            f"{c.path}/{c.array}",
+            tuple(zmeta["shape"]),
+            meta,
+            shard_reader(b, f"{c.path}/{c.array}", zmeta),
+        )
         self._cache[vid] = h
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return h
 
     def read_views(
-        self, volume_id: str, indices: Iterable[int] | np.ndarray, dtype: "np.typing.DTypeLike | None" = np.float32
+        self, volume_id: str, indices: Iterable[int] | np.ndarray, dtype: np.typing.DTypeLike | None = np.float32
     ) -> tuple[np.ndarray, ViewMeta]:
         """Views ``indices`` (any order, repeats allowed) of one ring: ((n, H, W) ``dtype``, ViewMeta).
 
@@ -614,7 +634,7 @@ class ProjectionDataset:
         """All views (V, H, W) float32."""
         return cast(self._handle(volume_id).array[...], np.dtype(np.float32), import_torch=False)
 
-    def read_geometry(self, volume_id: str) -> "ConeBeamViews":
+    def read_geometry(self, volume_id: str) -> ConeBeamViews:
         """All views' geometry, rebuilt only from the stored cone_vecs (and yaws)."""
         from xwin.pipeline.geometry import ConeBeamViews
 
@@ -628,10 +648,10 @@ class ProjectionDataset:
         return dict(c.provenance or {}, versions=c.versions, spec_hash=c.spec_hash, checksum=c.checksum)
 
 
-_IO_POOL: "ThreadPoolExecutor | None" = None
+_IO_POOL: ThreadPoolExecutor | None = None
 
 
-def _io_pool() -> "ThreadPoolExecutor":
+def _io_pool() -> ThreadPoolExecutor:
     """Threads for latency-bound small reads on object stores (recreated after a fork)."""
     global _IO_POOL
     from concurrent.futures import ThreadPoolExecutor
@@ -657,7 +677,7 @@ class _RingHandle:
         return self._array
 
 
-def _meta_arrays(g: "ConeBeamViews") -> dict[str, np.ndarray]:
+def _meta_arrays(g: ConeBeamViews) -> dict[str, np.ndarray]:
     V = len(g)
     T = np.empty((V, 4, 4))
     K = np.empty((V, 3, 3))
@@ -681,10 +701,14 @@ def _verify_scope(store: Store, scope: Scope, *, deep: bool = True) -> VerifyRep
     for vid in sorted(set(rows) | commits):
         rep.volumes += 1
         if vid not in rows:
-            rep.uncataloged.append(VerifyIssue(volume_id=vid, scope=scope.prefix, reason="commit record not in catalog"))
+            rep.uncataloged.append(
+                VerifyIssue(volume_id=vid, scope=scope.prefix, reason="commit record not in catalog")
+            )
         c = scope.get_commit(vid) if vid in commits else None
         if c is None:
-            rep.missing.append(VerifyIssue(volume_id=vid, scope=scope.prefix, reason="catalog row without commit record"))
+            rep.missing.append(
+                VerifyIssue(volume_id=vid, scope=scope.prefix, reason="catalog row without commit record")
+            )
             continue
         issue = _verify_entry(store, scope, c, deep)
         if issue is None:
@@ -741,13 +765,12 @@ def open_store(url: str, storage_options: dict | None = None, *, create: bool = 
 
 
 __all__ = [
-    "Store",
-    "ProjectionDataset",
-    "open_store",
-    "SpecMismatchError",
     "ChecksumMismatch",
-    "NotCommitted",
     "ClaimHeld",
+    "NotCommitted",
+    "ProjectionDataset",
+    "SpecMismatchError",
+    "Store",
+    "open_store",
     "sha256_of",
 ]
-

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import pytest
 
 from xwin.pipeline.example import example_ct_path, example_mask_path

@@ -12,15 +12,21 @@ Other test modules may import these helpers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, PYDICOM_IMPLEMENTATION_UID,
-                         UID, generate_uid)
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -189,16 +195,29 @@ def series_from_nifti(nifti_path: str | Path, out_dir: str | Path, **kw) -> list
     return write_ct_series(out_dir, hu, img.affine, **kw)
 
 
-def write_localizer(out_dir: str | Path, *, study_uid: str, patient_id: str = "XWIN-0001", n: int = 1,
-                    prefix: str = "LOC") -> list[Path]:
+def write_localizer(
+    out_dir: str | Path, *, study_uid: str, patient_id: str = "XWIN-0001", n: int = 1, prefix: str = "LOC"
+) -> list[Path]:
     """A coronal topogram series (ImageType ORIGINAL/PRIMARY/LOCALIZER, IOP 1,0,0/0,0,-1) of ``n`` images
     of 96 x 64 pixels in study ``study_uid``."""
     hu = np.full((64, 96, n), -1000, np.int16)
     hu[16:48, 10:90] = 40
     aff = np.array([[-1.5, 0, 0, 48.0], [0, 0, 1.0, 0.0], [0, -1.5, 0, 100.0], [0, 0, 0, 1]])  # RAS
-    return write_ct_series(out_dir, hu, aff, study_uid=study_uid, patient_id=patient_id, series_number=1,
-                           image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), description="Topogram 0.6 T20s",
-                           kernel="T20s", standard=False, padding_hu=None, shuffle=False, prefix=prefix)
+    return write_ct_series(
+        out_dir,
+        hu,
+        aff,
+        study_uid=study_uid,
+        patient_id=patient_id,
+        series_number=1,
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        description="Topogram 0.6 T20s",
+        kernel="T20s",
+        standard=False,
+        padding_hu=None,
+        shuffle=False,
+        prefix=prefix,
+    )
 
 
 def rewrite_coronal(paths: Sequence[Path]) -> None:

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 ENV_EXAMPLE = dict(
-    line.split("=", 1) for line in (REPO / "docker" / ".env.example").read_text().splitlines()
+    line.split("=", 1)
+    for line in (REPO / "docker" / ".env.example").read_text().splitlines()
     if line.strip() and not line.startswith("#")
 )
 OUR_IMAGE = "xwin:0.1.0"
@@ -37,6 +38,7 @@ _VAR = re.compile(r"\$\{([A-Z0-9_]+)(?::([-?])([^}]*))?\}")
 
 def subst(s: str) -> str:
     """Compose variable substitution with the values of docker/.env.example (``$$`` stays a literal ``$``)."""
+
     def one(m: re.Match) -> str:
         name, op, arg = m.groups()
         if name in ENV_EXAMPLE:
@@ -53,8 +55,18 @@ def argv(cmd) -> list[str]:
 
 
 def test_topology_and_dependencies():
-    need = {"postgres", "prefect-server", "prefect-services", "minio", "minio-init", "deploy", "cpu-worker",
-            "gpu-worker", "dask-scheduler", "dask-worker"}
+    need = {
+        "postgres",
+        "prefect-server",
+        "prefect-services",
+        "minio",
+        "minio-init",
+        "deploy",
+        "cpu-worker",
+        "gpu-worker",
+        "dask-scheduler",
+        "dask-worker",
+    }
     assert need <= set(SERVICES)
     for name, svc in SERVICES.items():
         for dep, cond in (svc.get("depends_on") or {}).items():
@@ -107,8 +119,9 @@ def test_no_secrets_in_compose():
 
 
 def _help(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args, "--help"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
 
 
 def _options(args: list[str]) -> set[str]:

@@ -52,10 +52,20 @@ def test_epoch_order_is_a_bounded_permutation(window):
 
 @pytest.mark.parametrize(
     "start,total,bs,world,workers,drop_last",
-    [(0, 50, 4, 1, 1, False), (3, 50, 4, 2, 3, False), (7, 50, 3, 3, 2, True), (0, 5, 4, 2, 2, False), (49, 50, 2, 1, 4, True)],
+    [
+        (0, 50, 4, 1, 1, False),
+        (3, 50, 4, 2, 3, False),
+        (7, 50, 3, 3, 2, True),
+        (0, 5, 4, 2, 2, False),
+        (49, 50, 2, 1, 4, True),
+    ],
 )
 def test_shard_batches_partition_and_step_order(start, total, bs, world, workers, drop_last):
-    shards = {(r, w): shard_batches(start, total, bs, r, world, w, workers, drop_last) for r in range(world) for w in range(workers)}
+    shards = {
+        (r, w): shard_batches(start, total, bs, r, world, w, workers, drop_last)
+        for r in range(world)
+        for w in range(workers)
+    }
     flat = [p for s in shards.values() for b in s for p in b]
     expect = list(range(start, total))
     if drop_last:
@@ -78,7 +88,9 @@ def test_direct_actions_match_views_read():
         a = s["actions"].numpy()
         assert a.shape == (8,) and s["targets"].shape == (8, 1, 24, 24) and s["context"].shape == (1, 24, 24)
         k = a / 3.0
-        assert np.allclose(k, np.round(k)) and len(set(k.tolist())) == 8 and np.all(k != 0) and np.all(np.abs(k) <= plan_k)
+        assert (
+            np.allclose(k, np.round(k)) and len(set(k.tolist())) == 8 and np.all(k != 0) and np.all(np.abs(k) <= plan_k)
+        )
         np.testing.assert_allclose(s["actions_norm"].numpy(), a / 90.0, rtol=1e-6)
         np.testing.assert_array_equal(s["actions_cumulative"].numpy(), a)
         # stored yaws of the views returned == context yaw + action

@@ -50,7 +50,9 @@ def _ref(arr, size):
     h, w = arr.shape
     s = min(h, w)
     a = arr[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s].astype(np.float32)
-    t = torch.nn.functional.interpolate(torch.from_numpy(a)[None, None], size=(size, size), mode="bilinear", antialias=True)[0]
+    t = torch.nn.functional.interpolate(
+        torch.from_numpy(a)[None, None], size=(size, size), mode="bilinear", antialias=True
+    )[0]
     return (t - t.min()) / (t.max() - t.min())
 
 
@@ -61,14 +63,14 @@ def cxr_dir(tmp_path_factory):
     a = _phantom(seed=1)
     Image.fromarray(a).save(d / "a.png")
     good["a.png"] = a
-    b16 = (_phantom(seed=2).astype(np.uint16) * 257)
+    b16 = _phantom(seed=2).astype(np.uint16) * 257
     Image.fromarray(b16).save(d / "b16.png")
     good["b16.png"] = b16
     (d / "sub").mkdir()
     c = _phantom(seed=3)
     Image.fromarray(np.stack([c, c, c], -1)).save(d / "sub" / "c_rgb_grey.jpg", quality=100)
     good["sub/c_rgb_grey.jpg"] = None  # lossy: checked for range/shape only
-    m = (_phantom(seed=4).astype(np.uint16) * 16)  # 12-bit
+    m = _phantom(seed=4).astype(np.uint16) * 16  # 12-bit
     _write_dicom(d / "m2.dcm", m)
     good["m2.dcm"] = m
     _write_dicom(d / "m1.dcm", 4095 - m, photometric="MONOCHROME1")  # same picture, inverted encoding
@@ -107,7 +109,7 @@ def test_directory_stream_skips_bad_images(cxr_dir, caplog):
 
 
 def test_dicom_luts_and_monochrome1(tmp_path):
-    m = (_phantom(seed=5).astype(np.uint16) * 16)
+    m = _phantom(seed=5).astype(np.uint16) * 16
     _write_dicom(tmp_path / "m1.dcm", 4095 - m, photometric="MONOCHROME1")
     _write_dicom(tmp_path / "w.dcm", m, window=(1000, 1000))
     a = read_radiograph(tmp_path / "m1.dcm")
@@ -157,7 +159,9 @@ def test_mimic_layout_filters_views_and_resumes(tmp_path):
     rep = prepare_real_cxr(tmp_path, tmp_path / "prep", size=16, workers=1)
     assert (rep["written"], rep["skip_reasons"]) == (3, {"missing": 1})
     assert (tmp_path / "prep" / "mimic-cxr-2.0.0-metadata.csv").is_file()
-    assert [(s["position"], s["path"]) for s in RealCXRStream(tmp_path / "prep", image_size=16, seed=4, min_size=16)] == full
+    assert [
+        (s["position"], s["path"]) for s in RealCXRStream(tmp_path / "prep", image_size=16, seed=4, min_size=16)
+    ] == full
     with pytest.raises(ValueError, match="jpeg"):
         prepare_real_cxr(tmp_path, tmp_path / "prep_png", size=16, fmt="png")
 

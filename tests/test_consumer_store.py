@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from xwin.training.data import StoreSource, XWinSampling, XWinStream, make_loader
-
 from conftest import make_s3_bucket
+
+from xwin.training.data import StoreSource, XWinStream, make_loader
 
 
 def _wrap(a):
@@ -45,7 +44,9 @@ def test_samples_are_the_stored_views(rendered_dataset):
         ci = rd.spec.view_index(float(s["context_yaw"]))
         np.testing.assert_array_equal(s["context"][0].numpy(), ring[ci])
         # the stored yaw of every target view returned == context yaw + its action
-        np.testing.assert_allclose(_wrap(s["target_yaws"].numpy() - float(s["context_yaw"])), s["actions"].numpy(), atol=1e-4)
+        np.testing.assert_allclose(
+            _wrap(s["target_yaws"].numpy() - float(s["context_yaw"])), s["actions"].numpy(), atol=1e-4
+        )
         for t, y in zip(s["targets"], s["target_yaws"].numpy()):
             np.testing.assert_array_equal(t[0].numpy(), ring[int(np.argmin(np.abs(_wrap(yaws - y))))])
 
@@ -57,9 +58,11 @@ def test_appearance_resize_on_rendered_views(rendered_dataset):
     s = next(iter(_stream(StoreSource(rd.url, rd.cohort, rd.spec), appearance="minmax", image_size=32)))
     raw = _stored(rd, s["volume_id"])[rd.spec.view_index(float(s["context_yaw"]))]
     ref = (raw - raw.min()) / (raw.max() - raw.min())  # X-WIN per-image min-max
-    ref = torch.nn.functional.interpolate(torch.from_numpy(ref)[None, None], size=(32, 32), mode="bilinear", antialias=True)
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(ref)[None, None], size=(32, 32), mode="bilinear", antialias=True
+    )
     torch.testing.assert_close(s["context"][None], ref)
-    assert 0.0 <= float(s["targets"].min()) and float(s["targets"].max()) <= 1.0
+    assert float(s["targets"].min()) >= 0.0 and float(s["targets"].max()) <= 1.0
     # -log window: a monotone (non-decreasing) map of the line integral into [0, 1]: bone (high) stays bright
     s2 = next(iter(_stream(StoreSource(rd.url, rd.cohort, rd.spec.spec_hash), appearance="neglog", image_size=64)))
     raw2 = _stored(rd, s2["volume_id"])[rd.spec.view_index(float(s2["context_yaw"]))].ravel()
@@ -93,7 +96,11 @@ def test_s3_store_through_workers(rendered_dataset, s3_server):
 
     rd = rendered_dataset
     url = make_s3_bucket(s3_server, "consumer-test") + "/xwin"
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
+    opts = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
+    }
     ds3 = open_store(url, storage_options=opts).dataset(rd.cohort, rd.spec)
     vids = rd.volume_ids[:2]  # two rings keep the (slow) moto writes short
     for vid in vids:
@@ -107,7 +114,9 @@ def test_s3_store_through_workers(rendered_dataset, s3_server):
     for b in samples:  # every pixel is the stored view at the yaw reported, and actions match those yaws
         for i, vid in enumerate(b["volume_id"]):
             ring = _stored(rd, vid)
-            np.testing.assert_array_equal(b["context"][i, 0].numpy(), ring[rd.spec.view_index(float(b["context_yaw"][i]))])
+            np.testing.assert_array_equal(
+                b["context"][i, 0].numpy(), ring[rd.spec.view_index(float(b["context_yaw"][i]))]
+            )
             rel = _wrap(b["target_yaws"][i].numpy() - float(b["context_yaw"][i]))
             np.testing.assert_allclose(rel, b["actions"][i].numpy(), atol=1e-4)
             for t, y in zip(b["targets"][i], b["target_yaws"][i].numpy()):
@@ -177,10 +186,24 @@ def test_consumer_bench_cli_reports_both_readers(rendered_dataset, tmp_path, mon
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the WebDataset tars go here
     url = f"{rendered_dataset.url}#{rendered_dataset.cohort}"
-    res = CliRunner().invoke(app, ["bench", "consumer", "--store", url, "--worker-counts", "0,2", "--samples", "6",
-                                   "--batch-size", "3", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "consumer",
+            "--store",
+            url,
+            "--worker-counts",
+            "0,2",
+            "--samples",
+            "6",
+            "--batch-size",
+            "3",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout[res.stdout.index("{"):])
+    out = json.loads(res.stdout[res.stdout.index("{") :])
     assert [r["workers"] for r in out["rows"]] == [0, 2] and out["volumes"] == 3
     for r in out["rows"]:
         assert r["samples_per_s"] > 0 and r["baseline_samples_per_s"] > 0 and r["samples_per_s_fresh_buffers"] > 0

@@ -52,8 +52,9 @@ def cohort(tmp_path_factory, small_ct_path):
 
 
 def _params(store, sources, **kw) -> bf.BackfillParams:
-    return bf.BackfillParams(cohort="test", store=str(store), source=[str(s) for s in sources], spec=SPEC,
-                             backend="joseph", **kw)
+    return bf.BackfillParams(
+        cohort="test", store=str(store), source=[str(s) for s in sources], spec=SPEC, backend="joseph", **kw
+    )
 
 
 def _expected_ring(path: Path) -> np.ndarray:
@@ -194,17 +195,36 @@ def test_cli_backfill_json_and_inspect(tmp_path, cohort):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(SPEC.model_dump_json())
     store = tmp_path / "store"
-    r = CliRunner().invoke(app, ["backfill", "--cohort", "test", "--store", str(store), "--source", str(good[2]),
-                                 "--source", str(bad), "--spec", str(spec_file), "--backend", "joseph",
-                                 "--no-prefect", "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "backfill",
+            "--cohort",
+            "test",
+            "--store",
+            str(store),
+            "--source",
+            str(good[2]),
+            "--source",
+            str(bad),
+            "--spec",
+            str(spec_file),
+            "--backend",
+            "joseph",
+            "--no-prefect",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    out = json.loads(r.stdout[r.stdout.index("{"):])
+    out = json.loads(r.stdout[r.stdout.index("{") :])
     assert [d["input"] for d in out["done"]] == [str(good[2])]
     assert [x["reason"] for x in out["rejected"]] == ["unreadable_file"]
     vid = out["done"][0]["volume_id"]
     png = tmp_path / "sheet.png"
-    r = CliRunner().invoke(app, ["inspect", "--store", str(store), "--volume", vid[:10], "--out", str(png),
-                                 "--big", "128", "--thumb", "32"])
+    r = CliRunner().invoke(
+        app,
+        ["inspect", "--store", str(store), "--volume", vid[:10], "--out", str(png), "--big", "128", "--thumb", "32"],
+    )
     assert r.exit_code == 0, r.output
     sheet = np.asarray(Image.open(png))
     ds = open_store(str(store)).dataset("test", SPEC)
@@ -212,9 +232,9 @@ def test_cli_backfill_json_and_inspect(tmp_path, cohort):
     yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
     # the large frontal tile (yaw 0) sits top-left below the title line
     frontal = np.asarray(rep._tile(views[yaws.index(0.0)], 128, "yaw 0"))
-    np.testing.assert_array_equal(sheet[18 + 4:18 + 4 + 128, 4:4 + 128], frontal)
+    np.testing.assert_array_equal(sheet[18 + 4 : 18 + 4 + 128, 4 : 4 + 128], frontal)
     lateral = np.asarray(rep._tile(views[yaws.index(90.0)], 128, "yaw 90"))
-    np.testing.assert_array_equal(sheet[22:22 + 128, 4 + 128 + 4:4 + 2 * 128 + 4], lateral)
+    np.testing.assert_array_equal(sheet[22 : 22 + 128, 4 + 128 + 4 : 4 + 2 * 128 + 4], lateral)
     assert sheet.shape == (18 + 128 + 8 + 32 + 4 + 4, max(2 * 128 + 12, 8 * 36 + 4))
 
 
@@ -225,8 +245,11 @@ def _task_runs(flow_run_id, name_prefix: str, expect: int | None = None, timeout
     deadline = time.monotonic() + timeout_s
     while True:
         runs = _read_task_runs(flow_run_id, name_prefix)
-        if expect is None or time.monotonic() > deadline or (
-                len(runs) == expect and all(t["state_type"] in ("COMPLETED", "FAILED", "CRASHED") for t in runs)):
+        if (
+            expect is None
+            or time.monotonic() > deadline
+            or (len(runs) == expect and all(t["state_type"] in ("COMPLETED", "FAILED", "CRASHED") for t in runs))
+        ):
             return runs
         time.sleep(0.25)
 
@@ -272,8 +295,9 @@ def test_prefect_backfill_three_series_then_rerun(prefect_api, tmp_path, cohort,
 
     monkeypatch.setattr(bf, "_store", lambda url: Flaky())
     monkeypatch.setattr(bf, "ingest_series", bf.ingest_series.with_options(retry_delay_seconds=[0.1] * 3))
-    kw = dict(cohort="test", store=str(store), source=[str(good[0]), str(good[1]), str(bad)], spec=SPEC,
-              backend="joseph")
+    kw = dict(
+        cohort="test", store=str(store), source=[str(good[0]), str(good[1]), str(bad)], spec=SPEC, backend="joseph"
+    )
     state = bf.backfill_cohort(**kw, return_state=True)
     assert state.is_completed()
     s1 = state.result()
@@ -305,12 +329,33 @@ def test_prefect_backfill_killed_midway_then_resumed(prefect_api, tmp_path, coho
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(SPEC.model_dump_json())
     env = dict(os.environ, PREFECT_API_URL=prefect_api, XWIN_STAGE_THREADS="1", PREFECT_LOGGING_LEVEL="WARNING")
-    cmd = [sys.executable, "-m", "xwin.flows.cli", "backfill", "--cohort", "test", "--store", str(store),
-           "--spec", str(spec_file), "--backend", "joseph", "--prefect", "--verify", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xwin.flows.cli",
+        "backfill",
+        "--cohort",
+        "test",
+        "--store",
+        str(store),
+        "--spec",
+        str(spec_file),
+        "--backend",
+        "joseph",
+        "--prefect",
+        "--verify",
+        "none",
+    ]
     for g in good:
         cmd += ["--source", str(g)]
-    proc = subprocess.Popen(cmd + ["--source", str(bad)], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd + ["--source", str(bad)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     ds = open_store(str(store)).dataset("test", SPEC)
     deadline = time.monotonic() + 120
     n_at_kill = 0
@@ -324,8 +369,14 @@ def test_prefect_backfill_killed_midway_then_resumed(prefect_api, tmp_path, coho
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert 1 <= n_at_kill < len(good), f"kill did not land mid-way ({n_at_kill} rings)"
-    s = bf.backfill_cohort(cohort="test", store=str(store), source=[str(g) for g in good] + [str(bad)],
-                           spec=SPEC, backend="joseph", verify="deep")
+    s = bf.backfill_cohort(
+        cohort="test",
+        store=str(store),
+        source=[str(g) for g in good] + [str(bad)],
+        spec=SPEC,
+        backend="joseph",
+        verify="deep",
+    )
     assert len(s.done) + len(s.skipped) == len(good) and len(s.skipped) >= n_at_kill
     assert [r.reason for r in s.rejected] == [RejectReason.unreadable_file]
     st = open_store(str(store))
@@ -346,8 +397,15 @@ def test_prefect_backfill_on_dask_each_series_once(prefect_api, tmp_path, cohort
     store = tmp_path / "store"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         flow = bf.backfill_cohort.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
-        state = flow(cohort="test", store=str(store), source=[str(g) for g in good[:4]], spec=SPEC,
-                     backend="joseph", verify="deep", return_state=True)
+        state = flow(
+            cohort="test",
+            store=str(store),
+            source=[str(g) for g in good[:4]],
+            spec=SPEC,
+            backend="joseph",
+            verify="deep",
+            return_state=True,
+        )
         worker_pids = {w.process.pid for w in cluster.workers.values()}
     s = state.result()
     assert len(s.done) == 4 and not s.skipped and not s.rejected
@@ -370,8 +428,17 @@ def test_local_validation_matches_direct_reconstruction(tmp_path, cohort):
     good, _ = cohort
     spec = RenderSpec(height=96, width=96, pixel_mm=5.0, n_views=36, yaw_step_deg=10.0)
     store = tmp_path / "store"
-    s = bf.run_local(bf.BackfillParams(cohort="test", store=str(store), source=[str(good[0])], spec=spec,
-                                       backend="joseph", verify="none", previews=0))
+    s = bf.run_local(
+        bf.BackfillParams(
+            cohort="test",
+            store=str(store),
+            source=[str(good[0])],
+            spec=spec,
+            backend="joseph",
+            verify="none",
+            previews=0,
+        )
+    )
     vid = s.done[0].volume_id
     with LocalStages(max_workers=1) as stages:
         (res,) = run_validation(str(store), "test", spec.spec_hash, None, stages)
@@ -381,8 +448,9 @@ def test_local_validation_matches_direct_reconstruction(tmp_path, cohort):
     assert res["psnr"] == pytest.approx(direct.metrics["psnr_db"], rel=1e-6)
     assert res["ssim"] == pytest.approx(direct.metrics["ssim"], rel=1e-6)
     assert res["psnr"] > 15.0  # a real reconstruction of the body, not noise
-    saved = json.loads((Path(rep.reports_url(str(store))) / "validation" / "test" / spec.spec_hash
-                        / f"{vid}.json").read_text())
+    saved = json.loads(
+        (Path(rep.reports_url(str(store))) / "validation" / "test" / spec.spec_hash / f"{vid}.json").read_text()
+    )
     assert saved["psnr"] == res["psnr"]
 
 
@@ -412,8 +480,12 @@ def test_landing_scan_of_an_s3_prefix(tmp_path, cohort, monkeypatch):
     try:
         host, port = server.get_host_and_port()
         ep = f"http://{host}:{port}"
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                     "XWIN_S3_ENDPOINT": ep}.items():
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "XWIN_S3_ENDPOINT": ep,
+        }.items():
             monkeypatch.setenv(k, v)
         s3 = boto3.client("s3", endpoint_url=ep)
         s3.create_bucket(Bucket="landing")

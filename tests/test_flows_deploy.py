@@ -26,8 +26,10 @@ def test_prefect_yaml_matches_xwin_deploy():
     """prefect.yaml and ``xwin deploy`` name the same deployments, pools, entrypoints and schedules."""
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     ours = {(s.name, s.work_pool, s.flow_entrypoint, s.cron) for s in deployment_specs("s3://b/store", "s3://b/in")}
-    theirs = {(d["name"], d["work_pool"]["name"], d["entrypoint"],
-               (d.get("schedules") or [{}])[0].get("cron")) for d in doc["deployments"]}
+    theirs = {
+        (d["name"], d["work_pool"]["name"], d["entrypoint"], (d.get("schedules") or [{}])[0].get("cron"))
+        for d in doc["deployments"]
+    }
     assert ours == theirs
     for _, _, entry, _ in ours:  # every entrypoint is a module path to a Prefect flow object of the package
         module, attr = entry.rsplit(".", 1)
@@ -57,22 +59,45 @@ def test_deployment_runs_on_process_worker(prefect_api, tmp_path, small_ct_path)
     pool = "xwin-test-cpu"
     env = {"XWIN_RENDER_BACKEND": "joseph", "PREFECT_LOGGING_LEVEL": "WARNING"}
     specs = [
-        DeploymentSpec("xwin.flows.backfill.backfill_cohort", "test", pool, {"store": str(store), "backend": "joseph"},
-                       env),
-        DeploymentSpec("xwin.flows.landing.scan_landing", "landing", pool,
-                       {"landing": str(tmp_path / "landing"), "cohort": "landing", "store": str(store)},
-                       cron="*/15 * * * *", concurrency_limit=1),
+        DeploymentSpec(
+            "xwin.flows.backfill.backfill_cohort", "test", pool, {"store": str(store), "backend": "joseph"}, env
+        ),
+        DeploymentSpec(
+            "xwin.flows.landing.scan_landing",
+            "landing",
+            pool,
+            {"landing": str(tmp_path / "landing"), "cohort": "landing", "store": str(store)},
+            cron="*/15 * * * *",
+            concurrency_limit=1,
+        ),
     ]
     register(specs, code_dir=REPO, gpu_ids=["test-gpu-0"])
-    wenv = dict(os.environ, PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1",
-                PREFECT_WORKER_PREFETCH_SECONDS="1", PREFECT_LOGGING_LEVEL="WARNING")
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
-                               "process", "--limit", "1"], cwd=tmp_path, env=wenv, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, start_new_session=True)
+    wenv = dict(
+        os.environ,
+        PREFECT_API_URL=prefect_api,
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
+        cwd=tmp_path,
+        env=wenv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
-        fr = run_deployment("backfill-cohort/test", timeout=0, parameters={
-            "cohort": "deployed", "source": [str(small_ct_path), str(bad)], "spec": SPEC.model_dump(mode="json"),
-            "verify": "deep"})
+        fr = run_deployment(
+            "backfill-cohort/test",
+            timeout=0,
+            parameters={
+                "cohort": "deployed",
+                "source": [str(small_ct_path), str(bad)],
+                "spec": SPEC.model_dump(mode="json"),
+                "verify": "deep",
+            },
+        )
         with get_client(sync_client=True) as client:
             fr = _wait_state(client, fr.id, 180)
             assert fr.state.is_completed(), (fr.state, worker.poll())

@@ -10,18 +10,34 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import slab
+from dicom_fixtures import write_ct_series, write_localizer
 from typer.testing import CliRunner
 
-from dicom_fixtures import write_ct_series, write_localizer
 from xwin.flows.cli import app
-from conftest import slab
 from xwin.pipeline.ingest import IngestError, ingest_sources, load_candidate, plan_inputs, plan_manifest
 from xwin.schemas.ingest import RejectReason as R
 from xwin.schemas.ingest import RunSummary
 
-HEADER = ["Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID", "Study UID",
-          "Study Description", "Study Date", "Series Description", "Manufacturer", "Modality", "SOP Class Name",
-          "SOP Class UID", "Number of Images", "File Size", "File Location", "Download Timestamp"]
+HEADER = [
+    "Series UID",
+    "Collection",
+    "3rd Party Analysis",
+    "Data Description URI",
+    "Subject ID",
+    "Study UID",
+    "Study Description",
+    "Study Date",
+    "Series Description",
+    "Manufacturer",
+    "Modality",
+    "SOP Class Name",
+    "SOP Class UID",
+    "Number of Images",
+    "File Size",
+    "File Location",
+    "Download Timestamp",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +46,25 @@ def small(small_ct_path):
 
 
 def _row(series_uid, subject, study_uid, loc, modality="CT", n=12, desc="1,OPA,GE,HSQX,STANDARD,350,2.5,120,40"):
-    return {"Series UID": series_uid, "Collection": "NLST", "3rd Party Analysis": "NO", "Data Description URI": "",
-            "Subject ID": subject, "Study UID": study_uid, "Study Description": "NLST-LSS", "Study Date": "01-02-1999",
-            "Series Description": desc, "Manufacturer": "GE MEDICAL SYSTEMS", "Modality": modality,
-            "SOP Class Name": "CT Image Storage", "SOP Class UID": "1.2.840.10008.5.1.4.1.1.2",
-            "Number of Images": str(n), "File Size": "1,234,567", "File Location": loc,
-            "Download Timestamp": "2026-11-01T10:00:00.000"}
+    return {
+        "Series UID": series_uid,
+        "Collection": "NLST",
+        "3rd Party Analysis": "NO",
+        "Data Description URI": "",
+        "Subject ID": subject,
+        "Study UID": study_uid,
+        "Study Description": "NLST-LSS",
+        "Study Date": "01-02-1999",
+        "Series Description": desc,
+        "Manufacturer": "GE MEDICAL SYSTEMS",
+        "Modality": modality,
+        "SOP Class Name": "CT Image Storage",
+        "SOP Class UID": "1.2.840.10008.5.1.4.1.1.2",
+        "Number of Images": str(n),
+        "File Size": "1,234,567",
+        "File Location": loc,
+        "Download Timestamp": "2026-11-01T10:00:00.000",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +79,10 @@ def cohort(small, tmp_path_factory):
     good = write_ct_series(root / a_dir, hu, aff, study_uid=sA, patient_id="100012")
     loc_dir = "./NLST/100012/01-02-1999-NA-NLST-LSS-12345/1.000000-0OPASCOUT-11111"
     loc = write_localizer(root / loc_dir, study_uid=sA, patient_id="100012")
-    rows += [_row(pydicom.dcmread(loc[0]).SeriesInstanceUID, "100012", sA, loc_dir, n=1, desc="0,OPA,SCOUT"),
-             _row(pydicom.dcmread(good[0]).SeriesInstanceUID, "100012", sA, a_dir)]
+    rows += [
+        _row(pydicom.dcmread(loc[0]).SeriesInstanceUID, "100012", sA, loc_dir, n=1, desc="0,OPA,SCOUT"),
+        _row(pydicom.dcmread(good[0]).SeriesInstanceUID, "100012", sA, a_dir),
+    ]
     # B: folder missing
     rows.append(_row("1.2.3.4.5", "100013", "1.2.3.4", "./NLST/100013/missing/series"))
     # C: gap in the only series (Windows-style location)
@@ -128,8 +159,18 @@ def test_cli_json_and_exit_codes(cohort, small, tmp_path):
     nib.save(nib.Nifti1Image(small[0], small[1]), str(good_nii))
     (tmp_path / "empty").mkdir()
     runner = CliRunner()
-    args = ["ingest", str(good_nii), str(tmp_path / "empty"), "--store", str(tmp_path / "st"), "--cohort", "c1",
-            "--manifest", str(root / "metadata.csv"), "--json"]
+    args = [
+        "ingest",
+        str(good_nii),
+        str(tmp_path / "empty"),
+        "--store",
+        str(tmp_path / "st"),
+        "--cohort",
+        "c1",
+        "--manifest",
+        str(root / "metadata.csv"),
+        "--json",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)  # stdout is exactly one JSON object

@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import slab
+from dicom_fixtures import LPS, rewrite_coronal, series_from_nifti, write_ct_series, write_localizer
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
-from dicom_fixtures import LPS, rewrite_coronal, series_from_nifti, write_ct_series, write_localizer
-from conftest import slab
 from xwin.pipeline.ingest import IngestConfig, IngestError, load_candidate, plan_inputs
 from xwin.pipeline.ingest.dicom_headers import fast_header, header_from_dataset, read_header
 from xwin.schemas.ingest import RejectReason as R
@@ -129,9 +129,13 @@ def test_volume_id_deterministic_and_cheap(good_dir, tmp_path):
 def test_fast_header_walker_equals_pydicom(good_dir):
     from pydicom.data import get_testdata_file
 
-    paths = [next(good_dir.glob("IM*.dcm")), Path(get_testdata_file("CT_small.dcm")),
-             Path(get_testdata_file("MR_small_implicit.dcm")), Path(get_testdata_file("nested_priv_SQ.dcm")),
-             Path(get_testdata_file("rtplan.dcm"))]
+    paths = [
+        next(good_dir.glob("IM*.dcm")),
+        Path(get_testdata_file("CT_small.dcm")),
+        Path(get_testdata_file("MR_small_implicit.dcm")),
+        Path(get_testdata_file("nested_priv_SQ.dcm")),
+        Path(get_testdata_file("rtplan.dcm")),
+    ]
     for p in paths:
         ds = pydicom.dcmread(p)
         if "SeriesInstanceUID" not in ds:
@@ -142,7 +146,7 @@ def test_fast_header_walker_equals_pydicom(good_dir):
         assert read_header(str(p)) == ref, p.name  # header-only read (prefix of the file)
         if "PixelData" in ds:
             raw = p.read_bytes()
-            assert raw[parsed.pixel_offset:parsed.pixel_offset + parsed.pixel_length] == ds.PixelData
+            assert raw[parsed.pixel_offset : parsed.pixel_offset + parsed.pixel_length] == ds.PixelData
 
 
 def test_missing_slice(good_dir, tmp_path):
@@ -181,8 +185,15 @@ def test_two_series_soft_kernel_wins(base, tmp_path, expected):
     d = tmp_path / "two"
     hu, aff = base
     study = pydicom.uid.generate_uid()
-    sharp = write_ct_series(d, np.clip(hu + 30, -2048, 3000).astype(np.int16), aff, study_uid=study, kernel="B70f",
-                            prefix="SHARP", description="lung")
+    sharp = write_ct_series(
+        d,
+        np.clip(hu + 30, -2048, 3000).astype(np.int16),
+        aff,
+        study_uid=study,
+        kernel="B70f",
+        prefix="SHARP",
+        description="lung",
+    )
     soft = write_ct_series(d, hu, aff, study_uid=study, kernel="B30f", prefix="SOFT", series_number=3)
     c, rec, out = ingest_one(d)
     assert c.series_uid == pydicom.dcmread(soft[0]).SeriesInstanceUID
@@ -224,8 +235,9 @@ def test_gantry_tilt_resampled_or_rejected(base, tmp_path, expected):
         tilted[:, : hu.shape[1] - k, k] = shu[:, k:, k]
     pos = np.array([slps[:3, 3] + k * slps[:3, 2] + k * dr * c_dir for k in range(Z)])
     d = tmp_path / "tilt"
-    write_ct_series(d, tilted, saff, positions_lps=pos, gantry_tilt=float(np.degrees(np.arctan(dr / 5.0))),
-                    standard=False)
+    write_ct_series(
+        d, tilted, saff, positions_lps=pos, gantry_tilt=float(np.degrees(np.arctan(dr / 5.0))), standard=False
+    )
     c, rec, out = ingest_one(d)
     ref_rec, ref = expected
     np.testing.assert_allclose(rec.affine, ref_rec.affine, atol=1e-4)

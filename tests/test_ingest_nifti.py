@@ -63,8 +63,11 @@ def test_canonical_matches_nibabel_and_keeps_obliquity(tmp_path, vol, codes):
     exp[exp <= -2000] = -1000
     np.testing.assert_array_equal(hu, exp)
     assert nib.aff2axcodes(np.asarray(rec.affine)) == ("R", "A", "S")
-    np.testing.assert_allclose(rec.spacing_mm, [0.8, 0.9, 2.0][:3] if codes in ("LAS", "RAS") else
-                               np.sqrt((ref.affine[:3, :3] ** 2).sum(0)), atol=1e-6)
+    np.testing.assert_allclose(
+        rec.spacing_mm,
+        [0.8, 0.9, 2.0][:3] if codes in ("LAS", "RAS") else np.sqrt((ref.affine[:3, :3] ** 2).sum(0)),
+        atol=1e-6,
+    )
 
 
 def test_float_nifti_with_nan_inf_rejected(tmp_path, vol):
@@ -121,8 +124,11 @@ def test_resample_to_spacing_linear_field(tmp_path):
     np.testing.assert_allclose(rec.spacing_mm, (1.4, 1.4, 1.25))
     A = np.asarray(rec.affine)
     # same field of view centre
-    np.testing.assert_allclose(A[:3, :3] @ ((np.array(out.shape) - 1) / 2) + A[:3, 3],
-                               aff[:3, :3] @ ((np.array(shape) - 1) / 2) + aff[:3, 3], atol=1e-5)  # float32 sform
+    np.testing.assert_allclose(
+        A[:3, :3] @ ((np.array(out.shape) - 1) / 2) + A[:3, 3],
+        aff[:3, :3] @ ((np.array(shape) - 1) / 2) + aff[:3, 3],
+        atol=1e-5,
+    )  # float32 sform
     ijk2 = np.stack(np.meshgrid(*[np.arange(1, s - 1) for s in out.shape], indexing="ij"), -1).reshape(-1, 3)
     want = field(ijk2 @ A[:3, :3].T + A[:3, 3])
     got = out[tuple(ijk2.T)].astype(float)
@@ -143,4 +149,6 @@ def test_example_source(bundled_ct_path):
     cands, rej = plan_inputs(["example"], COHORT)
     assert not rej and cands[0].kind.value == "example"
     rec, hu = load_candidate(cands[0])
-    assert rec.shape == (512, 512, 133) and rec.hu.min == -1024 and nib.aff2axcodes(np.asarray(rec.affine)) == tuple("RAS")
+    assert (
+        rec.shape == (512, 512, 133) and rec.hu.min == -1024 and nib.aff2axcodes(np.asarray(rec.affine)) == tuple("RAS")
+    )

@@ -16,7 +16,9 @@ torch.manual_seed(0)
 
 def _zt(B=3, N=5, D=7, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, D, generator=g, dtype=torch.float64), torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    return torch.randn(B, N, D, generator=g, dtype=torch.float64), torch.randn(
+        B, N, D, generator=g, dtype=torch.float64
+    )
 
 
 def _direct_logp(z: np.ndarray, t: np.ndarray, tau: float, normalize: bool) -> np.ndarray:

@@ -128,8 +128,16 @@ def _tiny_forward(model: XWin, ema: EMAEncoder, with_real: bool = True):
     rng = np.random.default_rng(0)
     t_sim = ema(tgts.flatten(0, 1)).unflatten(0, (B, N))
     real = torch.rand(4, 1, S, S) if with_real else None
-    return model(ctx, acts, tgts, t_sim, masker.sample(rng, B * N),
-                 real, ema(real) if with_real else None, masker.sample(rng, 4) if with_real else None)
+    return model(
+        ctx,
+        acts,
+        tgts,
+        t_sim,
+        masker.sample(rng, B * N),
+        real,
+        ema(real) if with_real else None,
+        masker.sample(rng, 4) if with_real else None,
+    )
 
 
 def _grads(loss, params):
@@ -147,7 +155,9 @@ def test_gradient_routing():
     preds = list(model.view_predictor.parameters()) + list(model.mask_predictor.parameters())
     # L_domain does not update f_c, but reaches the encoder and the view predictor
     assert max(_grads(out["domain"], fc)) == 0.0
-    assert sum(_grads(out["domain"], enc)) > 0 and sum(_grads(out["domain"], list(model.view_predictor.parameters()))) > 0
+    assert (
+        sum(_grads(out["domain"], enc)) > 0 and sum(_grads(out["domain"], list(model.view_predictor.parameters()))) > 0
+    )
     # L_cls trains f_c only: no gradient for the encoder or the predictors
     assert max(_grads(out["cls"], enc + preds)) == 0.0
     assert sum(_grads(out["cls"], fc)) > 0

@@ -45,9 +45,18 @@ def test_default_grid_tiles_the_ct_box(bundled_ct_path):
     g = default_grid(img.affine, img.shape)
     assert g.shape == (256, 256, 133)
     assert np.allclose(g.spacing, [0.703125 * 2, 0.703125 * 2, 2.5])
-    box = lambda A, n: np.sort(  # noqa: E731
-        (np.array([[x, y, z] for x in (-0.5, n[0] - 0.5) for y in (-0.5, n[1] - 0.5) for z in (-0.5, n[2] - 0.5)])
-         @ A[:3, :3].T + A[:3, 3]), axis=0)
+    box = (
+        lambda A, n: np.sort(  # noqa: E731
+            (
+                np.array(
+                    [[x, y, z] for x in (-0.5, n[0] - 0.5) for y in (-0.5, n[1] - 0.5) for z in (-0.5, n[2] - 0.5)]
+                )
+                @ A[:3, :3].T
+                + A[:3, 3]
+            ),
+            axis=0,
+        )
+    )
     assert np.allclose(box(g.affine, g.shape), box(img.affine, img.shape))
     assert np.allclose(g.center, volume_center(img.affine, img.shape))
 
@@ -120,8 +129,11 @@ def test_astra_geometry_conversion_matches_project_points(small_case):
     rng = np.random.default_rng(2)
     idx = rng.uniform(0, 1, (20, 3)) * [nx - 1, ny - 1, nz - 1]
     # ASTRA voxel [iz, iy, ix] centre in the ASTRA (orbit) frame, from the volume window
-    frame_pts = np.c_[st.window[0] + (idx[:, 0] + 0.5) * st.voxel_mm, st.window[2] + (idx[:, 1] + 0.5) * st.voxel_mm,
-                      st.window[4] + (idx[:, 2] + 0.5) * st.voxel_mm]
+    frame_pts = np.c_[
+        st.window[0] + (idx[:, 0] + 0.5) * st.voxel_mm,
+        st.window[2] + (idx[:, 1] + 0.5) * st.voxel_mm,
+        st.window[4] + (idx[:, 2] + 0.5) * st.voxel_mm,
+    ]
     world = idx @ st.world_affine[:3, :3].T + st.world_affine[:3, 3]
     assert np.allclose(world @ T[:3, :3].T + T[:3, 3], frame_pts)
     for k in (0, 7, 31, 59):
@@ -201,8 +213,15 @@ def _yaw_flipped(views: ConeBeamViews) -> ConeBeamViews:
     yaw = -np.arange(len(views)) * 6.0
     R = rot_z(yaw)
     sid, sdd, p = 700.0, 1020.0, 4.0
-    return ConeBeamViews(iso + R @ [0, sid, 0], iso + R @ [0, sid - sdd, 0], R @ [-p, 0, 0], R @ [0, 0, -p],
-                         views.height, views.width, yaw)
+    return ConeBeamViews(
+        iso + R @ [0, sid, 0],
+        iso + R @ [0, sid - sdd, 0],
+        R @ [-p, 0, 0],
+        R @ [0, 0, -p],
+        views.height,
+        views.width,
+        yaw,
+    )
 
 
 def volume_center_from(views: ConeBeamViews) -> np.ndarray:
@@ -241,15 +260,34 @@ def test_report_and_cli(tmp_path, small_case):
     from xwin.storage import open_store
 
     hu, A, views, proj = small_case
-    rec = VolumeRecord(volume_id="small", cohort="c1", source="small_ct.nii.gz", kind="nifti", shape=hu.shape,
-                       spacing_mm=tuple(np.linalg.norm(A[:3, :3], axis=0)), affine=A.tolist(),
-                       hu=HUStats(min=-1000, max=1500, mean=0, std=1, p01=-1000, p99=1000, air_fraction=0.3),
-                       provenance=Provenance(reader="nibabel", versions={}, input_checksum="x", input_files=1))
+    rec = VolumeRecord(
+        volume_id="small",
+        cohort="c1",
+        source="small_ct.nii.gz",
+        kind="nifti",
+        shape=hu.shape,
+        spacing_mm=tuple(np.linalg.norm(A[:3, :3], axis=0)),
+        affine=A.tolist(),
+        hu=HUStats(min=-1000, max=1500, mean=0, std=1, p01=-1000, p99=1000, air_fraction=0.3),
+        provenance=Provenance(reader="nibabel", versions={}, input_checksum="x", input_files=1),
+    )
     store = open_store(str(tmp_path / "store"))
     store.write_volume(rec, hu.astype(np.int16))
     store.dataset("c1", SMALL_SPEC).write_ring("small", proj, views, {})
-    out = CliRunner().invoke(app, ["reconstruct", "--store", str(tmp_path / "store"), "--volume", "small",
-                                   "--backend", "numba", "--report", str(tmp_path / "rep")])
+    out = CliRunner().invoke(
+        app,
+        [
+            "reconstruct",
+            "--store",
+            str(tmp_path / "store"),
+            "--volume",
+            "small",
+            "--backend",
+            "numba",
+            "--report",
+            str(tmp_path / "rep"),
+        ],
+    )
     assert out.exit_code == 0, out.output
     m = json.loads(out.output.strip().splitlines()[-1])
     assert set(m) == {"psnr_db", "ssim", "backend", "seconds"} and m["psnr_db"] >= 31.5

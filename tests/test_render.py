@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from xwin.pipeline.geometry import ConeBeamViews, project_points, ring_for_volume, rot_z, volume_center
-from xwin.pipeline.render import available_backends, hu_to_mu, render_ring, render_views, resolve_backend
-from xwin.pipeline.render import appearance
+from xwin.pipeline.render import appearance, available_backends, hu_to_mu, render_ring, render_views, resolve_backend
 from xwin.schemas import RenderSpec
 
 
@@ -24,8 +23,9 @@ def rel_l2(a: np.ndarray, ref: np.ndarray) -> float:
 
 def views_at(spec: RenderSpec, affine, shape, yaws) -> ConeBeamViews:
     """The spec's ring geometry at arbitrary absolute yaws (built with ConeBeamViews.ring)."""
-    parts = [ring_for_volume(spec.model_copy(update={"yaw_start_deg": float(y), "n_views": 1}), affine, shape)
-             for y in yaws]
+    parts = [
+        ring_for_volume(spec.model_copy(update={"yaw_start_deg": float(y), "n_views": 1}), affine, shape) for y in yaws
+    ]
     return ConeBeamViews.from_cone_vecs(
         np.concatenate([p.cone_vecs for p in parts]), spec.height, spec.width, np.array(yaws, dtype=float)
     )
@@ -245,7 +245,7 @@ def test_appearance_numpy_and_torch_agree():
     bl = appearance.beer_lambert(p)
     assert np.allclose(bl, np.exp(-p), rtol=1e-6) and bl[:, :4].min() == 1.0  # air transmits everything
     nl = appearance.neglog_window(p)
-    assert nl.dtype == np.float32 and 0.0 <= nl.min() and nl.max() <= 1.0
+    assert nl.dtype == np.float32 and nl.min() >= 0.0 and nl.max() <= 1.0
     assert nl[:, :4].max() == 0.0  # air is black
     # monotone in attenuation: brighter where the line integral is larger (bone bright, lungs dark)
     order = np.argsort(p[0].ravel())

@@ -56,8 +56,13 @@ def test_render_describe_export_round_trip(store_with_volume, small_ct_path):
     assert np.allclose([v["cone_vec"] for v in desc["views"]], ring_for_volume(SPEC, rec.affine, hu.shape).cone_vecs)
 
     views_npy, vol_npy = d / "views.npy", d / "vol.npy"
-    assert runner.invoke(app, ["export", *base, "--volume", vid, "--what", "views", "--out", str(views_npy)]).exit_code == 0
-    assert runner.invoke(app, ["export", *base, "--volume", vid, "--what", "volume", "--out", str(vol_npy)]).exit_code == 0
+    assert (
+        runner.invoke(app, ["export", *base, "--volume", vid, "--what", "views", "--out", str(views_npy)]).exit_code
+        == 0
+    )
+    assert (
+        runner.invoke(app, ["export", *base, "--volume", vid, "--what", "volume", "--out", str(vol_npy)]).exit_code == 0
+    )
     views, vol = np.load(views_npy), np.load(vol_npy)
     assert views.dtype == np.float32 and views.shape == (6, 32, 40)
     assert vol.dtype == np.int16 and np.array_equal(vol, hu)

@@ -8,8 +8,19 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from xwin.schemas.ingest import (HUStats, InputKind, ManifestRow, Provenance, RejectReason, Rejection, RunEntry,
-                            RunSummary, SeriesChoice, SeriesRecord, VolumeRecord)
+from xwin.schemas.ingest import (
+    HUStats,
+    InputKind,
+    ManifestRow,
+    Provenance,
+    Rejection,
+    RejectReason,
+    RunEntry,
+    RunSummary,
+    SeriesChoice,
+    SeriesRecord,
+    VolumeRecord,
+)
 
 
 def roundtrip(model):
@@ -26,15 +37,35 @@ def record() -> VolumeRecord:
     aff[:3, :3] = np.diag([0.703125, 0.703125, 2.5]) @ np.array([[1, 0, 0], [0, 0.9998, -0.02], [0, 0.02, 0.9998]])
     aff[:3, 3] = [-193.296875, -187.5968780517578, -340.0]
     return VolumeRecord(
-        volume_id="ff7035fd40bd483024e79a2c", cohort="nlst", source="/data/NLST/100012#1.2.3", kind=InputKind.dicom,
-        subject_id="100012", study_uid="1.2.3", series_uid="1.2.3.4", shape=(512, 512, 133),
-        spacing_mm=(0.703125, 0.703125, 2.5), affine=aff.tolist(),
+        volume_id="ff7035fd40bd483024e79a2c",
+        cohort="nlst",
+        source="/data/NLST/100012#1.2.3",
+        kind=InputKind.dicom,
+        subject_id="100012",
+        study_uid="1.2.3",
+        series_uid="1.2.3.4",
+        shape=(512, 512, 133),
+        spacing_mm=(0.703125, 0.703125, 2.5),
+        affine=aff.tolist(),
         hu=HUStats(min=-1024, max=3071, mean=-603.97, std=487.44, p01=-1024, p99=420, air_fraction=0.47),
-        provenance=Provenance(reader="pydicom", versions={"pydicom": "3.0.2"}, input_checksum="ab" * 32,
-                              input_files=133, notes=["dropped 1 duplicate"]),
-        series_choices=[SeriesChoice(series_uid="1.2.3.4", chosen=True, reason="chosen: thin", n_slices=133,
-                                     slice_thickness_mm=2.5, kernel="B30f"),
-                        SeriesChoice(series_uid="1.2.3.5", chosen=False, reason="localizer: scout", n_slices=1)],
+        provenance=Provenance(
+            reader="pydicom",
+            versions={"pydicom": "3.0.2"},
+            input_checksum="ab" * 32,
+            input_files=133,
+            notes=["dropped 1 duplicate"],
+        ),
+        series_choices=[
+            SeriesChoice(
+                series_uid="1.2.3.4",
+                chosen=True,
+                reason="chosen: thin",
+                n_slices=133,
+                slice_thickness_mm=2.5,
+                kernel="B30f",
+            ),
+            SeriesChoice(series_uid="1.2.3.5", chosen=False, reason="localizer: scout", n_slices=1),
+        ],
     )
 
 
@@ -66,9 +97,11 @@ def test_volume_record_validation(record):
 def test_rejections_and_run_summary():
     for reason in RejectReason:
         roundtrip(Rejection(input="x", reason=reason, detail=f"because {reason.value}", series_uid=None))
-    s = RunSummary(done=[RunEntry(input="a.nii.gz", volume_id="v1")],
-                   skipped=[RunEntry(input="b/", volume_id="v2", series_uid="1.2", stage="render")],
-                   rejected=[Rejection(input="c/", reason=RejectReason.missing_slices, detail="gap")])
+    s = RunSummary(
+        done=[RunEntry(input="a.nii.gz", volume_id="v1")],
+        skipped=[RunEntry(input="b/", volume_id="v2", series_uid="1.2", stage="render")],
+        rejected=[Rejection(input="c/", reason=RejectReason.missing_slices, detail="gap")],
+    )
     back = roundtrip(s)
     assert back.counts() == {"done": 1, "skipped": 1, "rejected": 1}
     assert json.loads(s.model_dump_json())["rejected"][0]["reason"] == "missing_slices"
@@ -78,12 +111,30 @@ def test_rejections_and_run_summary():
 
 
 def test_manifest_row_aliases_and_series_record():
-    row = ManifestRow.model_validate({"Series UID": "1.2", "File Location": "./NLST/1/2/3", "Number of Images": "1,234",
-                                      "Modality": "CT", "Subject ID": "100012", "Ignored Column": "x"})
+    row = ManifestRow.model_validate(
+        {
+            "Series UID": "1.2",
+            "File Location": "./NLST/1/2/3",
+            "Number of Images": "1,234",
+            "Modality": "CT",
+            "Subject ID": "100012",
+            "Ignored Column": "x",
+        }
+    )
     assert row.number_of_images == 1234 and row.subject_id == "100012"
     back = ManifestRow.model_validate_json(row.model_dump_json(by_alias=True))
     assert back == row
-    assert ManifestRow.model_validate({"Series UID": "1", "File Location": "x", "Number of Images": ""}
-                                      ).number_of_images is None
-    roundtrip(SeriesRecord(series_uid="1.2", n_files=133, image_type=["ORIGINAL", "PRIMARY", "AXIAL"],
-                           transfer_syntax="1.2.840.10008.1.2.1", kernel="B30f", slice_thickness_mm=1.25))
+    assert (
+        ManifestRow.model_validate({"Series UID": "1", "File Location": "x", "Number of Images": ""}).number_of_images
+        is None
+    )
+    roundtrip(
+        SeriesRecord(
+            series_uid="1.2",
+            n_files=133,
+            image_type=["ORIGINAL", "PRIMARY", "AXIAL"],
+            transfer_syntax="1.2.840.10008.1.2.1",
+            kernel="B30f",
+            slice_thickness_mm=1.25,
+        )
+    )

@@ -14,12 +14,24 @@ from xwin.storage.shardwrite import Crc32cTee, cast, encode_shard, shard_layout
 RNG = np.random.default_rng(3)
 CASES = [
     # (name, data, chunks, codec): every kind of array the store writes
-    ("views_f32", RNG.gamma(2.0, 1.5, (6, 32, 24)).astype(np.float32), (1, 32, 24),
-     BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)),
-    ("views_f16", RNG.gamma(2.0, 1.5, (6, 32, 24)).astype(np.float16), (1, 32, 24),
-     BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2)),
-    ("hu_edge", RNG.integers(-1000, 3000, (20, 24, 37)).astype(np.int16), (20, 24, 16),  # 37 = 2*16 + 5: padded edge
-     BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)),
+    (
+        "views_f32",
+        RNG.gamma(2.0, 1.5, (6, 32, 24)).astype(np.float32),
+        (1, 32, 24),
+        BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4),
+    ),
+    (
+        "views_f16",
+        RNG.gamma(2.0, 1.5, (6, 32, 24)).astype(np.float16),
+        (1, 32, 24),
+        BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2),
+    ),
+    (
+        "hu_edge",
+        RNG.integers(-1000, 3000, (20, 24, 37)).astype(np.int16),
+        (20, 24, 16),  # 37 = 2*16 + 5: padded edge
+        BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2),
+    ),
     ("pose_f64", RNG.normal(size=(6, 4, 4)), (6, 4, 4), ZstdCodec(level=3)),
     ("index_i32", np.arange(6, dtype=np.int32), (6,), ZstdCodec(level=3)),
 ]
@@ -82,14 +94,16 @@ def test_crc_tee_matches_whole_object():
     blob = b"".join(tee)
     assert tee.nbytes == len(blob) and tee.crc == google_crc32c.value(blob)
     # the index at the end points at every chunk, in C order, back to back
-    ix = np.frombuffer(blob[-(16 * 6 + 4):-4], dtype="<u8").reshape(6, 2)
+    ix = np.frombuffer(blob[-(16 * 6 + 4) : -4], dtype="<u8").reshape(6, 2)
     assert ix[0, 0] == 0 and np.all(ix[1:, 0] == np.cumsum(ix[:-1, 1]))
 
 
 def test_float16_conversion_matches_numpy_rounding():
     """The fast float32 -> float16 cast of the write path rounds exactly like numpy (ties to even, subnormals, inf)."""
     rng = np.random.default_rng(0)
-    x = rng.normal(0, 3, 1 << 20).astype(np.float32) * rng.choice([1e-7, 1e-3, 1.0, 1e3, 1e5], 1 << 20).astype(np.float32)
+    x = rng.normal(0, 3, 1 << 20).astype(np.float32) * rng.choice([1e-7, 1e-3, 1.0, 1e3, 1e5], 1 << 20).astype(
+        np.float32
+    )
     x[:6] = [65504.0, 65520.0, 1e9, -1e9, 2.0**-25, 1.0 + 2.0**-11]  # max, overflow edge, inf, tiny, a tie
     got = cast(x.reshape(16, 256, 256), np.dtype(np.float16))
     assert got.dtype == np.float16 and got.flags.c_contiguous

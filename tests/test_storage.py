@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -362,9 +362,8 @@ def test_claims_two_processes(tmp_path):
     p = _spawn("hold", url)
     try:
         _wait_line(p, "HOLDING")
-        with pytest.raises(ClaimHeld, match="claimed by"):
-            with ds.claim("r0", ttl_s=30):
-                pass
+        with pytest.raises(ClaimHeld, match="claimed by"), ds.claim("r0", ttl_s=30):
+            pass
         with pytest.raises(ClaimHeld):
             ds.write_ring("r0", *make_ring(0), {})
         assert open_store(url).status().datasets[0].counts["in_progress"] == 1
@@ -380,9 +379,14 @@ def test_claims_two_processes(tmp_path):
 
 def test_claim_lease_expiry_from_other_host(tmp_path):
     ds = open_store(tmp_path / "s").dataset("c1", SPEC)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     foreign = ClaimRecord(
-        volume_id="r0", owner="other-host:1", host="other-host", pid=1, acquired_at=now, expires_at=now + timedelta(seconds=1)
+        volume_id="r0",
+        owner="other-host:1",
+        host="other-host",
+        pid=1,
+        acquired_at=now,
+        expires_at=now + timedelta(seconds=1),
     )
     ds.scope.b.put(ds.scope.claim_key("r0"), foreign.model_dump_json().encode())
     with pytest.raises(ClaimHeld):  # live lease of another host
@@ -442,5 +446,7 @@ def test_catalog_buckets_new_and_legacy_width(tmp_path):
     assert old.bucket_hex == 1
     dso = old.dataset("c1", SPEC)
     dso.write_ring("r0", *make_ring(0), {})
-    assert [p.name for p in (legacy / dso.path / "_catalog").iterdir()] == [f"{hashlib.sha1(b'r0').hexdigest()[0]}.json"]
+    assert [p.name for p in (legacy / dso.path / "_catalog").iterdir()] == [
+        f"{hashlib.sha1(b'r0').hexdigest()[0]}.json"
+    ]
     assert open_store(legacy).dataset("c1", SPEC).volume_ids() == ["r0"]

@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-
 from conftest import make_s3_bucket
-from xwin.storage import NotCommitted, open_store
 from test_storage import SPEC, _kill, _spawn, _wait_line, make_ring, make_volume
+
+from xwin.storage import NotCommitted, open_store
 
 
 @pytest.fixture()

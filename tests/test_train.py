@@ -19,7 +19,9 @@ def test_schedules_endpoints_and_shapes():
     assert s.lr_at(0) == 0.0 and s.lr_at(5) == pytest.approx(1e-5) and s.lr_at(10) == pytest.approx(2e-5)
     assert s.lr_at(60) == pytest.approx(0.5 * (2e-5 + 1e-6))  # cosine midpoint after warmup
     assert s.lr_at(110) == pytest.approx(1e-6) and s.lr_at(500) == pytest.approx(1e-6)
-    assert s.wd_at(0) == pytest.approx(0.04) and s.wd_at(55) == pytest.approx(0.22) and s.wd_at(110) == pytest.approx(0.4)
+    assert (
+        s.wd_at(0) == pytest.approx(0.04) and s.wd_at(55) == pytest.approx(0.22) and s.wd_at(110) == pytest.approx(0.4)
+    )
     assert s.momentum_at(0) == pytest.approx(0.994) and s.momentum_at(110) == pytest.approx(1.0)
     m = [s.momentum_at(k) for k in range(111)]
     assert all(b >= a for a, b in zip(m, m[1:]))
@@ -62,8 +64,14 @@ def real_dir(tmp_path_factory, rendered_dataset):
 
 
 def tiny_cfg(tmp_path, rendered_dataset, real=None, **kw):
-    ov = [f"out_dir={tmp_path / 'run'}", f"data.store={rendered_dataset.url}", "data.num_workers=0",
-          "data.draws_per_volume=4", "log_every=1000", "ckpt_every=0"]
+    ov = [
+        f"out_dir={tmp_path / 'run'}",
+        f"data.store={rendered_dataset.url}",
+        "data.num_workers=0",
+        "data.draws_per_volume=4",
+        "log_every=1000",
+        "ckpt_every=0",
+    ]
     if real is not None:
         ov.append(f"data.real={real}")
     ov += [f"{k.replace('__', '.')}={v}" for k, v in kw.items()]
@@ -78,8 +86,21 @@ def test_50_steps_on_rendered_shards_all_losses_finite(tmp_path, rendered_datase
     summary = tr.run(max_steps=50)
     tr.close()
     assert summary["steps"] == 50 and summary["real_stream"]
-    terms = {"info_nce", "affinity", "align", "mim_sim", "mim_real", "mim", "cls", "domain_struct", "domain_adv",
-             "domain", "total", "tau", "tau_tilde"}
+    terms = {
+        "info_nce",
+        "affinity",
+        "align",
+        "mim_sim",
+        "mim_real",
+        "mim",
+        "cls",
+        "domain_struct",
+        "domain_adv",
+        "domain",
+        "total",
+        "tau",
+        "tau_tilde",
+    }
     for rec in (summary["first"], summary["last"]):
         assert terms <= set(rec) and all(math.isfinite(rec[k]) for k in terms)
     assert summary["first"]["info_nce"] == pytest.approx(math.log(8), abs=0.1)  # uniform p at init
@@ -120,7 +141,10 @@ def test_no_real_stream_is_logged(tmp_path, rendered_dataset):
 
 def test_bfloat16_images_from_the_loader(tmp_path, rendered_dataset):
     """data.image_dtype=bfloat16: the loader hands over the same images rounded to bf16; the trainer widens them."""
-    sims = {dt: build_streams(tiny_cfg(tmp_path, rendered_dataset, data__image_dtype=dt))[0] for dt in ("float32", "bfloat16")}
+    sims = {
+        dt: build_streams(tiny_cfg(tmp_path, rendered_dataset, data__image_dtype=dt))[0]
+        for dt in ("float32", "bfloat16")
+    }
     b32, b16 = (next(iter(sims[dt])) for dt in ("float32", "bfloat16"))
     assert b16["context"].dtype == torch.bfloat16 and b16["targets"].dtype == torch.bfloat16
     assert b32["volume_id"] == b16["volume_id"] and torch.equal(b32["actions"], b16["actions"])
@@ -180,8 +204,23 @@ def test_cli_train_json(tmp_path, rendered_dataset):
     from xwin.flows.cli import app
 
     out = tmp_path / "cli"
-    res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--store", rendered_dataset.url, "--max-steps", "3",
-                                   "--out", str(out), "--set", "data.num_workers=0", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--store",
+            rendered_dataset.url,
+            "--max-steps",
+            "3",
+            "--out",
+            str(out),
+            "--set",
+            "data.num_workers=0",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["real_stream"] is False
@@ -189,8 +228,25 @@ def test_cli_train_json(tmp_path, rendered_dataset):
         assert {"info_nce", "affinity", "align", "mim_sim", "mim", "total", "tau", "tau_tilde"} <= set(summary[part])
     assert (out / "checkpoints" / "latest.pt").exists()
     # resume continues from the saved step
-    res2 = CliRunner().invoke(app, ["train", "--preset", "tiny", "--store", rendered_dataset.url, "--max-steps", "4",
-                                    "--out", str(out), "--set", "data.num_workers=0", "--resume", "auto", "--json"])
+    res2 = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--store",
+            rendered_dataset.url,
+            "--max-steps",
+            "4",
+            "--out",
+            str(out),
+            "--set",
+            "data.num_workers=0",
+            "--resume",
+            "auto",
+            "--json",
+        ],
+    )
     assert res2.exit_code == 0, res2.output
     assert json.loads(res2.stdout.strip().splitlines()[-1])["steps"] == 4
     bad = CliRunner().invoke(app, ["train", "--preset", "tiny", "--max-steps", "1", "--out", str(out)])
@@ -210,10 +266,37 @@ def test_torchrun_ddp_two_cpu_ranks(tmp_path, rendered_dataset, real_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "--no-python", xwin, "train", "--preset", "tiny", "--store", rendered_dataset.url, "--real", str(real_dir),
-           "--max-steps", "2", "--out", str(tmp_path / "ddp"), "--device", "cpu", "--set", "data.num_workers=0",
-           "--set", "data.batch_size=2", "--set", "data.draws_per_volume=4", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "--no-python",
+        xwin,
+        "train",
+        "--preset",
+        "tiny",
+        "--store",
+        rendered_dataset.url,
+        "--real",
+        str(real_dir),
+        "--max-steps",
+        "2",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--device",
+        "cpu",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "data.draws_per_volume=4",
+        "--json",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [x for x in res.stdout.splitlines() if x.startswith("{")]

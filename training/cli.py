@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,18 +19,20 @@ def _or_exit(fn, *args, **kw):
 
 
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON config file (training/config.py)"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="tiny (CPU) or base (the paper)"),
-    store: Optional[str] = typer.Option(None, "--store", help="store URL holding the projection dataset"),
-    cohort: Optional[str] = typer.Option(None, "--cohort", help="cohort of the dataset (default: the only one)"),
-    real: Optional[str] = typer.Option(None, "--real", help="directory of real radiographs (or 'synthetic')"),
+    config: Path | None = typer.Option(None, "--config", help="YAML/JSON config file (training/config.py)"),
+    preset: str | None = typer.Option(None, "--preset", help="tiny (CPU) or base (the paper)"),
+    store: str | None = typer.Option(None, "--store", help="store URL holding the projection dataset"),
+    cohort: str | None = typer.Option(None, "--cohort", help="cohort of the dataset (default: the only one)"),
+    real: str | None = typer.Option(None, "--real", help="directory of real radiographs (or 'synthetic')"),
     synthetic: bool = typer.Option(False, "--synthetic", help="train on procedural phantoms (no store)"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after this many steps"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory (log.jsonl, checkpoints/)"),
-    resume: Optional[str] = typer.Option(None, "--resume", help="checkpoint path, or 'auto' = out/checkpoints/latest.pt"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="stop after this many steps"),
+    out: Path | None = typer.Option(None, "--out", help="run directory (log.jsonl, checkpoints/)"),
+    resume: str | None = typer.Option(None, "--resume", help="checkpoint path, or 'auto' = out/checkpoints/latest.pt"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda"),
     overrides: list[str] = typer.Option([], "--set", help="config override key.sub=value (repeatable)"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON summary (every loss at the first and last step)"),
+    as_json: bool = typer.Option(
+        False, "--json", help="print one JSON summary (every loss at the first and last step)"
+    ),
     echo: bool = typer.Option(False, "--echo", help="also print each log line to stderr"),
 ) -> None:
     """Train the X-WIN world model (CPU, one GPU, or torchrun/DDP)."""
@@ -74,8 +75,9 @@ def train(
         typer.echo(json.dumps(summary))
     else:
         last = summary["last"] or {}
-        typer.echo(f"trained to step {summary['steps']}: total {last.get('total', float('nan')):.4f}, "
-                   f"checkpoint {ckpt}")
+        typer.echo(
+            f"trained to step {summary['steps']}: total {last.get('total', float('nan')):.4f}, checkpoint {ckpt}"
+        )
 
 
 def probe(
@@ -112,10 +114,20 @@ def prepare_cxr(
     """Write real radiographs at the model resolution once, so training decodes small images (RealCXRStream)."""
     from xwin.training.data.real_prepare import REPORT, prepare_real_cxr
 
-    rep = _or_exit(prepare_real_cxr, src, dst, size=size, fmt=fmt, workers=workers, overwrite=overwrite,
-                   views=tuple(v.strip() for v in views.split(",") if v.strip()))
+    rep = _or_exit(
+        prepare_real_cxr,
+        src,
+        dst,
+        size=size,
+        fmt=fmt,
+        workers=workers,
+        overwrite=overwrite,
+        views=tuple(v.strip() for v in views.split(",") if v.strip()),
+    )
     if as_json:
         typer.echo(json.dumps(rep))
         return
-    typer.echo(f"{rep['images']} images: {rep['written']} written, {rep['kept']} already there, "
-               f"{rep['skipped']} skipped {rep['skip_reasons']} (report: {dst / REPORT})")
+    typer.echo(
+        f"{rep['images']} images: {rep['written']} written, {rep['kept']} already there, "
+        f"{rep['skipped']} skipped {rep['skip_reasons']} (report: {dst / REPORT})"
+    )

@@ -49,7 +49,7 @@ class ModelConfig(_Strict):
     action_scale_deg: float = 90.0  # Linear(a / action_scale_deg): +-90 deg -> +-1
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         for dim, heads, name in (
@@ -67,7 +67,7 @@ class ModelConfig(_Strict):
         return self.img_size // self.patch_size
 
     @classmethod
-    def from_arch(cls, arch: str, **kw: Any) -> "ModelConfig":
+    def from_arch(cls, arch: str, **kw: Any) -> ModelConfig:
         if arch not in VIT_ARCHS:
             raise ValueError(f"unknown ViT arch {arch!r}; choose one of {sorted(VIT_ARCHS)}")
         d, depth, heads = VIT_ARCHS[arch]
@@ -160,9 +160,9 @@ class TrainConfig(_Strict):
     threads: int | None = None  # torch intra-op threads on CPU
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.masks.min_keep >= self.model.grid**2:
-            raise ValueError(f"masks.min_keep={self.masks.min_keep} must be < {self.model.grid ** 2} patches")
+            raise ValueError(f"masks.min_keep={self.masks.min_keep} must be < {self.model.grid**2} patches")
         return self
 
 
@@ -172,16 +172,32 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU smoke/overfit configuration: 64^2 images, 4x4 patches, a 2-block 64-wide encoder
     "tiny": {
         "model": {
-            "img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 4,
-            "view_pred_dim": 32, "view_pred_depth": 1, "view_pred_heads": 2,
-            "mask_pred_dim": 32, "mask_pred_depth": 1, "mask_pred_heads": 2,
-            "domain_dim": 32, "domain_depth": 2, "domain_heads": 2,
+            "img_size": 64,
+            "patch_size": 16,
+            "embed_dim": 64,
+            "depth": 2,
+            "num_heads": 4,
+            "view_pred_dim": 32,
+            "view_pred_depth": 1,
+            "view_pred_heads": 2,
+            "mask_pred_dim": 32,
+            "mask_pred_depth": 1,
+            "mask_pred_heads": 2,
+            "domain_dim": 32,
+            "domain_depth": 2,
+            "domain_heads": 2,
         },
         "masks": {"min_keep": 4},
         # target dot products scale with the width: at D=64 they are ~12x smaller than at D=768
         "loss": {"tau_tilde_init": 0.02},
-        "optim": {"lr": 1e-3, "final_lr": 1e-4, "start_lr": 1e-4, "warmup_steps": 5,
-                  "epochs": 1, "iters_per_epoch": 1000},
+        "optim": {
+            "lr": 1e-3,
+            "final_lr": 1e-4,
+            "start_lr": 1e-4,
+            "warmup_steps": 5,
+            "epochs": 1,
+            "iters_per_epoch": 1000,
+        },
         "data": {"batch_size": 4, "n_targets": 8, "num_workers": 0, "real_batch_size": 8},
         "log_every": 1,
         "ckpt_every": 100,
@@ -223,7 +239,9 @@ def preset_dict(name: str) -> dict:
     return deep_merge(PRESETS[name], {"preset": name})
 
 
-def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
     file_d: dict = {}
     if path is not None:
         text = Path(path).read_text()

@@ -18,9 +18,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -57,15 +58,26 @@ class Schedules:
     """Per-step LR (linear warmup start_lr -> lr, then cosine to final_lr), weight decay (cosine wd ->
     final_wd) and EMA momentum (cosine m0 -> m1), all over ``total`` steps. Pure functions of the step."""
 
-    def __init__(self, lr: float, final_lr: float, start_lr: float, warmup: int, wd: float, final_wd: float,
-                 ema: tuple[float, float], total: int) -> None:
+    def __init__(
+        self,
+        lr: float,
+        final_lr: float,
+        start_lr: float,
+        warmup: int,
+        wd: float,
+        final_wd: float,
+        ema: tuple[float, float],
+        total: int,
+    ) -> None:
         self.lr, self.final_lr, self.start_lr, self.warmup = lr, final_lr, start_lr, warmup
         self.wd, self.final_wd, self.ema, self.total = wd, final_wd, tuple(ema), total
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "Schedules":
+    def from_config(cls, cfg: TrainConfig) -> Schedules:
         o = cfg.optim
-        return cls(o.lr, o.final_lr, o.start_lr, o.warmup_steps, o.weight_decay, o.final_weight_decay, o.ema, o.total_steps)
+        return cls(
+            o.lr, o.final_lr, o.start_lr, o.warmup_steps, o.weight_decay, o.final_weight_decay, o.ema, o.total_steps
+        )
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -128,7 +140,9 @@ def real_images(item: Any) -> torch.Tensor:
         for k in ("image", "images", "real"):
             if k in item:
                 return item[k]
-    raise TypeError(f"real stream item must be a (R,1,S,S) tensor or a dict with 'image'/'images', got {type(item).__name__}")
+    raise TypeError(
+        f"real stream item must be a (R,1,S,S) tensor or a dict with 'image'/'images', got {type(item).__name__}"
+    )
 
 
 def endless(stream: Any) -> Iterator[Any]:
@@ -141,7 +155,9 @@ def endless(stream: Any) -> Iterator[Any]:
             yield item
         empty = 0 if got else empty + 1
         if empty >= 2:
-            raise RuntimeError(f"data stream {type(stream).__name__} yielded no batch in a whole epoch (empty dataset?)")
+            raise RuntimeError(
+                f"data stream {type(stream).__name__} yielded no batch in a whole epoch (empty dataset?)"
+            )
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -152,8 +168,15 @@ def _dist_env() -> tuple[int, int, int]:
 class Trainer:
     """Owns the model, EMA encoder, optimiser, schedules, mask RNG and the data streams of one run."""
 
-    def __init__(self, cfg: TrainConfig, stream: Any, real_stream: Any | None = None, *,
-                 out_dir: str | Path | None = None, echo: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        stream: Any,
+        real_stream: Any | None = None,
+        *,
+        out_dir: str | Path | None = None,
+        echo: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.rank, self.world, local_rank = _dist_env()
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -173,11 +196,13 @@ class Trainer:
         self.ddp: nn.Module = self.model
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=real_stream is None,
             )
-        self.opt = torch.optim.AdamW(param_groups(self.model), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                     weight_decay=cfg.optim.weight_decay)
+        self.opt = torch.optim.AdamW(
+            param_groups(self.model), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+        )
         self.sched = Schedules.from_config(cfg)
         self.masker = MultiBlockMasker(cfg.model.grid, **cfg.masks.model_dump())
         self.mask_rng = np.random.default_rng([cfg.seed, self.rank, 0x6D61736B])
@@ -260,8 +285,12 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "numpy_masks": self.mask_rng.bit_generator.state,
-               "python": random.getstate(), "numpy_global": np.random.get_state()}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy_masks": self.mask_rng.bit_generator.state,
+            "python": random.getstate(),
+            "numpy_global": np.random.get_state(),
+        }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -319,8 +348,11 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         if sd.get("world_size", 1) != self.world:
-            log.warning("resuming a %d-rank run on %d ranks: the data streams re-shard from the saved position",
-                        sd.get("world_size", 1), self.world)
+            log.warning(
+                "resuming a %d-rank run on %d ranks: the data streams re-shard from the saved position",
+                sd.get("world_size", 1),
+                self.world,
+            )
         if sd["data"] is not None and hasattr(self.stream, "load_state_dict"):
             self.stream.load_state_dict(sd["data"])
         if sd.get("real_data") is not None and self.real_stream is not None:
@@ -335,10 +367,19 @@ class Trainer:
         cfg = self.cfg
         stop = min(x for x in (max_steps, cfg.max_steps, cfg.optim.total_steps) if x is not None)
         has_real = self.real_stream is not None
-        self.log_event({"event": "start", "step": self.step, "stop": stop, "world_size": self.world,
-                        "device": str(self.device), "bf16": self.amp, "real_stream": has_real,
-                        "params": sum(p.numel() for p in self.model.parameters()),
-                        "config": cfg.model_dump(mode="json")})
+        self.log_event(
+            {
+                "event": "start",
+                "step": self.step,
+                "stop": stop,
+                "world_size": self.world,
+                "device": str(self.device),
+                "bf16": self.amp,
+                "real_stream": has_real,
+                "params": sum(p.numel() for p in self.model.parameters()),
+                "config": cfg.model_dump(mode="json"),
+            }
+        )
         if not has_real:
             log.warning(NO_REAL_NOTE)
             self.log_event({"event": "note", "message": NO_REAL_NOTE})
@@ -354,8 +395,15 @@ class Trainer:
             last = rec
             if self.step % cfg.log_every == 0 or self.step == stop:
                 dt = time.perf_counter() - t0
-                self.log_event({"event": "step", "step": self.step, "epoch": self.step // cfg.optim.iters_per_epoch,
-                                **rec, "images_per_s": imgs / dt if dt > 0 else None})
+                self.log_event(
+                    {
+                        "event": "step",
+                        "step": self.step,
+                        "epoch": self.step // cfg.optim.iters_per_epoch,
+                        **rec,
+                        "images_per_s": imgs / dt if dt > 0 else None,
+                    }
+                )
                 t0, imgs = time.perf_counter(), 0
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
@@ -388,21 +436,39 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     if d.synthetic:
         from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
 
-        sim = SyntheticRingStream(n_volumes=max(16, d.batch_size), batch_size=d.batch_size, n_targets=d.n_targets,
-                                  image_size=S, step_deg=d.step_deg or 3.0, max_abs_deg=d.max_abs_deg,
-                                  context_yaws=d.context_yaws, seed=cfg.seed)
-        real = SyntheticRealStream(batch_size=real_bs, image_size=S, seed=cfg.seed + 1) if d.real == "synthetic" else None
+        sim = SyntheticRingStream(
+            n_volumes=max(16, d.batch_size),
+            batch_size=d.batch_size,
+            n_targets=d.n_targets,
+            image_size=S,
+            step_deg=d.step_deg or 3.0,
+            max_abs_deg=d.max_abs_deg,
+            context_yaws=d.context_yaws,
+            seed=cfg.seed,
+        )
+        real = (
+            SyntheticRealStream(batch_size=real_bs, image_size=S, seed=cfg.seed + 1) if d.real == "synthetic" else None
+        )
         return sim, real
     if not d.store:
         raise ValueError("config has no data source: set data.store (a store URL) or data.synthetic=true")
     from xwin.training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
 
     cohort, spec = resolve_dataset(d.store, d.cohort)
-    sampling = XWinSampling(n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg,
-                            context_yaws=tuple(d.context_yaws))
-    ds = XWinStream(StoreSource(d.store, cohort, spec), sampling=sampling, image_size=S, appearance=d.appearance,
-                    seed=cfg.seed, batch_size=d.batch_size, draws_per_volume=d.draws_per_volume,
-                    shuffle_window=d.shuffle_window, dtype=loader_image_dtype(cfg))
+    sampling = XWinSampling(
+        n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg, context_yaws=tuple(d.context_yaws)
+    )
+    ds = XWinStream(
+        StoreSource(d.store, cohort, spec),
+        sampling=sampling,
+        image_size=S,
+        appearance=d.appearance,
+        seed=cfg.seed,
+        batch_size=d.batch_size,
+        draws_per_volume=d.draws_per_volume,
+        shuffle_window=d.shuffle_window,
+        dtype=loader_image_dtype(cfg),
+    )
     sim = make_loader(ds, num_workers=d.num_workers)
     real = None
     if d.real:
@@ -421,7 +487,9 @@ def resolve_dataset(url: str, cohort: str | None):
         have = sorted({i.cohort for i in store.datasets()})
         raise ValueError(f"store {url!r} has no projection dataset for cohort {cohort!r} (cohorts: {have})")
     if len(infos) > 1:
-        raise ValueError(f"store {url!r} has {len(infos)} datasets for cohort {cohort!r}: "
-                         f"{[(i.cohort, i.spec_hash) for i in infos]}; pass data.cohort to pick one")
+        raise ValueError(
+            f"store {url!r} has {len(infos)} datasets for cohort {cohort!r}: "
+            f"{[(i.cohort, i.spec_hash) for i in infos]}; pass data.cohort to pick one"
+        )
     info = infos[0]
     return info.cohort, store.open_dataset(info.cohort, info.spec_hash).spec

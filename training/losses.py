@@ -65,7 +65,9 @@ def affinity(t: torch.Tensor, tau_tilde: torch.Tensor, normalize: bool = False) 
     return torch.softmax(similarity(t, t, normalize) / tau_tilde, dim=-1)
 
 
-def affinity_loss(z: torch.Tensor, t: torch.Tensor, tau: torch.Tensor, tau_tilde: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+def affinity_loss(
+    z: torch.Tensor, t: torch.Tensor, tau: torch.Tensor, tau_tilde: torch.Tensor, normalize: bool = False
+) -> torch.Tensor:
     """Eq. 5: eq. 2 with Y replaced by A (gradients reach tau~ through A)."""
     return soft_cross_entropy(affinity(t, tau_tilde, normalize), log_p(z, t, tau, normalize))
 
@@ -93,7 +95,9 @@ def token_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).mean()
 
 
-def mim_loss(pred_real: torch.Tensor | None, tgt_real: torch.Tensor | None, pred_sim: torch.Tensor, tgt_sim: torch.Tensor) -> dict[str, torch.Tensor]:
+def mim_loss(
+    pred_real: torch.Tensor | None, tgt_real: torch.Tensor | None, pred_sim: torch.Tensor, tgt_sim: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Eq. 8: L_MIM = MSE(real masked tokens) + MSE(simulated masked tokens); the real term is absent without a
     real-image stream. Inputs (B, M, D)."""
     out = {"mim_sim": token_mse(pred_sim, tgt_sim)}
@@ -107,7 +111,9 @@ def mim_loss(pred_real: torch.Tensor | None, tgt_real: torch.Tensor | None, pred
 def cls_loss(logits_real: torch.Tensor, logits_sim: torch.Tensor) -> torch.Tensor:
     """Eq. 9: -(1/N) sum [log f_c(z_real) + log(1 - f_c(z_sim))], f_c = sigmoid(logit); each domain averaged."""
     lr, ls = logits_real.float(), logits_sim.float()
-    return F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr)) + F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls))
+    return F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr)) + F.binary_cross_entropy_with_logits(
+        ls, torch.zeros_like(ls)
+    )
 
 
 def domain_loss(z_patch: torch.Tensor, t_patch: torch.Tensor, logits_z: torch.Tensor) -> dict[str, torch.Tensor]:

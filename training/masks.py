@@ -28,7 +28,7 @@ class MaskBatch:
     keep: torch.Tensor  # (B, K) int64, context token indices
     masked: torch.Tensor  # (B, M) int64, target token indices
 
-    def to(self, device: torch.device | str) -> "MaskBatch":
+    def to(self, device: torch.device | str) -> MaskBatch:
         return MaskBatch(self.keep.to(device), self.masked.to(device))
 
 
@@ -60,7 +60,9 @@ class MultiBlockMasker:
         if self.n_pred < 1:
             raise ValueError(f"n_pred must be >= 1, got {self.n_pred}")
 
-    def block_size(self, rng: np.random.Generator, scale: tuple[float, float], aspect: tuple[float, float]) -> tuple[int, int]:
+    def block_size(
+        self, rng: np.random.Generator, scale: tuple[float, float], aspect: tuple[float, float]
+    ) -> tuple[int, int]:
         """(height, width) in patches of a block covering U(scale) of the grid, log-uniform aspect h/w."""
         s = rng.uniform(*scale)
         ar = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
@@ -77,7 +79,9 @@ class MultiBlockMasker:
         m[top : top + h, left : left + w] = True
         return m
 
-    def sample_one(self, rng: np.random.Generator, pred_hw: list[tuple[int, int]], enc_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def sample_one(
+        self, rng: np.random.Generator, pred_hw: list[tuple[int, int]], enc_hw: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One image -> (keep indices, masked indices), ascending, disjoint, len(keep) >= min_keep, masked >= 1."""
         for _ in range(self.max_tries):
             masked = np.zeros((self.grid, self.grid), dtype=bool)

@@ -130,8 +130,15 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-
     return clf
 
 
-def run_probe(checkpoint: str | Path, data: str | Path, *, test_frac: float = 0.3, seed: int = 0, l2: float = 1e-3,
-              which: str = "ema") -> dict:
+def run_probe(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    test_frac: float = 0.3,
+    seed: int = 0,
+    l2: float = 1e-3,
+    which: str = "ema",
+) -> dict:
     enc, mcfg = load_encoder(checkpoint, which)
     folder = load_image_folder(data, mcfg.img_size)
     feats = extract_features(enc, folder.images)
@@ -148,8 +155,8 @@ def run_probe(checkpoint: str | Path, data: str | Path, *, test_frac: float = 0.
         "checkpoint": str(checkpoint),
         "encoder": which,
         "classes": folder.classes,
-        "n_train": int(len(tr)),
-        "n_test": int(len(te)),
+        "n_train": len(tr),
+        "n_test": len(te),
         "auroc": per_class,
         "macro_auroc": float(np.nanmean(list(per_class.values()))),
         "accuracy": float((prob.argmax(1) == yte).mean()),

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -93,8 +93,10 @@ class SyntheticRingStream(_Resumable):
     ) -> None:
         super().__init__(samples_per_epoch or n_volumes, batch_size, seed)
         K = int(math.floor(max_abs_deg / step_deg + 1e-9))
-        if 2 * K < n_targets:
-            raise ValueError(f"only {2 * K} non-zero offsets of {step_deg} deg within +-{max_abs_deg}, need {n_targets}")
+        if n_targets > 2 * K:
+            raise ValueError(
+                f"only {2 * K} non-zero offsets of {step_deg} deg within +-{max_abs_deg}, need {n_targets}"
+            )
         self.n_volumes, self.n_targets, self.image_size = n_volumes, n_targets, image_size
         self.step_deg, self.K, self.context_yaws = step_deg, K, tuple(context_yaws)
         self._phantoms = [phantom(np.random.default_rng([seed, v])) for v in range(n_volumes)]
@@ -108,7 +110,12 @@ class SyntheticRingStream(_Resumable):
         actions = (k * self.step_deg).astype(np.float32)
         views = project(self._phantoms[v], np.concatenate([[ctx], ctx + actions]), self.image_size)
         imgs = torch.from_numpy(views).unsqueeze(1)
-        return {"context": imgs[0], "targets": imgs[1:], "actions": torch.from_numpy(actions), "volume_id": f"syn{v:04d}"}
+        return {
+            "context": imgs[0],
+            "targets": imgs[1:],
+            "actions": torch.from_numpy(actions),
+            "volume_id": f"syn{v:04d}",
+        }
 
     def _collate(self, items: list[dict]) -> dict:
         out = {k: torch.stack([it[k] for it in items]) for k in ("context", "targets", "actions")}
@@ -117,7 +124,7 @@ class SyntheticRingStream(_Resumable):
 
 
 class SyntheticRealStream(_Resumable):
-    """"Real-domain" images: single projections of random phantoms with a different look (gamma, noise, a soft
+    """ "Real-domain" images: single projections of random phantoms with a different look (gamma, noise, a soft
     vignette), so a domain classifier has something to separate. Yields (R,1,S,S) float32 tensors."""
 
     def __init__(self, batch_size: int = 8, image_size: int = 64, seed: int = 1, n_images: int = 256) -> None:
@@ -129,7 +136,7 @@ class SyntheticRealStream(_Resumable):
         img = project(phantom(rng), np.asarray([rng.uniform(-90, 90)]), self.image_size)[0]
         g = np.linspace(-1, 1, self.image_size)
         vignette = 1.0 - 0.3 * (g[None, :] ** 2 + g[:, None] ** 2)
-        img = np.clip(img ** 0.7 * vignette + rng.normal(0, 0.03, img.shape), 0, 1).astype(np.float32)
+        img = np.clip(img**0.7 * vignette + rng.normal(0, 0.03, img.shape), 0, 1).astype(np.float32)
         return {"image": torch.from_numpy(img)[None]}
 
     def _collate(self, items: list[dict]) -> torch.Tensor:

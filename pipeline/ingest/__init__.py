@@ -10,7 +10,14 @@ Rules (series choice, checks, reason codes, canonical frame): docs/ingest.md.
 from xwin.pipeline.ingest.config import INGEST_VERSION, IngestConfig
 from xwin.pipeline.ingest.errors import IngestError
 from xwin.pipeline.ingest.load import load_candidate
-from xwin.pipeline.ingest.plan import Candidate, make_volume_id, plan_dicom_files, plan_inputs, plan_manifest, plan_nifti
+from xwin.pipeline.ingest.plan import (
+    Candidate,
+    make_volume_id,
+    plan_dicom_files,
+    plan_inputs,
+    plan_manifest,
+    plan_nifti,
+)
 from xwin.pipeline.ingest.run import VolumeStore, ingest_sources
 from xwin.pipeline.ingest.selection import kernel_class
 from xwin.pipeline.ingest.volume import canonical_ras, hu_stats

@@ -32,8 +32,12 @@ class IngestConfig:
 
     def output_key(self) -> str:
         """Digest of the settings that change the canonical output (enters volume_id)."""
-        keys = {"v": INGEST_VERSION, "spacing_mm": self.spacing_mm, "tilt": self.tilt,
-                "padding": self.padding_hu_at_or_below}
+        keys = {
+            "v": INGEST_VERSION,
+            "spacing_mm": self.spacing_mm,
+            "tilt": self.tilt,
+            "padding": self.padding_hu_at_or_below,
+        }
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -20,17 +20,59 @@ from xwin.pipeline.ingest import fastdicom
 
 # Tags read while planning (header-only): enough to group, select and validate geometry.
 HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "StudyDate",
-    "Modality", "ImageType", "ConvolutionKernel", "SeriesDescription", "Manufacturer", "Rows", "Columns",
-    "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "InstanceNumber",
-    "GantryDetectorTilt", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope",
-    "RescaleIntercept", "PixelPaddingValue", "PixelPaddingRangeLimit", "SamplesPerPixel", "NumberOfFrames",
-    "PhotometricInterpretation", "SeriesNumber",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "StudyDate",
+    "Modality",
+    "ImageType",
+    "ConvolutionKernel",
+    "SeriesDescription",
+    "Manufacturer",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "InstanceNumber",
+    "GantryDetectorTilt",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "PhotometricInterpretation",
+    "SeriesNumber",
 ]
 
 LOCALIZER_WORDS = ("LOCALIZER", "TOPOGRAM", "SCOUT", "SCANOGRAM", "SURVIEW", "SURVEY")
-NON_DICOM_SUFFIXES = {".txt", ".csv", ".json", ".xml", ".md", ".html", ".pdf", ".png", ".jpg", ".jpeg", ".zip",
-                      ".gz", ".nii", ".py", ".log", ".ini", ".yaml", ".yml"}
+NON_DICOM_SUFFIXES = {
+    ".txt",
+    ".csv",
+    ".json",
+    ".xml",
+    ".md",
+    ".html",
+    ".pdf",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".zip",
+    ".gz",
+    ".nii",
+    ".py",
+    ".log",
+    ".ini",
+    ".yaml",
+    ".yml",
+}
 
 
 @dataclass

@@ -26,15 +26,36 @@ _NOT_LE = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, defla
 
 # tag -> keyword (the keywords of dicom_headers.HEADER_TAGS)
 TAGS = {
-    0x00080008: "ImageType", 0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x00080020: "StudyDate",
-    0x00080060: "Modality", 0x00080070: "Manufacturer", 0x0008103E: "SeriesDescription", 0x00100020: "PatientID",
-    0x00180050: "SliceThickness", 0x00181120: "GantryDetectorTilt", 0x00181210: "ConvolutionKernel",
-    0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID", 0x00200011: "SeriesNumber",
-    0x00200013: "InstanceNumber", 0x00200032: "ImagePositionPatient", 0x00200037: "ImageOrientationPatient",
-    0x00280002: "SamplesPerPixel", 0x00280004: "PhotometricInterpretation", 0x00280008: "NumberOfFrames",
-    0x00280010: "Rows", 0x00280011: "Columns", 0x00280030: "PixelSpacing", 0x00280100: "BitsAllocated",
-    0x00280101: "BitsStored", 0x00280103: "PixelRepresentation", 0x00280120: "PixelPaddingValue",
-    0x00280121: "PixelPaddingRangeLimit", 0x00281052: "RescaleIntercept", 0x00281053: "RescaleSlope",
+    0x00080008: "ImageType",
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080020: "StudyDate",
+    0x00080060: "Modality",
+    0x00080070: "Manufacturer",
+    0x0008103E: "SeriesDescription",
+    0x00100020: "PatientID",
+    0x00180050: "SliceThickness",
+    0x00181120: "GantryDetectorTilt",
+    0x00181210: "ConvolutionKernel",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200011: "SeriesNumber",
+    0x00200013: "InstanceNumber",
+    0x00200032: "ImagePositionPatient",
+    0x00200037: "ImageOrientationPatient",
+    0x00280002: "SamplesPerPixel",
+    0x00280004: "PhotometricInterpretation",
+    0x00280008: "NumberOfFrames",
+    0x00280010: "Rows",
+    0x00280011: "Columns",
+    0x00280030: "PixelSpacing",
+    0x00280100: "BitsAllocated",
+    0x00280101: "BitsStored",
+    0x00280103: "PixelRepresentation",
+    0x00280120: "PixelPaddingValue",
+    0x00280121: "PixelPaddingRangeLimit",
+    0x00281052: "RescaleIntercept",
+    0x00281053: "RescaleSlope",
 }
 _US_TAGS = {0x00280002, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280103}
 _XS_TAGS = {0x00280120, 0x00280121}  # US or SS by PixelRepresentation
@@ -55,7 +76,7 @@ class Parsed:
     (UNDEFINED for encapsulated data); None when the walk stopped before PixelData (header-only).
     """
 
-    __slots__ = ("values", "transfer_syntax", "pixel_offset", "pixel_length")
+    __slots__ = ("pixel_length", "pixel_offset", "transfer_syntax", "values")
 
     def __init__(self) -> None:
         self.values: dict[str, object] = {}
@@ -140,7 +161,7 @@ def walk(buf, header_only: bool) -> Parsed:
         if ln == UNDEFINED or pos + hl + ln > len(buf):
             raise NeedMore if ln != UNDEFINED else Unsupported("undefined length in file meta")
         if tag == 0x00020010:
-            out.transfer_syntax = bytes(buf[pos + hl:pos + hl + ln]).decode("ascii", "replace").strip(" \x00")
+            out.transfer_syntax = bytes(buf[pos + hl : pos + hl + ln]).decode("ascii", "replace").strip(" \x00")
         pos += hl + ln
     ts = out.transfer_syntax
     if ts is None or ts in _NOT_LE:
@@ -164,7 +185,7 @@ def walk(buf, header_only: bool) -> Parsed:
         if tag in TAGS:
             if pos + ln > end:
                 raise NeedMore
-            raw = bytes(buf[pos:pos + ln])
+            raw = bytes(buf[pos : pos + ln])
             key = TAGS[tag]
             if tag in _US_TAGS:
                 if ln != 2:

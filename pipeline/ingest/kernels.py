@@ -13,8 +13,27 @@ KERNEL_LOCK = threading.Lock()
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def assemble_hu(flat, starts, R, C, slopes, inters, pad_lo, pad_hi, thr, air, out_t, swap, flip0, flip1, zflip,
-                lo_out, hi_out, bad_out, hist):
+def assemble_hu(
+    flat,
+    starts,
+    R,
+    C,
+    slopes,
+    inters,
+    pad_lo,
+    pad_hi,
+    thr,
+    air,
+    out_t,
+    swap,
+    flip0,
+    flip1,
+    zflip,
+    lo_out,
+    hi_out,
+    bad_out,
+    hist,
+):
     """Stored values -> HU int16 written to ``out_t`` (Z', Y', X') = the canonical (X', Y', Z') volume
     transposed (so a Fortran-ordered volume is written contiguously), with a histogram of the output.
 

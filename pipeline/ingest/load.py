@@ -16,19 +16,26 @@ import threading
 
 import numpy as np
 import pydicom
-from numba import get_num_threads as nb_threads
 from nibabel.orientations import inv_ornt_aff
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from numba import get_num_threads as nb_threads
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from xwin.pipeline.ingest.config import INGEST_VERSION
 from xwin.pipeline.ingest import fastdicom
+from xwin.pipeline.ingest.config import INGEST_VERSION
 from xwin.pipeline.ingest.dicom_headers import SliceHeader, fast_header, header_from_dataset
-from xwin.pipeline.ingest.kernels import KERNEL_LOCK, assemble_hu
 from xwin.pipeline.ingest.errors import IngestError
+from xwin.pipeline.ingest.kernels import KERNEL_LOCK, assemble_hu
 from xwin.pipeline.ingest.plan import Candidate
 from xwin.pipeline.ingest.series_geometry import series_geometry
-from xwin.pipeline.ingest.volume import (AIR_HU, canonical_ras, check_hu_range, hu_stats, orientation,
-                                    resample_to_spacing, to_ras)
+from xwin.pipeline.ingest.volume import (
+    AIR_HU,
+    canonical_ras,
+    check_hu_range,
+    hu_stats,
+    orientation,
+    resample_to_spacing,
+    to_ras,
+)
 from xwin.schemas.ingest import InputKind, Provenance, RejectReason, VolumeRecord
 
 R = RejectReason
@@ -39,8 +46,13 @@ def _versions() -> dict[str, str]:
     import nibabel
     import scipy
 
-    return {"xwin-ingest": INGEST_VERSION, "pydicom": pydicom.__version__, "nibabel": nibabel.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__}
+    return {
+        "xwin-ingest": INGEST_VERSION,
+        "pydicom": pydicom.__version__,
+        "nibabel": nibabel.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+    }
 
 
 def load_candidate(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
@@ -57,8 +69,9 @@ def load_candidate(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
     except (IngestError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:
-        raise IngestError(R.unreadable_file, f"{c.input}: unexpected {type(e).__name__} while loading: {e}",
-                          series_uid=c.series_uid) from e
+        raise IngestError(
+            R.unreadable_file, f"{c.input}: unexpected {type(e).__name__} while loading: {e}", series_uid=c.series_uid
+        ) from e
 
 
 # ---------------------------------------------------------------- DICOM
@@ -71,8 +84,11 @@ def _stored_pixels(ds: pydicom.Dataset, h: SliceHeader) -> np.ndarray:
         raw = ds.PixelData
         need = rows * cols * 2
         if len(raw) < need:
-            raise IngestError(R.unreadable_file, f"{h.path}: pixel data truncated ({len(raw)} of {need} bytes)",
-                              series_uid=h.series_uid)
+            raise IngestError(
+                R.unreadable_file,
+                f"{h.path}: pixel data truncated ({len(raw)} of {need} bytes)",
+                series_uid=h.series_uid,
+            )
         signed = h.pixel_representation == 1
         arr = np.frombuffer(raw, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
         bs = h.bits_stored or 16
@@ -87,26 +103,38 @@ def _stored_pixels(ds: pydicom.Dataset, h: SliceHeader) -> np.ndarray:
     except Exception as e:
         ts = h.transfer_syntax
         name = UID(ts).name if ts else "implicit VR little endian"
-        raise IngestError(R.undecodable_pixels, f"{h.path}: cannot decode {name}: {type(e).__name__}: {e}",
-                          series_uid=h.series_uid) from e
+        raise IngestError(
+            R.undecodable_pixels, f"{h.path}: cannot decode {name}: {type(e).__name__}: {e}", series_uid=h.series_uid
+        ) from e
     if arr.shape != (rows, cols):
-        raise IngestError(R.bad_shape, f"{h.path}: pixel array {arr.shape} != Rows x Columns {(rows, cols)}",
-                          series_uid=h.series_uid)
+        raise IngestError(
+            R.bad_shape, f"{h.path}: pixel array {arr.shape} != Rows x Columns {(rows, cols)}", series_uid=h.series_uid
+        )
     return arr
 
 
 def _native_offset(buf, h: SliceHeader, parsed: fastdicom.Parsed) -> int | None:
     """Byte offset of native little-endian 16-bit pixel data of one single-frame image in ``buf``,
     or None when the fast path does not apply (compressed, other bit depths, multi-frame, BitsStored < 16)."""
-    if (h.transfer_syntax not in _NATIVE_LE or h.bits_allocated != 16 or (h.bits_stored or 16) != 16
-            or parsed.pixel_offset is None or parsed.pixel_length in (None, fastdicom.UNDEFINED)
-            or h.n_frames != 1 or h.samples_per_pixel != 1 or h.pixel_representation not in (0, 1)):
+    if (
+        h.transfer_syntax not in _NATIVE_LE
+        or h.bits_allocated != 16
+        or (h.bits_stored or 16) != 16
+        or parsed.pixel_offset is None
+        or parsed.pixel_length in (None, fastdicom.UNDEFINED)
+        or h.n_frames != 1
+        or h.samples_per_pixel != 1
+        or h.pixel_representation not in (0, 1)
+    ):
         return None
     need = int(h.rows or 0) * int(h.cols or 0) * 2
     have = min(int(parsed.pixel_length), len(buf) - parsed.pixel_offset)  # type: ignore[arg-type]
     if have < need:
-        raise IngestError(R.unreadable_file, f"{h.path}: pixel data truncated ({max(have, 0)} of {need} bytes)",
-                          series_uid=h.series_uid)
+        raise IngestError(
+            R.unreadable_file,
+            f"{h.path}: pixel data truncated ({max(have, 0)} of {need} bytes)",
+            series_uid=h.series_uid,
+        )
     return parsed.pixel_offset
 
 
@@ -145,7 +173,7 @@ def _read_all(paths: list[str]) -> tuple[np.ndarray, list[tuple[int, int]]]:
     for p, (s, n) in zip(paths, spans):
         try:
             with open(p, "rb") as f:
-                got = f.readinto(mv[s:s + n])
+                got = f.readinto(mv[s : s + n])
         except OSError as e:
             raise IngestError(R.unreadable_file, f"{p}: {e}") from e
         if got != n:
@@ -157,7 +185,7 @@ def _sha256_sorted(buf: np.ndarray, items: list[tuple[str, int, int]], out: list
     h = hashlib.sha256()
     mv = memoryview(buf)
     for _, s, n in sorted(items, key=lambda t: (os.path.basename(t[0]), t[0])):
-        h.update(mv[s:s + n])  # releases the GIL: runs beside the pixel work
+        h.update(mv[s : s + n])  # releases the GIL: runs beside the pixel work
     out.append(h.hexdigest())
 
 
@@ -167,8 +195,7 @@ def _untilt_slice(plane: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
 
     if abs(shift[0]) < 1e-9 and abs(shift[1]) < 1e-9:
         return plane
-    out = ndimage.shift(plane.astype(np.float32), shift, order=1, mode="constant", cval=float(AIR_HU),
-                        prefilter=False)
+    out = ndimage.shift(plane.astype(np.float32), shift, order=1, mode="constant", cval=float(AIR_HU), prefilter=False)
     return np.rint(out).astype(np.int16)
 
 
@@ -182,8 +209,9 @@ def _pad_range(h: SliceHeader) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def _pixel_source(hs: list[SliceHeader], parsed: dict[str, tuple[int, int | None, np.ndarray | None]],
-                  buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_source(
+    hs: list[SliceHeader], parsed: dict[str, tuple[int, int | None, np.ndarray | None]], buf: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(flat 1D stored values, per-slice start index) for the kernel: a zero-copy int16/uint16 view of the read
     buffer when every slice is native with one signedness, else a stacked copy of the decoded slices."""
     R_, C_ = int(hs[0].rows), int(hs[0].cols)  # type: ignore[arg-type]
@@ -200,12 +228,16 @@ def _pixel_source(hs: list[SliceHeader], parsed: dict[str, tuple[int, int | None
             dt = "<i2" if h.pixel_representation == 1 else "<u2"
             arr = np.frombuffer(buf, dt, count=R_ * C_, offset=s + off).reshape(R_, C_)  # type: ignore[operator]
         if arr.shape != (R_, C_):
-            raise IngestError(R.bad_shape, f"{h.path}: pixels {arr.shape} != Rows x Columns {(R_, C_)}",
-                              series_uid=h.series_uid)
+            raise IngestError(
+                R.bad_shape, f"{h.path}: pixels {arr.shape} != Rows x Columns {(R_, C_)}", series_uid=h.series_uid
+            )
         arrs.append(arr)
     kinds = {a.dtype for a in arrs}
-    dt = kinds.pop() if len(kinds) == 1 and next(iter(kinds)).kind in "iu" and arrs[0].dtype.itemsize <= 2 \
+    dt = (
+        kinds.pop()
+        if len(kinds) == 1 and next(iter(kinds)).kind in "iu" and arrs[0].dtype.itemsize <= 2
         else np.dtype(np.float64)
+    )
     stack = np.empty((len(hs), R_, C_), dt)
     for k, a in enumerate(arrs):
         stack[k] = a
@@ -219,24 +251,27 @@ def _load_dicom(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
         raise IngestError(R.empty_input, f"{c.input}: candidate without files")
     buf, spans = _read_all(paths)
     digest: list[str] = []
-    hasher = threading.Thread(target=_sha256_sorted, args=(buf, [(p, s, n) for p, (s, n) in zip(paths, spans)],
-                                                             digest))
+    hasher = threading.Thread(target=_sha256_sorted, args=(buf, [(p, s, n) for p, (s, n) in zip(paths, spans)], digest))
     hasher.start()
     try:
         mv = memoryview(buf)
         parsed: dict[str, tuple[int, int | None, np.ndarray | None]] = {}
         headers = []
         for p, (s, n) in zip(paths, spans):
-            h, off, arr = _parse_one(p, mv[s:s + n])
+            h, off, arr = _parse_one(p, mv[s : s + n])
             parsed[p] = (s, off, arr)
             headers.append(h)
         uids = {h.series_uid for h in headers}
         if c.series_uid and uids != {c.series_uid}:
-            raise IngestError(R.inconsistent_geometry, f"{c.input}: files changed since planning (series "
-                                                       f"{sorted(uids)})", series_uid=c.series_uid)
+            raise IngestError(
+                R.inconsistent_geometry,
+                f"{c.input}: files changed since planning (series {sorted(uids)})",
+                series_uid=c.series_uid,
+            )
         if c.sop_uids and sorted(h.sop_uid for h in headers) != sorted(c.sop_uids):
-            raise IngestError(R.inconsistent_geometry, f"{c.input}: SOP instances changed since planning",
-                              series_uid=c.series_uid)
+            raise IngestError(
+                R.inconsistent_geometry, f"{c.input}: SOP instances changed since planning", series_uid=c.series_uid
+            )
         geom = series_geometry(headers, cfg)  # the same checks as planning, from the full headers
         hs = geom.headers
         flat, starts = _pixel_source(hs, parsed, buf)
@@ -262,18 +297,42 @@ def _load_dicom(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
         bad = np.zeros(Z, np.int8)
         hist = np.zeros((max(1, min(nb_threads(), Z)), 65536), np.int64)
         with KERNEL_LOCK:
-            assemble_hu(flat, starts, int(hs[0].rows), int(hs[0].cols), np.array([h.slope for h in hs], np.float64),
-                        np.array([h.intercept for h in hs], np.float64), pads[:, 0].copy(), pads[:, 1].copy(),
-                        float(cfg.padding_hu_at_or_below), float(AIR_HU), vol.T, swap, flip0, flip1, zflip,
-                        lo, hi, bad, hist)
+            assemble_hu(
+                flat,
+                starts,
+                int(hs[0].rows),
+                int(hs[0].cols),
+                np.array([h.slope for h in hs], np.float64),
+                np.array([h.intercept for h in hs], np.float64),
+                pads[:, 0].copy(),
+                pads[:, 1].copy(),
+                float(cfg.padding_hu_at_or_below),
+                float(AIR_HU),
+                vol.T,
+                swap,
+                flip0,
+                flip1,
+                zflip,
+                lo,
+                hi,
+                bad,
+                hist,
+            )
         del flat, parsed
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
-            raise IngestError(R.hu_out_of_range, f"{hs[k].path}: HU range [{lo[k]:g}, {hi[k]:g}] does not fit int16",
-                              series_uid=c.series_uid)
+            raise IngestError(
+                R.hu_out_of_range,
+                f"{hs[k].path}: HU range [{lo[k]:g}, {hi[k]:g}] does not fit int16",
+                series_uid=c.series_uid,
+            )
         real = np.isfinite(lo)
-        check_hu_range(float(lo[real].min()) if real.any() else None,
-                       float(hi[real].max()) if real.any() else float(AIR_HU), cfg, c.input)
+        check_hu_range(
+            float(lo[real].min()) if real.any() else None,
+            float(hi[real].max()) if real.any() else float(AIR_HU),
+            cfg,
+            c.input,
+        )
         counts = hist.sum(axis=0)
         if direct:
             aff = aff_in @ inv_ornt_aff(ornt, in_shape)
@@ -289,8 +348,7 @@ def _load_dicom(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
         hasher.join()
     del buf
     notes = list(c.notes) + [n for n in geom.notes if n not in c.notes]
-    return _finish(c, vol, aff, reader=reader, checksum=digest[0], n_files=len(paths), notes=notes,
-                   counts=counts)
+    return _finish(c, vol, aff, reader=reader, checksum=digest[0], n_files=len(paths), notes=notes, counts=counts)
 
 
 # ---------------------------------------------------------------- NIfTI
@@ -358,14 +416,24 @@ def _load_nifti(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
         lo = float(hu.min())
     check_hu_range(lo, float(hu.max()), cfg, c.input)
     vol = hu.astype(np.int16, copy=False)
-    return _finish(c, vol, affine, reader="nibabel", checksum=c.checksum or "", n_files=1, notes=list(c.notes),
-                   canonical=True)
+    return _finish(
+        c, vol, affine, reader="nibabel", checksum=c.checksum or "", n_files=1, notes=list(c.notes), canonical=True
+    )
 
 
 # ---------------------------------------------------------------- common tail
-def _finish(c: Candidate, vol: np.ndarray, affine_ras: np.ndarray, *, reader: str, checksum: str, n_files: int,
-            notes: list[str], canonical: bool = False, counts: np.ndarray | None = None
-            ) -> tuple[VolumeRecord, np.ndarray]:
+def _finish(
+    c: Candidate,
+    vol: np.ndarray,
+    affine_ras: np.ndarray,
+    *,
+    reader: str,
+    checksum: str,
+    n_files: int,
+    notes: list[str],
+    canonical: bool = False,
+    counts: np.ndarray | None = None,
+) -> tuple[VolumeRecord, np.ndarray]:
     cfg = c.config
     if canonical:
         vol, aff = canonical_ras(vol, affine_ras)
@@ -377,11 +445,20 @@ def _finish(c: Candidate, vol: np.ndarray, affine_ras: np.ndarray, *, reader: st
         notes.append(f"resampled (linear) to spacing {tuple(cfg.spacing_mm)} mm")
     spacing = tuple(float(s) for s in np.sqrt((aff[:3, :3] ** 2).sum(axis=0)))
     rec = VolumeRecord(
-        volume_id=c.volume_id, cohort=c.cohort, source=c.input, kind=c.kind, subject_id=c.subject_id,
-        study_uid=c.study_uid, series_uid=c.series_uid, shape=tuple(int(s) for s in vol.shape),
-        spacing_mm=spacing, affine=[[float(x) for x in row] for row in aff], hu=hu_stats(vol, counts),
-        provenance=Provenance(reader=reader, versions=_versions(), input_checksum=checksum, input_files=n_files,
-                              notes=notes),
+        volume_id=c.volume_id,
+        cohort=c.cohort,
+        source=c.input,
+        kind=c.kind,
+        subject_id=c.subject_id,
+        study_uid=c.study_uid,
+        series_uid=c.series_uid,
+        shape=tuple(int(s) for s in vol.shape),
+        spacing_mm=spacing,
+        affine=[[float(x) for x in row] for row in aff],
+        hu=hu_stats(vol, counts),
+        provenance=Provenance(
+            reader=reader, versions=_versions(), input_checksum=checksum, input_files=n_files, notes=notes
+        ),
         series_choices=list(c.series_choices),
     )
     return rec, vol

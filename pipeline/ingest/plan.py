@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from pydantic import ValidationError
 from pydicom.pixels import get_decoder
@@ -23,7 +23,7 @@ from xwin.pipeline.ingest.dicom_headers import SliceHeader, group_series, is_nif
 from xwin.pipeline.ingest.errors import IngestError
 from xwin.pipeline.ingest.selection import rank_series, summarize_series, why_lower
 from xwin.pipeline.ingest.series_geometry import series_geometry
-from xwin.schemas.ingest import InputKind, ManifestRow, RejectReason, Rejection, SeriesChoice
+from xwin.schemas.ingest import InputKind, ManifestRow, Rejection, RejectReason, SeriesChoice
 
 R = RejectReason
 EXAMPLE_SOURCE = "example"
@@ -68,8 +68,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 # ---------------------------------------------------------------- NIfTI
-def plan_nifti(path: str | Path, cohort: str, config: IngestConfig | None = None, label: str | None = None,
-               kind: InputKind = InputKind.nifti) -> Candidate:
+def plan_nifti(
+    path: str | Path,
+    cohort: str,
+    config: IngestConfig | None = None,
+    label: str | None = None,
+    kind: InputKind = InputKind.nifti,
+) -> Candidate:
     """Hash the file (content identity) and check the header parses. Raises IngestError."""
     cfg = config or IngestConfig()
     p = Path(path)
@@ -85,8 +90,16 @@ def plan_nifti(path: str | Path, cohort: str, config: IngestConfig | None = None
         raise IngestError(R.unreadable_file, f"{label}: NIfTI header does not parse ({type(e).__name__}: {e})")
     digest = file_sha256(p)
     vid = make_volume_id(cohort, {"nifti_sha256": digest}, cfg)
-    return Candidate(input=label, volume_id=vid, kind=kind, cohort=cohort, paths=[str(p)], config=cfg,
-                     checksum=digest, notes=[f"header shape {tuple(int(s) for s in shape)}"])
+    return Candidate(
+        input=label,
+        volume_id=vid,
+        kind=kind,
+        cohort=cohort,
+        paths=[str(p)],
+        config=cfg,
+        checksum=digest,
+        notes=[f"header shape {tuple(int(s) for s in shape)}"],
+    )
 
 
 # ---------------------------------------------------------------- DICOM
@@ -103,21 +116,36 @@ def _check_transfer_syntax(headers: list[SliceHeader]) -> None:
     bad = sorted({h.transfer_syntax for h in headers if not _decodable(h.transfer_syntax)}, key=str)
     if bad:
         names = ", ".join(f"{UID(t).name} ({t})" for t in bad)
-        raise IngestError(R.undecodable_pixels, f"no installed decoder for transfer syntax {names}",
-                          series_uid=headers[0].series_uid)
+        raise IngestError(
+            R.undecodable_pixels, f"no installed decoder for transfer syntax {names}", series_uid=headers[0].series_uid
+        )
 
 
-def plan_study(label: str, series: dict[str, list[SliceHeader]], cohort: str, cfg: IngestConfig,
-               corrupt: Sequence[tuple[str, str]] = (), extra_choices: Sequence[SeriesChoice] = (),
-               subject_id: str | None = None) -> Candidate:
+def plan_study(
+    label: str,
+    series: dict[str, list[SliceHeader]],
+    cohort: str,
+    cfg: IngestConfig,
+    corrupt: Sequence[tuple[str, str]] = (),
+    extra_choices: Sequence[SeriesChoice] = (),
+    subject_id: str | None = None,
+) -> Candidate:
     """Choose and validate one series of one study. Raises IngestError when no series is usable."""
     summaries = [summarize_series(uid, hs, cfg) for uid, hs in series.items()]
     usable, excluded = rank_series(summaries, cfg)
     choices: list[SeriesChoice] = list(extra_choices)
     for s in excluded:
         code, detail = s.exclusion  # type: ignore[misc]
-        choices.append(SeriesChoice(series_uid=s.series_uid, chosen=False, reason=f"{code.value}: {detail}",
-                                    n_slices=s.n_slices, slice_thickness_mm=s.thickness_mm, kernel=s.kernel))
+        choices.append(
+            SeriesChoice(
+                series_uid=s.series_uid,
+                chosen=False,
+                reason=f"{code.value}: {detail}",
+                n_slices=s.n_slices,
+                slice_thickness_mm=s.thickness_mm,
+                kernel=s.kernel,
+            )
+        )
     failures: list[tuple[object, IngestError]] = []
     chosen = geom = None
     for s in usable:
@@ -141,40 +169,78 @@ def plan_study(label: str, series: dict[str, list[SliceHeader]], cohort: str, cf
             extra = "" if len(failures) == 1 else f" (and {len(failures) - 1} other series failed validation)"
             raise IngestError(reason, f"{label}: {err.detail}{extra}{corrupt_note}", series_uid=err.series_uid)
         if not summaries:
-            raise IngestError(R.unreadable_file if corrupt else R.empty_input, f"{label}: no DICOM series"
-                              + corrupt_note)
+            raise IngestError(
+                R.unreadable_file if corrupt else R.empty_input, f"{label}: no DICOM series" + corrupt_note
+            )
         codes = {s.exclusion[0] for s in excluded}  # type: ignore[index]
         reason = codes.pop() if len(codes) == 1 else R.no_usable_series
         detail = "; ".join(f"{s.series_uid}: {s.exclusion[1]}" for s in excluded)  # type: ignore[index]
-        raise IngestError(reason, f"{label}: no usable series ({detail}){corrupt_note}",
-                          series_uid=excluded[0].series_uid if len(excluded) == 1 else None)
+        raise IngestError(
+            reason,
+            f"{label}: no usable series ({detail}){corrupt_note}",
+            series_uid=excluded[0].series_uid if len(excluded) == 1 else None,
+        )
     for s, e in failures:
-        choices.append(SeriesChoice(series_uid=s.series_uid, chosen=False,  # type: ignore[attr-defined]
-                                    reason=f"failed validation {e.reason.value}: {e.detail}",
-                                    n_slices=s.n_slices, slice_thickness_mm=s.thickness_mm,  # type: ignore
-                                    kernel=s.kernel))  # type: ignore[attr-defined]
+        choices.append(
+            SeriesChoice(
+                series_uid=s.series_uid,
+                chosen=False,  # type: ignore[attr-defined]
+                reason=f"failed validation {e.reason.value}: {e.detail}",
+                n_slices=s.n_slices,
+                slice_thickness_mm=s.thickness_mm,  # type: ignore
+                kernel=s.kernel,
+            )
+        )  # type: ignore[attr-defined]
     for s in usable:
         if s is chosen or any(s is f[0] for f in failures):
             continue
-        choices.append(SeriesChoice(series_uid=s.series_uid, chosen=False, reason=why_lower(s, chosen, cfg),
-                                    n_slices=s.n_slices, slice_thickness_mm=s.thickness_mm, kernel=s.kernel))
-    choices.insert(0, SeriesChoice(series_uid=chosen.series_uid, chosen=True,
-                                   reason=f"chosen: {chosen.describe(cfg)}", n_slices=len(geom.headers),
-                                   slice_thickness_mm=chosen.thickness_mm, kernel=chosen.kernel))
+        choices.append(
+            SeriesChoice(
+                series_uid=s.series_uid,
+                chosen=False,
+                reason=why_lower(s, chosen, cfg),
+                n_slices=s.n_slices,
+                slice_thickness_mm=s.thickness_mm,
+                kernel=s.kernel,
+            )
+        )
+    choices.insert(
+        0,
+        SeriesChoice(
+            series_uid=chosen.series_uid,
+            chosen=True,
+            reason=f"chosen: {chosen.describe(cfg)}",
+            n_slices=len(geom.headers),
+            slice_thickness_mm=chosen.thickness_mm,
+            kernel=chosen.kernel,
+        ),
+    )
     hs = geom.headers
     sops = [h.sop_uid for h in hs]
     vid = make_volume_id(cohort, {"series_uid": chosen.series_uid, "sop_uids": sorted(sops)}, cfg)
     notes = list(geom.notes)
     if corrupt:
         notes.append(f"ignored {len(corrupt)} unparseable file(s) outside the chosen series")
-    return Candidate(input=label, volume_id=vid, kind=InputKind.dicom, cohort=cohort, paths=[h.path for h in hs],
-                     config=cfg, series_uid=chosen.series_uid, study_uid=hs[0].study_uid,
-                     subject_id=hs[0].patient_id or subject_id, study_date=hs[0].study_date, sop_uids=sops,
-                     series_choices=choices, notes=notes)
+    return Candidate(
+        input=label,
+        volume_id=vid,
+        kind=InputKind.dicom,
+        cohort=cohort,
+        paths=[h.path for h in hs],
+        config=cfg,
+        series_uid=chosen.series_uid,
+        study_uid=hs[0].study_uid,
+        subject_id=hs[0].patient_id or subject_id,
+        study_date=hs[0].study_date,
+        sop_uids=sops,
+        series_choices=choices,
+        notes=notes,
+    )
 
 
-def plan_dicom_files(files: Iterable[str], label: str, cohort: str, cfg: IngestConfig
-                     ) -> tuple[list[Candidate], list[Rejection]]:
+def plan_dicom_files(
+    files: Iterable[str], label: str, cohort: str, cfg: IngestConfig
+) -> tuple[list[Candidate], list[Rejection]]:
     """Plan DICOM files (a folder's content): one candidate per study; NIfTI files found among them too."""
     files = list(files)
     if not files:
@@ -187,11 +253,21 @@ def plan_dicom_files(files: Iterable[str], label: str, cohort: str, cfg: IngestC
     if not scan.headers:
         if scan.corrupt:
             p, err = scan.corrupt[0]
-            rejs.append(Rejection(input=label, reason=R.unreadable_file,
-                                  detail=f"{label}: {len(scan.corrupt)} DICOM file(s) do not parse (e.g. {p}: {err})"))
+            rejs.append(
+                Rejection(
+                    input=label,
+                    reason=R.unreadable_file,
+                    detail=f"{label}: {len(scan.corrupt)} DICOM file(s) do not parse (e.g. {p}: {err})",
+                )
+            )
         elif not scan.nifti:
-            rejs.append(Rejection(input=label, reason=R.empty_input,
-                                  detail=f"{label}: no DICOM or NIfTI file among {len(files)} file(s)"))
+            rejs.append(
+                Rejection(
+                    input=label,
+                    reason=R.empty_input,
+                    detail=f"{label}: no DICOM or NIfTI file among {len(files)} file(s)",
+                )
+            )
         return cands, rejs
     studies = group_series(scan.headers)
     for study_uid, series in studies.items():
@@ -206,8 +282,13 @@ def _try(fn, label: str, cands: list[Candidate], rejs: list[Rejection]) -> None:
     except IngestError as e:
         rejs.append(Rejection(input=label, reason=e.reason, detail=e.detail, series_uid=e.series_uid))
     except Exception as e:  # a bug or an exotic file must not stop the batch
-        rejs.append(Rejection(input=label, reason=R.unreadable_file,
-                              detail=f"{label}: unexpected {type(e).__name__} while planning: {e}"))
+        rejs.append(
+            Rejection(
+                input=label,
+                reason=R.unreadable_file,
+                detail=f"{label}: unexpected {type(e).__name__} while planning: {e}",
+            )
+        )
 
 
 # ---------------------------------------------------------------- NBIA manifest
@@ -226,8 +307,13 @@ def read_manifest(csv_path: str | Path) -> tuple[list[tuple[int, ManifestRow]], 
                     raise ValueError("empty Series UID or File Location")
                 rows.append((line, row))
             except (ValidationError, ValueError) as e:
-                rejs.append(Rejection(input=f"{csv_path}:{line}", reason=R.manifest_error,
-                                      detail=f"{csv_path} line {line}: {str(e).splitlines()[0]}"))
+                rejs.append(
+                    Rejection(
+                        input=f"{csv_path}:{line}",
+                        reason=R.manifest_error,
+                        detail=f"{csv_path} line {line}: {str(e).splitlines()[0]}",
+                    )
+                )
     return rows, rejs
 
 
@@ -238,8 +324,9 @@ def resolve_location(loc: str, root: Path) -> Path:
     return p if p.is_absolute() else root / rel
 
 
-def plan_manifest(csv_path: str | Path, cohort: str, root: str | Path | None = None,
-                  config: IngestConfig | None = None) -> tuple[list[Candidate], list[Rejection]]:
+def plan_manifest(
+    csv_path: str | Path, cohort: str, root: str | Path | None = None, config: IngestConfig | None = None
+) -> tuple[list[Candidate], list[Rejection]]:
     """Plan an NBIA ``metadata.csv``: one candidate per study (input ``csv#StudyUID``).
 
     ``File Location`` is relative to ``root`` (default: the csv's folder). Series whose manifest Modality is not
@@ -268,15 +355,26 @@ def plan_manifest(csv_path: str | Path, cohort: str, root: str | Path | None = N
             missing: list[str] = []
             for row in srows:
                 if row.modality and row.modality.upper() != "CT":
-                    extra.append(SeriesChoice(series_uid=row.series_uid, chosen=False,
-                                              reason=f"wrong_modality: manifest Modality {row.modality}",
-                                              n_slices=row.number_of_images or 0))
+                    extra.append(
+                        SeriesChoice(
+                            series_uid=row.series_uid,
+                            chosen=False,
+                            reason=f"wrong_modality: manifest Modality {row.modality}",
+                            n_slices=row.number_of_images or 0,
+                        )
+                    )
                     continue
                 folder = resolve_location(row.file_location, base)
                 if not folder.is_dir():
                     missing.append(str(folder))
-                    extra.append(SeriesChoice(series_uid=row.series_uid, chosen=False,
-                                              reason=f"not_found: {folder}", n_slices=row.number_of_images or 0))
+                    extra.append(
+                        SeriesChoice(
+                            series_uid=row.series_uid,
+                            chosen=False,
+                            reason=f"not_found: {folder}",
+                            n_slices=row.number_of_images or 0,
+                        )
+                    )
                     continue
                 files.extend(iter_files(folder))
             if not files:
@@ -286,8 +384,10 @@ def plan_manifest(csv_path: str | Path, cohort: str, root: str | Path | None = N
             scan = scan_paths(files)  # NIfTI files inside series folders are ignored
             if not scan.headers:
                 if scan.corrupt:
-                    raise IngestError(R.unreadable_file, f"{label}: {len(scan.corrupt)} DICOM file(s) do not parse "
-                                                         f"(e.g. {scan.corrupt[0][0]})")
+                    raise IngestError(
+                        R.unreadable_file,
+                        f"{label}: {len(scan.corrupt)} DICOM file(s) do not parse (e.g. {scan.corrupt[0][0]})",
+                    )
                 raise IngestError(R.empty_input, f"{label}: no DICOM file in {len(files)} file(s)")
             series: dict[str, list[SliceHeader]] = {}
             for h in scan.headers:
@@ -302,8 +402,9 @@ def plan_manifest(csv_path: str | Path, cohort: str, root: str | Path | None = N
 
 
 # ---------------------------------------------------------------- any source
-def plan_inputs(sources: Sequence[str | Path], cohort: str, config: IngestConfig | None = None
-                ) -> tuple[list[Candidate], list[Rejection]]:
+def plan_inputs(
+    sources: Sequence[str | Path], cohort: str, config: IngestConfig | None = None
+) -> tuple[list[Candidate], list[Rejection]]:
     """Plan every source: NIfTI file, DICOM folder (or single DICOM file), NBIA metadata.csv, or ``example``
     (the bundled chest CT). Returns (candidates, rejections); never raises for a bad source."""
     cfg = config or IngestConfig()
@@ -314,8 +415,12 @@ def plan_inputs(sources: Sequence[str | Path], cohort: str, config: IngestConfig
         if label == EXAMPLE_SOURCE:
             from xwin.pipeline.example import example_ct_path
 
-            _try(lambda: plan_nifti(example_ct_path(), cohort, cfg, label=label, kind=InputKind.example),
-                 label, cands, rejs)
+            _try(
+                lambda: plan_nifti(example_ct_path(), cohort, cfg, label=label, kind=InputKind.example),
+                label,
+                cands,
+                rejs,
+            )
             continue
         p = Path(label).expanduser()
         if not p.exists():
@@ -324,8 +429,16 @@ def plan_inputs(sources: Sequence[str | Path], cohort: str, config: IngestConfig
             try:
                 c, r = plan_dicom_files(iter_files(p), label, cohort, cfg)
             except Exception as e:
-                c, r = [], [Rejection(input=label, reason=R.unreadable_file,
-                                      detail=f"{label}: unexpected {type(e).__name__} while planning: {e}")]
+                c, r = (
+                    [],
+                    [
+                        Rejection(
+                            input=label,
+                            reason=R.unreadable_file,
+                            detail=f"{label}: unexpected {type(e).__name__} while planning: {e}",
+                        )
+                    ],
+                )
             cands += c
             rejs += r
         elif p.suffix.lower() == ".csv":

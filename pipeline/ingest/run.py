@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -22,9 +23,14 @@ class VolumeStore(Protocol):
     def write_volume(self, record: VolumeRecord, hu: np.ndarray) -> None: ...
 
 
-def ingest_sources(sources: Sequence[str | Path], cohort: str, store: VolumeStore,
-                   config: IngestConfig | None = None, manifests: Sequence[str | Path] = (),
-                   on_entry=None) -> RunSummary:
+def ingest_sources(
+    sources: Sequence[str | Path],
+    cohort: str,
+    store: VolumeStore,
+    config: IngestConfig | None = None,
+    manifests: Sequence[str | Path] = (),
+    on_entry=None,
+) -> RunSummary:
     """Ingest sources (and NBIA manifests) into ``store``; return the RunSummary.
 
     A candidate whose volume_id the store already has, or that an earlier input of the same run produced,
@@ -51,8 +57,12 @@ def ingest_sources(sources: Sequence[str | Path], cohort: str, store: VolumeStor
             try:
                 record, hu = load_candidate(c)
             except IngestError as e:
-                entry = Rejection(input=c.input, reason=e.reason, detail=e.detail,  # type: ignore[assignment]
-                                  series_uid=e.series_uid or c.series_uid)
+                entry = Rejection(
+                    input=c.input,
+                    reason=e.reason,
+                    detail=e.detail,  # type: ignore[assignment]
+                    series_uid=e.series_uid or c.series_uid,
+                )
                 summary.rejected.append(entry)  # type: ignore[arg-type]
                 if on_entry:
                     on_entry("rejected", entry)

@@ -100,14 +100,22 @@ def summarize_series(series_uid: str, headers: list[SliceHeader], cfg: IngestCon
     if modalities != {"CT"}:
         exclusion = (RejectReason.wrong_modality, f"Modality {sorted(str(m) for m in modalities)}, not CT")
     elif any(h.is_localizer for h in headers):
-        exclusion = (RejectReason.localizer, f"localizer/scout (ImageType {'/'.join(h0.image_type)}, "
-                                             f"description {h0.description!r})")
+        exclusion = (
+            RejectReason.localizer,
+            f"localizer/scout (ImageType {'/'.join(h0.image_type)}, description {h0.description!r})",
+        )
     elif h0.iop is not None and abs(np.cross(h0.iop[:3], h0.iop[3:])[2]) < cfg.min_axial_cos:
         exclusion = (RejectReason.not_axial, f"ImageOrientationPatient {list(h0.iop)} is not axial")
     elif n_unique < cfg.min_slices:
         exclusion = (RejectReason.too_few_slices, f"{n_unique} image(s) < minimum {cfg.min_slices}")
-    return SeriesSummary(series_uid=series_uid, headers=headers, n_slices=n_unique,
-                         thickness_mm=_thickness(headers), kernel=h0.kernel, exclusion=exclusion)
+    return SeriesSummary(
+        series_uid=series_uid,
+        headers=headers,
+        n_slices=n_unique,
+        thickness_mm=_thickness(headers),
+        kernel=h0.kernel,
+        exclusion=exclusion,
+    )
 
 
 def rank_series(summaries: list[SeriesSummary], cfg: IngestConfig) -> tuple[list[SeriesSummary], list[SeriesSummary]]:

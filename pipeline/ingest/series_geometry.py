@@ -60,8 +60,11 @@ def series_geometry(headers: list[SliceHeader], cfg: IngestConfig) -> SeriesGeom
     # -- one image per file, scalar
     for h in headers:
         if h.n_frames != 1 or h.samples_per_pixel != 1:
-            raise fail(R.bad_shape, f"{h.path}: {h.n_frames} frames x {h.samples_per_pixel} samples per pixel "
-                                    "(only single-frame greyscale CT images are supported)")
+            raise fail(
+                R.bad_shape,
+                f"{h.path}: {h.n_frames} frames x {h.samples_per_pixel} samples per pixel "
+                "(only single-frame greyscale CT images are supported)",
+            )
     # -- same SOP instance twice (copied file): keep one
     seen: dict[str, SliceHeader] = {}
     for h in headers:
@@ -82,11 +85,13 @@ def series_geometry(headers: list[SliceHeader], cfg: IngestConfig) -> SeriesGeom
         if np.max(np.abs(np.asarray(h.iop) - iop0)) > 1e-4:
             raise fail(R.inconsistent_geometry, f"ImageOrientationPatient differs: {h.iop} vs {h0.iop} ({h.path})")
         if (h.rows, h.cols) != (h0.rows, h0.cols):
-            raise fail(R.inconsistent_geometry, f"Rows/Columns differ: {h.rows}x{h.cols} vs {h0.rows}x{h0.cols} "
-                                                f"({h.path})")
+            raise fail(
+                R.inconsistent_geometry, f"Rows/Columns differ: {h.rows}x{h.cols} vs {h0.rows}x{h0.cols} ({h.path})"
+            )
         if np.max(np.abs(np.asarray(h.pixel_spacing) - ps0)) > 1e-4 * max(1.0, ps0.max()):
-            raise fail(R.inconsistent_geometry, f"PixelSpacing differs: {h.pixel_spacing} vs {h0.pixel_spacing} "
-                                                f"({h.path})")
+            raise fail(
+                R.inconsistent_geometry, f"PixelSpacing differs: {h.pixel_spacing} vs {h0.pixel_spacing} ({h.path})"
+            )
     r, c = iop0[:3], iop0[3:]
     if abs(np.linalg.norm(r) - 1) > 1e-3 or abs(np.linalg.norm(c) - 1) > 1e-3 or abs(r @ c) > 1e-3:
         raise fail(R.inconsistent_geometry, f"ImageOrientationPatient {h0.iop} is not two orthonormal vectors")
@@ -109,8 +114,10 @@ def series_geometry(headers: list[SliceHeader], cfg: IngestConfig) -> SeriesGeom
     for k in range(1, len(headers)):
         if abs(d[k] - d[keep[-1]]) < 1e-3:
             if np.linalg.norm(pos[k] - pos[keep[-1]]) > 1e-3:
-                raise fail(R.inconsistent_geometry, f"two slices at the same depth {d[k]:.3f} mm but different "
-                                                    f"in-plane positions ({headers[k].path})")
+                raise fail(
+                    R.inconsistent_geometry,
+                    f"two slices at the same depth {d[k]:.3f} mm but different in-plane positions ({headers[k].path})",
+                )
             continue
         keep.append(k)
     if len(keep) < len(headers):
@@ -130,18 +137,25 @@ def series_geometry(headers: list[SliceHeader], cfg: IngestConfig) -> SeriesGeom
         k = int(bad[0])
         if np.all(np.abs(ratios - np.round(ratios)) * med <= tol) and np.all(np.round(ratios) >= 2):
             missing = int(np.sum(np.round(ratios) - 1))
-            raise fail(R.missing_slices, f"{missing} slice(s) missing: gap of {steps[k]:.3f} mm after the slice at "
-                                         f"{d[k]:.3f} mm (step {med:.3f} mm)")
-        raise fail(R.nonuniform_spacing, f"slice steps vary: {steps[k]:.3f} mm after the slice at {d[k]:.3f} mm vs "
-                                         f"median {med:.3f} mm (tolerance {tol:.3f})")
+            raise fail(
+                R.missing_slices,
+                f"{missing} slice(s) missing: gap of {steps[k]:.3f} mm after the slice at "
+                f"{d[k]:.3f} mm (step {med:.3f} mm)",
+            )
+        raise fail(
+            R.nonuniform_spacing,
+            f"slice steps vary: {steps[k]:.3f} mm after the slice at {d[k]:.3f} mm vs "
+            f"median {med:.3f} mm (tolerance {tol:.3f})",
+        )
 
     # -- positions on one line; shear of that line against the normal = gantry tilt
     N = len(headers)
     step_vec = (pos[-1] - pos[0]) / (N - 1)
     resid = pos - (pos[0] + np.arange(N)[:, None] * step_vec)
     if np.abs(resid).max() > tol:
-        raise fail(R.inconsistent_geometry, f"slice positions are not on one line (off by "
-                                            f"{np.abs(resid).max():.3f} mm)")
+        raise fail(
+            R.inconsistent_geometry, f"slice positions are not on one line (off by {np.abs(resid).max():.3f} mm)"
+        )
     step_n = float(step_vec @ n)
     shear = step_vec - step_n * n
     tilt_deg = math.degrees(math.atan2(float(np.linalg.norm(shear)), abs(step_n)))
@@ -151,17 +165,29 @@ def series_geometry(headers: list[SliceHeader], cfg: IngestConfig) -> SeriesGeom
     A[:3, 3] = pos[0]
     tilt_shift = None
     if h0.gantry_tilt and abs(h0.gantry_tilt) > cfg.tilt_tolerance_deg and tilt_deg <= cfg.tilt_tolerance_deg:
-        notes.append(f"GantryDetectorTilt {h0.gantry_tilt} deg but slice positions are not sheared: "
-                     "geometry taken from positions")
+        notes.append(
+            f"GantryDetectorTilt {h0.gantry_tilt} deg but slice positions are not sheared: "
+            "geometry taken from positions"
+        )
     if tilt_deg > cfg.tilt_tolerance_deg:
         if cfg.tilt == "reject":
-            raise fail(R.gantry_tilt, f"slice stack sheared by {tilt_deg:.2f} deg (GantryDetectorTilt "
-                                      f"{h0.gantry_tilt}); resampling disabled")
+            raise fail(
+                R.gantry_tilt,
+                f"slice stack sheared by {tilt_deg:.2f} deg (GantryDetectorTilt {h0.gantry_tilt}); resampling disabled",
+            )
         tilt_shift = (float(step_vec @ c) / dr, float(step_vec @ r) / dc)  # pixels per slice (rows, cols)
         A[:3, 2] = step_n * n
-        notes.append(f"gantry tilt {tilt_deg:.2f} deg resampled onto an orthogonal grid (linear, in-plane shift "
-                     f"{tilt_shift[0]:.3f} rows, {tilt_shift[1]:.3f} cols per slice)")
+        notes.append(
+            f"gantry tilt {tilt_deg:.2f} deg resampled onto an orthogonal grid (linear, in-plane shift "
+            f"{tilt_shift[0]:.3f} rows, {tilt_shift[1]:.3f} cols per slice)"
+        )
     else:
         A[:3, 2] = step_vec
-    return SeriesGeometry(headers=headers, affine_lps=A, slice_step_mm=abs(step_n), tilt_deg=tilt_deg,
-                          tilt_shift_px=tilt_shift, notes=notes)
+    return SeriesGeometry(
+        headers=headers,
+        affine_lps=A,
+        slice_step_mm=abs(step_n),
+        tilt_deg=tilt_deg,
+        tilt_shift_px=tilt_shift,
+        notes=notes,
+    )

@@ -31,14 +31,19 @@ def check_hu_range(lo: float | None, hi: float, cfg: IngestConfig, what: str) ->
     if lo is None:
         raise IngestError(RejectReason.hu_out_of_range, f"{what}: every voxel is padding")
     if lo < cfg.min_hu:
-        raise IngestError(RejectReason.hu_out_of_range, f"{what}: minimum {lo:g} HU below {cfg.min_hu:g} and not "
-                                                        f"padding (<= {cfg.padding_hu_at_or_below:g} or "
-                                                        "PixelPaddingValue)")
+        raise IngestError(
+            RejectReason.hu_out_of_range,
+            f"{what}: minimum {lo:g} HU below {cfg.min_hu:g} and not "
+            f"padding (<= {cfg.padding_hu_at_or_below:g} or "
+            "PixelPaddingValue)",
+        )
     if hi > 32767:
         raise IngestError(RejectReason.hu_out_of_range, f"{what}: maximum {hi:g} HU does not fit int16")
     if lo > cfg.air_hu:
-        raise IngestError(RejectReason.hu_out_of_range, f"{what}: no air (minimum {lo:g} HU > {cfg.air_hu:g}); "
-                                                        "not HU values (missing rescale?)")
+        raise IngestError(
+            RejectReason.hu_out_of_range,
+            f"{what}: no air (minimum {lo:g} HU > {cfg.air_hu:g}); not HU values (missing rescale?)",
+        )
 
 
 def canonical_ras(arr: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +65,9 @@ def orientation(affine_ras: np.ndarray) -> np.ndarray:
     return io_orientation(affine_ras)
 
 
-def resample_to_spacing(hu: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float]
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def resample_to_spacing(
+    hu: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Linear resampling of a canonical volume to ``spacing`` (mm along each voxel axis), same field of view.
 
     New size n' = round(n * s / s'); the new grid is centred on the old one. Padding is already air, so nothing
@@ -74,8 +80,9 @@ def resample_to_spacing(hu: np.ndarray, affine: np.ndarray, spacing: tuple[float
     scale = new / old  # old index per new index
     # centres coincide: old_idx = scale * new_idx + offset
     offset = (shape - 1) / 2.0 - scale * (nshape - 1) / 2.0
-    out = ndimage.affine_transform(hu.astype(np.float32), scale, offset=offset, output_shape=tuple(nshape),
-                                   order=1, mode="nearest")
+    out = ndimage.affine_transform(
+        hu.astype(np.float32), scale, offset=offset, output_shape=tuple(nshape), order=1, mode="nearest"
+    )
     aff = affine.copy()
     aff[:3, :3] = affine[:3, :3] * scale[None, :]
     aff[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
@@ -101,5 +108,12 @@ def hu_stats(hu: np.ndarray, counts: np.ndarray | None = None) -> HUStats:
     def q(p: float) -> float:
         return float(values[np.searchsorted(cdf, np.floor(p * (n - 1)) + 1)])  # numpy method='lower'
 
-    return HUStats(min=float(values[nz[0]]), max=float(values[nz[-1]]), mean=mean, std=var ** 0.5,
-                   p01=q(0.01), p99=q(0.99), air_fraction=float(cdf[32768 - 950] / n))
+    return HUStats(
+        min=float(values[nz[0]]),
+        max=float(values[nz[-1]]),
+        mean=mean,
+        std=var**0.5,
+        p01=q(0.01),
+        p99=q(0.99),
+        air_fraction=float(cdf[32768 - 950] / n),
+    )

@@ -94,8 +94,9 @@ def fov_grid(views: ConeBeamViews, orbit: Orbit | None = None, inplane_mm: float
     return ReconGrid((n, n, nz), np.linalg.inv(T) @ A)
 
 
-def truncation_report(projections: np.ndarray, views: ConeBeamViews, orbit: Orbit, edge: int = 2,
-                      threshold: float = 0.05) -> dict:
+def truncation_report(
+    projections: np.ndarray, views: ConeBeamViews, orbit: Orbit, edge: int = 2, threshold: float = 0.05
+) -> dict:
     """Lateral truncation: does the object reach the detector's edge columns?
 
     ``edge_fraction``: largest mean line integral of the ``edge`` outermost columns (over rows), relative to the
@@ -157,8 +158,13 @@ def reconstruct(
 
         mu, info = fdk_astra.fdk(p, views, grid, orbit, short_scan, window=window, cutoff=cut)
     seconds = time.perf_counter() - t0
-    info = {**info, "window": window, "cutoff": cut, "orbit": orbit.to_dict(),
-            "truncation": truncation_report(p, views, orbit)}
+    info = {
+        **info,
+        "window": window,
+        "cutoff": cut,
+        "orbit": orbit.to_dict(),
+        "truncation": truncation_report(p, views, orbit),
+    }
     return Reconstruction(mu, grid, name, seconds, orbit, info)
 
 
@@ -209,15 +215,29 @@ def validate_volume(
     return ValidationResult(metrics, ref, rec.mu, mask, grid)
 
 
-def validate_stored_ring(store, dataset, volume_id: str, grid: ReconGrid | None = None, backend: str = "auto",
-                         **options) -> ValidationResult:
+def validate_stored_ring(
+    store, dataset, volume_id: str, grid: ReconGrid | None = None, backend: str = "auto", **options
+) -> ValidationResult:
     """Validate one stored ring. ``store``: has ``read_volume(volume_id) -> (VolumeRecord, hu)``; ``dataset``:
     has ``spec``, ``read_views(volume_id, indices)`` and ``read_geometry(volume_id)`` (the storage contract)."""
     record, hu = store.read_volume(volume_id)
     views = dataset.read_geometry(volume_id)
     proj, _ = dataset.read_views(volume_id, np.arange(len(views)))
-    res = validate_volume(proj, views, hu, np.asarray(record.affine, dtype=np.float64),
-                          dataset.spec.mu_water_per_mm, grid, backend, **options)
-    res.metrics.update({"volume_id": volume_id, "cohort": getattr(dataset, "cohort", None),
-                        "spec_hash": getattr(dataset, "spec_hash", None)})
+    res = validate_volume(
+        proj,
+        views,
+        hu,
+        np.asarray(record.affine, dtype=np.float64),
+        dataset.spec.mu_water_per_mm,
+        grid,
+        backend,
+        **options,
+    )
+    res.metrics.update(
+        {
+            "volume_id": volume_id,
+            "cohort": getattr(dataset, "cohort", None),
+            "spec_hash": getattr(dataset, "spec_hash", None),
+        }
+    )
     return res

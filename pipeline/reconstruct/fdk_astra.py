@@ -79,8 +79,14 @@ def astra_setup(views: ConeBeamViews, grid: ReconGrid, orbit: Orbit | None = Non
         raise GeometryError("FDK_CUDA needs u in the rotation plane and v parallel to the rotation axis")
     if np.any(np.sign(vh[:, 2]) != np.sign(vh[0, 2])):
         raise GeometryError("detector v direction flips between views")
-    for name, a in (("|u|", np.linalg.norm(va.u, axis=1)), ("|v|", np.linalg.norm(va.v, axis=1)),
-                    ("SID", orbit.sid), ("SDD", orbit.sdd), ("source z", va.src[:, 2]), ("detector z", va.det[:, 2])):
+    for name, a in (
+        ("|u|", np.linalg.norm(va.u, axis=1)),
+        ("|v|", np.linalg.norm(va.v, axis=1)),
+        ("SID", orbit.sid),
+        ("SDD", orbit.sdd),
+        ("source z", va.src[:, 2]),
+        ("detector z", va.det[:, 2]),
+    ):
         if np.ptp(a) > tol * max(1.0, float(np.abs(a).max())):
             raise GeometryError(f"FDK_CUDA reads one circular geometry from view 0, but {name} varies between views")
     flip = bool(vh[0, 2] < 0)

@@ -126,8 +126,13 @@ def view_weights(views: ConeBeamViews, orbit: Orbit, short_scan: bool | None = N
 
 
 def filter_projections(
-    proj: np.ndarray, weights: np.ndarray, window: str = "ram-lak", cutoff: float = 1.0, truncation: float = 0.0,
-    chunk: int = 8, workers: int = -1,
+    proj: np.ndarray,
+    weights: np.ndarray,
+    window: str = "ram-lak",
+    cutoff: float = 1.0,
+    truncation: float = 0.0,
+    chunk: int = 8,
+    workers: int = -1,
 ) -> np.ndarray:
     """Weight and ramp-filter along rows. proj, weights: (V, H, W). Returns (V, W, H) float32 (transposed for the
     backprojector: the detector row index is contiguous).

@@ -33,7 +33,12 @@ def fdk(
     import itk
     from itk import RTK as rtk
 
-    from xwin.pipeline.render.rtk_backend import itk_image_from_volume, projection_stack, rtk_geometry, volume_from_itk_image
+    from xwin.pipeline.render.rtk_backend import (
+        itk_image_from_volume,
+        projection_stack,
+        rtk_geometry,
+        volume_from_itk_image,
+    )
 
     if window not in ("ram-lak", "hann"):
         raise ValueError(f"RTK FDK supports windows 'ram-lak' and 'hann', not {window!r}")

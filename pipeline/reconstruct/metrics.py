@@ -24,8 +24,9 @@ def resample_to_grid(vol: np.ndarray, affine: np.ndarray, grid: ReconGrid, order
     """
     A = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ grid.affine  # grid index -> source index
     v = np.asarray(vol, dtype=np.float32)
-    out = ndimage.affine_transform(v, A[:3, :3], offset=A[:3, 3], output_shape=grid.shape, order=order,
-                                   mode="nearest", prefilter=False)
+    out = ndimage.affine_transform(
+        v, A[:3, :3], offset=A[:3, 3], output_shape=grid.shape, order=order, mode="nearest", prefilter=False
+    )
     # zero beyond the source box [-1/2, N-1/2]
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), -1).reshape(-1, 3)
     src = idx @ A[:3, :3].T + A[:3, 3]

@@ -22,8 +22,14 @@ def _slices(vol: np.ndarray) -> list[np.ndarray]:
     return [np.flipud(ax.T), np.flipud(co.T), np.flipud(sa.T)]
 
 
-def write_report(out_dir: str | Path, metrics: dict, reference: np.ndarray, reconstruction: np.ndarray,
-                 mask: np.ndarray | None = None, spacing: tuple[float, float, float] | None = None) -> dict:
+def write_report(
+    out_dir: str | Path,
+    metrics: dict,
+    reference: np.ndarray,
+    reconstruction: np.ndarray,
+    mask: np.ndarray | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> dict:
     """Write ``metrics.json`` and ``slices.png`` under ``out_dir``; returns {"json": path, "png": path}."""
     import matplotlib
 
@@ -45,8 +51,11 @@ def write_report(out_dir: str | Path, metrics: dict, reference: np.ndarray, reco
     names = ["axial", "coronal", "sagittal"]
     for r in range(3):
         for c, (img, kw) in enumerate(
-            [(ref_s[r], dict(cmap="gray", vmin=lo, vmax=hi)), (rec_s[r], dict(cmap="gray", vmin=lo, vmax=hi)),
-             (diff_s[r], dict(cmap="coolwarm", vmin=-dmax, vmax=dmax))]
+            [
+                (ref_s[r], dict(cmap="gray", vmin=lo, vmax=hi)),
+                (rec_s[r], dict(cmap="gray", vmin=lo, vmax=hi)),
+                (diff_s[r], dict(cmap="coolwarm", vmin=-dmax, vmax=dmax)),
+            ]
         ):
             im = axes[r, c].imshow(img, aspect=aspects[r], interpolation="nearest", **kw)
             axes[r, c].set_xticks([])
@@ -57,8 +66,10 @@ def write_report(out_dir: str | Path, metrics: dict, reference: np.ndarray, reco
     axes[0, 0].set_title("reference mu [1/mm]")
     axes[0, 1].set_title(f"FDK ({metrics.get('backend', '?')})")
     axes[0, 2].set_title("reconstruction - reference")
-    fig.suptitle(f"{metrics.get('volume_id', '')}  PSNR {metrics.get('psnr_db', float('nan')):.2f} dB  "
-                 f"SSIM {metrics.get('ssim', float('nan')):.3f}")
+    fig.suptitle(
+        f"{metrics.get('volume_id', '')}  PSNR {metrics.get('psnr_db', float('nan')):.2f} dB  "
+        f"SSIM {metrics.get('ssim', float('nan')):.3f}"
+    )
     fig.tight_layout()
     ppath = out / "slices.png"
     fig.savefig(ppath, dpi=80)

@@ -20,8 +20,8 @@ Backends (``backend=``):
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -29,13 +29,13 @@ from xwin.pipeline.geometry import ConeBeamViews, ring_for_volume
 from xwin.schemas.render import RenderSpec
 
 __all__ = [
-    "hu_to_mu",
-    "render_views",
-    "render_ring",
-    "available_backends",
-    "resolve_backend",
-    "backend_versions",
     "BACKENDS",
+    "available_backends",
+    "backend_versions",
+    "hu_to_mu",
+    "render_ring",
+    "render_views",
+    "resolve_backend",
 ]
 
 
@@ -119,8 +119,9 @@ def resolve_backend(name: str = "auto") -> str:
 
 def backend_versions(name: str) -> dict[str, str]:
     """Library versions that determine a backend's output (for provenance)."""
-    import numpy
     from importlib.metadata import version
+
+    import numpy
 
     out = {"numpy": numpy.__version__, "backend": name}
     libs = {

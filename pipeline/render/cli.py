@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -17,9 +17,9 @@ from xwin.schemas.render import RenderSpec
 
 StoreOpt = Annotated[str, typer.Option("--store", help="store URL: local path, file:// or s3://bucket/prefix")]
 SpecOpt = Annotated[
-    Optional[Path], typer.Option("--spec", help="RenderSpec as a JSON or YAML file (default: X-WIN defaults)")
+    Path | None, typer.Option("--spec", help="RenderSpec as a JSON or YAML file (default: X-WIN defaults)")
 ]
-CohortOpt = Annotated[Optional[str], typer.Option("--cohort", help="dataset cohort (default: the volume's cohort)")]
+CohortOpt = Annotated[str | None, typer.Option("--cohort", help="dataset cohort (default: the volume's cohort)")]
 
 
 def load_spec(path: Path | str | None) -> RenderSpec:
@@ -74,7 +74,7 @@ def render_volume_to_store(
 
 def render_cmd(
     store: StoreOpt,
-    volume: Annotated[Optional[list[str]], typer.Option("--volume", help="volume id (repeatable)")] = None,
+    volume: Annotated[list[str] | None, typer.Option("--volume", help="volume id (repeatable)")] = None,
     all_: Annotated[bool, typer.Option("--all", help="every committed volume (of --cohort if given)")] = False,
     cohort: CohortOpt = None,
     spec: SpecOpt = None,

@@ -5,5 +5,13 @@ from xwin.training.models.predictors import MaskPredictor, ViewPredictor
 from xwin.training.models.vit import VisionTransformer, sincos_2d
 from xwin.training.models.xwin import EMAEncoder, XWin, build_encoder
 
-__all__ = ["DomainClassifier", "EMAEncoder", "MaskPredictor", "ViewPredictor", "VisionTransformer", "XWin",
-           "build_encoder", "sincos_2d"]
+__all__ = [
+    "DomainClassifier",
+    "EMAEncoder",
+    "MaskPredictor",
+    "ViewPredictor",
+    "VisionTransformer",
+    "XWin",
+    "build_encoder",
+    "sincos_2d",
+]

@@ -87,7 +87,9 @@ class MaskPredictor(nn.Module):
     def forward(self, ctx: torch.Tensor, keep: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         B, K, _ = ctx.shape
         if keep.shape != (B, K) or masked.ndim != 2 or masked.shape[0] != B:
-            raise ValueError(f"keep must be (B, K)={B, K} and masked (B, M), got {tuple(keep.shape)}, {tuple(masked.shape)}")
+            raise ValueError(
+                f"keep must be (B, K)={B, K} and masked (B, M), got {tuple(keep.shape)}, {tuple(masked.shape)}"
+            )
         pos = self.pos_embed.expand(B, -1, -1)
         x = self.embed(ctx) + gather_tokens(pos, keep)
         m = self.mask_token.to(x.dtype) + gather_tokens(pos, masked).to(x.dtype)

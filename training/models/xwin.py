@@ -27,7 +27,9 @@ from xwin.training.models.vit import VisionTransformer, gather_tokens
 
 
 def build_encoder(cfg: ModelConfig) -> VisionTransformer:
-    return VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+    return VisionTransformer(
+        cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio
+    )
 
 
 class XWin(nn.Module):
@@ -37,7 +39,12 @@ class XWin(nn.Module):
         self.loss_cfg = loss_cfg or LossConfig()
         self.encoder = build_encoder(cfg)
         self.view_predictor = ViewPredictor(
-            cfg.grid, cfg.embed_dim, cfg.view_pred_dim, cfg.view_pred_depth, cfg.view_pred_heads, cfg.mlp_ratio,
+            cfg.grid,
+            cfg.embed_dim,
+            cfg.view_pred_dim,
+            cfg.view_pred_depth,
+            cfg.view_pred_heads,
+            cfg.mlp_ratio,
             action_scale=cfg.action_scale_deg,
         )
         self.mask_predictor = MaskPredictor(
