@@ -214,7 +214,7 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
         return Rejection(
             input=candidate.input, reason=e.reason, detail=e.detail, series_uid=e.series_uid or candidate.series_uid
         )
-    except Exception as e:
+    except Exception as e:  # an unexpected reader error on this input: rejected unless transient
         if is_transient(e):
             raise
         return Rejection(
@@ -268,7 +268,7 @@ def render_series(
                     t2 = time.perf_counter()
                     views, geom = render_ring(hu, np.asarray(record.affine), ds.spec, name)
                     t3 = time.perf_counter()
-            except Exception as e:
+            except Exception as e:  # classified: transient errors retry, the rest reject the series
                 if is_transient(e):
                     raise
                 return Outcome(
@@ -324,7 +324,7 @@ def _emit(ev: dict) -> None:
     for fn in list(_listeners):
         try:
             fn(ev)
-        except Exception:
+        except Exception:  # a broken progress bar must not break a run
             log.debug("progress listener failed", exc_info=True)
 
 

@@ -250,7 +250,7 @@ class LocalStages:
                 self.attempts[task.name] = self.attempts.get(task.name, 0) + 1
             try:
                 return task.fn(*args)
-            except Exception as e:
+            except Exception as e:  # filtered by the task's retry condition
                 cond = task.retry_condition_fn
                 retry = (
                     is_transient(e) if cond is None or cond is retry_transient else bool(cond(task, None, _Failed(e)))

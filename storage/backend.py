@@ -114,7 +114,7 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_s: float = 
     for i in range(attempts):
         try:
             return fn()
-        except Exception as e:
+        except Exception as e:  # filtered by is_transient
             if i == attempts - 1 or not is_transient(e):
                 raise
             wait = min(2.0, base_s * 2**i) * (0.5 + random.random())
