@@ -3,7 +3,7 @@
 Same as ``xwin bench consumer``; without ``--store`` it renders the bundled CT into a temporary bench store.
 """
 
-from xwin.flows.bench_cli import consumer_main
+from xwin.flows.cli.bench import consumer_main
 
 if __name__ == "__main__":
     consumer_main()

@@ -76,7 +76,7 @@ def stages_alone(paths: list[Path], spec: RenderSpec, backend: str, root: Path) 
         rec, hu = store.read_volume(rec.volume_id)
         views, geom = render_ring(hu, np.asarray(rec.affine), spec, backend)
         t2 = time.perf_counter()
-        ds.write_ring(rec.volume_id, views, geom, {"bench": True})
+        ds.write_ring(rec.volume_id, views, geom.view_meta(), {"bench": True})
         t3 = time.perf_counter()
         t["ingest"].append(t1 - t0)
         t["render"].append(t2 - t1)
@@ -85,7 +85,8 @@ def stages_alone(paths: list[Path], spec: RenderSpec, backend: str, root: Path) 
 
 
 def e2e(paths: list[Path], spec: RenderSpec, backend: str, root: Path, mode: str) -> float:
-    from xwin.flows.backfill import BackfillParams, run_local
+    from xwin.flows.backfill import run_local
+    from xwin.flows.params import BackfillParams
 
     params = BackfillParams(
         cohort="bench",

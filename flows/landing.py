@@ -25,19 +25,14 @@ from typing import Any
 from prefect import flow
 
 from xwin.flows import reports as rep
-from xwin.flows.backfill import BackfillIncomplete, BackfillParams, backfill_cohort, run_local
+from xwin.flows.backfill import BackfillIncomplete, backfill_cohort, run_local
+from xwin.flows.params import BackfillParams
 from xwin.schemas.ingest import RunSummary
 from xwin.schemas.render import RenderSpec
+from xwin.storage import s3_filesystem
 
 log = logging.getLogger("xwin.flows.landing")
 _SERIES_SUFFIXES = (".nii", ".nii.gz", ".csv")
-
-
-def _s3fs():
-    import s3fs
-
-    ep = os.environ.get("XWIN_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": ep} if ep else {})
 
 
 def list_landing(landing: str) -> dict[str, str]:
@@ -47,7 +42,7 @@ def list_landing(landing: str) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     if landing.startswith("s3://"):
-        fs = _s3fs()
+        fs = s3_filesystem()
         root = landing[len("s3://") :].rstrip("/")
         for info in fs.ls(root, detail=True, refresh=True):
             name = info["name"].rsplit("/", 1)[-1]
@@ -85,7 +80,7 @@ def _stage(entry: str, staging: Path) -> str:
     """Copy an S3 entry (file or folder) to ``staging``; local entries are used in place."""
     if not entry.startswith("s3://"):
         return entry
-    fs = _s3fs()
+    fs = s3_filesystem()
     key = entry[len("s3://") :]
     dst = staging / key.replace("/", "__")
     if fs.isdir(key):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from xwin.pipeline.render.appearance import minmax, neglog_window
 from xwin.schemas.ingest import RunSummary
+from xwin.storage import s3_options
 
 
 # ---- locations -----------------------------------------------------------------------------------------------
@@ -42,11 +43,7 @@ def _fs_open(url: str, mode: str):
         return open(p, mode)
     import fsspec
 
-    opts: dict = {}
-    if url.startswith("s3://"):
-        ep = os.environ.get("XWIN_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-        if ep:
-            opts["client_kwargs"] = {"endpoint_url": ep}
+    opts = s3_options() if url.startswith("s3://") else {}
     return fsspec.open(url, mode, **opts).open()
 
 
@@ -70,24 +67,11 @@ def link(url: str) -> str:
 
 
 # ---- pixels --------------------------------------------------------------------------------------------------
-def display(img: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.ndarray:
-    """(H, W) line integrals -> (H, W) uint8 radiograph look (dense = bright), percentile window per image.
-
-    Uses ``pipeline.render.appearance.neglog_window`` when the render package provides it.
-    """
-    a = np.asarray(img, dtype=np.float32)
-    try:
-        from xwin.pipeline.render.appearance import neglog_window  # type: ignore[attr-defined]
-
-        w = np.asarray(neglog_window(a), dtype=np.float32)
-        lo, hi = float(np.nanmin(w)), float(np.nanmax(w))
-        return np.clip((w - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    except Exception:  # noqa: BLE001 - not provided (or another signature): percentile window below
-        pass
-    lo, hi = np.percentile(a, [lo_pct, hi_pct])
-    if not hi > lo:
-        hi = lo + 1e-6
-    return np.clip((a - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+def display(img: np.ndarray) -> np.ndarray:
+    """(H, W) line integrals -> (H, W) uint8 radiograph look (dense = bright): ``appearance.neglog_window`` (per-image
+    percentile window) stretched to the full 8-bit range."""
+    w = neglog_window(np.asarray(img, dtype=np.float32))
+    return np.clip(minmax(w, eps=1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _tile(img: np.ndarray, size: int, label: str | None) -> Image.Image:

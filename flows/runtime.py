@@ -19,7 +19,6 @@ Slot names (one global concurrency limit each; created on ``xwin deploy`` and, i
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import as_completed as _cf_as_completed
 from typing import Any, Protocol
+
+from xwin.storage import is_transient
 
 log = logging.getLogger("xwin.flows")
 
@@ -140,42 +141,6 @@ def slot(name: str, slots: int) -> Iterator[None]:
 
 
 # ---- failure policy ------------------------------------------------------------------------------------------
-_TRANSIENT_ERRNO = {
-    errno.EIO,
-    errno.EAGAIN,
-    errno.EBUSY,
-    errno.ETIMEDOUT,
-    errno.ECONNRESET,
-    errno.ECONNREFUSED,
-    errno.ECONNABORTED,
-    errno.EPIPE,
-    errno.ENETUNREACH,
-    errno.EHOSTUNREACH,
-    errno.ESTALE,
-}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying (I/O hiccups, S3 throttling/5xx, connection problems, timeouts).
-
-    Bad input never reaches here (it is an ``IngestError`` and becomes a Rejection). Uses the storage layer's
-    classification of S3/botocore errors, plus transient ``errno`` values of plain ``OSError``.
-    """
-    try:
-        from xwin.storage.backend import is_transient as storage_transient
-
-        if storage_transient(exc):
-            return True
-    except ImportError:  # pragma: no cover - storage is part of the project
-        pass
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
-        return True
-    cause = exc.__cause__
-    return cause is not None and cause is not exc and is_transient(cause)
-
-
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry only transient failures."""
     try:

@@ -1,7 +1,7 @@
 """Validation flow: FDK-reconstruct stored rings and score them (PSNR/SSIM) against their source volumes.
 
-Thin wiring of ``pipeline.reconstruct.validate_stored_ring`` over a cohort's dataset; one task per volume with the
-same retry policy as the backfill. Results go to ``<store>-reports/validation/<cohort>/<spec_hash>/<id>.json``
+:func:`validate_stored_ring` (storage -> ``pipeline.reconstruct.validate_volume``) over a cohort's dataset; one
+task per volume with the same retry policy as the backfill. Results go to ``<store>-reports/validation/<cohort>/<spec_hash>/<id>.json``
 and, in a flow run, to a table artifact.
 """
 
@@ -11,14 +11,18 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from xwin.flows import reports as rep
-from xwin.flows.backfill import TASK_RETRIES, _artifact_key, _store
-from xwin.flows.runtime import LocalStages, PrefectStages, Stages, backoff_delays, retry_transient, slot
+from xwin.flows.progress import artifact_key
+from xwin.flows.runtime import LocalStages, PrefectStages, Stages, slot
+from xwin.flows.tasks import TASK_OPTS, store_handle
+from xwin.pipeline.geometry import ConeBeamViews
+from xwin.pipeline.reconstruct import ReconGrid, ValidationResult, validate_volume
 from xwin.schemas.render import RenderSpec
+from xwin.storage import ProjectionDataset, Store
 
 
 def recon_backend() -> str:
@@ -34,21 +38,44 @@ def recon_backend() -> str:
         return "numba"
 
 
-@task(
-    name="validate-series",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=backoff_delays(TASK_RETRIES),
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+def validate_stored_ring(
+    store: Store,
+    dataset: ProjectionDataset,
+    volume_id: str,
+    grid: ReconGrid | None = None,
+    backend: str = "auto",
+    **options,
+) -> ValidationResult:
+    """FDK of one stored ring (geometry only from its stored cone_vecs), scored against its stored volume."""
+    record, hu = store.read_volume(volume_id)
+    views = ConeBeamViews.from_view_meta(dataset.read_geometry(volume_id))
+    proj, _ = dataset.read_views(volume_id, np.arange(len(views)))
+    res = validate_volume(
+        proj,
+        views,
+        hu,
+        np.asarray(record.affine, dtype=np.float64),
+        dataset.spec.mu_water_per_mm,
+        grid,
+        backend,
+        **options,
+    )
+    res.metrics.update(
+        {
+            "volume_id": volume_id,
+            "cohort": dataset.cohort,
+            "spec_hash": dataset.spec_hash,
+        }
+    )
+    return res
+
+
+@task(name="validate-series", **TASK_OPTS)
 def validate_series(
     store_url: str, cohort: str, spec_hash: str, volume_id: str, backend: str, reports: str | None
 ) -> dict:
     """Metrics of one stored ring: {"volume_id", "psnr", "ssim", "backend", "seconds", ...}."""
-    from xwin.pipeline.reconstruct import validate_stored_ring
-
-    st = _store(store_url)
+    st = store_handle(store_url)
     ds = st.open_dataset(cohort, spec_hash)
     with slot(f"xwin-recon:{os.environ.get('XWIN_HOST') or os.uname().nodename}", 1):
         res = validate_stored_ring(st, ds, volume_id, backend=backend)
@@ -78,7 +105,7 @@ def run_validation(
     limit: int | None = None,
     reports: str | None = None,
 ) -> list[dict]:
-    st = _store(store)
+    st = store_handle(store)
     ds = st.open_dataset(cohort, spec_hash)
     ids = volume_ids or ds.volume_ids()
     ids = ids[:limit] if limit else ids
@@ -91,7 +118,7 @@ def run_validation(
 
         create_table_artifact(
             table=[{k: r[k] for k in ("volume_id", "psnr", "ssim", "backend", "seconds")} for r in results],
-            key=_artifact_key("validation", cohort),
+            key=artifact_key("validation", cohort),
             description=f"FDK validation of {cohort}/{spec_hash}: PSNR [dB], SSIM",
         )
     return results

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xwin.schemas.render import RenderSpec, ViewGeometry
+from xwin.schemas.render import RenderSpec, ViewMeta
 
 
 def rot_z(deg: np.ndarray | float) -> np.ndarray:
@@ -134,23 +134,27 @@ class ConeBeamViews:
         )
         return T, K
 
-    def view_records(self, spec: RenderSpec) -> list[ViewGeometry]:
-        out = []
-        for k in range(len(self)):
-            T, K = self.camera(k)
-            out.append(
-                ViewGeometry(
-                    index=k,
-                    yaw_deg=float(self.yaw_deg[k]),
-                    world_from_camera=T.tolist(),
-                    intrinsics=K.tolist(),
-                    sid_mm=spec.sid_mm,
-                    sdd_mm=spec.sdd_mm,
-                    pixel_mm=spec.pixel_mm,
-                    cone_vec=self.cone_vecs[k].tolist(),
-                )
-            )
-        return out
+    def view_meta(self) -> ViewMeta:
+        """The views' action metadata as stored beside their pixels (index, yaw, cone_vec, camera, intrinsics)."""
+        V = len(self)
+        T = np.empty((V, 4, 4))
+        K = np.empty((V, 3, 3))
+        for k in range(V):
+            T[k], K[k] = self.camera(k)
+        return ViewMeta(
+            index=np.arange(V, dtype=np.int32),
+            yaw_deg=np.asarray(self.yaw_deg, dtype=np.float64),
+            cone_vec=np.ascontiguousarray(self.cone_vecs, dtype=np.float64),
+            world_from_camera=T,
+            intrinsics=K,
+            height=self.height,
+            width=self.width,
+        )
+
+    @classmethod
+    def from_view_meta(cls, meta: ViewMeta) -> ConeBeamViews:
+        """The rays of stored views, rebuilt only from their ``cone_vec`` rows (and yaws, for the record)."""
+        return cls.from_cone_vecs(meta.cone_vec, meta.height, meta.width, meta.yaw_deg)
 
 
 def project_points(views: ConeBeamViews, view: int, points: np.ndarray) -> np.ndarray:

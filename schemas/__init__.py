@@ -13,7 +13,7 @@ from xwin.schemas.ingest import (
     SeriesRecord,
     VolumeRecord,
 )
-from xwin.schemas.render import RenderSpec, ViewGeometry, VolumeGeometry
+from xwin.schemas.render import RenderSpec, ViewMeta
 
 __all__ = [
     "HUStats",
@@ -27,7 +27,6 @@ __all__ = [
     "RunSummary",
     "SeriesChoice",
     "SeriesRecord",
-    "ViewGeometry",
-    "VolumeGeometry",
+    "ViewMeta",
     "VolumeRecord",
 ]

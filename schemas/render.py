@@ -1,4 +1,4 @@
-"""Render contracts: the render spec (what a dataset is made with) and per-view ray geometry records.
+"""Render contracts: the render spec (what a dataset is made with) and the per-view geometry records.
 
 The numbers here are *parameters*; the single implementation that turns them into rays lives in
 ``pipeline.geometry``. Conventions (world frame, yaw sign, detector axes) are documented in docs/geometry.md.
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
+from jaxtyping import Float64, Int
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
-Mat3 = Annotated[list[Vec3], Field(min_length=3, max_length=3)]
-Mat4 = Annotated[list[Annotated[list[float], Field(min_length=4, max_length=4)]], Field(min_length=4, max_length=4)]
 
 
 class RenderSpec(BaseModel):
@@ -83,32 +82,33 @@ class RenderSpec(BaseModel):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
 
-class VolumeGeometry(BaseModel):
-    """Where a canonical volume sits in the world: enough to place any projector's grid."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shape: tuple[int, int, int]
-    affine: Mat4  # voxel index (i, j, k, 1) -> world mm, frame below
-    frame: Literal["RAS"] = "RAS"
-
-
-class ViewGeometry(BaseModel):
-    """Everything needed to reproduce one rendered view with any projector (world frame of the volume, mm).
+@dataclass(frozen=True)
+class ViewMeta:
+    """The per-view action metadata of ``n`` views: what a ring stores beside its pixels and what a reader gets
+    back with them (same order as the requested indices). Built from ``pipeline.geometry.ConeBeamViews.view_meta``;
+    ``ConeBeamViews.from_view_meta`` turns it back into rays (only ``cone_vec``, ``height`` and ``width`` matter).
 
     ``cone_vec`` is ASTRA's row: source xyz, detector-centre xyz, u = step from pixel (0,0) to (0,1),
-    v = step from pixel (0,0) to (1,0). Row 0 is the first row of the stored image.
-    ``world_from_camera``: OpenCV-style camera at the source, +x along u, +y along v, +z towards the detector.
-    ``intrinsics``: pixel = K @ (x, y, z) / z with pixel centres at integer (col, row).
+    v = step from pixel (0,0) to (1,0) (world mm). ``world_from_camera``: OpenCV-style camera at the source, +x along
+    u, +y along v, +z towards the detector. ``intrinsics``: pixel = K @ (x, y, z) / z with pixel centres at integer
+    (col, row). Conventions: docs/geometry.md.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    index: Int[np.ndarray, " n"]
+    yaw_deg: Float64[np.ndarray, " n"]
+    cone_vec: Float64[np.ndarray, "n 12"]
+    world_from_camera: Float64[np.ndarray, "n 4 4"]
+    intrinsics: Float64[np.ndarray, "n 3 3"]
+    height: int
+    width: int
 
-    index: int
-    yaw_deg: float
-    world_from_camera: Mat4
-    intrinsics: Mat3
-    sid_mm: float
-    sdd_mm: float
-    pixel_mm: float
-    cone_vec: Annotated[list[float], Field(min_length=12, max_length=12)]
+    def __post_init__(self) -> None:
+        n = len(self)
+        want = {"yaw_deg": (n,), "cone_vec": (n, 12), "world_from_camera": (n, 4, 4), "intrinsics": (n, 3, 3)}
+        for name, shape in want.items():
+            got = np.shape(getattr(self, name))
+            if got != shape:
+                raise ValueError(f"ViewMeta.{name} has shape {got}, expected {shape} for {n} views")
+
+    def __len__(self) -> int:
+        return int(np.shape(self.index)[0])

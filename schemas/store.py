@@ -1,16 +1,14 @@
-"""Storage contracts: commit records, catalog rows, claims, verify reports, per-view metadata. No I/O here.
+"""Storage contracts: commit records, catalog rows, claims, verify reports. No I/O here.
 
 The layout these records live in is documented in docs/format.md and implemented only in ``storage/``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -132,26 +130,3 @@ class StoreStatus(_Model):
     url: str
     volumes: ScopeStatus
     datasets: list[ScopeStatus] = Field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ViewMeta:
-    """Metadata of ``n`` views read together with their pixels (same order as the requested indices).
-
-    index (n,) int, yaw_deg (n,) float64, cone_vec (n, 12) ASTRA rows (src, det centre, u, v; world mm),
-    world_from_camera (n, 4, 4), intrinsics (n, 3, 3) (OpenCV pinhole, see schemas.render.ViewGeometry).
-    """
-
-    index: np.ndarray
-    yaw_deg: np.ndarray
-    cone_vec: np.ndarray
-    world_from_camera: np.ndarray
-    intrinsics: np.ndarray
-    height: int
-    width: int
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
-
-
-ScopeKind = Literal["volumes", "dataset"]

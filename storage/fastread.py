@@ -9,6 +9,7 @@ returns ``None`` from :func:`shard_reader` and the caller falls back to zarr.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import google_crc32c
@@ -58,27 +59,22 @@ class ShardReader:
         return out
 
 
-def read_small_array(backend: Backend, array_path: str) -> np.ndarray | None:
-    """A whole single-chunk, single-shard array (the per-view metadata arrays of a ring: ``index``, ``yaw_deg``, ...)
-    read with two GETs (zarr.json, the shard) and one decode; None if the array is not in that layout (the caller
-    falls back to zarr). zarr-python needs ~2.5 ms per such array for its async machinery; this ~0.1 ms locally."""
-    got = backend.get(f"{array_path}/zarr.json")
-    if got is None:
-        return None
+def _single_shard(meta: dict[str, Any], chunk_shape: list[int]) -> tuple[np.dtype, Callable[..., Any]] | None:
+    """(dtype, decode) when zarr.json ``meta`` describes our layout: the whole array in one ``sharding_indexed`` shard
+    (index at the end, little-endian with crc32c) of chunks ``chunk_shape``, each chunk little-endian bytes + one
+    zstd/blosc compressor, default "/" chunk keys; None otherwise (the caller falls back to zarr-python)."""
     try:
-        meta = json.loads(got[0])
-        shape = tuple(meta["shape"])
+        if meta["chunk_grid"]["configuration"]["chunk_shape"] != list(meta["shape"]):
+            return None
+        if meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}:
+            return None
         (sh,) = meta["codecs"]
         cfg = sh["configuration"]
-        if (
-            sh["name"] != "sharding_indexed"
-            or cfg["index_location"] != "end"
-            or list(cfg["chunk_shape"]) != list(shape)
-        ):
-            return None
-        if meta["chunk_grid"]["configuration"]["chunk_shape"] != list(shape):
+        if sh["name"] != "sharding_indexed" or cfg["index_location"] != "end" or cfg["chunk_shape"] != chunk_shape:
             return None
         if [c["name"] for c in cfg["index_codecs"]] != ["bytes", "crc32c"]:
+            return None
+        if cfg["index_codecs"][0].get("configuration", {}).get("endian", "little") != "little":
             return None
         inner = cfg["codecs"]
         if (
@@ -88,11 +84,29 @@ def read_small_array(backend: Backend, array_path: str) -> np.ndarray | None:
         ):
             return None
         decode = _DECODERS.get(inner[1]["name"])
-        if decode is None or meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}:
+        if decode is None:
             return None
-        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        return np.dtype(meta["data_type"]).newbyteorder("<"), decode
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def read_small_array(backend: Backend, array_path: str) -> np.ndarray | None:
+    """A whole single-chunk, single-shard array (the per-view metadata arrays of a ring: ``index``, ``yaw_deg``, ...)
+    read with two GETs (zarr.json, the shard) and one decode; None if the array is not in that layout (the caller
+    falls back to zarr). zarr-python's async machinery costs far more per such array than the two reads."""
+    got = backend.get(f"{array_path}/zarr.json")
+    if got is None:
+        return None
+    try:
+        meta = json.loads(got[0])
+        shape = tuple(meta["shape"])
+    except (KeyError, ValueError, TypeError):
+        return None
+    found = _single_shard(meta, list(shape))
+    if found is None:
+        return None
+    dtype, decode = found
     key = f"{array_path}/c/" + "/".join("0" for _ in shape)
     blob = backend.read_all(key)
     body, crc = blob[-20:-4], blob[-4:]
@@ -104,40 +118,17 @@ def read_small_array(backend: Backend, array_path: str) -> np.ndarray | None:
     return np.frombuffer(decode(blob[off : off + n]), dtype=dtype).reshape(shape).copy()
 
 
-_DECODERS = {"zstd": Zstd().decode, "blosc": Blosc().decode}
+_DECODERS: dict[str, Callable[..., Any]] = {"zstd": Zstd().decode, "blosc": Blosc().decode}
 
 
 def shard_reader(backend: Backend, array_path: str, meta: dict[str, Any]) -> ShardReader | None:
-    """A reader for the single-shard (V, H, W) array described by zarr.json ``meta``, or None if not our layout."""
-    try:
-        shape = tuple(meta["shape"])
-        if len(shape) != 3 or meta["chunk_grid"]["configuration"]["chunk_shape"] != list(shape):
-            return None
-        if meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}:
-            return None
-        (sh,) = meta["codecs"]
-        cfg = sh["configuration"]
-        if sh["name"] != "sharding_indexed" or cfg["index_location"] != "end":
-            return None
-        if cfg["chunk_shape"] != [1, shape[1], shape[2]]:
-            return None
-        if [c["name"] for c in cfg["index_codecs"]] != ["bytes", "crc32c"]:
-            return None
-        if cfg["index_codecs"][0].get("configuration", {}).get("endian", "little") != "little":
-            return None
-        inner = cfg["codecs"]
-        if len(inner) != 2 or inner[0]["name"] != "bytes" or inner[0]["configuration"]["endian"] != "little":
-            return None
-        comp = inner[1]["name"]
-        if comp == "zstd":
-            decode = Zstd().decode
-        elif comp == "blosc":
-            decode = Blosc().decode
-        else:
-            return None
-        dtype = np.dtype(meta["data_type"])
-        if dtype.kind != "f":
-            return None
-    except (KeyError, ValueError, TypeError):
+    """A reader for the single-shard (V, H, W) float array described by zarr.json ``meta``, or None if not our
+    layout (one chunk per view)."""
+    shape = tuple(meta.get("shape", ()))
+    if len(shape) != 3:
         return None
-    return ShardReader(backend, f"{array_path}/c/0/0/0", shape, dtype, decode)
+    found = _single_shard(meta, [1, shape[1], shape[2]])
+    if found is None or found[0].kind != "f":
+        return None
+    dtype, decode = found
+    return ShardReader(backend, f"{array_path}/c/0/0/0", (shape[0], shape[1], shape[2]), dtype, decode)

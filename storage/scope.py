@@ -19,39 +19,22 @@ import hashlib
 import json
 import os
 import random
-import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from xwin.schemas.store import CatalogRow, ClaimRecord, CommitRecord, EntryStatus
-from xwin.storage.backend import Backend, ConflictError
+from xwin.storage.backend import Backend
+from xwin.storage.errors import ClaimHeld, ConflictError
 
 DEFAULT_BUCKET_HEX = 2  # new stores: 16**2 = 256 catalog buckets per scope
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
-def check_id(kind: str, value: str) -> str:
-    """Ids become path segments: letters, digits, '.', '_', '-' only (no '/', no leading dot)."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise ValueError(f"invalid {kind} {value!r}: use 1-200 chars of [A-Za-z0-9._-], not starting with . _ -")
-    return value
 
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class ClaimHeld(RuntimeError):
-    """Another live writer holds the claim on this volume."""
-
-    def __init__(self, volume_id: str, holder: ClaimRecord) -> None:
-        super().__init__(f"volume {volume_id!r} is claimed by {holder.owner!r} until {holder.expires_at.isoformat()}")
-        self.volume_id = volume_id
-        self.holder = holder
 
 
 def _pid_alive(pid: int) -> bool:
@@ -189,22 +172,27 @@ class Scope:
         raise RuntimeError(f"catalog bucket {self.bucket_key(b)} stayed contended after 50 attempts")
 
     def catalog_add(self, row: CatalogRow) -> None:
-        def mutate(rows: dict[str, CatalogRow]):
-            if rows.get(row.volume_id) == row:
-                return None
-            rows[row.volume_id] = row
-            return rows
+        self.catalog_add_many([row])
 
-        self._cas_bucket(self.bucket_of(row.volume_id), mutate)
+    def catalog_add_many(self, rows: Iterable[CatalogRow]) -> None:
+        """Add (or replace) rows: one compare-and-swap per bucket touched, whatever the number of rows."""
+        by_bucket: dict[str, dict[str, CatalogRow]] = {}
+        for r in rows:
+            by_bucket.setdefault(self.bucket_of(r.volume_id), {})[r.volume_id] = r
+        for b, add in by_bucket.items():
 
-    def catalog_remove(self, vid: str) -> None:
-        def mutate(rows: dict[str, CatalogRow]):
-            if vid not in rows:
-                return None
-            del rows[vid]
-            return rows
+            def mutate(cur: dict[str, CatalogRow], add: dict[str, CatalogRow] = add) -> dict[str, CatalogRow] | None:
+                if all(cur.get(k) == r for k, r in add.items()):
+                    return None
+                cur.update(add)
+                return cur
 
-        self._cas_bucket(self.bucket_of(vid), mutate)
+            self._cas_bucket(b, mutate)
+
+    def bucket_nbytes(self) -> dict[str, int]:
+        """Size in bytes of each catalog bucket object that exists."""
+        keys = self.b.list(f"{self.prefix}/_catalog")
+        return {k.rsplit("/", 1)[-1].removesuffix(".json"): self.b.size(k) for k in keys}
 
     def rebuild_catalog(self) -> int:
         """Make the catalog equal to the commit records (adds missed rows, drops rows without a commit)."""
@@ -243,7 +231,7 @@ class Scope:
             cur = self.get_claim(vid)
             acquired = now
             if cur is not None:
-                holder, etag = cur
+                holder = cur[0]
                 if holder.owner != owner and not self.claim_is_stale(holder):
                     raise ClaimHeld(vid, holder)
                 if holder.owner == owner:

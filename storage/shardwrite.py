@@ -89,17 +89,21 @@ class ShardLayout:
         return "c/" + "/".join("0" for _ in self.shape)
 
 
+def whole_shard(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
+    """The shard shape that holds the whole array: ``shape`` rounded up to whole ``chunks``."""
+    return tuple(-(-s // c) * c for s, c in zip(shape, chunks))
+
+
 @lru_cache(maxsize=64)
 def _layout_cached(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], codec_json: str, fill) -> ShardLayout:
     codec = _codec_from_json(codec_json)
     ms = MemoryStore()
-    shards = tuple(-(-s // c) * c for s, c in zip(shape, chunks))
     zarr.create_array(
         ms,
         shape=shape,
         dtype=dtype,
         chunks=chunks,
-        shards=shards,
+        shards=whole_shard(shape, chunks),
         compressors=codec,
         fill_value=fill,
         zarr_format=3,
@@ -229,3 +233,20 @@ class Crc32cTee:
             self.crc = google_crc32c.extend(self.crc, p)
             self.nbytes += len(p)
             yield p
+
+
+def zarr_reference_write(group, name: str, data: np.ndarray, chunks: tuple[int, ...], compressors) -> None:
+    """Create ``name`` in a zarr ``group`` as a single-shard array and write it through zarr-python (the reference
+    path: tests and bench/bench_store.py compare :func:`encode_shard` and the store's commit against it)."""
+    arr = group.create_array(
+        name=name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        shards=whole_shard(data.shape, chunks),
+        compressors=compressors,
+        fill_value=0,
+        overwrite=False,
+        config={"write_empty_chunks": True},
+    )
+    arr[...] = data

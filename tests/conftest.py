@@ -123,7 +123,7 @@ def rendered_dataset(tmp_path_factory, small_ct_path):
     rings = {}
     for vid, f in (("small-a", 1.0), ("small-b", 0.9), ("small-c", 1.1)):
         rings[vid] = (views * np.float32(f)).astype(np.float32)
-        ds.write_ring(vid, rings[vid], geometry, {"source": str(small_ct_path), "scale": f})
+        ds.write_ring(vid, rings[vid], geometry.view_meta(), {"source": str(small_ct_path), "scale": f})
     return SimpleNamespace(url=url, cohort="small", spec=spec, volume_ids=sorted(rings), rings=rings, geometry=geometry)
 
 

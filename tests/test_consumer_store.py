@@ -104,7 +104,7 @@ def test_s3_store_through_workers(rendered_dataset, s3_server):
     ds3 = open_store(url, storage_options=opts).dataset(rd.cohort, rd.spec)
     vids = rd.volume_ids[:2]  # two rings keep the (slow) moto writes short
     for vid in vids:
-        ds3.write_ring(vid, rd.rings[vid], rd.geometry, {"copy_of": rd.url})
+        ds3.write_ring(vid, rd.rings[vid], rd.geometry.view_meta(), {"copy_of": rd.url})
     src = StoreSource.parse(f"{url}#{rd.cohort}/{rd.spec.spec_hash}", storage_options=opts)
     samples = list(make_loader(_stream(src, batch_size=2), num_workers=2))
     assert [len(b["volume_id"]) for b in samples] == [2, 2, 2]
@@ -144,7 +144,7 @@ def test_resume_mid_epoch_ignores_volumes_committed_since(rendered_dataset, tmp_
     first = rd.volume_ids[0]
     pds = open_store(url).dataset(rd.cohort, rd.spec)
     for i, vid in enumerate(["added-0", "added-1"]):  # a backfill commits more rings meanwhile
-        pds.write_ring(vid, rd.rings[first] * (1.1 + i), rd.geometry, {})
+        pds.write_ring(vid, rd.rings[first] * (1.1 + i), rd.geometry.view_meta(), {})
     resumed = _stream(src)
     resumed.load_state_dict(state)
     assert head + [_key(s) for s in resumed] == full

@@ -23,10 +23,12 @@ from typer.testing import CliRunner
 
 from xwin.flows import backfill as bf
 from xwin.flows import reports as rep
-from xwin.flows.runtime import LocalStages, is_transient
+from xwin.flows import tasks
+from xwin.flows.params import BackfillParams
+from xwin.flows.runtime import LocalStages
 from xwin.schemas.ingest import RejectReason
 from xwin.schemas.render import RenderSpec
-from xwin.storage import open_store
+from xwin.storage import is_transient, open_store
 
 SPEC = RenderSpec(height=64, width=64, pixel_mm=6.0, n_views=8, yaw_step_deg=45.0)
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +53,8 @@ def cohort(tmp_path_factory, small_ct_path):
     return good, bad
 
 
-def _params(store, sources, **kw) -> bf.BackfillParams:
-    return bf.BackfillParams(
+def _params(store, sources, **kw) -> BackfillParams:
+    return BackfillParams(
         cohort="test", store=str(store), source=[str(s) for s in sources], spec=SPEC, backend="joseph", **kw
     )
 
@@ -88,7 +90,7 @@ def test_transient_classification():
 
 def test_shards_partition_ids():
     ids = [f"{k:024x}" for k in range(200)]
-    owners = [[i for i in range(4) if bf._in_shard(v, f"{i}/4")] for v in ids]
+    owners = [[i for i in range(4) if tasks.in_shard(v, f"{i}/4")] for v in ids]
     assert all(len(o) == 1 for o in owners)
     counts = np.bincount([o[0] for o in owners], minlength=4)
     assert counts.min() > 25  # roughly balanced
@@ -127,7 +129,7 @@ def test_local_backfill_outcomes_rerun_and_values(tmp_path, cohort):
 def test_local_retries_transient_not_bad_input(tmp_path, cohort, monkeypatch):
     good, _ = cohort
     store = tmp_path / "store"
-    real = bf._store(str(store))
+    real = tasks.store_handle(str(store))
 
     class Flaky:
         """The real store whose first write_volume fails with EIO (a transient I/O error)."""
@@ -143,7 +145,7 @@ def test_local_retries_transient_not_bad_input(tmp_path, cohort, monkeypatch):
                 raise OSError(errno.EIO, "injected I/O error")
             return real.write_volume(*a, **kw)
 
-    monkeypatch.setattr(bf, "_store", lambda url: Flaky())
+    monkeypatch.setattr(tasks, "store_handle", lambda url: Flaky())
     import xwin.pipeline.render as render_mod
 
     real_render = render_mod.render_ring
@@ -280,7 +282,7 @@ def test_prefect_backfill_three_series_then_rerun(prefect_api, tmp_path, cohort,
     good, bad = cohort
     store = tmp_path / "store"
     # a transient I/O error on the first volume write: the Prefect engine retries the task
-    real = bf._store(str(store))
+    real = tasks.store_handle(str(store))
     fails = [1]
 
     class Flaky:
@@ -293,7 +295,7 @@ def test_prefect_backfill_three_series_then_rerun(prefect_api, tmp_path, cohort,
                 raise OSError(errno.EIO, "injected I/O error")
             return real.write_volume(*a, **kw)
 
-    monkeypatch.setattr(bf, "_store", lambda url: Flaky())
+    monkeypatch.setattr(tasks, "store_handle", lambda url: Flaky())
     monkeypatch.setattr(bf, "ingest_series", bf.ingest_series.with_options(retry_delay_seconds=[0.1] * 3))
     kw = dict(
         cohort="test", store=str(store), source=[str(good[0]), str(good[1]), str(bad)], spec=SPEC, backend="joseph"
@@ -422,14 +424,13 @@ def test_prefect_backfill_on_dask_each_series_once(prefect_api, tmp_path, cohort
 
 def test_local_validation_matches_direct_reconstruction(tmp_path, cohort):
     """The validation flow body reports what pipeline.reconstruct.validate_stored_ring computes, and files it."""
-    from xwin.flows.validate import run_validation
-    from xwin.pipeline.reconstruct import validate_stored_ring
+    from xwin.flows.validate import run_validation, validate_stored_ring
 
     good, _ = cohort
     spec = RenderSpec(height=96, width=96, pixel_mm=5.0, n_views=36, yaw_step_deg=10.0)
     store = tmp_path / "store"
     s = bf.run_local(
-        bf.BackfillParams(
+        BackfillParams(
             cohort="test",
             store=str(store),
             source=[str(good[0])],

@@ -7,9 +7,10 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-import xwin.storage.store as st
-from xwin.storage.backend import LocalBackend
-from xwin.storage.shardwrite import Crc32cTee, cast, encode_shard, shard_layout
+from xwin.storage.entry import write_entry
+from xwin.storage.errors import ChecksumMismatch
+from xwin.storage.local import LocalBackend
+from xwin.storage.shardwrite import Crc32cTee, cast, encode_shard, shard_layout, zarr_reference_write
 
 RNG = np.random.default_rng(3)
 CASES = [
@@ -40,7 +41,7 @@ CASES = [
 @pytest.mark.parametrize("name,data,chunks,codec", CASES, ids=[c[0] for c in CASES])
 def test_shard_bytes_identical_to_zarr(tmp_path, name, data, chunks, codec):
     g = zarr.create_group(str(tmp_path / "ref"), zarr_format=3)
-    st._write_whole(g, "a", data, chunks, codec)  # zarr-python's own write path
+    zarr_reference_write(g, "a", data, chunks, codec)  # zarr-python's own write path
     lay = shard_layout(data.shape, data.dtype, chunks, codec)
     ref_shard = (tmp_path / "ref" / "a" / lay.shard_key).read_bytes()
     ours = b"".join(encode_shard(data, lay, codec))
@@ -52,7 +53,7 @@ def test_write_entry_is_read_by_zarr_and_cleans_leftovers(tmp_path):
     b = LocalBackend(tmp_path)
     b.put("e/old/c/0/0/0", b"leftover of a crashed attempt")
     arrays = [(n, d, c, k) for n, d, c, k in CASES]
-    st._write_entry(b, "e", {"checksum": "x", "nested": {"a": [1, 2]}}, arrays)
+    write_entry(b, "e", {"checksum": "x", "nested": {"a": [1, 2]}}, arrays)
     grp = zarr.open_group(str(tmp_path / "e"), mode="r", zarr_format=3)
     assert dict(grp.attrs) == {"checksum": "x", "nested": {"a": [1, 2]}}
     for n, d, _, _ in CASES:
@@ -81,8 +82,8 @@ def test_write_entry_detects_a_bad_read_back(tmp_path, monkeypatch):
         return bytes(data)
 
     monkeypatch.setattr(b, "read_all", flipped)
-    with pytest.raises(st.ChecksumMismatch, match="crc32c"):
-        st._write_entry(b, "e", {}, [CASES[0]])
+    with pytest.raises(ChecksumMismatch, match="crc32c"):
+        write_entry(b, "e", {}, [CASES[0]])
 
 
 def test_crc_tee_matches_whole_object():

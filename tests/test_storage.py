@@ -46,14 +46,14 @@ def make_volume(vid: str = "vol-a", cohort: str = "c1", seed: int = 0, shape=(30
 
 
 def make_ring(seed: int = 0, spec: RenderSpec = SPEC):
-    """Smooth float32 views in the line-integral range 0..15 and the spec's ring geometry."""
+    """Smooth float32 views in the line-integral range 0..15 and the spec's ring geometry (as stored: ViewMeta)."""
     rng = np.random.default_rng(seed)
     r, c = np.mgrid[0 : spec.height, 0 : spec.width]
     k = np.arange(spec.n_views)[:, None, None]
     views = (7.5 + 7 * np.sin(r / 5.0 + k * 0.3 + seed) * np.cos(c / 7.0)).astype(np.float32)
     views += rng.normal(0, 0.01, views.shape).astype(np.float32)
     geom = ring_for_volume(spec, np.asarray(AFFINE), (30, 28, 18))
-    return np.clip(views, 0, None), geom
+    return np.clip(views, 0, None), geom.view_meta()
 
 
 # ---- volumes ---------------------------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ def test_ring_round_trip_metadata_and_geometry(tmp_path):
     store = open_store(tmp_path / "s")
     ds = store.dataset("c1", SPEC)
     views, geom = make_ring()
+    rays = ConeBeamViews.from_view_meta(geom)
     assert not ds.has_ring("vol-a")
     assert ds.write_ring("vol-a", views, geom, {"source_ids": ["s1"]}) is True
     assert ds.write_ring("vol-a", views, geom, {"source_ids": ["s1"]}) is False
@@ -105,15 +106,15 @@ def test_ring_round_trip_metadata_and_geometry(tmp_path):
     np.testing.assert_array_equal(got, views[idx])  # float32 spec: bit exact
     np.testing.assert_array_equal(meta.index, idx)
     np.testing.assert_allclose(meta.yaw_deg, np.asarray(SPEC.yaws_deg)[idx])
-    np.testing.assert_array_equal(meta.cone_vec, geom.cone_vecs[idx])
+    np.testing.assert_array_equal(meta.cone_vec, rays.cone_vecs[idx])
     for j, k in enumerate(idx):
-        T, K = geom.camera(k)
+        T, K = rays.camera(k)
         np.testing.assert_array_equal(meta.world_from_camera[j], T)
         np.testing.assert_array_equal(meta.intrinsics[j], K)
-    g2 = ds.read_geometry("vol-a")
-    assert isinstance(g2, ConeBeamViews) and (g2.height, g2.width) == (24, 20)
-    np.testing.assert_array_equal(g2.cone_vecs, geom.cone_vecs)
-    np.testing.assert_array_equal(g2.pixel_centres(3), geom.pixel_centres(3))
+    g2 = ConeBeamViews.from_view_meta(ds.read_geometry("vol-a"))
+    assert (g2.height, g2.width) == (24, 20)
+    np.testing.assert_array_equal(g2.cone_vecs, rays.cone_vecs)
+    np.testing.assert_array_equal(g2.pixel_centres(3), rays.pixel_centres(3))
     prov = ds.provenance("vol-a")
     assert prov["source_ids"] == ["s1"] and prov["canonical_volume_id"] == "vol-a"
     assert prov["spec_hash"] == SPEC.spec_hash and prov["versions"]["zarr"] == zarr.__version__
@@ -173,7 +174,7 @@ def test_read_views_reads_only_requested_chunks(tmp_path):
     ds = store.dataset("c1", spec)
     rng = np.random.default_rng(3)
     views = rng.random((24, 64, 64), dtype=np.float32) * 15  # incompressible: chunk bytes ~ raw bytes
-    ds.write_ring("v", views, ring_for_volume(spec, np.asarray(AFFINE), (30, 28, 18)), {})
+    ds.write_ring("v", views, ring_for_volume(spec, np.asarray(AFFINE), (30, 28, 18)).view_meta(), {})
     shard = (tmp_path / "s" / ds.path / "rings/v/views/c/0/0/0").stat().st_size
     read = []
     orig = store.backend.get_ranges
@@ -252,8 +253,8 @@ _WORKER = textwrap.dedent(
     import os, sys, time, json
     sys.path.insert(0, {tests!r})
     from test_storage import make_ring, make_volume, SPEC
-    import xwin.storage.store as st
     from xwin.storage import open_store, ClaimHeld
+    from xwin.storage.scope import Scope
     mode, url = sys.argv[1], sys.argv[2]
     store = open_store(url)
     ds = store.dataset("c1", SPEC)
@@ -264,14 +265,13 @@ _WORKER = textwrap.dedent(
         with ds.claim("r0", ttl_s=30):
             pause("HOLDING")
     elif mode == "kill_before_commit":      # die after every data object is written, before the commit record
-        orig = st.Scope.put_commit
-        st.Scope.put_commit = lambda self, rec: pause("WRITTEN")
+        Scope.put_commit = lambda self, rec: pause("WRITTEN")
         ds.write_ring("r0", *make_ring(0), {{}})
     elif mode == "kill_before_catalog":     # die after the commit record, before the catalog row
-        st.Scope.catalog_add = lambda self, row: pause("COMMITTED")
+        Scope.catalog_add = lambda self, row: pause("COMMITTED")
         ds.write_ring("r0", *make_ring(0), {{}})
     elif mode == "kill_mid_shard":          # die while the views shard is half streamed out
-        from xwin.storage.backend import LocalBackend
+        from xwin.storage.local import LocalBackend
         orig_pp = LocalBackend.put_pieces
         def half_pp(self, key, pieces):
             if not key.endswith("views/c/0/0/0"):

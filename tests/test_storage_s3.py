@@ -39,8 +39,8 @@ def test_s3_round_trip_catalog_verify(s3_url, caplog):
     ds2 = s2.open_dataset("c1", SPEC.spec_hash)
     got, meta = ds2.read_views("vol-a", [1, 9])
     np.testing.assert_array_equal(got, views[[1, 9]])
-    np.testing.assert_array_equal(meta.cone_vec, geom.cone_vecs[[1, 9]])
-    np.testing.assert_array_equal(ds2.read_geometry("vol-a").cone_vecs, geom.cone_vecs)
+    np.testing.assert_array_equal(meta.cone_vec, geom.cone_vec[[1, 9]])
+    np.testing.assert_array_equal(ds2.read_geometry("vol-a").cone_vec, geom.cone_vec)
     rep = s2.verify()
     assert rep.volumes == 2 and rep.ok == 2 and rep.clean
     st = s2.status()
@@ -136,7 +136,7 @@ def test_retrying_store_absorbs_connection_errors(tmp_path):
     """The zarr-level retry wrapper (every zarr read of the store goes through it) retries errors raised below it."""
     import zarr
 
-    from xwin.storage.backend import RetryingStore
+    from xwin.storage.retry import RetryingStore
 
     calls = {"get": 0}
 

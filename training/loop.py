@@ -481,15 +481,5 @@ def resolve_dataset(url: str, cohort: str | None):
     """(cohort, RenderSpec) of the projection dataset to train on; cohort None = the store's only dataset."""
     from xwin.storage import open_store
 
-    store = open_store(url)
-    infos = [i for i in store.datasets() if cohort is None or i.cohort == cohort]
-    if not infos:
-        have = sorted({i.cohort for i in store.datasets()})
-        raise ValueError(f"store {url!r} has no projection dataset for cohort {cohort!r} (cohorts: {have})")
-    if len(infos) > 1:
-        raise ValueError(
-            f"store {url!r} has {len(infos)} datasets for cohort {cohort!r}: "
-            f"{[(i.cohort, i.spec_hash) for i in infos]}; pass data.cohort to pick one"
-        )
-    info = infos[0]
-    return info.cohort, store.open_dataset(info.cohort, info.spec_hash).spec
+    ds = open_store(url).find_dataset(cohort)  # LookupError names the datasets when none or several match
+    return ds.cohort, ds.spec

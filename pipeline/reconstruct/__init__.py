@@ -2,10 +2,9 @@
 
     reconstruct(projections (V,H,W) [mu*mm], views: ConeBeamViews, grid, backend) -> Reconstruction (mu [1/mm])
     validate_volume(projections, views, hu, affine, mu_water, ...) -> ValidationResult (metrics + arrays)
-    validate_stored_ring(store, dataset, volume_id, ...) -> ValidationResult   (objects from ``storage``)
 
-Geometry comes only from ``views`` (for stored rings: ``dataset.read_geometry``, i.e. the stored ``cone_vec``s),
-never from a RenderSpec. Backends:
+Geometry comes only from ``views`` (for stored rings: the stored ``cone_vec``s, ``flows.validate``), never from a
+RenderSpec. Backends:
     "numba"  our CPU FDK (FFT ramp filter + numba voxel-driven backprojection) -- fdk_numba
     "rtk"    RTK's CPU FDK, the independent reference                           -- fdk_rtk
     "astra"  ASTRA FDK_CUDA (GPU; untested on a GPU so far)                     -- fdk_astra
@@ -37,7 +36,6 @@ __all__ = [
     "reconstruct",
     "resolve_backend",
     "truncation_report",
-    "validate_stored_ring",
     "validate_volume",
 ]
 
@@ -213,31 +211,3 @@ def validate_volume(
         **{k: v for k, v in rec.info.items()},
     }
     return ValidationResult(metrics, ref, rec.mu, mask, grid)
-
-
-def validate_stored_ring(
-    store, dataset, volume_id: str, grid: ReconGrid | None = None, backend: str = "auto", **options
-) -> ValidationResult:
-    """Validate one stored ring. ``store``: has ``read_volume(volume_id) -> (VolumeRecord, hu)``; ``dataset``:
-    has ``spec``, ``read_views(volume_id, indices)`` and ``read_geometry(volume_id)`` (the storage contract)."""
-    record, hu = store.read_volume(volume_id)
-    views = dataset.read_geometry(volume_id)
-    proj, _ = dataset.read_views(volume_id, np.arange(len(views)))
-    res = validate_volume(
-        proj,
-        views,
-        hu,
-        np.asarray(record.affine, dtype=np.float64),
-        dataset.spec.mu_water_per_mm,
-        grid,
-        backend,
-        **options,
-    )
-    res.metrics.update(
-        {
-            "volume_id": volume_id,
-            "cohort": getattr(dataset, "cohort", None),
-            "spec_hash": getattr(dataset, "spec_hash", None),
-        }
-    )
-    return res

@@ -30,11 +30,30 @@ def _amin_amax(x: Array):
 
 
 def minmax(img: Array, eps: float = 1e-8) -> Array:
-    """(..., H, W) -> (..., H, W) in [0, 1]: (img - min) / (max - min) per image (constant images -> 0)."""
-    if not _is_torch(img):
-        img = np.asarray(img, dtype=np.float32)
-    lo, hi = _amin_amax(img)
-    return (img - lo) / ((hi - lo) + eps)
+    """(..., H, W) -> (..., H, W) in [0, 1]: (img - min) / ((max - min) + eps) per image (constant images -> 0).
+    The numpy path is :func:`minmax_into` per image (the same float32 operations, so the values are identical)."""
+    if _is_torch(img):
+        lo, hi = _amin_amax(img)
+        return (img - lo) / ((hi - lo) + eps)
+    a = np.asarray(img, dtype=np.float32)
+    out = np.empty(a.shape, dtype=np.float32)
+    flat_in, flat_out = a.reshape(-1, *a.shape[-2:]), out.reshape(-1, *a.shape[-2:])
+    for k in range(flat_in.shape[0]):
+        minmax_into(flat_in[k], flat_out[k], eps)
+    return out
+
+
+def minmax_into(view: np.ndarray, out: np.ndarray, eps: float = 1e-8) -> None:
+    """:func:`minmax` of one (H, W) float32/float16 view written into ``out`` (H, W) float32 without temporaries:
+    one pass each for min, max, subtract, divide (the training loader's hot path)."""
+    if view.dtype != np.float32:  # float16 rings: widen once into the output (exact), then work in place
+        import torch  # its SIMD cast is far faster than numpy's float16 -> float32
+
+        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(view)))
+        view = out
+    lo, hi = np.float32(view.min()), np.float32(view.max())
+    np.subtract(view, lo, out=out)
+    np.divide(out, np.float32(hi - lo) + np.float32(eps), out=out)
 
 
 def beer_lambert(p: Array, i0: float = 1.0) -> Array:

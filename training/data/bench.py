@@ -52,7 +52,7 @@ def make_bench_store(path: str | Path, n_volumes: int = 8, size: int = 512, back
         views, geom = render_ring(np.asarray(img.dataobj), img.affine, spec, backend=backend)
         for vid in todo:
             f = np.float32(0.8 + 0.4 * int(vid[-3:]) / max(1, n_volumes - 1))
-            ds.write_ring(vid, views * f, geom, {"bench_scale": float(f)})
+            ds.write_ring(vid, views * f, geom.view_meta(), {"bench_scale": float(f)})
     return StoreSource(str(path), "bench", spec)
 
 

@@ -112,13 +112,6 @@ class StoreSource:
         store = open_store(self.url, storage_options=self.storage_options, create=False)
         if isinstance(self.spec, RenderSpec):
             return store.dataset(self.cohort, self.spec, create=False)
-        spec_hash = self.spec
-        if spec_hash is None:
-            hashes = sorted(d.spec_hash for d in store.datasets() if d.cohort == self.cohort)
-            if len(hashes) != 1:
-                raise ValueError(
-                    f"store {self.url!r} has {len(hashes)} datasets for cohort {self.cohort!r} ({hashes}); "
-                    "name one: '<store url>#<cohort>/<spec hash>'"
-                )
-            spec_hash = hashes[0]
-        return store.open_dataset(self.cohort, spec_hash)
+        if self.spec is None:  # the cohort's only dataset (LookupError names them when there are several)
+            return store.find_dataset(self.cohort)
+        return store.open_dataset(self.cohort, self.spec)

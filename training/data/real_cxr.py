@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from xwin.pipeline.render import appearance
+
 from .stream import ResumableStream
 from .transforms import resize
 
@@ -138,10 +140,9 @@ def to_tensor(arr: np.ndarray, size: int, min_size: int = 64) -> torch.Tensor:
     y0, x0 = (h - s) // 2, (w - s) // 2
     t = torch.from_numpy(np.ascontiguousarray(arr[y0 : y0 + s, x0 : x0 + s], dtype=np.float32))[None, None]
     t = resize(t, size)[0]
-    lo, hi = float(t.min()), float(t.max())
-    if not hi > lo:
+    if not float(t.max()) > float(t.min()):
         raise BadImage("blank", "constant image")
-    return ((t - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    return appearance.minmax(t, eps=0.0).clamp_(0.0, 1.0)
 
 
 class RealCXRStream(ResumableStream):

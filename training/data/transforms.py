@@ -4,7 +4,7 @@ Appearances (``appearance=``):
     ``"minmax"``  X-WIN's look: per-image min-max of the line integral to [0, 1] (released code, REFERENCE §2).
     ``"neglog"``  radiograph look: the -log transmission (= the line integral) windowed to [0, 1], bright bone.
     ``"none"``    the stored values unchanged (physical line integrals, mu*mm).
-The functions come from ``pipeline.render.appearance`` (the render helper's single definition).
+The functions come from ``xwin.pipeline.render.appearance`` (their single definition).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xwin.pipeline.render import appearance
+
 Appearance = Literal["minmax", "neglog", "none"]
 
 
@@ -22,27 +24,10 @@ def appearance_fn(name: str) -> Callable[[np.ndarray], np.ndarray]:
     """Name -> function (H,W) float32 -> (H,W) float32."""
     if name == "none":
         return lambda x: x
-    try:
-        from xwin.pipeline.render import appearance as app
-
-        fns = {"minmax": app.minmax, "neglog": app.neglog_window}
-    except ImportError:  # render helper's module not installed in this checkout: same definitions, local
-        fns = {"minmax": _minmax, "neglog": _neglog_window}
+    fns = {"minmax": appearance.minmax, "neglog": appearance.neglog_window}
     if name in fns:
         return fns[name]
     raise ValueError(f"unknown appearance {name!r}; choose minmax, neglog or none")
-
-
-def _minmax(img: np.ndarray) -> np.ndarray:
-    img = np.asarray(img, dtype=np.float32)
-    lo, hi = float(img.min()), float(img.max())
-    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-
-
-def _neglog_window(img: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.ndarray:
-    img = np.asarray(img, dtype=np.float32)
-    lo, hi = np.percentile(img, [lo_pct, hi_pct])
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32) if hi > lo else np.zeros_like(img)
 
 
 def apply_appearance(views: np.ndarray, name: str) -> np.ndarray:
@@ -78,17 +63,6 @@ def out_dtype(name: str | torch.dtype | None) -> torch.dtype:
     raise ValueError(f"output dtype {name!r} not supported; choose float32, float16 or bfloat16")
 
 
-def _minmax_into(view: np.ndarray, out: np.ndarray, eps: float = 1e-8) -> None:
-    """(H,W) float32/float16 view -> ``out`` (H,W) float32, bit-identical to ``pipeline.render.appearance.minmax``
-    ((x - min) / ((max - min) + eps) in float32) without temporaries: one pass each for min, max, subtract, divide."""
-    if view.dtype != np.float32:  # float16 rings: widen once into the output (exact), then work in place
-        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(view)))  # SIMD cast; numpy's is ~25x slower
-        view = out
-    lo, hi = np.float32(view.min()), np.float32(view.max())
-    np.subtract(view, lo, out=out)
-    np.divide(out, np.float32(hi - lo) + np.float32(eps), out=out)
-
-
 def appearance_into(views, name: str, out: torch.Tensor) -> None:
     """Appearance + resize of ``n`` stored views, written into ``out`` (n,1,S,S) float32/float16/bfloat16.
 
@@ -104,11 +78,11 @@ def appearance_into(views, name: str, out: torch.Tensor) -> None:
         if out.dtype == torch.float32 and out.is_contiguous():
             o = out.numpy()
             for j in range(n):
-                _minmax_into(np.asarray(views[j]), o[j, 0])
+                appearance.minmax_into(np.asarray(views[j]), o[j, 0])
             return
         tmp = np.empty((S, S), np.float32)
         for j in range(n):
-            _minmax_into(np.asarray(views[j]), tmp)
+            appearance.minmax_into(np.asarray(views[j]), tmp)
             out[j, 0].copy_(torch.from_numpy(tmp))
         return
     stacked = np.stack([np.asarray(v) for v in views]) if not isinstance(views, np.ndarray) else views

@@ -1,41 +1,21 @@
-"""Bodies of ``xwin backfill | inspect | deploy | scan`` (registered in flows/cli.py).
+"""``xwin backfill`` and ``xwin scan``: the backfill flow from the command line.
 
 ``xwin backfill`` runs the Prefect flow ``backfill-cohort`` when a Prefect API is configured (PREFECT_API_URL or
-the active profile), when ``--prefect`` is given (no API: Prefect's ephemeral server, ~15-40 s to start here) or
+the active profile), when ``--prefect`` is given (no API: Prefect's ephemeral server, started for the run) or
 with ``--runner dask``. Otherwise it runs the same flow body without a server (``flows.backfill.run_local``:
-the same task functions, retries and slot sizes on a thread pool). docs/orchestration.md has the measurements.
+the same task functions, retries and slot sizes on a thread pool). docs/orchestration.md says which mode needs what.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import typer
 
-
-def _quiet_prefect(verbose: bool) -> None:
-    """Prefect reads its settings at import: set quiet defaults before the first import (the user's env wins)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # ephemeral server: no telemetry calls
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-
-
-def _load_spec(path: Path | None):
-    from xwin.schemas.render import RenderSpec
-
-    if path is None:
-        return RenderSpec()
-    text = Path(path).read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        return RenderSpec.model_validate(yaml.safe_load(text) or {})
-    return RenderSpec.model_validate_json(text)
+from xwin.flows.cli.common import load_spec, quiet_prefect
 
 
 class _Bar:
@@ -126,12 +106,14 @@ def backfill_cmd(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Prefect INFO logs"),
 ) -> None:
     """Ingest -> render -> commit every series of a cohort; reruns skip what is done."""
-    _quiet_prefect(verbose)
+    quiet_prefect(verbose)
     if runner not in ("threads", "dask"):
         raise typer.BadParameter("--runner must be threads or dask")
     if verify not in ("none", "shallow", "deep"):
         raise typer.BadParameter("--verify must be none, shallow or deep")
-    from xwin.flows.backfill import BackfillIncomplete, BackfillParams, add_listener, backfill_cohort_on, run_local
+    from xwin.flows.backfill import BackfillIncomplete, backfill_cohort_on, run_local
+    from xwin.flows.params import BackfillParams
+    from xwin.flows.progress import add_listener
     from xwin.flows.runtime import prefect_api_url
 
     params = BackfillParams(
@@ -140,7 +122,7 @@ def backfill_cmd(
         source=list(source) if source else None,
         manifest=str(manifest) if manifest else None,
         manifest_root=str(manifest_root) if manifest_root else None,
-        spec=_load_spec(spec),
+        spec=load_spec(spec),
         backend=backend,
         limit=limit,
         shard=shard,
@@ -219,101 +201,6 @@ def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | N
     )
 
 
-def validate_cmd(
-    store: str = typer.Option(..., "--store", help="store URL"),
-    cohort: str = typer.Option(..., "--cohort"),
-    spec: Path | None = typer.Option(None, "--spec", help="RenderSpec of the dataset (default X-WIN)"),
-    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash (instead of --spec)"),
-    volume: list[str] | None = typer.Option(None, "--volume", help="volume ids (default: every ring)"),
-    limit: int | None = typer.Option(None, "--limit", min=1),
-    prefect: bool | None = typer.Option(None, "--prefect/--no-prefect"),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """FDK-reconstruct stored rings of a cohort and score PSNR/SSIM against their source volumes."""
-    _quiet_prefect(verbose)
-    from xwin.flows.runtime import LocalStages, prefect_api_url
-    from xwin.flows.validate import run_validation, validate_cohort
-
-    sh = spec_hash or _load_spec(spec).spec_hash
-    use_prefect = prefect if prefect is not None else prefect_api_url() is not None
-    if use_prefect:
-        res = validate_cohort(store=store, cohort=cohort, spec_hash=sh, volume_ids=volume, limit=limit)
-    else:
-        with LocalStages(max_workers=1) as stages:
-            res = run_validation(store, cohort, sh, volume, stages, limit)
-    if as_json:
-        typer.echo(json.dumps(res, indent=1, default=str))
-    else:
-        for r in res:
-            typer.echo(
-                f"{r['volume_id']}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f} ({r['backend']}, "
-                f"{r['seconds']:.1f} s)"
-            )
-
-
-def inspect_cmd(
-    store: str = typer.Option(..., "--store", help="store URL"),
-    volume: str = typer.Option(..., "--volume", help="volume id (a unique prefix is enough)"),
-    out: Path = typer.Option(..., "--out", help="PNG to write"),
-    cohort: str | None = typer.Option(None, "--cohort", help="dataset cohort (when several hold the volume)"),
-    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash (idem)"),
-    thumb: int = typer.Option(96, "--thumb", help="thumbnail size (px)"),
-    big: int = typer.Option(512, "--big", help="frontal/lateral size (px)"),
-) -> None:
-    """Contact sheet of one stored ring: frontal and lateral views large, every view as a thumbnail."""
-    from xwin.flows.reports import contact_sheet
-    from xwin.storage import open_store
-
-    st = open_store(store, create=False)
-    hits = []
-    for d in st.datasets():
-        if (cohort and d.cohort != cohort) or (spec_hash and d.spec_hash != spec_hash):
-            continue
-        ds = st.open_dataset(d.cohort, d.spec_hash)
-        ids = [v for v in ds.volume_ids() if v.startswith(volume)]
-        hits += [(ds, v) for v in ids]
-    if not hits:
-        raise typer.BadParameter(f"no committed ring of volume {volume!r} in {store}")
-    if len({v for _, v in hits}) > 1 or len(hits) > 1:
-        opts = ", ".join(f"{ds.cohort}/{ds.spec_hash}/{v}" for ds, v in hits)
-        raise typer.BadParameter(f"{volume!r} is ambiguous ({opts}): give a longer id, --cohort or --spec-hash")
-    ds, vid = hits[0]
-    views = ds.read_ring(vid)
-    yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
-    s = ds.spec
-    title = (
-        f"{ds.cohort} / {vid}  spec {ds.spec_hash}: {s.n_views} views x {s.yaw_step_deg:g} deg, "
-        f"{s.height}x{s.width} @ {s.pixel_mm:g} mm"
-    )
-    im = contact_sheet(views, yaws, title=title, big=big, thumb=thumb)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    im.save(out)
-    typer.echo(f"{out}: {im.width}x{im.height}, {len(yaws)} views of {vid}")
-
-
-def deploy_cmd(
-    store: str = typer.Option(..., "--store", help="store URL the deployments write to"),
-    landing: str | None = typer.Option(None, "--landing", help="landing dir or s3://bucket/prefix to scan"),
-    cohort: str = typer.Option("landing", "--cohort", help="cohort of the landing scan"),
-    cron: str = typer.Option("*/15 * * * *", "--cron", help="landing scan schedule"),
-    gpus: int = typer.Option(1, "--gpus", min=0, help="GPU workers: creates limits xwin-gpu:gpu-worker-<i>"),
-    code_dir: Path = typer.Option(
-        Path(__file__).resolve().parents[1], "--code-dir", help="where the workers find this code"
-    ),
-    dask_address: str | None = typer.Option(None, "--dask-address", help="scheduler for backfill-cohort-dask"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Register work pools, GPU concurrency limits and the deployments (incl. the cron landing scan)."""
-    _quiet_prefect(verbose)
-    from xwin.flows.deploy import deployment_specs, register
-
-    specs = deployment_specs(store, landing, cohort, cron, dask_address=dask_address)
-    ids = register(specs, code_dir=code_dir, gpus=gpus)
-    for s, i in zip(specs, ids):
-        typer.echo(f"{s.full_name} -> {s.work_pool}{' cron ' + s.cron if s.cron else ''} ({i})")
-
-
 def scan_cmd(
     landing: str = typer.Option(..., "--landing", help="landing dir or s3://bucket/prefix"),
     cohort: str = typer.Option(..., "--cohort"),
@@ -325,7 +212,7 @@ def scan_cmd(
     """One landing scan now (what the cron deployment does), without a server."""
     from xwin.flows.landing import scan_once
 
-    summary, new = scan_once(landing, cohort, store, _load_spec(spec), backend)
+    summary, new = scan_once(landing, cohort, store, load_spec(spec), backend)
     if as_json:
         typer.echo(summary.model_dump_json(indent=1))
     else:

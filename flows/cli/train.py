@@ -1,4 +1,4 @@
-"""Bodies of the ``xwin train`` and ``xwin probe`` commands (registered in flows/cli.py)."""
+"""``xwin train``, ``xwin probe`` and ``xwin prepare-cxr``: the X-WIN model from the command line."""
 
 from __future__ import annotations
 
@@ -8,14 +8,7 @@ from pathlib import Path
 
 import typer
 
-
-def _or_exit(fn, *args, **kw):
-    """``fn(*args, **kw)``; a bad input (ValueError, FileNotFoundError) ends the command with its message, exit 2."""
-    try:
-        return fn(*args, **kw)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+from xwin.flows.cli.common import or_exit
 
 
 def train(
@@ -55,8 +48,8 @@ def train(
         ov.append(f"out_dir={out}")
     if device:
         ov.append(f"device={device}")
-    cfg = _or_exit(load_config, config, preset, ov)
-    sim, real_stream = _or_exit(build_streams, cfg)
+    cfg = or_exit(load_config, config, preset, ov)
+    sim, real_stream = or_exit(build_streams, cfg, errors=(ValueError, FileNotFoundError, LookupError))
     trainer = Trainer(cfg, sim, real_stream, echo=echo)
     if resume:
         path = Path(cfg.out_dir) / "checkpoints" / "latest.pt" if resume == "auto" else Path(resume)
@@ -91,7 +84,7 @@ def probe(
     """Linear probe of a frozen encoder: AUROC per class on a held-out split."""
     from xwin.training.probe import run_probe
 
-    rep = _or_exit(run_probe, checkpoint, data, test_frac=test_frac, seed=seed, which=encoder)
+    rep = or_exit(run_probe, checkpoint, data, test_frac=test_frac, seed=seed, which=encoder)
     if as_json:
         typer.echo(json.dumps(rep))
         return
@@ -114,7 +107,7 @@ def prepare_cxr(
     """Write real radiographs at the model resolution once, so training decodes small images (RealCXRStream)."""
     from xwin.training.data.real_prepare import REPORT, prepare_real_cxr
 
-    rep = _or_exit(
+    rep = or_exit(
         prepare_real_cxr,
         src,
         dst,

@@ -1,8 +1,5 @@
-"""``xwin bench ...``: benchmark commands. Each command is a thin wrapper over a ``bench`` function elsewhere.
-
-To add one: ``@bench_app.command("name")`` here, with the body in your own module (imported inside the command so
-``xwin --help`` stays fast).
-"""
+"""``xwin bench ...``: benchmark commands, each a thin wrapper over a benchmark function of the package (imported
+inside the command so ``xwin --help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -53,12 +50,10 @@ def consumer(
         if cohort is None:
             from xwin.storage import open_store
 
-            infos = open_store(store, create=False).datasets()
-            if len(infos) != 1:
-                raise typer.BadParameter(
-                    f"{store} holds {len(infos)} datasets; give --cohort or '<url>#<cohort>/<hash>'"
-                )
-            cohort = infos[0].cohort
+            try:
+                cohort = open_store(store, create=False).find_dataset().cohort
+            except LookupError as e:
+                raise typer.BadParameter(f"{e}; give --cohort or '<url>#<cohort>/<hash>'") from None
         src = StoreSource(store, cohort)
     counts = tuple(int(x) for x in worker_counts.split(",") if x.strip())
     try:

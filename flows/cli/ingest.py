@@ -1,6 +1,6 @@
 """``xwin ingest``: CT sources (NIfTI, DICOM folders, NBIA metadata.csv) -> canonical volumes in a store.
 
-Body of the command registered in flows/cli.py. Logic lives in pipeline.ingest (ingest_sources) and storage.
+The logic lives in ``xwin.pipeline.ingest`` (ingest_sources) and ``xwin.storage``.
 """
 
 from __future__ import annotations

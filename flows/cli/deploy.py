@@ -1,0 +1,30 @@
+"""``xwin deploy``: register the work pools, GPU concurrency limits and deployments with a Prefect server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from xwin.flows.cli.common import quiet_prefect
+from xwin.flows.deploy import REPO_ROOT
+
+
+def deploy_cmd(
+    store: str = typer.Option(..., "--store", help="store URL the deployments write to"),
+    landing: str | None = typer.Option(None, "--landing", help="landing dir or s3://bucket/prefix to scan"),
+    cohort: str = typer.Option("landing", "--cohort", help="cohort of the landing scan"),
+    cron: str = typer.Option("*/15 * * * *", "--cron", help="landing scan schedule"),
+    gpus: int = typer.Option(1, "--gpus", min=0, help="GPU workers: creates limits xwin-gpu:gpu-worker-<i>"),
+    code_dir: Path = typer.Option(REPO_ROOT, "--code-dir", help="where the workers find this code"),
+    dask_address: str | None = typer.Option(None, "--dask-address", help="scheduler for backfill-cohort-dask"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Register work pools, GPU concurrency limits and the deployments (incl. the cron landing scan)."""
+    quiet_prefect(verbose)
+    from xwin.flows.deploy import deployment_specs, register
+
+    specs = deployment_specs(store, landing, cohort, cron, dask_address=dask_address)
+    ids = register(specs, code_dir=code_dir, gpus=gpus)
+    for s, i in zip(specs, ids):
+        typer.echo(f"{s.full_name} -> {s.work_pool}{' cron ' + s.cron if s.cron else ''} ({i})")

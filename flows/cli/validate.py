@@ -1,0 +1,76 @@
+"""``xwin validate`` (a cohort's stored rings) and ``xwin reconstruct`` (one ring): FDK from the stored views,
+PSNR/SSIM against the stored volume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from xwin.flows.cli.common import load_spec, or_exit, quiet_prefect
+
+if TYPE_CHECKING:
+    from xwin.pipeline.reconstruct import ValidationResult
+
+
+def validate_cmd(
+    store: str = typer.Option(..., "--store", help="store URL"),
+    cohort: str = typer.Option(..., "--cohort"),
+    spec: Path | None = typer.Option(None, "--spec", help="RenderSpec of the dataset (default X-WIN)"),
+    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash (instead of --spec)"),
+    volume: list[str] | None = typer.Option(None, "--volume", help="volume ids (default: every ring)"),
+    limit: int | None = typer.Option(None, "--limit", min=1),
+    prefect: bool | None = typer.Option(None, "--prefect/--no-prefect"),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """FDK-reconstruct stored rings of a cohort and score PSNR/SSIM against their source volumes."""
+    quiet_prefect(verbose)
+    from xwin.flows.runtime import LocalStages, prefect_api_url
+    from xwin.flows.validate import run_validation, validate_cohort
+
+    sh = spec_hash or load_spec(spec).spec_hash
+    use_prefect = prefect if prefect is not None else prefect_api_url() is not None
+    if use_prefect:
+        res = validate_cohort(store=store, cohort=cohort, spec_hash=sh, volume_ids=volume, limit=limit)
+    else:
+        with LocalStages(max_workers=1) as stages:
+            res = run_validation(store, cohort, sh, volume, stages, limit)
+    if as_json:
+        typer.echo(json.dumps(res, indent=1, default=str))
+    else:
+        for r in res:
+            typer.echo(
+                f"{r['volume_id']}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f} ({r['backend']}, "
+                f"{r['seconds']:.1f} s)"
+            )
+
+
+def reconstruct_cmd(
+    store: str = typer.Option(..., "--store", help="store URL (local path or s3://bucket/prefix)"),
+    volume: str = typer.Option(..., "--volume", help="volume id"),
+    cohort: str | None = typer.Option(None, "--cohort", help="cohort (default: the volume's cohort)"),
+    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash when several exist"),
+    backend: str = typer.Option("auto", "--backend", help="auto | numba | rtk | astra"),
+    report: Path | None = typer.Option(None, "--report", help="write metrics.json + slices.png here"),
+    as_json: bool = typer.Option(False, "--json", help="print the full metrics as JSON"),
+) -> None:
+    """Reconstruct a stored ring with FDK and print PSNR/SSIM against the stored CT."""
+    from xwin.flows.validate import validate_stored_ring
+    from xwin.storage import open_store
+
+    def run() -> ValidationResult:
+        st = open_store(store, create=False)
+        ds = st.find_dataset(cohort or st.volume_record(volume).cohort, spec_hash, volume_id=volume)
+        return validate_stored_ring(st, ds, volume, backend=backend)
+
+    res = or_exit(run, errors=(LookupError, FileNotFoundError, ValueError, RuntimeError))
+    m = res.metrics
+    if report is not None:
+        from xwin.pipeline.reconstruct.report import write_report
+
+        m["report"] = write_report(report, m, res.reference, res.reconstruction, res.mask, tuple(res.grid.spacing))
+    short = {k: m[k] for k in ("psnr_db", "ssim", "backend", "seconds")}
+    typer.echo(json.dumps(m if as_json else short, default=float, indent=None if not as_json else 1))
