@@ -60,7 +60,7 @@ def main() -> None:
         folder = str(Path(tmp) / "series")
         series_from_nifti(example_ct_path(), folder)
         _, _, hu = ours(folder, cfg)  # warm-up: page cache, numba cache load
-        t_sitk, img = simpleitk(folder)
+        _t_sitk, img = simpleitk(folder)
         arr = sitk.GetArrayFromImage(img)  # (z, y, x) copy
         # same voxels: SimpleITK (z, y, x) in LPS file order vs ours (x, y, z) RAS: compare after flips
         assert np.array_equal(np.where(arr < -1500, -1000, arr).transpose(2, 1, 0)[::-1, ::-1, :], hu)

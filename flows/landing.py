@@ -166,7 +166,7 @@ def _name_landing_entries(summary: RunSummary, local: dict[str, str]) -> RunSumm
 
     def orig(i: str) -> str:
         for path, entry in local.items():
-            if path != entry and (i == path or i.startswith(path + "#") or i.startswith(path + "/")):
+            if path != entry and (i == path or i.startswith((path + "#", path + "/"))):
                 return entry + i[len(path) :]
         return i
 

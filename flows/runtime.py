@@ -257,5 +257,5 @@ def prefect_api_url() -> str | None:
 
         url = get_current_settings().api.url
         return str(url) if url else None
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - unreadable Prefect settings: fall back to the environment  # pragma: no cover
         return os.environ.get("PREFECT_API_URL") or None

@@ -1,8 +1,8 @@
 """Validation flow: FDK-reconstruct stored rings and score them (PSNR/SSIM) against their source volumes.
 
 :func:`validate_stored_ring` (storage -> ``pipeline.reconstruct.validate_volume``) over a cohort's dataset; one
-task per volume with the same retry policy as the backfill. Results go to ``<store>-reports/validation/<cohort>/<spec_hash>/<id>.json``
-and, in a flow run, to a table artifact.
+task per volume with the same retry policy as the backfill. Results go to
+``<store>-reports/validation/<cohort>/<spec_hash>/<id>.json`` and, in a flow run, to a table artifact.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def recon_backend() -> str:
         import torch
 
         return "auto" if torch.cuda.is_available() else "numba"
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - whatever fails in the CUDA probe means no GPU here  # pragma: no cover
         return "numba"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -89,15 +91,13 @@ def make_s3_bucket(endpoint: str, name: str) -> str:
     import boto3
 
     c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    try:
+    with contextlib.suppress(c.exceptions.BucketAlreadyOwnedByYou):
         c.create_bucket(Bucket=name)
-    except c.exceptions.BucketAlreadyOwnedByYou:
-        pass
     return f"s3://{name}"
 
 
 # ---- a dataset the pipeline rendered itself (consumer, training tests) -----------------------------------------
-RENDERED_SPEC_KW = dict(height=64, width=64, pixel_mm=8.0)  # 120 views at 3 deg, FOV ~350 mm at the isocentre
+RENDERED_SPEC_KW = {"height": 64, "width": 64, "pixel_mm": 8.0}  # 120 views at 3 deg, FOV ~350 mm at the isocentre
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,7 @@ def write_ct_series(
         stored_all = hu.astype(np.int32) - int(intercept)
     else:
         stored_all = np.rint((hu.astype(np.float64) - intercept) / slope).astype(np.int32)
-    pad_stored = None if padding_hu is None else int(round((padding_hu - intercept) / slope))
+    pad_stored = None if padding_hu is None else round((padding_hu - intercept) / slope)
     if padding_hu is not None:
         stored_all[hu == padding_hu] = pad_stored
     signed = stored_all.min() < 0 or (pad_stored is not None and pad_stored < 0)

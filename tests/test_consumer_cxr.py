@@ -17,7 +17,7 @@ from xwin.training.data import RealCXRStream, read_radiograph
 def _phantom(h=96, w=80, seed=0):
     """A chest-like 8-bit image: dark lungs, bright spine, plus noise."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
+    _y, x = np.mgrid[0:h, 0:w]
     img = 60 + 20 * rng.random((h, w))
     img[np.abs(x - w / 2) < w / 10] = 220  # spine: bright
     return img.astype(np.uint8)
@@ -173,7 +173,7 @@ def test_batches_reuse_buffers_without_changing_what_the_consumer_holds(cxr_dir,
     from xwin.training.data import make_loader
 
     d, _ = cxr_dir
-    kw = dict(image_size=32, seed=0, batch_size=2)
+    kw = {"image_size": 32, "seed": 0, "batch_size": 2}
     ref = []
     for e in range(3):
         fresh = RealCXRStream(d, reuse_buffers=False, **kw)

@@ -297,9 +297,13 @@ def test_prefect_backfill_three_series_then_rerun(prefect_api, tmp_path, cohort,
 
     monkeypatch.setattr(tasks, "store_handle", lambda url: Flaky())
     monkeypatch.setattr(bf, "ingest_series", bf.ingest_series.with_options(retry_delay_seconds=[0.1] * 3))
-    kw = dict(
-        cohort="test", store=str(store), source=[str(good[0]), str(good[1]), str(bad)], spec=SPEC, backend="joseph"
-    )
+    kw = {
+        "cohort": "test",
+        "store": str(store),
+        "source": [str(good[0]), str(good[1]), str(bad)],
+        "spec": SPEC,
+        "backend": "joseph",
+    }
     state = bf.backfill_cohort(**kw, return_state=True)
     assert state.is_completed()
     s1 = state.result()
@@ -351,7 +355,7 @@ def test_prefect_backfill_killed_midway_then_resumed(prefect_api, tmp_path, coho
     for g in good:
         cmd += ["--source", str(g)]
     proc = subprocess.Popen(
-        cmd + ["--source", str(bad)],
+        [*cmd, "--source", str(bad)],
         cwd=REPO,
         env=env,
         start_new_session=True,
@@ -493,7 +497,7 @@ def test_landing_scan_of_an_s3_prefix(tmp_path, cohort, monkeypatch):
         s3.upload_file(str(good[3]), "landing", "incoming/ct3.nii.gz")
         s3.upload_file(str(bad), "landing", "incoming/broken.nii.gz")
         store = str(tmp_path / "store")
-        kw = dict(staging=str(tmp_path / "staging"))
+        kw = {"staging": str(tmp_path / "staging")}
         s1, new1 = scan_once("s3://landing/incoming", "test", store, SPEC, "joseph", **kw)
         assert sorted(new1) == ["s3://landing/incoming/broken.nii.gz", "s3://landing/incoming/ct3.nii.gz"]
         assert (len(s1.done), [r.reason for r in s1.rejected]) == (1, [RejectReason.unreadable_file])

@@ -37,7 +37,7 @@ def test_camera_reproduces_pixel_centres():
         rows, cols = np.meshgrid(np.arange(32), np.arange(48), indexing="ij")
         assert np.allclose(rc[:, 0], rows.ravel(), atol=1e-9)
         assert np.allclose(rc[:, 1], cols.ravel(), atol=1e-9)
-        T, K = g.camera(k)
+        T, _K = g.camera(k)
         assert np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3)) and np.isclose(np.linalg.det(T[:3, :3]), 1.0)
     again = ConeBeamViews.from_cone_vecs(g.cone_vecs, 32, 48, g.yaw_deg)
     assert np.array_equal(again.cone_vecs, g.cone_vecs)

@@ -154,7 +154,7 @@ def test_ingest_sources_mixed_cohort_into_store(cohort, small, tmp_path, bundled
 
 
 def test_cli_json_and_exit_codes(cohort, small, tmp_path):
-    root, sA, _ = cohort
+    root, _sA, _ = cohort
     good_nii = tmp_path / "good.nii.gz"
     nib.save(nib.Nifti1Image(small[0], small[1]), str(good_nii))
     (tmp_path / "empty").mkdir()

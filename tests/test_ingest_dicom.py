@@ -24,7 +24,7 @@ def ingest_one(src, cfg: IngestConfig | None = None):
     cands, rej = plan_inputs([str(src)], COHORT, cfg)
     assert not rej, rej
     assert len(cands) == 1
-    return (cands[0],) + load_candidate(cands[0])
+    return (cands[0], *load_candidate(cands[0]))
 
 
 def reason_of(src, cfg: IngestConfig | None = None) -> tuple[R, str]:
@@ -49,7 +49,7 @@ def test_full_resolution_series_matches_nifti(tmp_path, bundled_ct_path):
     series_from_nifti(bundled_ct_path, tmp_path / "s", kernel="B30f", intercept=-1024.0)
     write_localizer(tmp_path / "s", study_uid=pydicom.dcmread(next((tmp_path / "s").glob("IM*.dcm"))).StudyInstanceUID)
     (tmp_path / "s" / "README.txt").write_text("not dicom")
-    c, rec, hu = ingest_one(tmp_path / "s")
+    _c, rec, hu = ingest_one(tmp_path / "s")
     ref_img = nib.as_closest_canonical(nib.load(str(bundled_ct_path)))  # independent reference: nibabel
     assert rec.kind.value == "dicom" and rec.shape == (512, 512, 133) and hu.dtype == np.int16
     # world geometry: affines equal within 1e-4 mm over the whole grid (corners suffice for an affine)
@@ -107,7 +107,7 @@ def files_by_position(d: Path) -> list[Path]:
 
 
 def test_small_series_matches_nifti_and_padding_is_air(good_dir, expected, base):
-    c, rec, hu = ingest_one(good_dir)
+    _c, rec, hu = ingest_one(good_dir)
     ref_rec, ref = expected
     np.testing.assert_array_equal(hu, ref)
     np.testing.assert_allclose(rec.affine, ref_rec.affine, atol=1e-4)
@@ -172,7 +172,7 @@ def test_localizer_mixed_in_and_localizer_only(good_dir, tmp_path, expected):
     d = copy_series(good_dir, tmp_path / "loc")
     study = pydicom.dcmread(next(d.glob("IM*.dcm"))).StudyInstanceUID
     write_localizer(d, study_uid=study, n=2)
-    c, rec, hu = ingest_one(d)
+    _c, rec, hu = ingest_one(d)
     np.testing.assert_array_equal(hu, expected[1])
     excluded = [s for s in rec.series_choices if not s.chosen]
     assert len(excluded) == 1 and excluded[0].reason.startswith("localizer")
@@ -238,7 +238,7 @@ def test_gantry_tilt_resampled_or_rejected(base, tmp_path, expected):
     write_ct_series(
         d, tilted, saff, positions_lps=pos, gantry_tilt=float(np.degrees(np.arctan(dr / 5.0))), standard=False
     )
-    c, rec, out = ingest_one(d)
+    _c, rec, out = ingest_one(d)
     ref_rec, ref = expected
     np.testing.assert_allclose(rec.affine, ref_rec.affine, atol=1e-4)
     # rows that stayed inside the written field of view are exact; the rest is air

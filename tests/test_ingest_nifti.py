@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -78,12 +79,12 @@ def test_float_nifti_with_nan_inf_rejected(tmp_path, vol):
     assert reason_of(tmp_path / "nan.nii") == R.non_finite_values
     a[5, 5, 5] = a[6, 6, 6] = -500.4
     nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / "ok.nii"))
-    rec, hu = ingest(tmp_path / "ok.nii")
+    _rec, hu = ingest(tmp_path / "ok.nii")
     assert hu.dtype == np.int16 and hu[5, 5, 5] == -500
 
 
 def test_truncated_and_garbage_nifti(tmp_path, bundled_ct_path, small_ct_path):
-    raw = open(small_ct_path, "rb").read()
+    raw = Path(small_ct_path).read_bytes()
     (tmp_path / "trunc.nii.gz").write_bytes(raw[: len(raw) // 2])
     assert reason_of(tmp_path / "trunc.nii.gz") == R.unreadable_file
     (tmp_path / "garbage.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 10))
@@ -148,7 +149,7 @@ def test_hu_stats_exact(vol):
 def test_example_source(bundled_ct_path):
     cands, rej = plan_inputs(["example"], COHORT)
     assert not rej and cands[0].kind.value == "example"
-    rec, hu = load_candidate(cands[0])
+    rec, _hu = load_candidate(cands[0])
     assert (
         rec.shape == (512, 512, 133) and rec.hu.min == -1024 and nib.aff2axcodes(np.asarray(rec.affine)) == tuple("RAS")
     )

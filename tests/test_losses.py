@@ -29,7 +29,7 @@ def _direct_logp(z: np.ndarray, t: np.ndarray, tau: float, normalize: bool) -> n
     N = z.shape[0]
     out = np.zeros((N, N))
     for i in range(N):
-        den = sum(math.exp(float(z[i] @ t[l]) / tau) for l in range(N))
+        den = sum(math.exp(float(z[i] @ t[m]) / tau) for m in range(N))
         for j in range(N):
             out[i, j] = math.log(math.exp(float(z[i] @ t[j]) / tau) / den)
     return out
@@ -64,7 +64,7 @@ def test_affinity_matrix_eq4():
     for b in range(2):
         tb = t[b].numpy()
         for i in range(4):
-            den = sum(math.exp(float(tb[i] @ tb[l]) / tau_t) for l in range(4))
+            den = sum(math.exp(float(tb[i] @ tb[m]) / tau_t) for m in range(4))
             for j in range(4):
                 assert A[b, i, j] == pytest.approx(math.exp(float(tb[i] @ tb[j]) / tau_t) / den, rel=1e-5)
 

@@ -45,14 +45,19 @@ def test_default_grid_tiles_the_ct_box(bundled_ct_path):
     g = default_grid(img.affine, img.shape)
     assert g.shape == (256, 256, 133)
     assert np.allclose(g.spacing, [0.703125 * 2, 0.703125 * 2, 2.5])
-    box = lambda A, n: np.sort(
-        (
-            np.array([[x, y, z] for x in (-0.5, n[0] - 0.5) for y in (-0.5, n[1] - 0.5) for z in (-0.5, n[2] - 0.5)])
-            @ A[:3, :3].T
-            + A[:3, 3]
-        ),
-        axis=0,
-    )
+
+    def box(A, n):
+        return np.sort(
+            (
+                np.array(
+                    [[x, y, z] for x in (-0.5, n[0] - 0.5) for y in (-0.5, n[1] - 0.5) for z in (-0.5, n[2] - 0.5)]
+                )
+                @ A[:3, :3].T
+                + A[:3, 3]
+            ),
+            axis=0,
+        )
+
     assert np.allclose(box(g.affine, g.shape), box(img.affine, img.shape))
     assert np.allclose(g.center, volume_center(img.affine, img.shape))
 

@@ -80,7 +80,7 @@ def test_render_describe_export_round_trip(store_with_volume, small_ct_path):
 
 
 def test_render_cli_errors(store_with_volume):
-    url, rec, hu, spec_file, d = store_with_volume
+    url, _rec, _hu, spec_file, _d = store_with_volume
     runner = CliRunner()
     r = runner.invoke(app, ["render", "--store", url, "--spec", str(spec_file)])
     assert r.exit_code != 0  # neither --volume nor --all

@@ -210,7 +210,7 @@ def test_verify_finds_flipped_byte_deleted_chunk_and_row_without_data(tmp_path):
     assert rep.volumes == 4 and rep.ok == 1
     assert [i.volume_id for i in rep.corrupt] == ["r1"]
     assert sorted(i.volume_id for i in rep.missing) == ["r2", "r3"]
-    assert "absent" in [i for i in rep.missing if i.volume_id == "r2"][0].reason
+    assert "absent" in next(i for i in rep.missing if i.volume_id == "r2").reason
     full = store.verify()
     assert full.volumes == 5 and full.ok == 2 and not full.clean
     # the CLI reports the same and exits non-zero
@@ -389,9 +389,8 @@ def test_claim_lease_expiry_from_other_host(tmp_path):
         expires_at=now + timedelta(seconds=1),
     )
     ds.scope.b.put(ds.scope.claim_key("r0"), foreign.model_dump_json().encode())
-    with pytest.raises(ClaimHeld):  # live lease of another host
-        with ds.claim("r0", ttl_s=5):
-            pass
+    with pytest.raises(ClaimHeld), ds.claim("r0", ttl_s=5):  # live lease of another host
+        pass
     time.sleep(1.1)
     with ds.claim("r0", ttl_s=5):  # expired: taken over
         assert ds.scope.get_claim("r0")[0].owner != "other-host:1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -24,7 +25,7 @@ def test_schedules_endpoints_and_shapes():
     )
     assert s.momentum_at(0) == pytest.approx(0.994) and s.momentum_at(110) == pytest.approx(1.0)
     m = [s.momentum_at(k) for k in range(111)]
-    assert all(b >= a for a, b in zip(m, m[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(m))
     assert cosine(1.0, 0.0, 25, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
@@ -180,7 +181,7 @@ def test_resume_equals_straight_run(tmp_path, rendered_dataset, real_dir):
     straight, s_full = _run(cfg_a, n)
     cfg_b = tiny_cfg(tmp_path / "b", rendered_dataset, real=real_dir, data__batch_size=2, data__real_batch_size=2)
     ckpt = tmp_path / "half.pt"
-    _, s_half = _run(cfg_b, n // 2, save_to=ckpt)
+    _, _s_half = _run(cfg_b, n // 2, save_to=ckpt)
     torch.manual_seed(12345)  # the checkpoint, not the process, must carry the RNG state
     np.random.seed(7)
     resumed, s_rest = _run(cfg_b, n, resume_from=ckpt)

@@ -7,6 +7,7 @@ overrides (values parsed as YAML scalars/lists). Unknown keys are errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -220,10 +221,8 @@ def parse_override(item: str) -> dict:
     key, raw = item.split("=", 1)
     val = yaml.safe_load(raw) if raw.strip() else None
     if isinstance(val, str):  # YAML reads 1e-4 as a string; try a number
-        try:
+        with contextlib.suppress(ValueError):
             val = float(val)
-        except ValueError:
-            pass
     out: dict = {}
     cur = out
     parts = key.strip().split(".")

@@ -227,7 +227,7 @@ class Trainer:
 
         if self._log_fh is None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.out_dir / "log.jsonl", "a")
+            self._log_fh = open(self.out_dir / "log.jsonl", "a")  # noqa: SIM115 - open for the run, closed by close()
         line = json.dumps(rec, default=float)
         self._log_fh.write(line + "\n")
         self._log_fh.flush()

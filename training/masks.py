@@ -67,8 +67,8 @@ class MultiBlockMasker:
         s = rng.uniform(*scale)
         ar = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
         area = s * self.grid * self.grid
-        h = int(round(math.sqrt(area * ar)))
-        w = int(round(math.sqrt(area / ar)))
+        h = round(math.sqrt(area * ar))
+        w = round(math.sqrt(area / ar))
         return min(max(h, 1), self.grid), min(max(w, 1), self.grid)
 
     def _block(self, rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:

@@ -106,7 +106,7 @@ def stratified_split(labels: np.ndarray, test_frac: float, seed: int) -> tuple[n
     tr, te = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = min(max(1, int(round(test_frac * len(idx)))), len(idx) - 1)
+        k = min(max(1, round(test_frac * len(idx))), len(idx) - 1)
         te.append(idx[:k])
         tr.append(idx[k:])
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))

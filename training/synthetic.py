@@ -92,7 +92,7 @@ class SyntheticRingStream(_Resumable):
         samples_per_epoch: int | None = None,
     ) -> None:
         super().__init__(samples_per_epoch or n_volumes, batch_size, seed)
-        K = int(math.floor(max_abs_deg / step_deg + 1e-9))
+        K = math.floor(max_abs_deg / step_deg + 1e-9)
         if n_targets > 2 * K:
             raise ValueError(
                 f"only {2 * K} non-zero offsets of {step_deg} deg within +-{max_abs_deg}, need {n_targets}"

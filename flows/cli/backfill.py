@@ -131,7 +131,7 @@ def backfill_cmd(
     try:
         params.sources()
     except ValueError as e:
-        raise typer.BadParameter(str(e))
+        raise typer.BadParameter(str(e)) from None
     use_prefect = prefect if prefect is not None else (runner == "dask" or prefect_api_url() is not None)
     if runner == "dask" and not use_prefect:
         raise typer.BadParameter("--runner dask runs the Prefect flow (drop --no-prefect)")

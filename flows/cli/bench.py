@@ -16,8 +16,8 @@ bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchm
 def consumer(
     store: str | None = typer.Option(
         None,
-        help="dataset URL '<store url>#<cohort>' or '<store url>#<cohort>/<spec hash>', or a store URL (with --cohort); "
-        "default: render the bundled CT into a temporary store",
+        help="dataset URL '<store url>#<cohort>' or '<store url>#<cohort>/<spec hash>', or a store URL (with "
+        "--cohort); default: render the bundled CT into a temporary store",
     ),
     cohort: str | None = typer.Option(None, help="cohort, when --store is a plain store URL"),
     workers: int = typer.Option(2, help="worker count reported at the top level of the JSON"),

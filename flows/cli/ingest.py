@@ -51,9 +51,9 @@ def ingest_cmd(
 
         st = open_store(store)
         summary = ingest_sources(srcs, cohort, st, cfg, manifests=mans)
-    except Exception as e:  # the run itself could not complete (store unreachable, invalid cohort, ...)
+    except Exception as e:  # noqa: BLE001 - the run itself could not complete (store unreachable, bad cohort, ...)
         print(f"xwin ingest: run failed: {type(e).__name__}: {e}", file=sys.stderr)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     if json_out:
         sys.stdout.write(summary.model_dump_json() + "\n")
         return

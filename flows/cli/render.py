@@ -32,7 +32,7 @@ def render_cmd(
     for vid in ids:
         try:
             status = render_volume_to_store(st, vid, rs, cohort, name)
-        except Exception as e:  # one bad volume never stops the batch
+        except Exception as e:  # noqa: BLE001 - one bad volume never stops the batch
             status = "failed"
             typer.echo(f"FAILED {vid}: {type(e).__name__}: {e}", err=True)
         counts[status] += 1

@@ -255,7 +255,7 @@ def read_header(path: str, prefix: int = 16384) -> SliceHeader:
 
 def is_nifti_name(name: str) -> bool:
     n = name.lower()
-    return n.endswith(".nii") or n.endswith(".nii.gz")
+    return n.endswith((".nii", ".nii.gz"))
 
 
 def iter_files(root: Path) -> Iterable[str]:
@@ -284,7 +284,7 @@ def scan_paths(files: Iterable[str]) -> ScanResult:
             try:
                 ds = pydicom.dcmread(p, stop_before_pixels=True, force=True, specific_tags=HEADER_TAGS)
                 out.headers.append(header_from_dataset(ds, p))
-            except Exception:
+            except Exception:  # noqa: BLE001 - no preamble and not parseable: not a DICOM file
                 out.junk += 1
             continue
         try:
@@ -294,7 +294,7 @@ def scan_paths(files: Iterable[str]) -> ScanResult:
                 out.corrupt.append((p, f"{type(e).__name__}: {e}"))
             else:
                 out.junk += 1
-        except Exception as e:  # truncated/corrupt headers raise many types (EOFError, struct.error, ...)
+        except Exception as e:  # noqa: BLE001 - truncated/corrupt headers raise many types (EOFError, ...)
             out.corrupt.append((p, f"{type(e).__name__}: {e}"))
     return out
 

@@ -400,9 +400,8 @@ def _load_nifti(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
             raise IngestError(R.hu_out_of_range, f"{c.input}: values [{hu.min():g}, {hu.max():g}] do not fit int16")
     else:
         hu = data.astype(np.int32) if data.dtype.itemsize > 2 or data.dtype == np.uint16 else data
-        if data.dtype.itemsize > 2 or data.dtype == np.uint16:
-            if hu.min() < -32768 or hu.max() > 32767:
-                raise IngestError(R.hu_out_of_range, f"{c.input}: values [{hu.min()}, {hu.max()}] do not fit int16")
+        if (data.dtype.itemsize > 2 or data.dtype == np.uint16) and (hu.min() < -32768 or hu.max() > 32767):
+            raise IngestError(R.hu_out_of_range, f"{c.input}: values [{hu.min()}, {hu.max()}] do not fit int16")
     pad = hu <= cfg.padding_hu_at_or_below
     if not hu.flags.writeable:
         hu = hu.copy()

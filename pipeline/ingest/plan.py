@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -86,8 +87,8 @@ def plan_nifti(
 
         img = nib.load(str(p))
         shape = img.shape
-    except Exception as e:
-        raise IngestError(R.unreadable_file, f"{label}: NIfTI header does not parse ({type(e).__name__}: {e})")
+    except Exception as e:  # nibabel raises many types on a bad header
+        raise IngestError(R.unreadable_file, f"{label}: NIfTI header does not parse ({type(e).__name__}: {e})") from e
     digest = file_sha256(p)
     vid = make_volume_id(cohort, {"nifti_sha256": digest}, cfg)
     return Candidate(
@@ -108,7 +109,7 @@ def _decodable(ts: str | None) -> bool:
         return True  # no file meta: implicit VR little endian
     try:
         return bool(get_decoder(UID(ts)).is_available)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a transfer syntax pydicom has no decoder entry for is not decodable
         return False
 
 
@@ -281,7 +282,7 @@ def _try(fn, label: str, cands: list[Candidate], rejs: list[Rejection]) -> None:
         cands.append(fn())
     except IngestError as e:
         rejs.append(Rejection(input=label, reason=e.reason, detail=e.detail, series_uid=e.series_uid))
-    except Exception as e:  # a bug or an exotic file must not stop the batch
+    except Exception as e:  # noqa: BLE001 - a bug or an exotic file must not stop the batch
         rejs.append(
             Rejection(
                 input=label,
@@ -416,7 +417,7 @@ def plan_inputs(
             from xwin.pipeline.example import example_ct_path
 
             _try(
-                lambda: plan_nifti(example_ct_path(), cohort, cfg, label=label, kind=InputKind.example),
+                partial(plan_nifti, example_ct_path(), cohort, cfg, label=label, kind=InputKind.example),
                 label,
                 cands,
                 rejs,
@@ -428,7 +429,7 @@ def plan_inputs(
         elif p.is_dir():
             try:
                 c, r = plan_dicom_files(iter_files(p), label, cohort, cfg)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - one unreadable folder must not stop the batch
                 c, r = (
                     [],
                     [
@@ -446,7 +447,7 @@ def plan_inputs(
             cands += c
             rejs += r
         elif is_nifti_name(p.name):
-            _try(lambda: plan_nifti(p, cohort, cfg, label=label), label, cands, rejs)
+            _try(partial(plan_nifti, p, cohort, cfg, label=label), label, cands, rejs)
         else:
             c, r = plan_dicom_files([str(p)], label, cohort, cfg)
             cands += c

@@ -88,7 +88,7 @@ def _thickness(headers: list[SliceHeader]) -> float | None:
         steps = np.diff(d)
         steps = steps[steps > 1e-3]
         return float(np.median(steps)) if steps.size else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - headers without usable positions: no spacing to rank by
         return None
 
 

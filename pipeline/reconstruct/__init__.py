@@ -208,6 +208,6 @@ def validate_volume(
         "mu_water_per_mm": float(mu_water),
         "n_views": len(views),
         "detector": [views.height, views.width],
-        **{k: v for k, v in rec.info.items()},
+        **dict(rec.info.items()),
     }
     return ValidationResult(metrics, ref, rec.mu, mask, grid)

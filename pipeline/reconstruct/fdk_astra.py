@@ -40,8 +40,8 @@ _PROBE = "import astra, sys; sys.exit(0 if astra.use_cuda() else 3)"
 def cuda_available(timeout_s: float = 60.0) -> bool:
     """True when ASTRA's CUDA path works, probed in a child process (a crash there cannot take us down)."""
     try:
-        r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=timeout_s)
-    except Exception:
+        r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=timeout_s, check=False)
+    except (subprocess.TimeoutExpired, OSError):
         return False
     return r.returncode == 0
 

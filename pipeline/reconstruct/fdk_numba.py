@@ -109,7 +109,7 @@ def view_weights(views: ConeBeamViews, orbit: Orbit, short_scan: bool | None = N
         info["parker_delta_deg"] = float(np.rad2deg(delta))
         beta = orbit.angles_rad - orbit.angles_rad[0] + orbit.step_rad / 2.0
     for k in range(V):
-        T, K = views.camera(k)
+        _T, K = views.camera(k)
         du, dv = np.linalg.norm(views.u[k]), np.linalg.norm(views.v[k])
         D = float(orbit.sdd[k])
         a = (np.arange(W) - K[0, 2]) * du  # mm from the principal point along u

@@ -46,7 +46,7 @@ def reference_mu(hu: np.ndarray, affine: np.ndarray, grid: ReconGrid, mu_water: 
 def validation_mask(grid: ReconGrid, orbit: Orbit, axial_fraction: float = 0.6, fov_fraction: float = 0.95):
     """(nx, ny, nz) bool: central ``axial_fraction`` of the k slices and within ``fov_fraction`` x FOV radius."""
     nx, ny, nz = grid.shape
-    k0 = int(round(nz * (1 - axial_fraction) / 2))
+    k0 = round(nz * (1 - axial_fraction) / 2)
     k1 = nz - k0
     # in-plane distance of voxel centres (at k = 0; the axis is parallel to k for ring grids) from the axis
     ii, jj = np.meshgrid(np.arange(nx, dtype=np.float64), np.arange(ny, dtype=np.float64), indexing="ij")

@@ -52,9 +52,9 @@ def write_report(
     for r in range(3):
         for c, (img, kw) in enumerate(
             [
-                (ref_s[r], dict(cmap="gray", vmin=lo, vmax=hi)),
-                (rec_s[r], dict(cmap="gray", vmin=lo, vmax=hi)),
-                (diff_s[r], dict(cmap="coolwarm", vmin=-dmax, vmax=dmax)),
+                (ref_s[r], {"cmap": "gray", "vmin": lo, "vmax": hi}),
+                (rec_s[r], {"cmap": "gray", "vmin": lo, "vmax": hi}),
+                (diff_s[r], {"cmap": "coolwarm", "vmin": -dmax, "vmax": dmax}),
             ]
         ):
             im = axes[r, c].imshow(img, aspect=aspects[r], interpolation="nearest", **kw)

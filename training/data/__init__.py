@@ -3,26 +3,28 @@
 See docs/training-data.md for the sample format, the order and resume guarantees, and the loader setup.
 """
 
+from .loader import ResumableLoader, make_loader
 from .order import EpochOrder, shard_batches, unit_rng
-from .real_cxr import BadImage, RealCXRStream, read_radiograph
 from .readers import StoreSource, SyntheticSource, ViewReader, ViewSource
+from .real_cxr import BadImage, RealCXRStream, read_radiograph
 from .sampling import XWinSampling
-from .stream import ResumableLoader, ResumableStream, XWinStream, make_loader
+from .stream import ResumableStream
+from .xwin_stream import XWinStream
 
 __all__ = [
     "BadImage",
-    "RealCXRStream",
-    "read_radiograph",
     "EpochOrder",
-    "shard_batches",
-    "unit_rng",
+    "RealCXRStream",
+    "ResumableLoader",
+    "ResumableStream",
     "StoreSource",
     "SyntheticSource",
     "ViewReader",
     "ViewSource",
     "XWinSampling",
-    "ResumableLoader",
-    "ResumableStream",
     "XWinStream",
     "make_loader",
+    "read_radiograph",
+    "shard_batches",
+    "unit_rng",
 ]

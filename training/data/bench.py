@@ -12,14 +12,17 @@ baseline reads all 120 views of a volume to use 9; the Zarr stream reads only th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,11 +30,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from xwin.schemas.render import RenderSpec
 
+from .loader import forkserver_context, make_loader, shutdown_workers, worker_init
 from .order import unit_rng
 from .readers import StoreSource
 from .sampling import XWinSampling
-from .stream import XWinStream, _forkserver_context, _worker_init, collate_views, make_loader, shutdown_workers
 from .transforms import out_dtype
+from .xwin_stream import XWinStream, collate_views
 
 
 # ---------------------------------------------------------------------------------------------- dataset builders
@@ -66,10 +70,14 @@ def write_wds_shards(source: StoreSource, out_dir: str | Path, n_shards: int = 4
     paths = [out / f"shard-{s:04d}.tar" for s in range(n_shards)]
     if all(p.exists() for p in paths):
         return [str(p) for p in paths]
-    tars = [tarfile.open(p, "w") for p in paths]
-    try:
+    with contextlib.ExitStack() as stack:
+        tars = [stack.enter_context(tarfile.open(p, "w")) for p in paths]
         for i, vid in enumerate(ids):
-            ring = reader.read_ring(vid) if hasattr(reader, "read_ring") else reader.read_views(vid, range(reader.spec.n_views))[0]
+            ring = (
+                reader.read_ring(vid)
+                if hasattr(reader, "read_ring")
+                else reader.read_views(vid, range(reader.spec.n_views))[0]
+            )
             ring = ring.astype(reader.spec.store_dtype, copy=False)
             t = tars[i % n_shards]
             members = {"__key__.txt": vid.encode(), "yaw.json": json.dumps(reader.spec.yaws_deg).encode()}
@@ -83,35 +91,60 @@ def write_wds_shards(source: StoreSource, out_dir: str | Path, n_shards: int = 4
                 ti = tarfile.TarInfo(f"{vid}.{name}")
                 ti.size = len(data)
                 t.addfile(ti, io.BytesIO(data))
-    finally:
-        for t in tars:
-            t.close()
     return [str(p) for p in paths]
 
 
 class WdsXWin(IterableDataset):
     """The baseline: webdataset's pipeline over the tar shards, the same sampler and transforms per record."""
 
-    def __init__(self, shards: list[str], spec: RenderSpec, sampling: XWinSampling, image_size: int, appearance: str,
-                 batch_size: int, seed: int = 0, shuffle: int = 8, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        shards: list[str],
+        spec: RenderSpec,
+        sampling: XWinSampling,
+        image_size: int,
+        appearance: str,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: int = 8,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.shards, self.spec, self.sampling, self.dtype = shards, spec, sampling, dtype
-        self.image_size, self.appearance, self.batch_size, self.seed, self.shuffle = image_size, appearance, batch_size, seed, shuffle
+        self.image_size, self.appearance, self.batch_size, self.seed, self.shuffle = (
+            image_size,
+            appearance,
+            batch_size,
+            seed,
+            shuffle,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
 
         plan = self.sampling.plan(self.spec)
         yaws = np.asarray(self.spec.yaws_deg)
-        pipe = wds.WebDataset(self.shards, shardshuffle=len(self.shards), nodesplitter=wds.split_by_worker,
-                              workersplitter=None, empty_check=False, seed=self.seed).shuffle(self.shuffle)
+        pipe = wds.WebDataset(
+            self.shards,
+            shardshuffle=len(self.shards),
+            nodesplitter=wds.split_by_worker,
+            workersplitter=None,
+            empty_check=False,
+            seed=self.seed,
+        ).shuffle(self.shuffle)
         batch: list[dict] = []
         for rec in pipe:
             vid = rec["__key__"]
             d = plan.draw(unit_rng(self.seed, 0, vid, 0))
             want = np.concatenate([[d.context_index], d.target_indices])
             views = [np.load(io.BytesIO(rec[f"{int(k):03d}.npy"])) for k in want]  # decode only these 9 members
-            batch.append({"_views": views, "actions": torch.from_numpy(d.actions_deg),
-                          "context_yaw": torch.tensor(yaws[want[0]], dtype=torch.float32), "volume_id": vid})
+            batch.append(
+                {
+                    "_views": views,
+                    "actions": torch.from_numpy(d.actions_deg),
+                    "context_yaw": torch.tensor(yaws[want[0]], dtype=torch.float32),
+                    "volume_id": vid,
+                }
+            )
             if len(batch) == self.batch_size:
                 yield _collate(batch, self.appearance, self.image_size, self.dtype)
                 batch = []
@@ -122,8 +155,14 @@ class WdsXWin(IterableDataset):
 def _collate(samples: list[dict], appearance: str, image_size: int, dtype: torch.dtype) -> dict:
     """The consumer's own batch assembly (``collate_views``: same transform, written in place into shared memory)."""
     out = collate_views([s.pop("_views") for s in samples], appearance, image_size, dtype)
-    out.update({k: torch.stack([s[k] for s in samples]) if isinstance(samples[0][k], torch.Tensor)
-                else [s[k] for s in samples] for k in samples[0]})
+    out.update(
+        {
+            k: torch.stack([s[k] for s in samples])
+            if isinstance(samples[0][k], torch.Tensor)
+            else [s[k] for s in samples]
+            for k in samples[0]
+        }
+    )
     return out
 
 
@@ -153,10 +192,20 @@ def _drain(make_iter, min_samples: int) -> Measure:
                 return Measure(n, time.perf_counter() - t1, t1 - t0)
 
 
-def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samples: int = 96, batch_size: int = 12,
-              image_size: int | None = None, appearance: str = "minmax", wds_dir: str | Path | None = None,
-              main_workers: int = 2, dtype: str | None = None, fresh_buffers: bool = True,
-              repeats: int = 1) -> dict[str, Any]:
+def run_bench(
+    source: StoreSource,
+    *,
+    workers: tuple[int, ...] = (0, 2, 4),
+    samples: int = 96,
+    batch_size: int = 12,
+    image_size: int | None = None,
+    appearance: str = "minmax",
+    wds_dir: str | Path | None = None,
+    main_workers: int = 2,
+    dtype: str | None = None,
+    fresh_buffers: bool = True,
+    repeats: int = 1,
+) -> dict[str, Any]:
     """Each row: the stream as the trainer runs it (reused batch buffers, ``buffers.py``), the WebDataset baseline,
     and (``fresh_buffers``) the stream allocating every batch afresh like the baseline, which isolates what the read
     path alone gains over WebDataset (``ratio_fresh_buffers``). ``repeats`` rounds over all configurations; rows
@@ -172,22 +221,32 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
     shards = write_wds_shards(source, wds_dir, n_shards=max(4, max(workers)))
     tar_s = time.perf_counter() - t
     bytes_per_sample = (1 + sampling.n_targets) * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize
+
     def stream_loader(w: int, reuse: bool):
-        ds = XWinStream(source, sampling=sampling, image_size=S, appearance=appearance, batch_size=batch_size,
-                        shuffle_window=64, seed=0, dtype=odt, reuse_buffers=reuse)
+        ds = XWinStream(
+            source,
+            sampling=sampling,
+            image_size=S,
+            appearance=appearance,
+            batch_size=batch_size,
+            shuffle_window=64,
+            seed=0,
+            dtype=odt,
+            reuse_buffers=reuse,
+        )
         return make_loader(ds, num_workers=w)
 
     def wds_loader(w: int) -> DataLoader:
         base = WdsXWin(shards, spec, sampling, S, appearance, batch_size, dtype=odt)
         kw: dict[str, Any] = {"batch_size": None, "num_workers": w}
         if w:
-            kw.update(multiprocessing_context=_forkserver_context(), worker_init_fn=_worker_init, persistent_workers=True)
+            kw.update(multiprocessing_context=forkserver_context(), worker_init_fn=worker_init, persistent_workers=True)
         return DataLoader(base, **kw)
 
     def timed(make) -> Measure:
         loader = make()
         try:
-            return _drain(lambda: iter(loader), samples)
+            return _drain(partial(iter, loader), samples)
         finally:  # stop the workers now: left to the garbage collector they read ahead into the next measurement
             loader.close() if hasattr(loader, "close") else shutdown_workers(loader)
             del loader
@@ -195,29 +254,36 @@ def run_bench(source: StoreSource, *, workers: tuple[int, ...] = (0, 2, 4), samp
     got: dict[int, dict[str, list[Measure]]] = {w: {"stream": [], "fresh": [], "wds": []} for w in workers}
     for _ in range(max(1, int(repeats))):  # rounds interleave every configuration: slow spells hit all of them
         for w in workers:
-            got[w]["stream"].append(timed(lambda: stream_loader(w, True)))
+            got[w]["stream"].append(timed(partial(stream_loader, w, True)))
             if fresh_buffers:
-                got[w]["fresh"].append(timed(lambda: stream_loader(w, False)))
-            got[w]["wds"].append(timed(lambda: wds_loader(w)))
+                got[w]["fresh"].append(timed(partial(stream_loader, w, False)))
+            got[w]["wds"].append(timed(partial(wds_loader, w)))
     rows = []
     for w in workers:
         r = {k: [m.samples_per_s for m in ms] for k, ms in got[w].items()}
         sps, base = float(np.median(r["stream"])), float(np.median(r["wds"]))
         fresh = float(np.median(r["fresh"])) if r["fresh"] else None
-        rows.append({
-            "workers": w,
-            "samples_per_s": sps,
-            "mb_per_s": sps * bytes_per_sample / 1e6,
-            "samples_per_s_fresh_buffers": fresh,
-            "ratio_fresh_buffers": fresh / base if fresh and base else None,
-            "baseline_samples_per_s": base,
-            "baseline_mb_per_s": base * bytes_per_sample / 1e6,
-            "baseline_tar_mb_read_per_s": base * spec.n_views * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize / 1e6,
-            "ratio": sps / base if base else float("inf"),
-            "startup_s": float(np.median([m.startup_s for m in got[w]["stream"]])),
-            "baseline_startup_s": float(np.median([m.startup_s for m in got[w]["wds"]])),
-            "runs": r,
-        })
+        rows.append(
+            {
+                "workers": w,
+                "samples_per_s": sps,
+                "mb_per_s": sps * bytes_per_sample / 1e6,
+                "samples_per_s_fresh_buffers": fresh,
+                "ratio_fresh_buffers": fresh / base if fresh and base else None,
+                "baseline_samples_per_s": base,
+                "baseline_mb_per_s": base * bytes_per_sample / 1e6,
+                "baseline_tar_mb_read_per_s": base
+                * spec.n_views
+                * spec.height
+                * spec.width
+                * np.dtype(spec.store_dtype).itemsize
+                / 1e6,
+                "ratio": sps / base if base else float("inf"),
+                "startup_s": float(np.median([m.startup_s for m in got[w]["stream"]])),
+                "baseline_startup_s": float(np.median([m.startup_s for m in got[w]["wds"]])),
+                "runs": r,
+            }
+        )
     main = next((r for r in rows if r["workers"] == main_workers), rows[-1])
     need = vit_b16_need()
     return {
@@ -265,8 +331,11 @@ def xwin_step_flops(cfg: Any, keep: float, masked: float) -> dict[str, float]:
         "mim_encoder": 3 * (B * N + R) * enc(keep),
         "mask_predictor": 3 * (B * N + R) * m.mask_pred_depth * block_flops(keep + masked, m.mask_pred_dim),
     }
-    f["domain_classifier"] = 3 * m.domain_depth * ((B * N + R) * block_flops(keep + masked, m.domain_dim or D)
-                                                  + B * N * block_flops(L, m.domain_dim or D))
+    f["domain_classifier"] = (
+        3
+        * m.domain_depth
+        * ((B * N + R) * block_flops(keep + masked, m.domain_dim or D) + B * N * block_flops(L, m.domain_dim or D))
+    )
     f["total"] = sum(f.values())
     f["images_per_step"] = B * (1 + N) + R
     return f
@@ -299,6 +368,14 @@ def vit_b16_need(mfu: float = 0.4, peak_tflops: float = 989.0, cfg: Any = None) 
     step_s = f["total"] / (mfu * peak_tflops * 1e12)
     B, N = cfg.data.batch_size, cfg.data.n_targets
     R = cfg.data.real_batch_size or B * N
-    return {"flops_per_step": f["total"], "flops_per_sample": f["total"] / B, "step_s": step_s, "mfu": mfu,
-            "samples_per_s": B / step_s, "drr_views_per_s": B * (1 + N) / step_s, "real_images_per_s": R / step_s,
-            "batch_size": B, "real_per_step": R}
+    return {
+        "flops_per_step": f["total"],
+        "flops_per_sample": f["total"] / B,
+        "step_s": step_s,
+        "mfu": mfu,
+        "samples_per_s": B / step_s,
+        "drr_views_per_s": B * (1 + N) / step_s,
+        "real_images_per_s": R / step_s,
+        "batch_size": B,
+        "real_per_step": R,
+    }

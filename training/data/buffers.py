@@ -108,7 +108,9 @@ class SharedSlots:
         self.nbytes = int(nbytes)
         self.keep = int(keep)
         self.per_worker = int(prefetch_factor) + self.keep + 1
-        check_shared_memory(workers * self.per_worker * self.nbytes, f"{workers} workers x {self.per_worker} batch slots")
+        check_shared_memory(
+            workers * self.per_worker * self.nbytes, f"{workers} workers x {self.per_worker} batch slots"
+        )
         self.storages = [[shared_storage(self.nbytes) for _ in range(self.per_worker)] for _ in range(workers)]
         self.queues = [ctx.Queue() for _ in range(workers)]
         for q in self.queues:

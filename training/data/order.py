@@ -56,7 +56,9 @@ class EpochOrder:
 
     def __post_init__(self) -> None:
         if self.n_volumes < 0 or self.draws_per_volume < 1:
-            raise ValueError(f"need n_volumes >= 0 and draws_per_volume >= 1, got {self.n_volumes}, {self.draws_per_volume}")
+            raise ValueError(
+                f"need n_volumes >= 0 and draws_per_volume >= 1, got {self.n_volumes}, {self.draws_per_volume}"
+            )
         if self.shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
         if self.shuffle_volumes:

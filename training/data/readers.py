@@ -93,7 +93,7 @@ class StoreSource:
     storage_options: dict | None = None
 
     @staticmethod
-    def parse(dataset_url: str, storage_options: dict | None = None) -> "StoreSource":
+    def parse(dataset_url: str, storage_options: dict | None = None) -> StoreSource:
         """``"s3://bucket/prefix#nlst/0123abcd"`` or ``"/data/xwin#nlst"`` -> StoreSource."""
         url, sep, frag = dataset_url.partition("#")
         if not sep or not frag:

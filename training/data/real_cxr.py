@@ -19,8 +19,9 @@ import gzip
 import logging
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,9 +95,9 @@ def read_radiograph(path: str | Path, min_side: int | None = None) -> np.ndarray
         raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
     if arr.ndim == 3:
         c = arr.shape[2]
-        if c in (3, 4) and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
-            arr = arr[..., 0]
-        elif c == 2:  # grey + alpha
+        if (
+            c in (3, 4) and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+        ) or c == 2:
             arr = arr[..., 0]
         else:
             raise BadImage("wrong_channels", f"{c}-channel colour image")

@@ -19,10 +19,10 @@ import multiprocessing as mp
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -59,7 +59,9 @@ def _prepare_one(src: str, dst: str, size: int, min_size: int, fmt: str) -> str 
     return None
 
 
-def _prepare_chunk(jobs: list[tuple[str, str, str]], size: int, min_size: int, fmt: str) -> list[tuple[str, str | None]]:
+def _prepare_chunk(
+    jobs: list[tuple[str, str, str]], size: int, min_size: int, fmt: str
+) -> list[tuple[str, str | None]]:
     return [(key, _prepare_one(s, d, size, min_size, fmt)) for key, s, d in jobs]
 
 

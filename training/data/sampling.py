@@ -49,7 +49,7 @@ class XWinSampling:
     allow_zero: bool = False
     mode: Literal["direct", "stepwise"] = "direct"
 
-    def plan(self, spec: RenderSpec) -> "SamplingPlan":
+    def plan(self, spec: RenderSpec) -> SamplingPlan:
         return SamplingPlan.build(self, spec)
 
 
@@ -73,7 +73,7 @@ class SamplingPlan:
     probs: np.ndarray
 
     @staticmethod
-    def build(s: XWinSampling, spec: RenderSpec) -> "SamplingPlan":
+    def build(s: XWinSampling, spec: RenderSpec) -> SamplingPlan:
         if s.n_targets < 1:
             raise ValueError(f"n_targets must be >= 1, got {s.n_targets}")
         if s.mode not in ("direct", "stepwise"):
@@ -81,19 +81,29 @@ class SamplingPlan:
         step = float(spec.yaw_step_deg if s.step_deg is None else s.step_deg)
         ratio = step / spec.yaw_step_deg
         if step <= 0 or abs(ratio - round(ratio)) > 1e-6:
-            raise ValueError(f"step_deg {step} must be a positive multiple of the dataset's yaw step {spec.yaw_step_deg}")
-        kmax = int(math.floor(s.max_abs_deg / step + 1e-9))
+            raise ValueError(
+                f"step_deg {step} must be a positive multiple of the dataset's yaw step {spec.yaw_step_deg}"
+            )
+        kmax = math.floor(s.max_abs_deg / step + 1e-9)
         if not s.context_yaws:
             raise ValueError("context_yaws is empty")
-        probs = np.full(len(s.context_yaws), 1.0 / len(s.context_yaws)) if s.context_probs is None else np.asarray(s.context_probs, float)
+        probs = (
+            np.full(len(s.context_yaws), 1.0 / len(s.context_yaws))
+            if s.context_probs is None
+            else np.asarray(s.context_probs, float)
+        )
         if probs.shape != (len(s.context_yaws),) or np.any(probs < 0) or not np.isclose(probs.sum(), 1.0):
-            raise ValueError(f"context_probs {s.context_probs} must be {len(s.context_yaws)} non-negative numbers summing to 1")
+            raise ValueError(
+                f"context_probs {s.context_probs} must be {len(s.context_yaws)} non-negative numbers summing to 1"
+            )
         ctx_idx, cands, maps = [], [], []
         for cy in s.context_yaws:
             try:
                 ci = spec.view_index(cy)
             except KeyError as e:
-                raise ValueError(f"context yaw {cy} deg is not a view of this dataset (yaws {spec.yaws_deg[:3]}...)") from e
+                raise ValueError(
+                    f"context yaw {cy} deg is not a view of this dataset (yaws {spec.yaws_deg[:3]}...)"
+                ) from e
             ks, m = [], {}
             for k in range(-kmax, kmax + 1):
                 if k == 0 and not (s.allow_zero and s.mode == "direct"):

@@ -9,7 +9,8 @@ The functions come from ``xwin.pipeline.render.appearance`` (their single defini
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ def apply_appearance(views: np.ndarray, name: str) -> np.ndarray:
     if name == "none":
         return np.asarray(views, dtype=np.float32)
     fn = appearance_fn(name)
-    return np.stack([np.asarray(fn(v), dtype=np.float32) for v in views]) if len(views) else np.asarray(views, np.float32)
+    return (
+        np.stack([np.asarray(fn(v), dtype=np.float32) for v in views]) if len(views) else np.asarray(views, np.float32)
+    )
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -89,7 +89,7 @@ class XWin(nn.Module):
         the optional real-CXR batch. Returns a dict with ``total`` and every term (0-d tensors).
         """
         lc = self.loss_cfg
-        B, N = actions.shape
+        _B, _N = actions.shape
         ctx = self.encoder(context)  # (B, L, D)
         z_patch = self.view_predictor(ctx, actions)  # (B, N, L, D)
         tau, tau_tilde = self.tau(), self.tau_tilde()
