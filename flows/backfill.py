@@ -93,13 +93,13 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
             log.error("series %s failed after retries: %s", c.input, err)
             o = Outcome("rejected")  # counted for progress only; not in the summary
         else:
-            if o.status == "done":
+            if o.status == "done" and o.entry is not None:
                 summary.done.append(o.entry)
                 if o.preview:
                     previews[o.entry.volume_id] = o.preview
-            elif o.status == "skipped":
+            elif o.status == "skipped" and o.entry is not None:
                 summary.skipped.append(o.entry)
-            else:
+            elif o.status == "rejected" and o.rejection is not None:
                 summary.rejected.append(o.rejection)
             for k, v in o.seconds.items():
                 seconds[k] = seconds.get(k, 0.0) + v
@@ -139,6 +139,8 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         "verify": verify_msg,
         "previews": previews,
     }
+    json_url: str | None
+    md_url: str | None
     try:
         json_url, md_url = rep.write_run_report(reports, run_id, summary, md, extra)
     except Exception as e:  # noqa: BLE001 - reports are best effort
@@ -183,7 +185,11 @@ def _max_workers() -> int:
     return int(os.environ.get("XWIN_STAGE_THREADS") or 4)
 
 
-@flow(name="backfill-cohort", task_runner=ThreadPoolTaskRunner(max_workers=_max_workers()), persist_result=False)
+@flow(
+    name="backfill-cohort",
+    task_runner=ThreadPoolTaskRunner(max_workers=_max_workers()),  # type: ignore[arg-type]  # Prefect's runner generics are invariant
+    persist_result=False,
+)
 def backfill_cohort(
     cohort: str,
     store: str,
@@ -225,11 +231,9 @@ def backfill_cohort_on(runner: str = "threads", dask_address: str | None = None,
     if runner == "threads":
         return backfill_cohort
     if runner == "dask":
-        from xwin.flows.backfill_dask import dask_task_runner
+        from xwin.flows.backfill_dask import on_dask
 
-        return backfill_cohort.with_options(
-            name="backfill-cohort-dask", task_runner=dask_task_runner(dask_address, n_workers)
-        )
+        return on_dask(dask_address, n_workers)
     raise ValueError(f"unknown runner {runner!r}: threads | dask")
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 
+from prefect.flows import Flow
 from prefect_dask import DaskTaskRunner
 
 from xwin.flows.backfill import backfill_cohort
+from xwin.schemas.ingest import RunSummary
 
 
 def dask_task_runner(address: str | None = None, n_workers: int | None = None) -> DaskTaskRunner:
@@ -28,4 +30,12 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None) -
     return DaskTaskRunner(cluster_kwargs=kw)
 
 
-backfill_cohort_dask = backfill_cohort.with_options(name="backfill-cohort-dask", task_runner=dask_task_runner())
+def on_dask(address: str | None = None, n_workers: int | None = None) -> Flow[..., RunSummary]:
+    """The backfill flow with its tasks on Dask (:func:`dask_task_runner`)."""
+    return backfill_cohort.with_options(
+        name="backfill-cohort-dask",
+        task_runner=dask_task_runner(address, n_workers),  # type: ignore[arg-type]  # Prefect's runner generics are invariant
+    )
+
+
+backfill_cohort_dask = on_dask()

@@ -124,6 +124,7 @@ def register(
 ) -> list[str]:
     """Create pools, GPU limits and deployments. Returns the deployment ids."""
     from prefect import flow as prefect_flow
+    from prefect.flows import Flow
 
     from xwin.flows.runtime import ensure_limit
 
@@ -134,6 +135,7 @@ def register(
     ids = []
     for s in specs:
         f = prefect_flow.from_source(source=str(code_dir), entrypoint=s.flow_entrypoint)
+        assert isinstance(f, Flow)  # from_source is synchronous outside an event loop
         kw: dict[str, Any] = {}
         if s.cron:
             kw["cron"] = s.cron

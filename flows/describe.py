@@ -24,7 +24,7 @@ def describe_volume(store: Store, volume_id: str, spec: RenderSpec, cohort: str 
     g = (
         ConeBeamViews.from_view_meta(ds.read_geometry(volume_id))
         if ds is not None and rendered
-        else ring_for_volume(spec, np.asarray(rec.affine), tuple(rec.shape))
+        else ring_for_volume(spec, np.asarray(rec.affine), rec.shape)
     )
     return {
         "volume_id": volume_id,

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow
 
@@ -53,8 +54,7 @@ def list_landing(landing: str) -> dict[str, str]:
             elif name.lower().endswith(_SERIES_SUFFIXES):
                 out[f"s3://{info['name']}"] = str(info.get("ETag") or info.get("size"))
         return out
-    root = Path(landing).expanduser()
-    for p in sorted(root.iterdir()):
+    for p in sorted(Path(landing).expanduser().iterdir()):
         if p.name.startswith("."):
             continue
         if p.is_dir():
@@ -218,9 +218,10 @@ def backfill_sharded(
     import time
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
-    runs = []
+    runs: list[dict[str, str | None]] = []
     for i in range(shards):  # launch every shard first (timeout=0), then wait for all
         p = {
             "cohort": cohort,
@@ -235,6 +236,7 @@ def backfill_sharded(
         fr = run_deployment(
             deployment, parameters=p, timeout=0, flow_run_name=f"{cohort}-shard-{i}-of-{shards}", as_subflow=True
         )
+        assert isinstance(fr, FlowRun)  # synchronous inside a flow run
         runs.append({"shard": f"{i}/{shards}", "flow_run_id": str(fr.id), "state": None})
     if not wait:
         return runs
@@ -243,7 +245,7 @@ def backfill_sharded(
         while pending:
             for r in runs:
                 if r["flow_run_id"] in pending:
-                    st = client.read_flow_run(r["flow_run_id"]).state
+                    st = client.read_flow_run(UUID(str(r["flow_run_id"]))).state
                     if st is not None and st.is_final():
                         r["state"] = st.type.value
                         pending.discard(r["flow_run_id"])

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from uuid import UUID
 
 if TYPE_CHECKING:
     from xwin.flows.tasks import Outcome
@@ -43,15 +44,17 @@ class Progress:
 
     def __init__(self, cohort: str, total: int, skipped: int, prefect: bool) -> None:
         self.total, self.n, self.prefect, self._last = total, 0, prefect, 0.0
-        self.artifact = None
+        self.artifact: UUID | None = None
         if prefect:
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact = create_progress_artifact(
+            artifact = create_progress_artifact(
                 progress=0.0,
                 key=artifact_key("backfill-progress", cohort),
                 description=f"backfill {cohort}: {total} series to process, {skipped} already done",
             )
+            assert isinstance(artifact, UUID)  # synchronous inside a flow run
+            self.artifact = artifact
         emit({"event": "start", "total": total, "skipped": skipped, "cohort": cohort})
 
     def advance(self, o: Outcome) -> None:

@@ -79,7 +79,7 @@ def _tile(img: np.ndarray, size: int, label: str | None) -> Image.Image:
     im = Image.fromarray(display(img), mode="L")
     h, w = img.shape
     s = size / max(h, w)
-    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)
     if label:
         d = ImageDraw.Draw(im)
         d.rectangle([0, 0, 7 * len(label) + 4, 13], fill=0)

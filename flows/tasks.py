@@ -115,15 +115,15 @@ def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection]]:
     if params.shard:  # sources are sharded before planning: each shard reads only its own headers/files
         srcs = [x for x in srcs if in_shard(x, params.shard)]
     if srcs:
-        c, r = plan_inputs(srcs, params.cohort)
-        cands += c
-        rejs += r
+        more, more_rejs = plan_inputs(srcs, params.cohort)
+        cands += more
+        rejs += more_rejs
     seen: set[str] = set()
     uniq = []
-    for c in cands:  # the same series given twice is one series
-        if c.volume_id not in seen:
-            seen.add(c.volume_id)
-            uniq.append(c)
+    for cand in cands:  # the same series given twice is one series
+        if cand.volume_id not in seen:
+            seen.add(cand.volume_id)
+            uniq.append(cand)
     if params.limit is not None:
         uniq = uniq[: params.limit]
     return uniq, rejs

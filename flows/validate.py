@@ -124,7 +124,11 @@ def run_validation(
     return results
 
 
-@flow(name="validate-cohort", task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False)
+@flow(
+    name="validate-cohort",
+    task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]  # Prefect's runner generics are invariant
+    persist_result=False,
+)
 def validate_cohort(
     store: str,
     cohort: str,

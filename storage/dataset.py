@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +27,7 @@ from xwin.storage.entry import (
     write_entry,
 )
 from xwin.storage.errors import ConflictError, NotCommitted, SpecMismatchError
+from xwin.storage.fastread import ShardReader, read_small_array, shard_reader
 from xwin.storage.layout import (
     DEFAULT_VIEW_CODEC,
     META_ARRAYS,
@@ -40,6 +39,7 @@ from xwin.storage.layout import (
     spec_key,
 )
 from xwin.storage.local import LocalBackend
+from xwin.storage.pools import process_pool
 from xwin.storage.scope import Scope, default_owner
 from xwin.storage.shardwrite import cast
 from xwin.storage.verify import verify_scope
@@ -67,7 +67,7 @@ class ProjectionDataset:
         make_views_codec(spec.store_dtype, views_codec)  # an unknown codec name fails here, not at the first write
         self.views_codec = views_codec
         self.scope = Scope(store.backend, self.path, store.bucket_hex)
-        self._cache: OrderedDict[str, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
+        self._cache: OrderedDict[str, _RingHandle] = OrderedDict()
         self._cache_size = cache
         self._open(create)
 
@@ -82,7 +82,9 @@ class ProjectionDataset:
         if got is None:
             if not create:
                 raise FileNotFoundError(f"no dataset {self.cohort}/{self.spec_hash} in {self.store.url}")
-            attrs = {"xwin": {"cohort": self.cohort, "spec_hash": self.spec_hash, "spec": json.loads(want)}}
+            attrs: dict[str, Any] = {
+                "xwin": {"cohort": self.cohort, "spec_hash": self.spec_hash, "spec": json.loads(want)}
+            }
             zarr.open_group(self.store.zstore, path=self.path, mode="a", attributes=attrs)
             zarr.open_group(self.store.zstore, path=f"{self.path}/rings", mode="a")
             try:
@@ -172,7 +174,7 @@ class ProjectionDataset:
                     (1, H, W),
                     make_views_codec(dt, self.views_codec),
                     dt,
-                    hasher.update,
+                    lambda raw: hasher.update(raw.data),
                     finite_check(dt, f"ring {vid}"),
                 )
             ]
@@ -211,17 +213,17 @@ class ProjectionDataset:
         c = self.scope.get_commit(vid)
         if c is None:
             raise NotCommitted(f"ring {vid!r} is not committed in {self.path} of {self.store.url}")
-        from xwin.storage.fastread import read_small_array, shard_reader
-
         b = self.store.backend
         if isinstance(b, LocalBackend):
-            meta = {n: read_small_array(b, f"{c.path}/{n}") for n in META_ARRAYS}
+            small = [read_small_array(b, f"{c.path}/{n}") for n in META_ARRAYS]
         else:  # object stores: the 10 small GETs in parallel (latency-bound)
-            got = _io_pool().map(lambda n: read_small_array(b, f"{c.path}/{n}"), META_ARRAYS)
-            meta = dict(zip(META_ARRAYS, got))
-        for n in [n for n, a in meta.items() if a is None]:  # not our layout: zarr reads it
-            meta[n] = zarr.open_array(self.store.zstore, path=f"{c.path}/{n}", mode="r", zarr_format=3)[...]
-        zmeta = json.loads(b.get(f"{c.path}/{c.array}/zarr.json")[0])
+            small = list(process_pool("io", 8).map(lambda n: read_small_array(b, f"{c.path}/{n}"), META_ARRAYS))
+        meta: dict[str, np.ndarray] = {}
+        for n, a in zip(META_ARRAYS, small):
+            if a is None:  # not our layout: zarr reads it
+                a = np.asarray(zarr.open_array(self.store.zstore, path=f"{c.path}/{n}", mode="r", zarr_format=3)[...])
+            meta[n] = a
+        zmeta = json.loads(b.read_all(f"{c.path}/{c.array}/zarr.json"))
         h = _RingHandle(
             self.store,
             f"{c.path}/{c.array}",
@@ -251,13 +253,13 @@ class ProjectionDataset:
         if idx.min() < -V or idx.max() >= V:
             raise IndexError(f"ring {volume_id}: view indices must lie in [0, {V}), got {idx.tolist()}")
         idx = idx % V
-        data = h.fast.read(idx) if h.fast is not None else h.array.oindex[idx]
+        data = h.fast.read(idx) if h.fast is not None else np.asarray(h.array.oindex[idx])
         vm = _view_meta(meta, idx, h.shape)
         return (data if dtype is None else cast(data, np.dtype(dtype), import_torch=False)), vm
 
     def read_ring(self, volume_id: str) -> np.ndarray:
         """All views (V, H, W) float32."""
-        return cast(self._handle(volume_id).array[...], np.dtype(np.float32), import_torch=False)
+        return cast(np.asarray(self._handle(volume_id).array[...]), np.dtype(np.float32), import_torch=False)
 
     def read_geometry(self, volume_id: str) -> ViewMeta:
         """Every view's stored geometry (``ConeBeamViews.from_view_meta`` rebuilds the rays from its cone_vecs)."""
@@ -280,30 +282,23 @@ class ProjectionDataset:
         return dict(c.provenance or {}, versions=c.versions, spec_hash=c.spec_hash, checksum=c.checksum)
 
 
-_IO_POOL: ThreadPoolExecutor | None = None
-
-
-def _io_pool() -> ThreadPoolExecutor:
-    """Threads for latency-bound small reads on object stores (recreated after a fork)."""
-    global _IO_POOL
-    from concurrent.futures import ThreadPoolExecutor
-
-    if _IO_POOL is None or getattr(_IO_POOL, "_pid", None) != os.getpid():
-        _IO_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="xwin-io")
-        _IO_POOL._pid = os.getpid()
-    return _IO_POOL
-
-
 class _RingHandle:
     """An opened ring: views shape, per-view metadata, the direct shard reader (None: not our layout) and the zarr
     array (opened only when needed: whole-ring reads, the fallback selection path)."""
 
-    def __init__(self, store: Store, array_path: str, shape: tuple[int, ...], meta: dict, fast) -> None:
+    def __init__(
+        self,
+        store: Store,
+        array_path: str,
+        shape: tuple[int, ...],
+        meta: dict[str, np.ndarray],
+        fast: ShardReader | None,
+    ) -> None:
         self.store, self.array_path, self.shape, self.meta, self.fast = store, array_path, shape, meta, fast
-        self._array = None
+        self._array: zarr.Array | None = None
 
     @property
-    def array(self):
+    def array(self) -> zarr.Array:
         if self._array is None:
             self._array = zarr.open_array(self.store.zstore, path=self.array_path, mode="r", zarr_format=3)
         return self._array

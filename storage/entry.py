@@ -36,7 +36,7 @@ def sha256_of(a: np.ndarray) -> str:
     a = np.ascontiguousarray(a)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    return "sha256:" + hashlib.sha256(memoryview(a).cast("B")).hexdigest()
+    return "sha256:" + hashlib.sha256(a.data.cast("B")).hexdigest()
 
 
 def meta_checksum(meta: dict[str, np.ndarray]) -> str:
@@ -44,7 +44,7 @@ def meta_checksum(meta: dict[str, np.ndarray]) -> str:
     for name in META_ARRAYS:
         a = np.ascontiguousarray(meta[name])
         h.update(name.encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(a.data.cast("B"))
     return "sha256:" + h.hexdigest()
 
 

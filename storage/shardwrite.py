@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,20 +34,17 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import MemoryStore
 
+from xwin.storage.pools import process_pool
+
 SHARD_KEY = "c/0/0/0"  # the one shard of a 3-D array (default chunk key encoding, "/" separator)
 _EMPTY = 2**64 - 1
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_PID: int | None = None
+ENCODE_THREADS = max(1, min(4, os.cpu_count() or 1))  # blosc/zstd release the GIL: one thread per core, at most 4
 
 
 def encode_pool() -> ThreadPoolExecutor:
-    """Process-wide encoder pool (one thread per core, at most 4; recreated after a fork)."""
-    global _POOL, _POOL_PID
-    if _POOL is None or os.getpid() != _POOL_PID:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="xwin-encode")
-        _POOL_PID = os.getpid()
-    return _POOL
+    """This process's encoder pool."""
+    return process_pool("encode", ENCODE_THREADS)
 
 
 def numcodec_of(codec: BloscCodec | ZstdCodec) -> numcodecs.abc.Codec:
@@ -115,7 +112,11 @@ def _layout_cached(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], 
 
 def _codec_from_json(codec_json: str) -> BloscCodec | ZstdCodec:
     d = json.loads(codec_json)
-    return {"blosc": BloscCodec, "zstd": ZstdCodec}[d["name"]].from_dict(d)
+    if d["name"] == "blosc":
+        return BloscCodec.from_dict(d)
+    if d["name"] == "zstd":
+        return ZstdCodec.from_dict(d)
+    raise ValueError(f"no direct encoder for codec {d['name']!r}")
 
 
 def shard_layout(
@@ -192,22 +193,26 @@ def encode_shard(
     index = np.full((len(coords), 2), _EMPTY, dtype="<u8")
     offset = 0
     pool = encode_pool()
-    window = 2 * pool._max_workers + 2  # bounded read-ahead: memory stays a few chunks, not the whole shard
+    window = 2 * ENCODE_THREADS + 2  # bounded read-ahead: memory stays a few chunks, not the whole shard
 
     def task(ix: tuple[int, ...]) -> tuple[bytes, np.ndarray | None]:
         raw = _chunk_bytes(data, lay, ix, check)
         return bytes(enc.encode(raw)), (raw if on_chunk is not None else None)
 
     submit = iter(coords)
-    futures = [pool.submit(task, ix) for ix in [next(submit) for _ in range(min(window, len(coords)))]]
+    futures: list[Future[tuple[bytes, np.ndarray | None]] | None] = [
+        pool.submit(task, ix) for ix in [next(submit) for _ in range(min(window, len(coords)))]
+    ]
     try:
         for k in range(len(coords)):
-            blob, raw = futures[k].result()
+            fut = futures[k]
+            assert fut is not None
+            blob, raw = fut.result()
             futures[k] = None
             nxt = next(submit, None)
             if nxt is not None:
                 futures.append(pool.submit(task, nxt))
-            if on_chunk is not None:
+            if on_chunk is not None and raw is not None:
                 on_chunk(raw)
             index[k] = (offset, len(blob))
             offset += len(blob)

@@ -53,7 +53,7 @@ class Store:
         self._url_arg, self._opts = str(url), storage_options
         self.backend: Backend = make_backend(url, storage_options)
         self.url = self.backend.url
-        self._zstore = None
+        self._zstore: RetryingStore | None = None
         self._lock = threading.Lock()
         self.bucket_hex = self._check_or_init(create)
         self.volumes = Scope(self.backend, "volumes", self.bucket_hex)
@@ -177,7 +177,7 @@ class Store:
     def read_volume(self, volume_id: str) -> tuple[VolumeRecord, np.ndarray]:
         """(record, int16 HU array (X, Y, Z) in canonical RAS voxel order)."""
         c = self._volume_commit(volume_id)
-        hu = zarr.open_array(self.zstore, path=f"{c.path}/{c.array}", mode="r", zarr_format=3)[...]
+        hu = np.asarray(zarr.open_array(self.zstore, path=f"{c.path}/{c.array}", mode="r", zarr_format=3)[...])
         return VolumeRecord.model_validate(c.record), hu
 
     def list_volumes(self, cohort: str | None = None) -> list[VolumeRecord]:

@@ -69,14 +69,14 @@ def _verify_entry(store: Store, scope: Scope, c: CommitRecord, deep: bool) -> tu
     if not deep:
         return None
     try:
-        got = sha256_of(a[...])
+        got = sha256_of(np.asarray(a[...]))
     except Exception as e:  # noqa: BLE001 - a decode error is corruption
         return "corrupt", f"pixels undecodable: {type(e).__name__}: {e}"
     if got != c.checksum:
         return "corrupt", f"pixel checksum {got} != committed {c.checksum}"
     if c.kind == EntryKind.ring:
         try:
-            mcs = meta_checksum({n: arrays[n][...] for n in META_ARRAYS})
+            mcs = meta_checksum({n: np.asarray(arrays[n][...]) for n in META_ARRAYS})
         except Exception as e:  # noqa: BLE001
             return "corrupt", f"view metadata undecodable: {e}"
         if mcs != c.meta_checksum:

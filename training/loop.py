@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 import numpy as np
 import torch
@@ -125,7 +125,8 @@ def loader_image_dtype(cfg: TrainConfig) -> str:
 
 def param_groups(model: nn.Module) -> list[dict]:
     """AdamW groups: weight decay on matrices/kernels only; biases, norms, mask token, temperatures exempt."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -211,7 +212,7 @@ class Trainer:
         self.step = 0
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.echo = echo
-        self._log_fh = None
+        self._log_fh: TextIO | None = None
         self._it: Iterator | None = None
         self._real_it: Iterator | None = None
 
@@ -385,7 +386,7 @@ class Trainer:
             self.log_event({"event": "note", "message": NO_REAL_NOTE})
         first: dict | None = None
         last: dict | None = None
-        t0, imgs = time.perf_counter(), 0
+        t0, imgs = time.perf_counter(), 0.0
         while self.step < stop:
             batch, real = self.next_batch()
             rec = self.train_step(batch, real)
@@ -404,7 +405,7 @@ class Trainer:
                         "images_per_s": imgs / dt if dt > 0 else None,
                     }
                 )
-                t0, imgs = time.perf_counter(), 0
+                t0, imgs = time.perf_counter(), 0.0
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
         return {"steps": self.step, "first": first, "last": last, "real_stream": has_real}
@@ -436,7 +437,7 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     if d.synthetic:
         from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
 
-        sim = SyntheticRingStream(
+        syn_sim = SyntheticRingStream(
             n_volumes=max(16, d.batch_size),
             batch_size=d.batch_size,
             n_targets=d.n_targets,
@@ -446,10 +447,10 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
             context_yaws=d.context_yaws,
             seed=cfg.seed,
         )
-        real = (
+        syn_real = (
             SyntheticRealStream(batch_size=real_bs, image_size=S, seed=cfg.seed + 1) if d.real == "synthetic" else None
         )
-        return sim, real
+        return syn_sim, syn_real
     if not d.store:
         raise ValueError("config has no data source: set data.store (a store URL) or data.synthetic=true")
     from xwin.training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader

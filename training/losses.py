@@ -101,10 +101,11 @@ def mim_loss(
     """Eq. 8: L_MIM = MSE(real masked tokens) + MSE(simulated masked tokens); the real term is absent without a
     real-image stream. Inputs (B, M, D)."""
     out = {"mim_sim": token_mse(pred_sim, tgt_sim)}
-    out["mim_real"] = token_mse(pred_real, tgt_real) if pred_real is not None else None
-    out["mim"] = out["mim_sim"] + (out["mim_real"] if out["mim_real"] is not None else 0.0)
-    if out["mim_real"] is None:
-        del out["mim_real"]
+    if pred_real is not None and tgt_real is not None:
+        out["mim_real"] = token_mse(pred_real, tgt_real)
+        out["mim"] = out["mim_sim"] + out["mim_real"]
+    else:
+        out["mim"] = out["mim_sim"] + 0.0
     return out
 
 

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ def project(blobs: np.ndarray, yaw_deg: np.ndarray, size: int) -> np.ndarray:
     return ((img - lo) / np.maximum(hi - lo, 1e-12)).astype(np.float32)
 
 
-class _Resumable:
+class _Resumable(abc.ABC):
     def __init__(self, n_items: int, batch_size: int, seed: int) -> None:
         if n_items < 1 or batch_size < 1:
             raise ValueError(f"need n_items >= 1 and batch_size >= 1, got {n_items}, {batch_size}")
@@ -58,11 +60,13 @@ class _Resumable:
             raise ValueError(f"state was saved with seed={state['seed']}, this stream has seed={self.seed}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    @abc.abstractmethod
     def _item(self, epoch: int, p: int) -> dict:
-        raise NotImplementedError
+        """Sample ``p`` of ``epoch`` (a pure function of the seed, the epoch and the position)."""
 
-    def _collate(self, items: list[dict]) -> dict:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _collate(self, items: list[dict]) -> Any:
+        """A batch of ``items``: a dict of stacked tensors (rings) or one tensor (real images)."""
 
     def __iter__(self) -> Iterator:
         """The rest of the current epoch in batches, then the epoch advances (like XWinStream)."""
@@ -118,7 +122,7 @@ class SyntheticRingStream(_Resumable):
         }
 
     def _collate(self, items: list[dict]) -> dict:
-        out = {k: torch.stack([it[k] for it in items]) for k in ("context", "targets", "actions")}
+        out: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in ("context", "targets", "actions")}
         out["volume_id"] = [it["volume_id"] for it in items]
         return out
 

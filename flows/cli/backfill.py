@@ -12,10 +12,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from xwin.flows.cli.common import load_spec, quiet_prefect
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 class _Bar:
@@ -43,7 +47,7 @@ class _Bar:
             console=self.console,
             transient=False,
         )
-        self.task = None
+        self.task: TaskID | None = None
         self.tally = {"done": 0, "skipped": 0, "rejected": 0}
 
     def __enter__(self) -> _Bar:

@@ -13,6 +13,7 @@ import io
 import os
 import struct
 import threading
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -128,7 +129,9 @@ def _native_offset(buf, h: SliceHeader, parsed: fastdicom.Parsed) -> int | None:
     ):
         return None
     need = int(h.rows or 0) * int(h.cols or 0) * 2
-    have = min(int(parsed.pixel_length), len(buf) - parsed.pixel_offset)  # type: ignore[arg-type]
+    if parsed.pixel_length is None or parsed.pixel_offset is None:
+        return None
+    have = min(int(parsed.pixel_length), len(buf) - parsed.pixel_offset)
     if have < need:
         raise IngestError(
             R.unreadable_file,
@@ -169,7 +172,7 @@ def _read_all(paths: list[str]) -> tuple[np.ndarray, list[tuple[int, int]]]:
         spans.append((pos, n))
         pos += n + (n & 1)
     buf = np.empty(pos + 1, np.uint8)
-    mv = memoryview(buf)
+    mv = buf.data  # the array's own memoryview
     for p, (s, n) in zip(paths, spans):
         try:
             with open(p, "rb") as f:
@@ -183,7 +186,7 @@ def _read_all(paths: list[str]) -> tuple[np.ndarray, list[tuple[int, int]]]:
 
 def _sha256_sorted(buf: np.ndarray, items: list[tuple[str, int, int]], out: list[str]) -> None:
     h = hashlib.sha256()
-    mv = memoryview(buf)
+    mv = buf.data
     for _, s, n in sorted(items, key=lambda t: (os.path.basename(t[0]), t[0])):
         h.update(mv[s : s + n])  # releases the GIL: runs beside the pixel work
     out.append(h.hexdigest())
@@ -214,7 +217,7 @@ def _pixel_source(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(flat 1D stored values, per-slice start index) for the kernel: a zero-copy int16/uint16 view of the read
     buffer when every slice is native with one signedness, else a stacked copy of the decoded slices."""
-    R_, C_ = int(hs[0].rows), int(hs[0].cols)  # type: ignore[arg-type]
+    R_, C_ = int(hs[0].rows or 0), int(hs[0].cols or 0)  # present: series_geometry checked every slice
     offs = [parsed[h.path][0] + (parsed[h.path][1] or 0) for h in hs]
     native = all(parsed[h.path][1] is not None for h in hs)
     signs = {h.pixel_representation for h in hs}
@@ -233,12 +236,12 @@ def _pixel_source(
             )
         arrs.append(arr)
     kinds = {a.dtype for a in arrs}
-    dt = (
+    out_dt: np.dtype = (
         kinds.pop()
         if len(kinds) == 1 and next(iter(kinds)).kind in "iu" and arrs[0].dtype.itemsize <= 2
         else np.dtype(np.float64)
     )
-    stack = np.empty((len(hs), R_, C_), dt)
+    stack = np.empty((len(hs), R_, C_), out_dt)
     for k, a in enumerate(arrs):
         stack[k] = a
     return stack.reshape(-1), np.arange(len(hs), dtype=np.int64) * (R_ * C_)
@@ -254,7 +257,7 @@ def _load_dicom(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
     hasher = threading.Thread(target=_sha256_sorted, args=(buf, [(p, s, n) for p, (s, n) in zip(paths, spans)], digest))
     hasher.start()
     try:
-        mv = memoryview(buf)
+        mv = buf.data
         parsed: dict[str, tuple[int, int | None, np.ndarray | None]] = {}
         headers = []
         for p, (s, n) in zip(paths, spans):
@@ -300,8 +303,8 @@ def _load_dicom(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
             assemble_hu(
                 flat,
                 starts,
-                int(hs[0].rows),
-                int(hs[0].cols),
+                int(hs[0].rows or 0),
+                int(hs[0].cols or 0),
                 np.array([h.slope for h in hs], np.float64),
                 np.array([h.intercept for h in hs], np.float64),
                 pads[:, 0].copy(),
@@ -358,7 +361,7 @@ def _load_nifti(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
     cfg = c.config
     path = c.paths[0]
     try:
-        img = nib.load(path)
+        img: Any = nib.load(path)  # a NIfTI image (nibabel types it as the file-based base class)
     except Exception as e:
         raise IngestError(R.unreadable_file, f"{c.input}: NIfTI does not parse ({type(e).__name__}: {e})") from e
     shape = tuple(int(s) for s in img.shape)
@@ -386,7 +389,7 @@ def _load_nifti(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
     except Exception as e:
         raise IngestError(R.unreadable_file, f"{c.input}: NIfTI data unreadable ({type(e).__name__}: {e})") from e
     data = data.reshape(shape)
-    affine = np.asarray(img.affine, float)
+    affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise IngestError(R.inconsistent_geometry, f"{c.input}: singular or non-finite affine {affine.tolist()}")
     if np.issubdtype(data.dtype, np.floating):
@@ -403,6 +406,7 @@ def _load_nifti(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
         if (data.dtype.itemsize > 2 or data.dtype == np.uint16) and (hu.min() < -32768 or hu.max() > 32767):
             raise IngestError(R.hu_out_of_range, f"{c.input}: values [{hu.min()}, {hu.max()}] do not fit int16")
     pad = hu <= cfg.padding_hu_at_or_below
+    lo: float | None
     if not hu.flags.writeable:
         hu = hu.copy()
     if pad.any():

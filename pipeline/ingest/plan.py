@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from pydicom.pixels import get_decoder
@@ -22,7 +23,7 @@ from pydicom.uid import UID
 from xwin.pipeline.ingest.config import IngestConfig
 from xwin.pipeline.ingest.dicom_headers import SliceHeader, group_series, is_nifti_name, iter_files, scan_paths
 from xwin.pipeline.ingest.errors import IngestError
-from xwin.pipeline.ingest.selection import rank_series, summarize_series, why_lower
+from xwin.pipeline.ingest.selection import SeriesSummary, rank_series, summarize_series, why_lower
 from xwin.pipeline.ingest.series_geometry import series_geometry
 from xwin.schemas.ingest import InputKind, ManifestRow, Rejection, RejectReason, SeriesChoice
 
@@ -85,7 +86,7 @@ def plan_nifti(
     try:
         import nibabel as nib
 
-        img = nib.load(str(p))
+        img: Any = nib.load(str(p))  # a NIfTI image (nibabel types it as the file-based base class)
         shape = img.shape
     except Exception as e:  # nibabel raises many types on a bad header
         raise IngestError(R.unreadable_file, f"{label}: NIfTI header does not parse ({type(e).__name__}: {e})") from e
@@ -116,7 +117,7 @@ def _decodable(ts: str | None) -> bool:
 def _check_transfer_syntax(headers: list[SliceHeader]) -> None:
     bad = sorted({h.transfer_syntax for h in headers if not _decodable(h.transfer_syntax)}, key=str)
     if bad:
-        names = ", ".join(f"{UID(t).name} ({t})" for t in bad)
+        names = ", ".join(f"{UID(str(t)).name} ({t})" for t in bad)
         raise IngestError(
             R.undecodable_pixels, f"no installed decoder for transfer syntax {names}", series_uid=headers[0].series_uid
         )
@@ -136,7 +137,8 @@ def plan_study(
     usable, excluded = rank_series(summaries, cfg)
     choices: list[SeriesChoice] = list(extra_choices)
     for s in excluded:
-        code, detail = s.exclusion  # type: ignore[misc]
+        assert s.exclusion is not None  # rank_series puts exactly the excluded series here
+        code, detail = s.exclusion
         choices.append(
             SeriesChoice(
                 series_uid=s.series_uid,
@@ -147,7 +149,7 @@ def plan_study(
                 kernel=s.kernel,
             )
         )
-    failures: list[tuple[object, IngestError]] = []
+    failures: list[tuple[SeriesSummary, IngestError]] = []
     chosen = geom = None
     for s in usable:
         try:
@@ -173,25 +175,26 @@ def plan_study(
             raise IngestError(
                 R.unreadable_file if corrupt else R.empty_input, f"{label}: no DICOM series" + corrupt_note
             )
-        codes = {s.exclusion[0] for s in excluded}  # type: ignore[index]
+        exclusions = [(s.series_uid, s.exclusion) for s in excluded if s.exclusion is not None]
+        codes = {x[0] for _, x in exclusions}
         reason = codes.pop() if len(codes) == 1 else R.no_usable_series
-        detail = "; ".join(f"{s.series_uid}: {s.exclusion[1]}" for s in excluded)  # type: ignore[index]
+        detail = "; ".join(f"{uid}: {x[1]}" for uid, x in exclusions)
         raise IngestError(
             reason,
             f"{label}: no usable series ({detail}){corrupt_note}",
             series_uid=excluded[0].series_uid if len(excluded) == 1 else None,
         )
-    for s, e in failures:
+    for failed, err in failures:
         choices.append(
             SeriesChoice(
-                series_uid=s.series_uid,
-                chosen=False,  # type: ignore[attr-defined]
-                reason=f"failed validation {e.reason.value}: {e.detail}",
-                n_slices=s.n_slices,
-                slice_thickness_mm=s.thickness_mm,  # type: ignore
-                kernel=s.kernel,
+                series_uid=failed.series_uid,
+                chosen=False,
+                reason=f"failed validation {err.reason.value}: {err.detail}",
+                n_slices=failed.n_slices,
+                slice_thickness_mm=failed.thickness_mm,
+                kernel=failed.kernel,
             )
-        )  # type: ignore[attr-defined]
+        )
     for s in usable:
         if s is chosen or any(s is f[0] for f in failures):
             continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +20,7 @@ class VolumeStore(Protocol):
 
     def has_volume(self, volume_id: str) -> bool: ...
 
-    def write_volume(self, record: VolumeRecord, hu: np.ndarray) -> None: ...
+    def write_volume(self, record: VolumeRecord, hu: np.ndarray) -> bool: ...
 
 
 def ingest_sources(
@@ -29,7 +29,7 @@ def ingest_sources(
     store: VolumeStore,
     config: IngestConfig | None = None,
     manifests: Sequence[str | Path] = (),
-    on_entry=None,
+    on_entry: Callable[[str, RunEntry | Rejection], None] | None = None,
 ) -> RunSummary:
     """Ingest sources (and NBIA manifests) into ``store``; return the RunSummary.
 
@@ -40,13 +40,13 @@ def ingest_sources(
     cfg = config or IngestConfig()
     cands, rejs = plan_inputs(list(sources), cohort, cfg)
     for m in manifests:
-        c, r = plan_manifest(m, cohort, config=cfg)
-        cands += c
-        rejs += r
+        more, more_rejs = plan_manifest(m, cohort, config=cfg)
+        cands += more
+        rejs += more_rejs
     summary = RunSummary(rejected=list(rejs))
     if on_entry:
-        for r in rejs:
-            on_entry("rejected", r)
+        for rej in rejs:
+            on_entry("rejected", rej)
     seen: set[str] = set()
     for c in cands:
         if c.volume_id in seen or store.has_volume(c.volume_id):
@@ -57,15 +57,12 @@ def ingest_sources(
             try:
                 record, hu = load_candidate(c)
             except IngestError as e:
-                entry = Rejection(
-                    input=c.input,
-                    reason=e.reason,
-                    detail=e.detail,  # type: ignore[assignment]
-                    series_uid=e.series_uid or c.series_uid,
+                rejection = Rejection(
+                    input=c.input, reason=e.reason, detail=e.detail, series_uid=e.series_uid or c.series_uid
                 )
-                summary.rejected.append(entry)  # type: ignore[arg-type]
+                summary.rejected.append(rejection)
                 if on_entry:
-                    on_entry("rejected", entry)
+                    on_entry("rejected", rejection)
                 continue
             store.write_volume(record, hu)
             del hu

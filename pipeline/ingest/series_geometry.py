@@ -76,9 +76,9 @@ def series_geometry(headers: list[SliceHeader], cfg: IngestConfig) -> SeriesGeom
     # -- consistent in-plane geometry
     h0 = headers[0]
     for name in ("iop", "ipp", "pixel_spacing", "rows", "cols"):
-        missing = [h.path for h in headers if getattr(h, name) is None]
-        if missing:
-            raise fail(R.inconsistent_geometry, f"{len(missing)} slice(s) lack {name} (e.g. {missing[0]})")
+        lacking = [h.path for h in headers if getattr(h, name) is None]
+        if lacking:
+            raise fail(R.inconsistent_geometry, f"{len(lacking)} slice(s) lack {name} (e.g. {lacking[0]})")
     iop0 = np.asarray(h0.iop, float)
     ps0 = np.asarray(h0.pixel_spacing, float)
     for h in headers[1:]:
@@ -107,7 +107,7 @@ def series_geometry(headers: list[SliceHeader], cfg: IngestConfig) -> SeriesGeom
     # -- order along the normal, drop exact duplicate positions
     pos = np.array([h.ipp for h in headers], float)  # (N, 3)
     d = pos @ n
-    order = np.lexsort(([h.instance_number or 0 for h in headers], d))
+    order = np.lexsort((np.array([h.instance_number or 0 for h in headers]), d))
     headers = [headers[i] for i in order]
     pos, d = pos[order], d[order]
     keep = [0]

@@ -76,4 +76,4 @@ def default_grid(affine: np.ndarray, shape: tuple[int, int, int], inplane_mm: fl
     # first new voxel centre: original box start + half a new voxel
     first_idx = -0.5 + scale / 2.0
     out[:3, 3] = A[:3, :3] @ first_idx + A[:3, 3]
-    return ReconGrid(tuple(int(x) for x in n), out)
+    return ReconGrid((int(n[0]), int(n[1]), int(n[2])), out)

@@ -52,7 +52,7 @@ def make_bench_store(path: str | Path, n_volumes: int = 8, size: int = 512, back
     ds = open_store(str(path)).dataset("bench", spec)
     todo = [f"bench-{i:03d}" for i in range(n_volumes) if not ds.has_ring(f"bench-{i:03d}")]
     if todo:
-        img = nib.load(str(example_ct_path()))
+        img: Any = nib.load(str(example_ct_path()))  # a NIfTI image
         views, geom = render_ring(np.asarray(img.dataobj), img.affine, spec, backend=backend)
         for vid in todo:
             f = np.float32(0.8 + 0.4 * int(vid[-3:]) / max(1, n_volumes - 1))
@@ -258,7 +258,7 @@ def run_bench(
             if fresh_buffers:
                 got[w]["fresh"].append(timed(partial(stream_loader, w, False)))
             got[w]["wds"].append(timed(partial(wds_loader, w)))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for w in workers:
         r = {k: [m.samples_per_s for m in ms] for k, ms in got[w].items()}
         sps, base = float(np.median(r["stream"])), float(np.median(r["wds"]))

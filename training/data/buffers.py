@@ -60,11 +60,22 @@ def check_shared_memory(nbytes: int, what: str, shm: str = "/dev/shm") -> None:
 
 
 def tensors_on(storage: torch.UntypedStorage, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors of ``layout`` on ``storage`` (fresh tensor objects each call; they share the storage)."""
+    """Contiguous tensors of ``layout`` on ``storage`` (fresh tensor objects each call; they share the storage)."""
     out = {}
     for name, (offset, shape) in layout.items():
-        out[name] = torch.empty((0,), dtype=dtype).set_(storage, int(offset), tuple(shape))
+        stride = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            stride[i] = stride[i + 1] * int(shape[i + 1])
+        out[name] = torch.empty((0,), dtype=dtype).set_(storage, int(offset), tuple(shape), tuple(stride))
     return out
+
+
+def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; ``shared`` allocates it in shared memory directly (what DataLoader's default_collate
+    does in workers), so sending it to the main process does not copy it into shared memory again."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    return tensors_on(shared_storage(layout_nbytes({"t": (0, shape)}, dtype)), {"t": (0, shape)}, dtype)["t"]
 
 
 def layout_nbytes(layout: Layout, dtype: torch.dtype) -> int:

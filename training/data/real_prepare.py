@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,7 @@ def _prepare_one(src: str, dst: str, size: int, min_size: int, fmt: str) -> str 
         return f"{e.reason}: {e.detail}"
     from PIL import Image
 
+    kw: dict[str, Any]
     if fmt == "jpeg":
         pil = Image.fromarray(np.round(img * 255.0).astype(np.uint8))
         kw = {"format": "JPEG", "quality": 95}

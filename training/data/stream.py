@@ -84,6 +84,7 @@ class ResumableStream(IterableDataset, abc.ABC):
         self.reuse_buffers = bool(reuse_buffers)
         self._local_buffers = LocalBuffers()
         self._slots: SharedSlots | None = None
+        self._env: dict[str, str] = {}  # set in a worker's copy: the spawning process's store settings
 
     # ---------------------------------------------------------------- to implement
     @abc.abstractmethod

@@ -25,7 +25,10 @@ def appearance_fn(name: str) -> Callable[[np.ndarray], np.ndarray]:
     """Name -> function (H,W) float32 -> (H,W) float32."""
     if name == "none":
         return lambda x: x
-    fns = {"minmax": appearance.minmax, "neglog": appearance.neglog_window}
+    fns: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "minmax": appearance.minmax,
+        "neglog": appearance.neglog_window,
+    }
     if name in fns:
         return fns[name]
     raise ValueError(f"unknown appearance {name!r}; choose minmax, neglog or none")
@@ -90,15 +93,3 @@ def appearance_into(views, name: str, out: torch.Tensor) -> None:
         return
     stacked = np.stack([np.asarray(v) for v in views]) if not isinstance(views, np.ndarray) else views
     out.copy_(resize(torch.from_numpy(apply_appearance(stacked, name)).unsqueeze(1), S))
-
-
-def empty_output(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor; ``shared`` allocates it in shared memory directly (what DataLoader's default_collate
-    does in workers), so sending it to the main process does not copy it into shared memory again."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    n = 1
-    for s in shape:
-        n *= int(s)
-    storage = torch.UntypedStorage._new_shared(n * torch.empty((), dtype=dtype).element_size())
-    return torch.empty((0,), dtype=dtype).set_(storage, 0, shape)

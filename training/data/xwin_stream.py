@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from .buffers import empty_tensor
 from .readers import ViewReader, ViewSource
 from .sampling import SamplingPlan, XWinSampling
 from .stream import ResumableStream
-from .transforms import appearance_into, empty_output, out_dtype
+from .transforms import appearance_into, out_dtype
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class XWinStream(ResumableStream):
         if views is None:
             return sample
         S = self.image_size
-        imgs = empty_output((len(views), 1, S, S), self.dtype, shared=get_worker_info() is not None)
+        imgs = empty_tensor((len(views), 1, S, S), self.dtype, shared=get_worker_info() is not None)
         appearance_into(views, self.appearance, imgs)
         return {"context": imgs[0], "targets": imgs[1:], **sample}
 
@@ -166,8 +167,8 @@ def collate_views(
         context, targets = out["context"], out["targets"]
     else:
         shared = get_worker_info() is not None
-        context = empty_output((B, 1, S, S), dtype, shared)
-        targets = empty_output((B, n - 1, 1, S, S), dtype, shared)
+        context = empty_tensor((B, 1, S, S), dtype, shared)
+        targets = empty_tensor((B, n - 1, 1, S, S), dtype, shared)
     for i, v in enumerate(views):
         appearance_into(v[:1], appearance, context[i : i + 1])
         appearance_into(v[1:], appearance, targets[i])

@@ -20,6 +20,8 @@ class ViewPredictor(nn.Module):
     context tokens and dropped from the output. Each of the N actions runs as its own sequence.
     """
 
+    pos_embed: torch.Tensor  # fixed sin-cos PE, a non-persistent buffer
+
     def __init__(
         self,
         grid: int,
@@ -63,6 +65,8 @@ class MaskPredictor(nn.Module):
     ``forward(ctx (B, K, D), keep (B, K), masked (B, M)) -> (B, M, D)``: context tokens carry the PE of their own
     positions, the M mask tokens (one learned vector) the PE of the masked positions; outputs at the mask tokens.
     """
+
+    pos_embed: torch.Tensor  # fixed sin-cos PE, a non-persistent buffer
 
     def __init__(
         self,

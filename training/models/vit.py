@@ -9,6 +9,7 @@ replaced).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,9 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 def rescale_residuals(blocks: nn.ModuleList) -> None:
     """Divide each block's residual output projections by sqrt(2 * depth index) (I-JEPA's fix_init_weight)."""
     for i, blk in enumerate(blocks, start=1):
+        assert isinstance(blk, Block)
         blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
-        blk.mlp[2].weight.data.div_(math.sqrt(2.0 * i))
+        cast(nn.Linear, blk.mlp[2]).weight.data.div_(math.sqrt(2.0 * i))
 
 
 class VisionTransformer(nn.Module):
@@ -94,6 +96,8 @@ class VisionTransformer(nn.Module):
 
     ``forward(x (B,C,H,W), keep (B,K) | None) -> (B, K or L, D)``; no class token (tokens are pooled by the caller).
     """
+
+    pos_embed: torch.Tensor  # fixed sin-cos PE, a non-persistent buffer
 
     def __init__(
         self,
@@ -118,6 +122,7 @@ class VisionTransformer(nn.Module):
         init_weights(self)
         w = self.patch_embed.weight.data
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)
+        assert self.patch_embed.bias is not None
         nn.init.zeros_(self.patch_embed.bias)
         rescale_residuals(self.blocks)
 

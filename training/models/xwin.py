@@ -130,8 +130,8 @@ class EMAEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, encoder: nn.Module, momentum: float) -> None:
-        src = list(encoder.parameters())
-        dst = list(self.encoder.parameters())
+        src: list[torch.Tensor] = list(encoder.parameters())
+        dst: list[torch.Tensor] = list(self.encoder.parameters())
         torch._foreach_mul_(dst, momentum)
         torch._foreach_add_(dst, [p.detach() for p in src], alpha=1.0 - momentum)
 
