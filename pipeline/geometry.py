@@ -9,18 +9,25 @@ At yaw 0 the source is anterior (+A) and the detector posterior; the image is in
 column index grows towards patient Left (u = -R at yaw 0), row index grows towards Inferior (v = -S).
 Yaw is a right-handed rotation about +S, so yaw 90 moves the source to patient Left (-R).
 See docs/geometry.md for the derivation and pictures.
+
+Shapes in signatures (jaxtyping): ``V`` views, ``H W`` detector rows and columns, ``N`` points.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from jaxtyping import Float, Float64, Int
 
 from xwin.schemas.render import RenderSpec, ViewMeta
 
+# a voxel -> world 4x4 matrix: an array, or the nested lists a VolumeRecord stores
+AffineLike = Float[np.ndarray, "4 4"] | Sequence[Sequence[float]]
 
-def rot_z(deg: np.ndarray | float) -> np.ndarray:
+
+def rot_z(deg: Float[np.ndarray, "*batch"] | float) -> Float64[np.ndarray, "*batch 3 3"]:
     """(..., 3, 3) right-handed rotation about +z by ``deg`` degrees."""
     a = np.deg2rad(np.asarray(deg, dtype=np.float64))
     c, s = np.cos(a), np.sin(a)
@@ -28,7 +35,7 @@ def rot_z(deg: np.ndarray | float) -> np.ndarray:
     return np.stack([np.stack([c, -s, z], -1), np.stack([s, c, z], -1), np.stack([z, z, o], -1)], -2)
 
 
-def volume_center(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def volume_center(affine: AffineLike, shape: tuple[int, int, int]) -> Float64[np.ndarray, "3"]:
     """World position (3,) of the centre of the voxel grid (between the first and last voxel centres)."""
     idx = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
     return (np.asarray(affine, dtype=np.float64) @ np.append(idx, 1.0))[:3]
@@ -46,13 +53,13 @@ class ConeBeamViews:
         yaw_deg: (V,) absolute yaw of each view (for the record; rays never depend on it)
     """
 
-    src: np.ndarray
-    det: np.ndarray
-    u: np.ndarray
-    v: np.ndarray
+    src: Float64[np.ndarray, "V 3"]
+    det: Float64[np.ndarray, "V 3"]
+    u: Float64[np.ndarray, "V 3"]
+    v: Float64[np.ndarray, "V 3"]
     height: int
     width: int
-    yaw_deg: np.ndarray
+    yaw_deg: Float64[np.ndarray, " V"]
 
     def __post_init__(self) -> None:
         n = self.src.shape[0]
@@ -65,7 +72,7 @@ class ConeBeamViews:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def ring(cls, spec: RenderSpec, isocenter: np.ndarray) -> ConeBeamViews:
+    def ring(cls, spec: RenderSpec, isocenter: Float[np.ndarray, "3"]) -> ConeBeamViews:
         """The yaw ring of ``spec`` around ``isocenter`` (3,) in world mm."""
         yaw = np.asarray(spec.yaws_deg, dtype=np.float64)
         R = rot_z(yaw)  # (V,3,3)
@@ -85,12 +92,18 @@ class ConeBeamViews:
         )
 
     @classmethod
-    def from_cone_vecs(cls, cone_vecs: np.ndarray, height: int, width: int, yaw_deg: np.ndarray | None = None):
+    def from_cone_vecs(
+        cls,
+        cone_vecs: Float[np.ndarray, "V 12"],
+        height: int,
+        width: int,
+        yaw_deg: Float[np.ndarray, " V"] | None = None,
+    ) -> ConeBeamViews:
         cv = np.asarray(cone_vecs, dtype=np.float64).reshape(-1, 12)
         yaw = np.full(len(cv), np.nan) if yaw_deg is None else np.asarray(yaw_deg, dtype=np.float64)
         return cls(cv[:, 0:3], cv[:, 3:6], cv[:, 6:9], cv[:, 9:12], int(height), int(width), yaw)
 
-    def subset(self, idx) -> ConeBeamViews:
+    def subset(self, idx: Int[np.ndarray, " n"] | Sequence[int] | int) -> ConeBeamViews:
         idx = np.atleast_1d(np.asarray(idx))
         return ConeBeamViews(
             self.src[idx], self.det[idx], self.u[idx], self.v[idx], self.height, self.width, self.yaw_deg[idx]
@@ -101,17 +114,17 @@ class ConeBeamViews:
 
     # ---- exported forms -----------------------------------------------------------------------------------
     @property
-    def cone_vecs(self) -> np.ndarray:
+    def cone_vecs(self) -> Float64[np.ndarray, "V 12"]:
         """(V, 12) ASTRA ``cone_vec`` rows."""
         return np.concatenate([self.src, self.det, self.u, self.v], axis=1)
 
-    def pixel_centres(self, view: int) -> np.ndarray:
+    def pixel_centres(self, view: int) -> Float64[np.ndarray, "H W 3"]:
         """(H, W, 3) world positions of the pixel centres of one view; [r, c] is row r, column c."""
         r = np.arange(self.height, dtype=np.float64) - (self.height - 1) / 2.0
         c = np.arange(self.width, dtype=np.float64) - (self.width - 1) / 2.0
         return self.det[view] + r[:, None, None] * self.v[view] + c[None, :, None] * self.u[view]
 
-    def camera(self, view: int) -> tuple[np.ndarray, np.ndarray]:
+    def camera(self, view: int) -> tuple[Float64[np.ndarray, "4 4"], Float64[np.ndarray, "3 3"]]:
         """(world_from_camera 4x4, intrinsics 3x3) of one view, OpenCV pinhole convention.
 
         Camera at the source; +x along u, +y along v, +z the detector normal towards the detector.
@@ -157,7 +170,7 @@ class ConeBeamViews:
         return cls.from_cone_vecs(meta.cone_vec, meta.height, meta.width, meta.yaw_deg)
 
 
-def project_points(views: ConeBeamViews, view: int, points: np.ndarray) -> np.ndarray:
+def project_points(views: ConeBeamViews, view: int, points: Float[np.ndarray, "N 3"]) -> Float64[np.ndarray, "N 2"]:
     """Project world points (N, 3) into view ``view``; returns (N, 2) continuous (row, col) pixel coordinates."""
     T, K = views.camera(view)
     Xc = (np.linalg.inv(T) @ np.c_[points, np.ones(len(points))].T)[:3]
@@ -166,6 +179,6 @@ def project_points(views: ConeBeamViews, view: int, points: np.ndarray) -> np.nd
     return np.stack([row, col], axis=1)
 
 
-def ring_for_volume(spec: RenderSpec, affine: np.ndarray, shape: tuple[int, int, int]) -> ConeBeamViews:
+def ring_for_volume(spec: RenderSpec, affine: AffineLike, shape: tuple[int, int, int]) -> ConeBeamViews:
     """The spec's ring around the centre of a canonical volume."""
     return ConeBeamViews.ring(spec, volume_center(affine, shape))

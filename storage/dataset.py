@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+from jaxtyping import Float, Float32, Int
 
 from xwin.schemas.render import RenderSpec, ViewMeta
 from xwin.schemas.store import CatalogRow, CommitRecord, DatasetInfo, EntryKind, VerifyReport
@@ -124,7 +125,7 @@ class ProjectionDataset:
     def write_ring(
         self,
         volume_id: str,
-        views: np.ndarray,
+        views: Float[np.ndarray, "V H W"],
         geometry: ViewMeta,
         provenance: dict | None = None,
         *,
@@ -237,8 +238,11 @@ class ProjectionDataset:
         return h
 
     def read_views(
-        self, volume_id: str, indices: Iterable[int] | np.ndarray, dtype: np.typing.DTypeLike | None = np.float32
-    ) -> tuple[np.ndarray, ViewMeta]:
+        self,
+        volume_id: str,
+        indices: Iterable[int] | Int[np.ndarray, " n"],
+        dtype: np.typing.DTypeLike | None = np.float32,
+    ) -> tuple[Float[np.ndarray, "n H W"], ViewMeta]:
         """Views ``indices`` (any order, repeats allowed) of one ring: ((n, H, W) ``dtype``, ViewMeta).
 
         Reads only the requested chunks of the shard (plus the shard index, once per handle), never the whole shard.
@@ -257,7 +261,7 @@ class ProjectionDataset:
         vm = _view_meta(meta, idx, h.shape)
         return (data if dtype is None else cast(data, np.dtype(dtype), import_torch=False)), vm
 
-    def read_ring(self, volume_id: str) -> np.ndarray:
+    def read_ring(self, volume_id: str) -> Float32[np.ndarray, "V H W"]:
         """All views (V, H, W) float32."""
         return cast(np.asarray(self._handle(volume_id).array[...]), np.dtype(np.float32), import_torch=False)
 

@@ -16,12 +16,13 @@ A writer killed anywhere before 5 leaves only invisible garbage that the next ru
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import google_crc32c
 import numpy as np
 import zarr
+from jaxtyping import Shaped
 from zarr.storage import MemoryStore
 
 from xwin.storage.backend import Backend
@@ -31,7 +32,7 @@ from xwin.storage.scope import Scope, row_of
 from xwin.storage.shardwrite import Crc32cTee, encode_shard, shard_layout
 
 
-def sha256_of(a: np.ndarray) -> str:
+def sha256_of(a: Shaped[np.ndarray, "..."]) -> str:
     """Checksum of an array's pixels: sha256 over little-endian, C-order bytes."""
     a = np.ascontiguousarray(a)
     if a.dtype.byteorder == ">":
@@ -39,7 +40,7 @@ def sha256_of(a: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(a.data.cast("B")).hexdigest()
 
 
-def meta_checksum(meta: dict[str, np.ndarray]) -> str:
+def meta_checksum(meta: dict[str, Shaped[np.ndarray, "..."]]) -> str:
     h = hashlib.sha256()
     for name in META_ARRAYS:
         a = np.ascontiguousarray(meta[name])
@@ -87,7 +88,12 @@ def group_doc(attributes: dict) -> bytes:
     return ms._store_dict["zarr.json"].to_bytes()
 
 
-def write_entry(backend: Backend, path: str, attributes: dict | Callable[[], dict], arrays: list[ArrayWrite]) -> None:
+def write_entry(
+    backend: Backend,
+    path: str,
+    attributes: dict | Callable[[], dict],
+    arrays: Sequence[ArrayWrite | tuple[Any, ...]],
+) -> None:
     """Write a group of single-shard arrays under ``path`` and verify every object it wrote.
 
     ``arrays``: :class:`ArrayWrite` (or plain (name, data, chunks, codec) tuples). Metadata documents come from

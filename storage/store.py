@@ -8,10 +8,12 @@ Every entry is written by the protocol of :mod:`xwin.storage.entry`.
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import numpy as np
 import zarr
+from jaxtyping import Int16, Integer
 
 from xwin.schemas.ingest import VolumeRecord
 from xwin.schemas.render import RenderSpec
@@ -49,7 +51,9 @@ from xwin.storage.verify import verify_scope
 class Store:
     """Handle on one store root (local path or ``s3://bucket/prefix``). Cheap to create; picklable (reopens)."""
 
-    def __init__(self, url: str, storage_options: dict | None = None, *, create: bool = True) -> None:
+    def __init__(
+        self, url: str | os.PathLike[str], storage_options: dict | None = None, *, create: bool = True
+    ) -> None:
         self._url_arg, self._opts = str(url), storage_options
         self.backend: Backend = make_backend(url, storage_options)
         self.url = self.backend.url
@@ -124,7 +128,7 @@ class Store:
         """True only for committed volumes (one existence check of the commit record)."""
         return self.volumes.has_commit(check_id("volume_id", volume_id))
 
-    def write_volume(self, record: VolumeRecord, hu: np.ndarray, *, owner: str | None = None) -> bool:
+    def write_volume(self, record: VolumeRecord, hu: Integer[np.ndarray, "X Y Z"], *, owner: str | None = None) -> bool:
         """Store a canonical HU volume (int16, shape == record.shape). Atomic and idempotent.
 
         Returns True when written now, False when an identical volume was already committed.
@@ -174,7 +178,7 @@ class Store:
     def volume_record(self, volume_id: str) -> VolumeRecord:
         return VolumeRecord.model_validate(self._volume_commit(volume_id).record)
 
-    def read_volume(self, volume_id: str) -> tuple[VolumeRecord, np.ndarray]:
+    def read_volume(self, volume_id: str) -> tuple[VolumeRecord, Int16[np.ndarray, "X Y Z"]]:
         """(record, int16 HU array (X, Y, Z) in canonical RAS voxel order)."""
         c = self._volume_commit(volume_id)
         hu = np.asarray(zarr.open_array(self.zstore, path=f"{c.path}/{c.array}", mode="r", zarr_format=3)[...])
@@ -273,7 +277,7 @@ class Store:
         return out
 
 
-def open_store(url: str, storage_options: dict | None = None, *, create: bool = True) -> Store:
+def open_store(url: str | os.PathLike[str], storage_options: dict | None = None, *, create: bool = True) -> Store:
     """Open (or initialise) the store at a local path, ``file://`` URL or ``s3://bucket/prefix``.
 
     S3 endpoint/credentials come from ``storage_options`` or the environment (XWIN_S3_ENDPOINT / AWS_ENDPOINT_URL,

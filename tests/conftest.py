@@ -4,11 +4,38 @@ from __future__ import annotations
 
 import contextlib
 
-import nibabel as nib
-import numpy as np
-import pytest
+from jaxtyping import install_import_hook
 
-from xwin.pipeline.example import example_ct_path, example_mask_path
+# Every call the tests make checks the shapes and dtypes the signatures state (jaxtyping + beartype), in the modules
+# whose public functions take arrays. Numba kernels are left out: a Python wrapper cannot be called from compiled code.
+CHECKED_MODULES = [
+    "xwin.pipeline.geometry",
+    "xwin.pipeline.render.project",
+    "xwin.pipeline.render.appearance",
+    "xwin.pipeline.render._rays",
+    "xwin.pipeline.reconstruct.fdk",
+    "xwin.pipeline.reconstruct.validate",
+    "xwin.pipeline.reconstruct.grid",
+    "xwin.pipeline.reconstruct.metrics",
+    "xwin.pipeline.reconstruct.frames",
+    "xwin.pipeline.reconstruct.orbit",
+    "xwin.schemas.render",
+    "xwin.storage.dataset",
+    "xwin.storage.store",
+    "xwin.storage.entry",
+]
+with install_import_hook(CHECKED_MODULES, "typechecked.typechecker"):
+    import xwin.pipeline.geometry
+    import xwin.pipeline.reconstruct
+    import xwin.pipeline.render
+    import xwin.schemas.render
+    import xwin.storage  # noqa: F401
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from xwin.pipeline.example import example_ct_path, example_mask_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -61,3 +61,18 @@ def test_mypy(tmp_path):
         cmd += ["-p", f"xwin.{pkg}"]
     r = _run(cmd, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_signature_shapes_are_checked_at_run_time():
+    """conftest's import hook makes every call the tests make check the shapes and dtypes the signatures state."""
+    import numpy as np
+    from jaxtyping import TypeCheckError
+
+    from xwin.pipeline.geometry import volume_center
+    from xwin.storage.entry import sha256_of
+
+    assert volume_center(np.eye(4), (3, 3, 3)).shape == (3,)
+    with pytest.raises(TypeCheckError):
+        volume_center(np.eye(3), (3, 3, 3))  # a 3x3 matrix is no (4, 4) affine
+    with pytest.raises(TypeCheckError):
+        sha256_of([1, 2, 3])  # type: ignore[arg-type]  # a list is no array

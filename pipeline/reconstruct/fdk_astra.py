@@ -25,8 +25,10 @@ import functools
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from jaxtyping import Float, Float32, Float64
 
 from xwin.pipeline.geometry import ConeBeamViews
 from xwin.pipeline.reconstruct.frames import orbit_frame, transform_views
@@ -58,14 +60,14 @@ class AstraSetup:
     world_affine: (4, 4) index (ix, iy, iz) of the transposed (x, y, z) ASTRA volume -> world mm
     """
 
-    vectors: np.ndarray
+    vectors: Float64[np.ndarray, "V 12"]
     det_rows: int
     det_cols: int
     vol_shape: tuple[int, int, int]
     voxel_mm: float
     window: tuple[float, float, float, float, float, float]
     flip_rows: bool
-    world_affine: np.ndarray
+    world_affine: Float64[np.ndarray, "4 4"]
 
 
 def astra_setup(views: ConeBeamViews, grid: ReconGrid, orbit: Orbit | None = None, tol: float = 1e-4) -> AstraSetup:
@@ -108,7 +110,9 @@ def astra_setup(views: ConeBeamViews, grid: ReconGrid, orbit: Orbit | None = Non
     return AstraSetup(vectors, views.height, views.width, (nz, ny, nx), s, window, flip, world_affine)
 
 
-def astra_project_points(setup: AstraSetup, view: int, points_frame: np.ndarray) -> np.ndarray:
+def astra_project_points(
+    setup: AstraSetup, view: int, points_frame: Float[np.ndarray, "N 3"]
+) -> Float64[np.ndarray, "N 2"]:
     """ASTRA's cone_vec convention, written from its definition: (N, 2) continuous (row, col) of frame points.
 
     Point X hits the detector plane at det_corner + a u + b v with det_corner = d - W/2 u - H/2 v; ASTRA samples
@@ -127,14 +131,14 @@ def astra_project_points(setup: AstraSetup, view: int, points_frame: np.ndarray)
 
 
 def fdk(
-    projections: np.ndarray,
+    projections: Float[np.ndarray, "V H W"],
     views: ConeBeamViews,
     grid: ReconGrid,
     orbit: Orbit | None = None,
     short_scan: bool | None = None,
     window: str = "hann",
     cutoff: float = 1.0,
-) -> tuple[np.ndarray, dict]:
+) -> tuple[Float32[np.ndarray, "nx ny nz"], dict[str, Any]]:
     """ASTRA FDK_CUDA -> (mu (nx, ny, nz) float32 [1/mm] on ``grid``, info). Needs CUDA (probed first)."""
     if not cuda_available():
         raise RuntimeError("ASTRA FDK_CUDA needs a CUDA GPU; none found (probe ran in a subprocess)")

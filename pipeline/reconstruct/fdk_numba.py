@@ -21,16 +21,19 @@ voxel column per view).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba as nb
 import numpy as np
 import scipy.fft
+from jaxtyping import Float, Float32, Float64
 
 from xwin.pipeline.geometry import ConeBeamViews
 from xwin.pipeline.reconstruct.grid import ReconGrid
 from xwin.pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
 
 
-def ramp_kernel_fft(width: int, window: str = "ram-lak", cutoff: float = 1.0) -> tuple[int, np.ndarray]:
+def ramp_kernel_fft(width: int, window: str = "ram-lak", cutoff: float = 1.0) -> tuple[int, Float64[np.ndarray, " F"]]:
     """(padded length L, rfft of the unit-spacing ramp kernel (L//2+1,) float32). L >= 2*width.
 
     The ramp is the spectrum of the spatial Ram-Lak kernel (Kak & Slaney; no zero-DC artefact) times an
@@ -63,7 +66,9 @@ def ramp_kernel_fft(width: int, window: str = "ram-lak", cutoff: float = 1.0) ->
     return L, (H * w).astype(np.float32)
 
 
-def parker_weights(beta: np.ndarray, gamma: np.ndarray, delta: float) -> np.ndarray:
+def parker_weights(
+    beta: Float[np.ndarray, " V"], gamma: Float[np.ndarray, " W"], delta: float
+) -> Float64[np.ndarray, "V W"]:
     """Parker short-scan weights (V, W) for view angles ``beta`` (V,) in [0, pi + 2 delta] from the scan start and
     fan angles ``gamma`` (W,) (counter-clockwise about the axis the angles increase about, from the central ray).
 
@@ -83,7 +88,9 @@ def parker_weights(beta: np.ndarray, gamma: np.ndarray, delta: float) -> np.ndar
     return w
 
 
-def view_weights(views: ConeBeamViews, orbit: Orbit, short_scan: bool | None = None) -> tuple[np.ndarray, dict]:
+def view_weights(
+    views: ConeBeamViews, orbit: Orbit, short_scan: bool | None = None
+) -> tuple[Float32[np.ndarray, "V H W"], dict[str, Any]]:
     """(V, H, W) float32 multiplicative pre-filter weights: cosine x (Parker or 1/2) x dbeta x D R / tau.
 
     ``short_scan``: None = Parker weights exactly when the views do not cover a full orbit.
@@ -126,14 +133,14 @@ def view_weights(views: ConeBeamViews, orbit: Orbit, short_scan: bool | None = N
 
 
 def filter_projections(
-    proj: np.ndarray,
-    weights: np.ndarray,
+    proj: Float[np.ndarray, "V H W"],
+    weights: Float[np.ndarray, "V H W"],
     window: str = "ram-lak",
     cutoff: float = 1.0,
     truncation: float = 0.0,
     chunk: int = 8,
     workers: int = -1,
-) -> np.ndarray:
+) -> Float32[np.ndarray, "V W H"]:
     """Weight and ramp-filter along rows. proj, weights: (V, H, W). Returns (V, W, H) float32 (transposed for the
     backprojector: the detector row index is contiguous).
 
@@ -157,7 +164,7 @@ def filter_projections(
     return out
 
 
-def projection_matrices(views: ConeBeamViews, grid: ReconGrid) -> np.ndarray:
+def projection_matrices(views: ConeBeamViews, grid: ReconGrid) -> Float64[np.ndarray, "V 3 4"]:
     """(V, 3, 4) float64: voxel index (i, j, k, 1) -> (col * depth, row * depth, depth) of every view."""
     out = np.empty((len(views), 3, 4))
     for k in range(len(views)):
@@ -248,7 +255,9 @@ def _backproject(qp, P, nx, ny, nz, out):  # pragma: no cover - compiled
         out[i] = acc
 
 
-def backproject(q: np.ndarray, views: ConeBeamViews, grid: ReconGrid) -> np.ndarray:
+def backproject(
+    q: Float32[np.ndarray, "V W H"], views: ConeBeamViews, grid: ReconGrid
+) -> Float32[np.ndarray, "nx ny nz"]:
     """Voxel-driven backprojection of filtered views q (V, W, H) onto ``grid``: (nx, ny, nz) float32."""
     P = np.ascontiguousarray(projection_matrices(views, grid))
     nx, ny, nz = grid.shape
@@ -261,7 +270,7 @@ def backproject(q: np.ndarray, views: ConeBeamViews, grid: ReconGrid) -> np.ndar
 
 
 def fdk(
-    projections: np.ndarray,
+    projections: Float[np.ndarray, "V H W"],
     views: ConeBeamViews,
     grid: ReconGrid,
     orbit: Orbit | None = None,
@@ -269,7 +278,7 @@ def fdk(
     window: str = "ram-lak",
     cutoff: float = 1.0,
     truncation: float = 0.0,
-) -> tuple[np.ndarray, dict]:
+) -> tuple[Float32[np.ndarray, "nx ny nz"], dict[str, Any]]:
     """FDK of line integrals ``projections`` (V, H, W) [mu*mm] -> (mu (nx, ny, nz) float32 [1/mm], info)."""
     orbit = fit_orbit(views) if orbit is None else orbit
     w, info = view_weights(views, orbit, short_scan)

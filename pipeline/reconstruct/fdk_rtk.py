@@ -8,7 +8,10 @@ Short scans use RTK's ``ParkerShortScanImageFilter`` (on a copy: it works in pla
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from jaxtyping import Float, Float32
 
 from xwin.pipeline.geometry import ConeBeamViews
 from xwin.pipeline.reconstruct.frames import orbit_frame, transform_grid, transform_views
@@ -17,7 +20,7 @@ from xwin.pipeline.reconstruct.orbit import Orbit, fit_orbit
 
 
 def fdk(
-    projections: np.ndarray,
+    projections: Float[np.ndarray, "V H W"],
     views: ConeBeamViews,
     grid: ReconGrid,
     orbit: Orbit | None = None,
@@ -25,7 +28,7 @@ def fdk(
     window: str = "hann",
     cutoff: float = 1.0,
     threads: int | None = None,
-) -> tuple[np.ndarray, dict]:
+) -> tuple[Float32[np.ndarray, "nx ny nz"], dict[str, Any]]:
     """RTK FDK of ``projections`` (V, H, W) [mu*mm] -> (mu (nx, ny, nz) float32 [1/mm], info).
 
     ``window``: "ram-lak" or "hann" (RTK's ``HannCutFrequency`` = ``cutoff``, the same window as ours).

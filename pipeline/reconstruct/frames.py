@@ -9,13 +9,14 @@ here from the fitted :class:`Orbit`, so no angle or flip convention is re-invent
 from __future__ import annotations
 
 import numpy as np
+from jaxtyping import Float, Float64
 
 from xwin.pipeline.geometry import ConeBeamViews
 from xwin.pipeline.reconstruct.grid import ReconGrid
 from xwin.pipeline.reconstruct.orbit import Orbit
 
 
-def orbit_frame(orbit: Orbit, views: ConeBeamViews, axis_to: str = "y") -> np.ndarray:
+def orbit_frame(orbit: Orbit, views: ConeBeamViews, axis_to: str = "y") -> Float64[np.ndarray, "4 4"]:
     """(4, 4) rigid transform world -> frame with the rotation axis on +``axis_to`` ('y' for RTK, 'z' for ASTRA)
     through the origin and the first source on +z ('y') or -y ('z', ASTRA's angle-0 source side)."""
     n = orbit.axis / np.linalg.norm(orbit.axis)
@@ -36,7 +37,7 @@ def orbit_frame(orbit: Orbit, views: ConeBeamViews, axis_to: str = "y") -> np.nd
     return T
 
 
-def transform_views(views: ConeBeamViews, T: np.ndarray) -> ConeBeamViews:
+def transform_views(views: ConeBeamViews, T: Float[np.ndarray, "4 4"]) -> ConeBeamViews:
     """The same views expressed in the frame ``T`` (4x4 rigid, world -> frame)."""
     R, t = T[:3, :3], T[:3, 3]
     return ConeBeamViews(
@@ -50,6 +51,6 @@ def transform_views(views: ConeBeamViews, T: np.ndarray) -> ConeBeamViews:
     )
 
 
-def transform_grid(grid: ReconGrid, T: np.ndarray) -> ReconGrid:
+def transform_grid(grid: ReconGrid, T: Float[np.ndarray, "4 4"]) -> ReconGrid:
     """The same grid (same voxels, same index order) with its affine expressed in the frame ``T``."""
     return ReconGrid(grid.shape, T @ grid.affine)

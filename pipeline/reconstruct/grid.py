@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from jaxtyping import Float, Float64
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,7 @@ class ReconGrid:
     """
 
     shape: tuple[int, int, int]
-    affine: np.ndarray
+    affine: Float64[np.ndarray, "4 4"]
 
     def __post_init__(self) -> None:
         A = np.asarray(self.affine, dtype=np.float64)
@@ -29,34 +31,28 @@ class ReconGrid:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
 
     @property
-    def spacing(self) -> np.ndarray:
+    def spacing(self) -> Float64[np.ndarray, "3"]:
         """(3,) voxel size in mm along i, j, k."""
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
     @property
-    def center(self) -> np.ndarray:
+    def center(self) -> Float64[np.ndarray, "3"]:
         """(3,) world position of the centre of the voxel grid."""
         idx = (np.asarray(self.shape, dtype=np.float64) - 1.0) / 2.0
         return (self.affine @ np.append(idx, 1.0))[:3]
 
-    def world_points(self) -> np.ndarray:
-        """(nx, ny, nz, 3) world positions of all voxel centres (float64; mind the memory on large grids)."""
-        ii, jj, kk = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in self.shape], indexing="ij")
-        idx = np.stack([ii, jj, kk], -1)
-        return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
-
-    def corners(self) -> np.ndarray:
+    def corners(self) -> Float64[np.ndarray, "8 3"]:
         """(8, 3) world corners of the voxel box (outer faces, half a voxel beyond the extreme centres)."""
         lo = -0.5 * np.ones(3)
         hi = np.asarray(self.shape, dtype=np.float64) - 0.5
         c = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
         return c @ self.affine[:3, :3].T + self.affine[:3, 3]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "affine": self.affine.tolist(), "spacing_mm": self.spacing.tolist()}
 
 
-def default_grid(affine: np.ndarray, shape: tuple[int, int, int], inplane_mm: float = 1.4) -> ReconGrid:
+def default_grid(affine: Float[np.ndarray, "4 4"], shape: tuple[int, int, int], inplane_mm: float = 1.4) -> ReconGrid:
     """The CT's own voxel box at ~``inplane_mm`` in-plane and the native axial (k) spacing.
 
     The in-plane voxel size is the CT's multiplied by the integer factor closest to ``inplane_mm`` / spacing

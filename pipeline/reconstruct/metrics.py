@@ -10,14 +10,19 @@ the same reference range) runs on both volumes multiplied by the mask.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from jaxtyping import Bool, Float, Float32, Real
 from scipy import ndimage
 
 from xwin.pipeline.reconstruct.grid import ReconGrid
 from xwin.pipeline.reconstruct.orbit import Orbit
 
 
-def resample_to_grid(vol: np.ndarray, affine: np.ndarray, grid: ReconGrid, order: int = 1) -> np.ndarray:
+def resample_to_grid(
+    vol: Real[np.ndarray, "X Y Z"], affine: Float[np.ndarray, "4 4"], grid: ReconGrid, order: int = 1
+) -> Float32[np.ndarray, "nx ny nz"]:
     """Sample ``vol`` (X, Y, Z) with voxel->world ``affine`` at the voxel centres of ``grid``: (nx, ny, nz) float32.
 
     Outside the source volume's voxel box the nearest edge value is used within half a voxel, 0 beyond.
@@ -36,14 +41,18 @@ def resample_to_grid(vol: np.ndarray, affine: np.ndarray, grid: ReconGrid, order
     return out.reshape(grid.shape).astype(np.float32)
 
 
-def reference_mu(hu: np.ndarray, affine: np.ndarray, grid: ReconGrid, mu_water: float) -> np.ndarray:
+def reference_mu(
+    hu: Real[np.ndarray, "X Y Z"], affine: Float[np.ndarray, "4 4"], grid: ReconGrid, mu_water: float
+) -> Float32[np.ndarray, "nx ny nz"]:
     """The projected volume as mu [1/mm] on ``grid``: (nx, ny, nz) float32."""
     from xwin.pipeline.render import hu_to_mu
 
     return resample_to_grid(hu_to_mu(hu, mu_water), affine, grid)
 
 
-def validation_mask(grid: ReconGrid, orbit: Orbit, axial_fraction: float = 0.6, fov_fraction: float = 0.95):
+def validation_mask(
+    grid: ReconGrid, orbit: Orbit, axial_fraction: float = 0.6, fov_fraction: float = 0.95
+) -> Bool[np.ndarray, "nx ny nz"]:
     """(nx, ny, nz) bool: central ``axial_fraction`` of the k slices and within ``fov_fraction`` x FOV radius."""
     nx, ny, nz = grid.shape
     k0 = round(nz * (1 - axial_fraction) / 2)
@@ -59,7 +68,7 @@ def validation_mask(grid: ReconGrid, orbit: Orbit, axial_fraction: float = 0.6, 
     return m
 
 
-def psnr(ref: np.ndarray, rec: np.ndarray, mask: np.ndarray) -> float:
+def psnr(ref: Float[np.ndarray, "*s"], rec: Float[np.ndarray, "*s"], mask: Bool[np.ndarray, "*s"]) -> float:
     """PSNR in dB with the reference's range inside ``mask`` as the peak."""
     r, x = ref[mask].astype(np.float64), rec[mask].astype(np.float64)
     rng = float(r.max() - r.min())
@@ -69,7 +78,9 @@ def psnr(ref: np.ndarray, rec: np.ndarray, mask: np.ndarray) -> float:
     return float(10 * np.log10(rng**2 / mse))
 
 
-def ssim(ref: np.ndarray, rec: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+def ssim(
+    ref: Float[np.ndarray, "*s"], rec: Float[np.ndarray, "*s"], mask: Bool[np.ndarray, "*s"]
+) -> tuple[float, float]:
     """(protocol SSIM, SSIM inside the mask).
 
     Protocol (REFERENCE section 7, the acceptance figures): scikit-image SSIM (7^3 window) of ref * mask vs
@@ -86,7 +97,7 @@ def ssim(ref: np.ndarray, rec: np.ndarray, mask: np.ndarray) -> tuple[float, flo
     return float(mean), float(smap[mask].mean())
 
 
-def score(ref: np.ndarray, rec: np.ndarray, mask: np.ndarray) -> dict:
+def score(ref: Float[np.ndarray, "*s"], rec: Float[np.ndarray, "*s"], mask: Bool[np.ndarray, "*s"]) -> dict[str, Any]:
     """{"psnr_db", "ssim", "ssim_in_mask", "rmse_per_mm", "ref_range_per_mm", "mask_voxels"} inside ``mask``."""
     r = ref[mask].astype(np.float64)
     s_protocol, s_mask = ssim(ref, rec, mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from jaxtyping import Float64
 
 from xwin.pipeline.geometry import ConeBeamViews
 
@@ -36,12 +37,12 @@ class Orbit:
         residual_mm: largest distance of a source from the fitted circle
     """
 
-    center: np.ndarray
-    axis: np.ndarray
-    angles_rad: np.ndarray
-    sid: np.ndarray
-    sdd: np.ndarray
-    u_along_motion: np.ndarray
+    center: Float64[np.ndarray, "3"]
+    axis: Float64[np.ndarray, "3"]
+    angles_rad: Float64[np.ndarray, " V"]
+    sid: Float64[np.ndarray, " V"]
+    sdd: Float64[np.ndarray, " V"]
+    u_along_motion: Float64[np.ndarray, " V"]
     arc_rad: float
     full: bool
     fov_radius: float
@@ -53,7 +54,7 @@ class Orbit:
     def step_rad(self) -> float:
         return float(self.arc_rad / len(self.angles_rad))
 
-    def angular_weights(self) -> np.ndarray:
+    def angular_weights(self) -> Float64[np.ndarray, " V"]:
         """(V,) angular integration weight of each view (rad): half the gap to each neighbour.
 
         Full orbits wrap around; the two ends of a short scan take one full step each side.

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from jaxtyping import Bool, Float
 
 
 def _slices(vol: np.ndarray) -> list[np.ndarray]:
@@ -24,10 +26,10 @@ def _slices(vol: np.ndarray) -> list[np.ndarray]:
 
 def write_report(
     out_dir: str | Path,
-    metrics: dict,
-    reference: np.ndarray,
-    reconstruction: np.ndarray,
-    mask: np.ndarray | None = None,
+    metrics: dict[str, Any],
+    reference: Float[np.ndarray, "nx ny nz"],
+    reconstruction: Float[np.ndarray, "nx ny nz"],
+    mask: Bool[np.ndarray, "nx ny nz"] | None = None,
     spacing: tuple[float, float, float] | None = None,
 ) -> dict:
     """Write ``metrics.json`` and ``slices.png`` under ``out_dir``; returns {"json": path, "png": path}."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from jaxtyping import Float, Float64
 
 from xwin.pipeline.geometry import ConeBeamViews
 
 
-def index_space(views: ConeBeamViews, affine: np.ndarray) -> np.ndarray:
+def index_space(views: ConeBeamViews, affine: Float[np.ndarray, "4 4"]) -> Float64[np.ndarray, "V 24"]:
     """(V, 24) float64 per view: index-space src, det, u, v (columns 0:12), then world src, det, u, v (12:24).
 
     Index space: voxel (i, j, k) centres at integer coordinates, ``inv(affine)`` applied to world mm.

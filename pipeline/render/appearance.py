@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float
 
-Array = Any  # np.ndarray | torch.Tensor
+Array = Any  # np.ndarray or torch.Tensor: numpy in, numpy out; torch in, torch out
 
 
 def _is_torch(x: Array) -> bool:
@@ -29,7 +30,7 @@ def _amin_amax(x: Array):
     return x.min(axis=(-2, -1), keepdims=True), x.max(axis=(-2, -1), keepdims=True)
 
 
-def minmax(img: Array, eps: float = 1e-8) -> Array:
+def minmax(img: Float[Array, "*batch H W"], eps: float = 1e-8) -> Float[Array, "*batch H W"]:
     """(..., H, W) -> (..., H, W) in [0, 1]: (img - min) / ((max - min) + eps) per image (constant images -> 0).
     The numpy path is :func:`minmax_into` per image (the same float32 operations, so the values are identical)."""
     if _is_torch(img):
@@ -43,7 +44,7 @@ def minmax(img: Array, eps: float = 1e-8) -> Array:
     return out
 
 
-def minmax_into(view: np.ndarray, out: np.ndarray, eps: float = 1e-8) -> None:
+def minmax_into(view: Float[np.ndarray, "H W"], out: Float[np.ndarray, "H W"], eps: float = 1e-8) -> None:
     """:func:`minmax` of one (H, W) float32/float16 view written into ``out`` (H, W) float32 without temporaries:
     one pass each for min, max, subtract, divide (the training loader's hot path)."""
     if view.dtype != np.float32:  # float16 rings: widen once into the output (exact), then work in place
@@ -56,7 +57,7 @@ def minmax_into(view: np.ndarray, out: np.ndarray, eps: float = 1e-8) -> None:
     np.divide(out, np.float32(hi - lo) + np.float32(eps), out=out)
 
 
-def beer_lambert(p: Array, i0: float = 1.0) -> Array:
+def beer_lambert(p: Float[Array, "*batch H W"], i0: float = 1.0) -> Float[Array, "*batch H W"]:
     """(..., H, W) line integrals -> transmitted intensity ``i0 * exp(-p)``."""
     if _is_torch(p):
         import torch
@@ -79,12 +80,12 @@ def _percentiles(x: Array, q_lo: float, q_hi: float):
 
 
 def neglog_window(
-    p: Array,
+    p: Float[Array, "*batch H W"],
     window: tuple[float, float] | None = None,
     percentiles: tuple[float, float] = (0.5, 99.5),
     gamma: float = 1.0,
     i0: float = 1.0,
-) -> Array:
+) -> Float[Array, "*batch H W"]:
     """(..., H, W) line integrals -> radiograph display in [0, 1] (bright bone, dark lungs).
 
     Simulates the detector (I = i0*exp(-p)), takes -log(I/i0) and windows it: between fixed bounds ``window``
@@ -117,7 +118,7 @@ def neglog_window(
 LOOKS = {"raw": None, "minmax": minmax, "neglog": neglog_window, "beer_lambert": beer_lambert}
 
 
-def apply(look: str, img: Array) -> Array:
+def apply(look: str, img: Float[Array, "*batch H W"]) -> Float[Array, "*batch H W"]:
     """Apply a named look ("raw", "minmax", "neglog", "beer_lambert")."""
     if look not in LOOKS:
         raise ValueError(f"unknown appearance {look!r}; known: {sorted(LOOKS)}")

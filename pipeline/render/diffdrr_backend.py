@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from jaxtyping import Float, Float32
 
 from xwin.pipeline.geometry import ConeBeamViews
 
@@ -41,13 +42,13 @@ def _make_drr(mu: np.ndarray, affine: np.ndarray, views: ConeBeamViews, renderer
 
 @torch.no_grad()
 def project(
-    mu: np.ndarray,
-    affine: np.ndarray,
+    mu: Float[np.ndarray, "X Y Z"],
+    affine: Float[np.ndarray, "4 4"],
     views: ConeBeamViews,
     *,
     chunk_rays: int = 8192,
     renderer: str = "siddon",
-) -> np.ndarray:
+) -> Float32[np.ndarray, "V H W"]:
     """(X,Y,Z) float32 mu -> (V,H,W) float32 line integrals via DiffDRR's renderer on our rays."""
     drr = _make_drr(mu, affine, views, renderer)
     V, H, W = len(views), views.height, views.width

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from jaxtyping import Float, Float32
 
 from xwin.pipeline.geometry import ConeBeamViews
 from xwin.pipeline.render._rays import index_space
@@ -79,13 +80,13 @@ def _integrate_group(vol5, dims, a, s, d, tmin, tmax, max_samples):
 
 @torch.no_grad()
 def project(
-    mu: np.ndarray,
-    affine: np.ndarray,
+    mu: Float[np.ndarray, "X Y Z"],
+    affine: Float[np.ndarray, "4 4"],
     views: ConeBeamViews,
     *,
     device: str | None = None,
     max_samples: int | None = None,
-) -> np.ndarray:
+) -> Float32[np.ndarray, "V H W"]:
     """(X,Y,Z) float32 mu -> (V,H,W) float32 line integrals, computed with torch on ``device``."""
     dev = torch.device(device or _default_device())
     if max_samples is None:

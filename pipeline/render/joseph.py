@@ -22,6 +22,7 @@ import threading
 
 import numba as nb
 import numpy as np
+from jaxtyping import Float, Float32
 
 from xwin.pipeline.geometry import ConeBeamViews
 from xwin.pipeline.render._rays import index_space as _index_space
@@ -242,13 +243,13 @@ def _ring_fast_ok(P: np.ndarray, shape: tuple[int, int, int]) -> bool:
 
 
 def project(
-    mu: np.ndarray,
-    affine: np.ndarray,
+    mu: Float[np.ndarray, "X Y Z"],
+    affine: Float[np.ndarray, "4 4"],
     views: ConeBeamViews,
     *,
     method: str = "auto",
     batch_views: int = 16,
-) -> np.ndarray:
+) -> Float32[np.ndarray, "V H W"]:
     """(X,Y,Z) float32 mu [1/mm] -> (V,H,W) float32 line integrals [mu*mm].
 
     method: "auto" (ring fast path where its preconditions hold, else general), "general", "columns".

@@ -14,7 +14,10 @@ it never needs to know that our world is RAS rather than ITK's LPS because volum
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from jaxtyping import Float, Float32, Float64, Shaped
 
 from xwin.pipeline.geometry import ConeBeamViews
 
@@ -26,7 +29,9 @@ def _rtk():
     return itk, rtk
 
 
-def itk_image_from_volume(array: np.ndarray, affine: np.ndarray, dtype=np.float32):
+def itk_image_from_volume(
+    array: Shaped[np.ndarray, "X Y Z"], affine: Float[np.ndarray, "4 4"], dtype: np.typing.DTypeLike = np.float32
+) -> Any:
     """(X,Y,Z) array + voxel->world affine -> itk.Image with matching index order and physical placement."""
     itk, _ = _rtk()
     A = np.asarray(affine, dtype=np.float64)
@@ -41,7 +46,7 @@ def itk_image_from_volume(array: np.ndarray, affine: np.ndarray, dtype=np.float3
     return img
 
 
-def volume_from_itk_image(img) -> tuple[np.ndarray, np.ndarray]:
+def volume_from_itk_image(img: Any) -> tuple[Shaped[np.ndarray, "X Y Z"], Float64[np.ndarray, "4 4"]]:
     """Inverse of :func:`itk_image_from_volume`: (X,Y,Z) array and voxel->world affine."""
     itk, _ = _rtk()
     arr = itk.array_from_image(img).transpose(2, 1, 0).copy()
@@ -52,7 +57,7 @@ def volume_from_itk_image(img) -> tuple[np.ndarray, np.ndarray]:
     return arr, A
 
 
-def rtk_geometry(views: ConeBeamViews):
+def rtk_geometry(views: ConeBeamViews) -> Any:
     """``rtk.ThreeDCircularProjectionGeometry`` with one vector-form projection per view (see module doc)."""
     itk, rtk = _rtk()
     g = rtk.ThreeDCircularProjectionGeometry.New()
@@ -71,7 +76,7 @@ def rtk_geometry(views: ConeBeamViews):
     return g
 
 
-def projection_stack(views: ConeBeamViews, data: np.ndarray | None = None):
+def projection_stack(views: ConeBeamViews, data: Float[np.ndarray, "V H W"] | None = None) -> Any:
     """An RTK projection stack (float32, ITK index (col, row, view)) matching ``views``; zeros unless ``data``
     (V, H, W) is given."""
     itk, _ = _rtk()
@@ -85,7 +90,9 @@ def projection_stack(views: ConeBeamViews, data: np.ndarray | None = None):
     return img
 
 
-def project(mu: np.ndarray, affine: np.ndarray, views: ConeBeamViews, *, batch_views: int = 8) -> np.ndarray:
+def project(
+    mu: Float[np.ndarray, "X Y Z"], affine: Float[np.ndarray, "4 4"], views: ConeBeamViews, *, batch_views: int = 8
+) -> Float32[np.ndarray, "V H W"]:
     """(X,Y,Z) float32 mu -> (V,H,W) float32 line integrals with RTK's Joseph forward projector."""
     itk, rtk = _rtk()
     vol = itk_image_from_volume(mu, affine)
