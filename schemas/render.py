@@ -43,9 +43,9 @@ class RenderSpec(BaseModel):
     mu_water_per_mm: float = Field(0.02, gt=0, description="linear attenuation of water [1/mm]")
     store_dtype: Literal["float16", "float32"] = Field(
         "float16",
-        description="dtype of stored views. float16 (default): max relative error 4.9e-4 / relative L2 2.1e-4 against "
-        "float32 on the bundled CT's ring, 8x below one 8-bit display level and finer than the bf16 a GPU trainer "
-        "feeds the model; half the bytes to write, store and read (docs/benchmarks.md, Store). float32: exact.",
+        description="dtype of stored views. float16 (default): rounding errs by at most 2^-11 (4.9e-4) relative, "
+        "finer than one 8-bit display level and than the bf16 a GPU trainer feeds the model; half the bytes to "
+        "write, store and read (measured error and speed: docs/benchmarks.md, Store). float32: exact.",
     )
 
     @model_validator(mode="after")

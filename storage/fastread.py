@@ -1,9 +1,9 @@
 """Direct chunk reads from one xwin views shard (zarr v3 ``sharding_indexed``, index at the end, crc32c).
 
-zarr-python's generic selection path costs ~20 ms per call on this machine, more than reading 9 raw views; the
-layout is ours (docs/format.md), so the read path reads the shard index once (checked with its crc32c), then only
-the byte ranges of the requested chunks, and decodes them with numcodecs. Anything not in the expected layout
-returns ``None`` from :func:`shard_reader` and the caller falls back to zarr.
+zarr-python's generic selection path costs more per call than reading the 9 raw views an X-WIN sample needs
+(docs/benchmarks.md, Store); the layout is ours (docs/format.md), so the read path reads the shard index once
+(checked with its crc32c), then only the byte ranges of the requested chunks, and decodes them with numcodecs.
+Anything not in the expected layout returns ``None`` from :func:`shard_reader` and the caller falls back to zarr.
 """
 
 from __future__ import annotations

@@ -51,9 +51,9 @@ def ring_path(dataset: str, volume_id: str) -> str:
 
 # ---- codecs -------------------------------------------------------------------------------------------------------
 # Codec of projection chunks, chosen by bench/bench_store.py on the bundled CT ring (docs/benchmarks.md, Store):
-# Blosc-LZ4 + byte shuffle writes 3x faster and reads 2x faster than zstd-3 / Blosc-zstd-3 at a ratio within 5-10%
-# of the best (float line integrals compress only 1.1-1.8x whatever the codec). The others stay selectable (a ring
-# records its codec in its zarr.json, so readers need no setting).
+# Blosc-LZ4 + byte shuffle writes and reads faster than zstd-3 / Blosc-zstd-3 at a compression ratio close to the
+# best (float line integrals compress little whatever the codec). The others stay selectable (a ring records its
+# codec in its zarr.json, so readers need no setting).
 VIEW_CODECS: dict[str, Callable[[np.dtype], BloscCodec | ZstdCodec]] = {
     "blosc-lz4-shuffle": lambda dt: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=dt.itemsize),
     "blosc-zstd3-shuffle": lambda dt: BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=dt.itemsize),

@@ -7,8 +7,8 @@ Each scope owns three kinds of control objects under its prefix (docs/format.md)
 * ``_catalog/<b>.json`` — catalog buckets (``b`` = the first ``bucket_hex`` hex digits of sha1(volume_id): 256
   buckets in stores created since 2026-11-24, 16 in older ones, as the store index says), each a JSON list of
   :class:`CatalogRow`; updated by compare-and-swap, rebuilt from commit records by :meth:`Scope.rebuild_catalog`.
-  A commit rewrites one bucket: ~100 rows at 26k volumes with 256 buckets (2.3 ms locally) instead of ~1,600 with
-  16 (40 ms, 0.54 MB read + written per commit; docs/benchmarks.md, Store).
+  A commit rewrites one bucket: at NLST scale (26k volumes) ~100 rows with 256 buckets instead of ~1,600 with 16
+  (the time and bytes per commit: docs/benchmarks.md, Store).
 * ``_claims/<volume_id>.json`` — :class:`ClaimRecord` leases (one writer per volume).
 """
 

@@ -2,8 +2,8 @@
 
 Every data array of the store is ONE shard (``sharding_indexed``, index at the end with crc32c, every chunk
 written). zarr-python encodes such a shard one chunk at a time through its async codec pipeline, buffers the whole
-shard, and then needs a full decode to read it back: 0.56x the speed of writing raw ``.npy`` files for a ring, and
-0.1-0.3x for a verified commit (docs/benchmarks.md, Store). Here the layout is fixed by us, so we
+shard, and then needs a full decode to read it back: much slower than writing the same bytes raw
+(docs/benchmarks.md, Store). Here the layout is fixed by us, so we
 
 * take the array metadata document (``zarr.json``) from zarr-python itself (created once per array shape/dtype/codec
   in an in-memory zarr store and cached), so the metadata can never drift from what zarr reads;
@@ -136,9 +136,9 @@ def shard_layout(
 
 def cast(a: np.ndarray, dtype: np.dtype, *, import_torch: bool = True) -> np.ndarray:
     """``a`` as C-contiguous little-endian ``dtype``. float32 <-> float16 go through torch when it is available:
-    bit-identical to numpy's cast (round to nearest even; tests/test_shardwrite.py) at 3-25x the speed (numpy's
-    float16 casts are not vectorised). ``import_torch=False`` uses torch only if the process already imported it
-    (light readers do not pay torch's import). storage never requires torch."""
+    bit-identical to numpy's cast (round to nearest even; tests/test_shardwrite.py) and several times faster
+    (numpy's float16 casts are not vectorised; docs/benchmarks.md, Store). ``import_torch=False`` uses torch only if
+    the process already imported it (light readers do not pay torch's import). storage never requires torch."""
     dtype = np.dtype(dtype).newbyteorder("<")
     if {dtype.name, a.dtype.name} == {"float16", "float32"} and a.dtype.byteorder in "=<|":
         torch = _torch() if import_torch else sys.modules.get("torch")

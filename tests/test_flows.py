@@ -427,7 +427,7 @@ def test_prefect_backfill_on_dask_each_series_once(prefect_api, tmp_path, cohort
 
 
 def test_local_validation_matches_direct_reconstruction(tmp_path, cohort):
-    """The validation flow body reports what pipeline.reconstruct.validate_stored_ring computes, and files it."""
+    """The validation flow body reports what xwin.flows.validate.validate_stored_ring computes, and files it."""
     from xwin.flows.validate import run_validation, validate_stored_ring
 
     good, _ = cohort

@@ -137,7 +137,7 @@ class DataConfig(_Strict):
     draws_per_volume: int = 1
     shuffle_window: int = 1024
     # dtype of the DRR image tensors the loader hands over; the trainer widens them to float32 on the device.
-    # bfloat16 halves the bytes a worker writes and ships (+15-40% samples/s on 2 cores, docs/benchmarks.md, Consumer).
+    # bfloat16 halves the bytes a worker writes and ships (the gain in samples/s: docs/benchmarks.md, Consumer).
     # Images only enter the model through the encoders' patch embedding, which bf16 autocast runs in bf16: with
     # autocast, bf16 images are exactly what the model sees anyway. "auto": bfloat16 when the trainer autocasts to
     # bf16 (precision bf16, or auto on CUDA), else float32.
@@ -202,7 +202,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"batch_size": 4, "n_targets": 8, "num_workers": 0, "real_batch_size": 8},
         "log_every": 1,
         "ckpt_every": 100,
-        "threads": 1,  # tiny ops: one thread is faster than two on the 2-core machine
+        "threads": 1,  # tiny ops: a second thread costs more in synchronisation than it saves
     },
 }
 

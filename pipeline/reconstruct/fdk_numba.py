@@ -1,8 +1,8 @@
 """Our CPU FDK: numpy/scipy FFT ramp filter + numba voxel-driven cone-beam backprojection.
 
-Why it exists: RTK's CPU FDK (the independent reference, ``fdk_rtk``) takes ~33 s for 120 x 512^2 -> 256x133x256
-on the 2-core project machine; this one takes a few seconds for the same job with the same result (tests compare
-the two; figures in docs/benchmarks.md).
+Why it exists: RTK's CPU FDK (the independent reference, ``fdk_rtk``) is too slow to validate every stored ring on
+a CPU; this one does the same job with the same result several times faster (tests compare the two; the figures
+are in docs/benchmarks.md, Reconstruction).
 
 Algorithm (Feldkamp-Davis-Kress, Kak & Slaney ch. 3.6), per view k with source-axis distance R, source-detector
 distance D, detector pitch tau, angular weight dbeta_k:

@@ -6,8 +6,8 @@ points to voxel space with that affine's inverse, so giving it world-frame sourc
 :class:`ConeBeamViews` renders exactly our geometry. The density buffer is replaced by mu [1/mm]; DiffDRR
 multiplies by the ray length in world units, so the result is sum(mu*mm).
 
-Siddon's cost grows with rays x (X+Y+Z) intersections: one view at a time, ``chunk_rays`` rays per call
-(default 8192 keeps the peak under ~1.5 GB for a 512x512x133 volume).
+Siddon's cost grows with rays x (X+Y+Z) intersections: one view at a time, ``chunk_rays`` rays per call, so the
+peak memory is set by ``chunk_rays`` and the volume's size, not by the detector's.
 """
 
 from __future__ import annotations

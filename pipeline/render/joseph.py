@@ -11,7 +11,7 @@ Two kernels:
                           ("axial" axis) and rays are dominated by one of the two other axes: all rays of one
                           detector column lie in a plane containing axis c, so per column and per plane the
                           in-plane interpolation is done once for the whole line of voxels along c and every ray
-                          of the column then only interpolates along c (~3x less work).
+                          of the column then only interpolates along c (linear instead of trilinear per sample).
 Both give the same values up to float rounding (tests/test_render.py checks it).
 """
 

@@ -2,8 +2,8 @@
 
 Why: a 512² X-WIN batch (12 samples x 9 views) is 113 MB of float32. Writing it into freshly allocated memory costs
 first-touch page faults (the kernel zeroes every 4 kB page), and a DataLoader worker's batch also costs a new
-shared-memory segment that the main process maps and later frees. On the 2-core benchmark machine that was about
-half of the loader's CPU time (docs/benchmarks.md, Consumer). Reusing a few buffers removes it.
+shared-memory segment that the main process maps and later frees: a large share of the loader's CPU time
+(docs/benchmarks.md, Consumer). Reusing a few buffers removes it.
 
 When a buffer may be reused: only when no tensor outside this module refers to its storage. Every tensor (and every
 view of one, and every numpy array made from one) holds a reference on the storage; ``storage_free`` reads that

@@ -20,7 +20,7 @@ def worker_init(_: int) -> None:
 
 def forkserver_context() -> Any:
     """The forkserver context, preloading torch and this package in the server (a clean process that never opens a
-    store), so each worker forks from it in ~0.1 s instead of importing torch again (~2 s)."""
+    store), so each worker forks from it instead of importing torch again."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "numpy", "xwin.training.data.xwin_stream"])  # no effect once the server runs
     return ctx

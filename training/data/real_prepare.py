@@ -1,8 +1,9 @@
 """One pass over a real-CXR source that writes a copy at the model resolution, so training decodes small images.
 
-Why: the trainer's default step takes 96 real radiographs next to 12 DRR samples, ≈ 337 real images/s on one H100
-(``training.data.bench.vit_b16_need``). Decoding MIMIC-CXR-JPG originals (~2500 x 3000) gives ≈ 66 images/s on
-2 cores even at reduced JPEG scale; a 512² JPEG copy gives 650-800 (docs/benchmarks.md, Real radiographs).
+Why: the trainer's default step takes 96 real radiographs next to 12 DRR samples, so one H100 consumes real images
+8 times faster than DRR samples (``training.data.bench.vit_b16_need``). Decoding MIMIC-CXR-JPG originals
+(~2500 x 3000) cannot keep up on a few cores even at reduced JPEG scale; a 512² copy can (docs/benchmarks.md,
+Real radiographs).
 
 ``prepare_real_cxr(src, dst, size)`` reads every image of ``src`` exactly as ``RealCXRStream`` does (same file list,
 MIMIC view filter, DICOM LUTs, MONOCHROME1 inversion, centre square crop, antialiased resize, min-max) and writes it
