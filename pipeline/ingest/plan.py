@@ -139,16 +139,7 @@ def plan_study(
     for s in excluded:
         assert s.exclusion is not None  # rank_series puts exactly the excluded series here
         code, detail = s.exclusion
-        choices.append(
-            SeriesChoice(
-                series_uid=s.series_uid,
-                chosen=False,
-                reason=f"{code.value}: {detail}",
-                n_slices=s.n_slices,
-                slice_thickness_mm=s.thickness_mm,
-                kernel=s.kernel,
-            )
-        )
+        choices.append(s.choice(f"{code.value}: {detail}"))
     failures: list[tuple[SeriesSummary, IngestError]] = []
     chosen = geom = None
     for s in usable:
@@ -185,40 +176,12 @@ def plan_study(
             series_uid=excluded[0].series_uid if len(excluded) == 1 else None,
         )
     for failed, err in failures:
-        choices.append(
-            SeriesChoice(
-                series_uid=failed.series_uid,
-                chosen=False,
-                reason=f"failed validation {err.reason.value}: {err.detail}",
-                n_slices=failed.n_slices,
-                slice_thickness_mm=failed.thickness_mm,
-                kernel=failed.kernel,
-            )
-        )
+        choices.append(failed.choice(f"failed validation {err.reason.value}: {err.detail}"))
     for s in usable:
         if s is chosen or any(s is f[0] for f in failures):
             continue
-        choices.append(
-            SeriesChoice(
-                series_uid=s.series_uid,
-                chosen=False,
-                reason=why_lower(s, chosen, cfg),
-                n_slices=s.n_slices,
-                slice_thickness_mm=s.thickness_mm,
-                kernel=s.kernel,
-            )
-        )
-    choices.insert(
-        0,
-        SeriesChoice(
-            series_uid=chosen.series_uid,
-            chosen=True,
-            reason=f"chosen: {chosen.describe(cfg)}",
-            n_slices=len(geom.headers),
-            slice_thickness_mm=chosen.thickness_mm,
-            kernel=chosen.kernel,
-        ),
-    )
+        choices.append(s.choice(why_lower(s, chosen, cfg)))
+    choices.insert(0, chosen.choice(f"chosen: {chosen.describe(cfg)}", chosen=True, n_slices=len(geom.headers)))
     hs = geom.headers
     sops = [h.sop_uid for h in hs]
     vid = make_volume_id(cohort, {"series_uid": chosen.series_uid, "sop_uids": sorted(sops)}, cfg)

@@ -15,7 +15,7 @@ import numpy as np
 
 from xwin.pipeline.ingest.config import IngestConfig
 from xwin.pipeline.ingest.dicom_headers import SliceHeader
-from xwin.schemas.ingest import RejectReason
+from xwin.schemas.ingest import RejectReason, SeriesChoice
 
 _SIEMENS = re.compile(r"^[BIDHJQTUVY]R?(\d{2})[A-Z]?", re.I)  # B30f, I26f, Br40, Qr36 ...
 _TOSHIBA = re.compile(r"^FC(\d{2})", re.I)
@@ -62,6 +62,17 @@ class SeriesSummary:
     thickness_mm: float | None
     kernel: str | None
     exclusion: tuple[RejectReason, str] | None  # why it can never be chosen
+
+    def choice(self, reason: str, *, chosen: bool = False, n_slices: int | None = None) -> SeriesChoice:
+        """The record of why this series was (``chosen``) or was not chosen; ``n_slices``: the slices kept."""
+        return SeriesChoice(
+            series_uid=self.series_uid,
+            chosen=chosen,
+            reason=reason,
+            n_slices=self.n_slices if n_slices is None else n_slices,
+            slice_thickness_mm=self.thickness_mm,
+            kernel=self.kernel,
+        )
 
     @property
     def kernel_class(self) -> str:
