@@ -215,27 +215,42 @@ class Store:
     ) -> ProjectionDataset:
         """The one dataset matching every filter given: ``cohort``, ``spec_hash`` (a unique prefix is enough) and
         holding a committed ring of ``volume_id``. Raises LookupError naming what matched when none or several do."""
-        infos = [
-            d
+        found = self._datasets_matching(cohort, spec_hash)
+        if volume_id is not None:
+            found = [ds for ds in found if ds.has_ring(volume_id)]
+        what = _filters(cohort=cohort, spec_hash=spec_hash, volume=volume_id)
+        if not found:
+            have = ", ".join(f"{d.cohort}/{d.spec_hash}" for d in self.datasets()) or "none"
+            raise LookupError(f"no dataset{what} in {self.url} (datasets: {have})")
+        if len(found) > 1:
+            names = ", ".join(f"{ds.cohort}/{ds.spec_hash}" for ds in found)
+            raise LookupError(f"{len(found)} datasets{what} in {self.url} ({names}): name one by cohort and spec hash")
+        return found[0]
+
+    def find_ring(
+        self, volume: str, cohort: str | None = None, spec_hash: str | None = None
+    ) -> tuple[ProjectionDataset, str]:
+        """(dataset, volume id) of the one committed ring whose id is ``volume`` or starts with it, among the
+        datasets matching ``cohort`` / ``spec_hash``. Raises LookupError naming the candidates when none or several
+        match."""
+        hits = [(ds, v) for ds in self._datasets_matching(cohort, spec_hash) for v in ds.volume_ids()]
+        exact = [(ds, v) for ds, v in hits if v == volume]
+        hits = exact or [(ds, v) for ds, v in hits if v.startswith(volume)]
+        if not hits:
+            raise LookupError(
+                f"no committed ring of volume {volume!r}{_filters(cohort=cohort, spec_hash=spec_hash)} in {self.url}"
+            )
+        if len(hits) > 1:
+            names = ", ".join(f"{ds.cohort}/{ds.spec_hash}/{v}" for ds, v in hits)
+            raise LookupError(f"{volume!r} is ambiguous ({names}): give a longer id, the cohort or the spec hash")
+        return hits[0]
+
+    def _datasets_matching(self, cohort: str | None, spec_hash: str | None) -> list[ProjectionDataset]:
+        return [
+            self.open_dataset(d.cohort, d.spec_hash)
             for d in self.datasets()
             if (cohort is None or d.cohort == cohort) and (spec_hash is None or d.spec_hash.startswith(spec_hash))
         ]
-        found = [self.open_dataset(d.cohort, d.spec_hash) for d in infos]
-        if volume_id is not None:
-            found = [ds for ds in found if ds.has_ring(volume_id)]
-        what = ", ".join(
-            f"{k} {v!r}" for k, v in (("cohort", cohort), ("spec hash", spec_hash), ("volume", volume_id)) if v
-        )
-        if not found:
-            have = ", ".join(f"{d.cohort}/{d.spec_hash}" for d in self.datasets()) or "none"
-            raise LookupError(f"no dataset{' with ' + what if what else ''} in {self.url} (datasets: {have})")
-        if len(found) > 1:
-            names = ", ".join(f"{ds.cohort}/{ds.spec_hash}" for ds in found)
-            raise LookupError(
-                f"{len(found)} datasets{' with ' + what if what else ''} in {self.url} ({names}): "
-                "name one by cohort and spec hash"
-            )
-        return found[0]
 
     # ---- whole-store operations ---------------------------------------------------------------------------------
     def status(self) -> StoreStatus:
@@ -275,6 +290,12 @@ class Store:
             s = self.open_dataset(d.cohort, d.spec_hash).scope
             out[s.prefix] = s.rebuild_catalog()
         return out
+
+
+def _filters(**given: str | None) -> str:
+    """ " with cohort 'c', volume 'v'" for the filters that were given ("" when none)."""
+    said = ", ".join(f"{k.replace('_', ' ')} {v!r}" for k, v in given.items() if v)
+    return f" with {said}" if said else ""
 
 
 def open_store(url: str | os.PathLike[str], storage_options: dict | None = None, *, create: bool = True) -> Store:

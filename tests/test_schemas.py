@@ -138,3 +138,22 @@ def test_manifest_row_aliases_and_series_record():
             slice_thickness_mm=1.25,
         )
     )
+
+
+def test_view_meta_is_the_geometry_storage_keeps():
+    """ViewMeta carries a ring's action metadata across the storage boundary and refuses mismatched shapes;
+    ConeBeamViews turns it back into the same rays."""
+    from xwin.pipeline.geometry import ConeBeamViews, ring_for_volume
+    from xwin.schemas.render import RenderSpec, ViewMeta
+
+    spec = RenderSpec(height=16, width=24, n_views=6, yaw_step_deg=60.0)
+    rays = ring_for_volume(spec, np.eye(4), (8, 8, 8))
+    meta = rays.view_meta()
+    assert len(meta) == 6 and (meta.height, meta.width) == (16, 24)
+    assert meta.index.dtype == np.int32 and meta.cone_vec.shape == (6, 12)
+    np.testing.assert_allclose(meta.yaw_deg, spec.yaws_deg)
+    back = ConeBeamViews.from_view_meta(meta)
+    np.testing.assert_array_equal(back.cone_vecs, rays.cone_vecs)
+    np.testing.assert_array_equal(back.pixel_centres(2), rays.pixel_centres(2))
+    with pytest.raises(ValueError, match="cone_vec has shape"):
+        ViewMeta(meta.index, meta.yaw_deg, meta.cone_vec[:, :9], meta.world_from_camera, meta.intrinsics, 16, 24)

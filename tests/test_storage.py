@@ -449,3 +449,28 @@ def test_catalog_buckets_new_and_legacy_width(tmp_path):
         f"{hashlib.sha1(b'r0').hexdigest()[0]}.json"
     ]
     assert open_store(legacy).dataset("c1", SPEC).volume_ids() == ["r0"]
+
+
+def test_find_dataset_and_find_ring(tmp_path):
+    """One lookup for "the dataset holding a volume": by cohort, spec hash (prefix) and volume; a ring by id prefix."""
+    store = open_store(tmp_path / "s")
+    with pytest.raises(LookupError, match="no dataset"):
+        store.find_dataset()
+    other = SPEC.model_copy(update={"sid_mm": 650.0})
+    store.dataset("c1", SPEC).write_ring("vol-a", *make_ring(0), {})
+    store.dataset("c1", SPEC).write_ring("vol-ab", *make_ring(1), {})
+    store.dataset("c2", other).write_ring("vol-b", *make_ring(2), {})
+    with pytest.raises(LookupError, match="2 datasets"):
+        store.find_dataset()
+    assert store.find_dataset("c1").spec_hash == SPEC.spec_hash
+    assert store.find_dataset(spec_hash=other.spec_hash[:6]).cohort == "c2"
+    assert store.find_dataset(volume_id="vol-b").cohort == "c2"
+    with pytest.raises(LookupError, match="volume 'vol-x'"):
+        store.find_dataset(volume_id="vol-x")
+    ds, vid = store.find_ring("vol-a")  # an exact id wins over the longer ids it prefixes
+    assert (ds.cohort, vid) == ("c1", "vol-a")
+    assert store.find_ring("vol-ab")[1] == "vol-ab" and store.find_ring("vol-b", cohort="c2")[1] == "vol-b"
+    with pytest.raises(LookupError, match="ambiguous"):
+        store.find_ring("vol")
+    with pytest.raises(LookupError, match="no committed ring"):
+        store.find_ring("vol-a", cohort="c2")

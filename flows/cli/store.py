@@ -76,20 +76,10 @@ def inspect_cmd(
     from xwin.flows.reports import contact_sheet
     from xwin.storage import open_store
 
-    st = open_store(store, create=False)
-    hits = []
-    for d in st.datasets():
-        if (cohort and d.cohort != cohort) or (spec_hash and d.spec_hash != spec_hash):
-            continue
-        ds = st.open_dataset(d.cohort, d.spec_hash)
-        ids = [v for v in ds.volume_ids() if v.startswith(volume)]
-        hits += [(ds, v) for v in ids]
-    if not hits:
-        raise typer.BadParameter(f"no committed ring of volume {volume!r} in {store}")
-    if len({v for _, v in hits}) > 1 or len(hits) > 1:
-        opts = ", ".join(f"{ds.cohort}/{ds.spec_hash}/{v}" for ds, v in hits)
-        raise typer.BadParameter(f"{volume!r} is ambiguous ({opts}): give a longer id, --cohort or --spec-hash")
-    ds, vid = hits[0]
+    try:
+        ds, vid = open_store(store, create=False).find_ring(volume, cohort, spec_hash)
+    except LookupError as e:
+        raise typer.BadParameter(str(e)) from None
     views = ds.read_ring(vid)
     yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
     s = ds.spec
