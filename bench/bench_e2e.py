@@ -4,10 +4,10 @@ Cohort: ``--n-series`` variants of the bundled example chest CT (the same scan w
 so each has its own content id), rendered with the X-WIN spec (512x512, 120 views) by default.
 
 Baselines, measured in the same run on the same series, before and after the E2E run (A-B-A, averaged):
-    ingest   pipeline.ingest.load_candidate + store.write_volume
-    render   store.read_volume + pipeline.render.render_ring
+    ingest   xwin.pipeline.ingest.load_candidate + store.write_volume
+    render   store.read_volume + xwin.pipeline.render.render_ring
     write    dataset.write_ring
-E2E: the backfill flow body on a fresh store (``--mode local``: flows.backfill.run_local, i.e. LocalStages;
+E2E: the backfill flow body on a fresh store (``--mode local``: xwin.flows.backfill.run_local, i.e. LocalStages;
 ``--mode prefect``: the Prefect flow against a temporary server, server start excluded).
 
 Prints series/hour for each stage alone, for the sequential sum of the stages, for the E2E run, and the ratios

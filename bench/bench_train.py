@@ -68,7 +68,7 @@ def bench_cpu(steps: int) -> dict:
     }
 
 
-# one definition of the step's FLOPs, shared with the consumer's H100 need (training.data.bench.vit_b16_need)
+# one definition of the step's FLOPs, shared with the consumer's H100 need (xwin.training.data.bench.vit_b16_need)
 base_step_flops = xwin_step_flops
 
 

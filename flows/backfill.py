@@ -1,14 +1,14 @@
 """Backfill a cohort: plan -> ingest -> render -> commit, for every series; reruns resume.
 
 Thin wiring only: the stages are the tasks of :mod:`xwin.flows.tasks` (plan, ingest, render + commit), whose work is
-``pipeline.ingest``, ``pipeline.render.render_ring`` and ``storage``.
+``xwin.pipeline.ingest``, ``xwin.pipeline.render.render_ring`` and ``storage``.
 
 Idempotence: a series whose ring is committed in ``datasets/<cohort>/<spec_hash>`` is skipped before any task is
 submitted, so a crashed or cancelled run is resumed by running it again; storage commits are atomic, so a killed
 run leaves no partial volume visible. A series whose transient failure outlived its retries ends the run
 ``Failed`` (:class:`BackfillIncomplete`) after the summary is written; the rerun picks it up.
 
-One flow body, two drivers (see ``flows.runtime``): :func:`backfill_cohort` (the Prefect flow, any task runner)
+One flow body, two drivers (see ``xwin.flows.runtime``): :func:`backfill_cohort` (the Prefect flow, any task runner)
 and :func:`run_local` (no Prefect server: the same tasks' functions on a thread pool).
 """
 

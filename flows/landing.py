@@ -1,4 +1,4 @@
-"""Scheduled landing scan and sharded fan-out, both thin wrappers over ``flows.backfill``.
+"""Scheduled landing scan and sharded fan-out, both thin wrappers over ``xwin.flows.backfill``.
 
 ``scan_landing`` (cron deployment): list a landing location (a local directory or an ``s3://bucket/prefix``),
 pick the entries not seen before (ledger of name -> size/mtime/etag beside the store), stage S3 entries to a local

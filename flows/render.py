@@ -1,6 +1,6 @@
 """Render the ring of one committed canonical volume into a projection dataset (``xwin render``).
 
-The backfill flow renders inside its own task (``flows.backfill.render_series``) with its run's provenance; this is
+The backfill flow renders inside its own task (``xwin.flows.tasks.render_series``) with its run's provenance; this is
 the path for volumes already in the store.
 """
 

@@ -1,6 +1,6 @@
 """Execution plumbing shared by the flows: slots (concurrency limits), transient-error policy, stage runners.
 
-Nothing here knows about CT or rendering. Two ways to run the same flow body (``flows.backfill.run_backfill``):
+Nothing here knows about CT or rendering. Two ways to run the same flow body (``xwin.flows.backfill.run_backfill``):
 
 * :class:`PrefectStages` -- inside a Prefect flow run: stages are Prefect tasks (``task.submit``), retried by the
   Prefect engine, and bounded by Prefect *global concurrency limits* (``concurrency(name, strict=True)``).

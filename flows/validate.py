@@ -1,6 +1,6 @@
 """Validation flow: FDK-reconstruct stored rings and score them (PSNR/SSIM) against their source volumes.
 
-:func:`validate_stored_ring` (storage -> ``pipeline.reconstruct.validate_volume``) over a cohort's dataset; one
+:func:`validate_stored_ring` (storage -> ``xwin.pipeline.reconstruct.validate_volume``) over a cohort's dataset; one
 task per volume with the same retry policy as the backfill. Results go to
 ``<store>-reports/validation/<cohort>/<spec_hash>/<id>.json`` and, in a flow run, to a table artifact.
 """

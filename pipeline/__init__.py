@@ -1,1 +1,2 @@
-"""Pure pipeline code: ingest, geometry, rendering, reconstruction. Never imports Prefect or storage layout."""
+"""Pure pipeline code: ingest, geometry, rendering, reconstruction. Imports only ``xwin.schemas`` of the package,
+never Prefect, never the store."""

@@ -1,7 +1,7 @@
 """Render contracts: the render spec (what a dataset is made with) and the per-view geometry records.
 
 The numbers here are *parameters*; the single implementation that turns them into rays lives in
-``pipeline.geometry``. Conventions (world frame, yaw sign, detector axes) are documented in docs/geometry.md.
+``xwin.pipeline.geometry``. Conventions (world frame, yaw sign, detector axes) are documented in docs/geometry.md.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class RenderSpec(BaseModel):
 @dataclass(frozen=True)
 class ViewMeta:
     """The per-view action metadata of ``n`` views: what a ring stores beside its pixels and what a reader gets
-    back with them (same order as the requested indices). Built from ``pipeline.geometry.ConeBeamViews.view_meta``;
+    back with them (same order as the requested indices). Built from ``xwin.pipeline.geometry.ConeBeamViews.view_meta``;
     ``ConeBeamViews.from_view_meta`` turns it back into rays (only ``cone_vec``, ``height`` and ``width`` matter).
 
     ``cone_vec`` is ASTRA's row: source xyz, detector-centre xyz, u = step from pixel (0,0) to (0,1),

@@ -37,6 +37,7 @@ from xwin.storage.layout import (
     make_views_codec,
     meta_codec,
     ring_path,
+    rings_path,
     spec_key,
 )
 from xwin.storage.local import LocalBackend
@@ -87,7 +88,7 @@ class ProjectionDataset:
                 "xwin": {"cohort": self.cohort, "spec_hash": self.spec_hash, "spec": json.loads(want)}
             }
             zarr.open_group(self.store.zstore, path=self.path, mode="a", attributes=attrs)
-            zarr.open_group(self.store.zstore, path=f"{self.path}/rings", mode="a")
+            zarr.open_group(self.store.zstore, path=rings_path(self.path), mode="a")
             try:
                 b.put(key, want.encode(), if_none_match=True)
             except ConflictError:
@@ -144,6 +145,8 @@ class ProjectionDataset:
             raise ValueError(f"ring {vid}: views shape {views.shape} != spec (n_views, height, width) {(V, H, W)}")
         if len(geometry) != V or (geometry.height, geometry.width) != (H, W):
             raise ValueError(f"ring {vid}: geometry has {len(geometry)} views of {geometry.height}x{geometry.width}")
+        if not np.array_equal(geometry.index, np.arange(V)):
+            raise ValueError(f"ring {vid}: geometry must describe views 0..{V - 1} in order (a whole ring's ViewMeta)")
         dt = np.dtype(self.spec.store_dtype)
         if views.dtype.kind != "f":
             raise ValueError(f"ring {vid}: views must be floating point line integrals, got {views.dtype}")
@@ -311,7 +314,7 @@ class _RingHandle:
 def _meta_arrays(meta: ViewMeta) -> dict[str, np.ndarray]:
     """The stored arrays of a ring's view metadata, in their stored dtypes (int32 index, float64 the rest)."""
     return {
-        "index": np.asarray(meta.index, dtype=np.int32),
+        "index": np.arange(len(meta), dtype=np.int32),  # write_ring checked meta.index is exactly this
         "yaw_deg": np.asarray(meta.yaw_deg, dtype=np.float64),
         "cone_vec": np.ascontiguousarray(meta.cone_vec, dtype=np.float64),
         "world_from_camera": np.ascontiguousarray(meta.world_from_camera, dtype=np.float64),

@@ -21,6 +21,11 @@ class NotCommitted(KeyError):
     """The volume/ring has no commit record in this store/dataset."""
 
 
+class DatasetLookupError(LookupError, ValueError):
+    """No dataset (or ring), or several, match a lookup (``Store.find_dataset`` / ``find_ring``). A ValueError too:
+    callers that caught the ValueError of the lookups it replaced still catch it."""
+
+
 class SpecMismatchError(ValueError):
     """A dataset group exists whose stored render spec differs from the one given."""
 

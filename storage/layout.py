@@ -45,8 +45,13 @@ def spec_key(dataset: str) -> str:
     return f"{dataset}/_spec.json"
 
 
+def rings_path(dataset: str) -> str:
+    """The group holding every ring of the dataset at path ``dataset``."""
+    return f"{dataset}/rings"
+
+
 def ring_path(dataset: str, volume_id: str) -> str:
-    return f"{dataset}/rings/{check_id('volume_id', volume_id)}"
+    return f"{rings_path(dataset)}/{check_id('volume_id', volume_id)}"
 
 
 # ---- codecs -------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from xwin.schemas.store import (
 from xwin.storage.backend import Backend, make_backend
 from xwin.storage.dataset import ProjectionDataset
 from xwin.storage.entry import ArrayWrite, commit_entry, library_versions, sha256_of, write_entry
-from xwin.storage.errors import ConflictError, NotCommitted, StorageError
+from xwin.storage.errors import ConflictError, DatasetLookupError, NotCommitted, StorageError
 from xwin.storage.layout import (
     DEFAULT_VIEW_CODEC,
     FORMAT_NAME,
@@ -214,35 +214,40 @@ class Store:
         self, cohort: str | None = None, spec_hash: str | None = None, volume_id: str | None = None
     ) -> ProjectionDataset:
         """The one dataset matching every filter given: ``cohort``, ``spec_hash`` (a unique prefix is enough) and
-        holding a committed ring of ``volume_id``. Raises LookupError naming what matched when none or several do."""
+        holding a committed ring of ``volume_id``. Raises DatasetLookupError (a LookupError and a ValueError) naming
+        what matched when none or several do."""
         found = self._datasets_matching(cohort, spec_hash)
         if volume_id is not None:
             found = [ds for ds in found if ds.has_ring(volume_id)]
         what = _filters(cohort=cohort, spec_hash=spec_hash, volume=volume_id)
         if not found:
             have = ", ".join(f"{d.cohort}/{d.spec_hash}" for d in self.datasets()) or "none"
-            raise LookupError(f"no dataset{what} in {self.url} (datasets: {have})")
+            raise DatasetLookupError(f"no dataset{what} in {self.url} (datasets: {have})")
         if len(found) > 1:
             names = ", ".join(f"{ds.cohort}/{ds.spec_hash}" for ds in found)
-            raise LookupError(f"{len(found)} datasets{what} in {self.url} ({names}): name one by cohort and spec hash")
+            raise DatasetLookupError(
+                f"{len(found)} datasets{what} in {self.url} ({names}): name one by cohort and spec hash"
+            )
         return found[0]
 
     def find_ring(
         self, volume: str, cohort: str | None = None, spec_hash: str | None = None
     ) -> tuple[ProjectionDataset, str]:
         """(dataset, volume id) of the one committed ring whose id is ``volume`` or starts with it, among the
-        datasets matching ``cohort`` / ``spec_hash``. Raises LookupError naming the candidates when none or several
-        match."""
+        datasets matching ``cohort`` / ``spec_hash``. Raises DatasetLookupError naming the candidates when none or
+        several match."""
         hits = [(ds, v) for ds in self._datasets_matching(cohort, spec_hash) for v in ds.volume_ids()]
         exact = [(ds, v) for ds, v in hits if v == volume]
         hits = exact or [(ds, v) for ds, v in hits if v.startswith(volume)]
         if not hits:
-            raise LookupError(
+            raise DatasetLookupError(
                 f"no committed ring of volume {volume!r}{_filters(cohort=cohort, spec_hash=spec_hash)} in {self.url}"
             )
         if len(hits) > 1:
             names = ", ".join(f"{ds.cohort}/{ds.spec_hash}/{v}" for ds, v in hits)
-            raise LookupError(f"{volume!r} is ambiguous ({names}): give a longer id, the cohort or the spec hash")
+            raise DatasetLookupError(
+                f"{volume!r} is ambiguous ({names}): give a longer id, the cohort or the spec hash"
+            )
         return hits[0]
 
     def _datasets_matching(self, cohort: str | None, spec_hash: str | None) -> list[ProjectionDataset]:

@@ -1,5 +1,5 @@
 """The docker-compose topology without docker: the session Prefect server + a process worker started here,
-running a deployment of the backfill flow registered by ``flows.deploy`` (what ``xwin deploy`` does)."""
+running a deployment of the backfill flow registered by ``xwin.flows.deploy`` (what ``xwin deploy`` does)."""
 
 from __future__ import annotations
 

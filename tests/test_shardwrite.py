@@ -1,4 +1,4 @@
-"""storage.shardwrite: shards byte-identical to zarr-python's, readable by zarr-python, verified after writing."""
+"""xwin.storage.shardwrite: shards byte-identical to zarr-python's, readable by zarr-python, verified after writing."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import zarr
 
 from xwin.pipeline.geometry import ConeBeamViews, ring_for_volume
 from xwin.schemas.ingest import HUStats, Provenance, VolumeRecord
-from xwin.schemas.render import RenderSpec
+from xwin.schemas.render import RenderSpec, ViewMeta
 from xwin.schemas.store import ClaimRecord
 from xwin.storage import ChecksumMismatch, ClaimHeld, NotCommitted, SpecMismatchError, open_store, sha256_of
 
@@ -474,3 +474,17 @@ def test_find_dataset_and_find_ring(tmp_path):
         store.find_ring("vol")
     with pytest.raises(LookupError, match="no committed ring"):
         store.find_ring("vol-a", cohort="c2")
+
+
+def test_write_ring_takes_a_whole_ring_of_view_meta(tmp_path):
+    """The stored per-view metadata is the ring's own: views 0..V-1 in order, never a read selection."""
+    ds = open_store(tmp_path / "s").dataset("c1", SPEC)
+    views, meta = make_ring(0)
+    order = np.arange(len(meta))[::-1]
+    shuffled = ViewMeta(
+        meta.index[order], meta.yaw_deg[order], meta.cone_vec[order], meta.world_from_camera[order],
+        meta.intrinsics[order], meta.height, meta.width,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="in order"):
+        ds.write_ring("r0", views, shuffled, {})
+    assert not ds.has_ring("r0")

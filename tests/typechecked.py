@@ -15,6 +15,9 @@ from beartype import BeartypeConf, beartype
 OWN_CHECKS = {
     "xwin.pipeline.render.project.render_views",
     "xwin.pipeline.render.project.render_ring",
+    "xwin.pipeline.reconstruct.fdk.reconstruct",
+    "xwin.storage.store.Store.write_volume",
+    "xwin.storage.dataset.ProjectionDataset.write_ring",
 }
 _check = beartype(conf=BeartypeConf(is_pep484_tower=True))
 

@@ -2,9 +2,9 @@
 
 Data interface (``BatchStream``): an iterable of batch dicts ``context (B,1,S,S)``, ``targets (B,N,1,S,S)``,
 ``actions (B,N)`` degrees, which yields the rest of the current epoch and then advances its epoch, with
-``state_dict()/load_state_dict()`` holding the position of what the loop has consumed (``training.data``'s
-``make_loader(XWinStream(...))`` and ``training.synthetic.SyntheticRingStream`` both qualify). The optional real-CXR
-stream yields ``(R,1,S,S)`` tensors (or dicts with ``image``/``images``) under the same contract.
+``state_dict()/load_state_dict()`` holding the position of what the loop has consumed (``xwin.training.data``'s
+``make_loader(XWinStream(...))`` and ``xwin.training.synthetic.SyntheticRingStream`` both qualify). The optional
+real-CXR stream yields ``(R,1,S,S)`` tensors (or dicts with ``image``/``images``) under the same contract.
 
 Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins the process group (NCCL on CUDA, gloo on
 CPU), wraps the model in DDP and each rank reads its own shard (the streams shard by ``torch.distributed`` rank).
@@ -428,9 +428,9 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     """The simulated stream and the optional real-CXR stream a config asks for.
 
     ``data.synthetic``: procedural phantoms (``data.real == "synthetic"`` adds procedural real-domain images).
-    ``data.store``: ``training.data.XWinStream`` over the store's projection dataset for ``data.cohort`` (the only
+    ``data.store``: ``xwin.training.data.XWinStream`` over the store's projection dataset for ``data.cohort`` (the only
     dataset of the store when cohort is unset), behind ``make_loader``. ``data.real``: a directory of radiographs
-    (or a MIMIC-CXR-JPG root) through ``training.data.RealCXRStream``.
+    (or a MIMIC-CXR-JPG root) through ``xwin.training.data.RealCXRStream``.
     """
     d, S = cfg.data, cfg.model.img_size
     real_bs = d.real_batch_size or d.batch_size * d.n_targets
@@ -482,5 +482,5 @@ def resolve_dataset(url: str, cohort: str | None):
     """(cohort, RenderSpec) of the projection dataset to train on; cohort None = the store's only dataset."""
     from xwin.storage import open_store
 
-    ds = open_store(url).find_dataset(cohort)  # LookupError names the datasets when none or several match
+    ds = open_store(url).find_dataset(cohort)  # DatasetLookupError (a ValueError) names them when none or several
     return ds.cohort, ds.spec

@@ -1,7 +1,7 @@
 """Linear probing: a frozen X-WIN encoder + a linear classifier on a labelled image folder, AUROC per class.
 
 Data: ``root/<class name>/<image>`` (PNG / JPEG / DICOM / NPY, class per subfolder, searched recursively inside
-each class folder). Images are read like the real-CXR stream (``training.data.real_cxr``: centre square crop,
+each class folder). Images are read like the real-CXR stream (``xwin.training.data.real_cxr``: centre square crop,
 antialiased resize to the encoder's input size, per-image min-max). Features: global average pooling of the frozen
 encoder's tokens (the EMA encoder by default, as the paper probes). The classifier is multinomial logistic
 regression on standardised features (full-batch L-BFGS, L2 penalty) trained on a stratified split; AUROC is

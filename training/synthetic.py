@@ -1,7 +1,7 @@
 """Procedural stand-ins for the data streams: rings of parallel projections of random 3D Gaussian-blob phantoms and
 "real-domain" images (tests, benchmarks, smoke runs without a store).
 
-``SyntheticRingStream`` yields the same batch dicts as ``training.data.XWinStream`` with ``batch_size`` set
+``SyntheticRingStream`` yields the same batch dicts as ``xwin.training.data.XWinStream`` with ``batch_size`` set
 (context (B,1,S,S), targets (B,N,1,S,S), actions (B,N) degrees, volume_id list) and has the same resume contract:
 ``state_dict() / load_state_dict()`` hold ``(epoch, position)``; the sample at a position is a pure function of
 ``(seed, epoch, position)``. ``SyntheticRealStream`` yields (R,1,S,S) image batches with the same contract.

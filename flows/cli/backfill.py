@@ -2,7 +2,7 @@
 
 ``xwin backfill`` runs the Prefect flow ``backfill-cohort`` when a Prefect API is configured (PREFECT_API_URL or
 the active profile), when ``--prefect`` is given (no API: Prefect's ephemeral server, started for the run) or
-with ``--runner dask``. Otherwise it runs the same flow body without a server (``flows.backfill.run_local``:
+with ``--runner dask``. Otherwise it runs the same flow body without a server (``xwin.flows.backfill.run_local``:
 the same task functions, retries and slot sizes on a thread pool). docs/orchestration.md says which mode needs what.
 """
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class _Bar:
-    """rich progress bar fed by flows.backfill progress events (terminal only)."""
+    """rich progress bar fed by the events of ``xwin.flows.progress`` (terminal only)."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -104,7 +104,7 @@ def backfill_cmd(
     validate: bool = typer.Option(
         True,
         "--validate/--no-validate",
-        help="example cohort: FDK PSNR/SSIM check after the backfill (when pipeline.reconstruct provides it)",
+        help="example cohort: FDK PSNR/SSIM check after the backfill (when xwin.pipeline.reconstruct provides it)",
     ),
     as_json: bool = typer.Option(False, "--json", help="print the RunSummary as JSON"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Prefect INFO logs"),
@@ -196,7 +196,7 @@ def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | N
     """FDK PSNR/SSIM of the stored ring vs its source volume (the validation flow in Prefect mode)."""
     try:
         from xwin.flows.validate import validate_volumes
-    except ImportError:  # pragma: no cover - pipeline.reconstruct absent
+    except ImportError:  # pragma: no cover - xwin.pipeline.reconstruct absent
         return None
     res = validate_volumes(params.store, params.cohort, params.spec, volume_ids, prefect=use_prefect)
     return ", ".join(

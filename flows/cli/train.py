@@ -49,7 +49,7 @@ def train(
     if device:
         ov.append(f"device={device}")
     cfg = or_exit(load_config, config, preset, ov)
-    sim, real_stream = or_exit(build_streams, cfg, errors=(ValueError, FileNotFoundError, LookupError))
+    sim, real_stream = or_exit(build_streams, cfg)
     trainer = Trainer(cfg, sim, real_stream, echo=echo)
     if resume:
         path = Path(cfg.out_dir) / "checkpoints" / "latest.pt" if resume == "auto" else Path(resume)

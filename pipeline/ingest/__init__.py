@@ -2,7 +2,7 @@
 
     cands, rejected = plan_inputs(["scan.nii.gz", "dicom_dir/", "metadata.csv"], cohort="nlst")
     record, hu = load_candidate(cands[0])          # hu: int16 (X, Y, Z), canonical RAS; or IngestError
-    summary = ingest_sources(sources, "nlst", storage.open_store(url))
+    summary = ingest_sources(sources, "nlst", xwin.storage.open_store(url))
 
 Rules (series choice, checks, reason codes, canonical frame): docs/ingest.md.
 """

@@ -16,7 +16,7 @@ from xwin.schemas.ingest import Rejection, RunEntry, RunSummary, VolumeRecord
 
 
 class VolumeStore(Protocol):
-    """The part of ``storage.open_store(url)`` that ingest uses."""
+    """The part of ``xwin.storage.open_store(url)`` that ingest uses."""
 
     def has_volume(self, volume_id: str) -> bool: ...
 

@@ -3,7 +3,7 @@
 Excluded outright: non-CT modality, localizers/scouts, non-axial series, series with too few slices.
 Remaining series are ranked: thin slices (<= 2.5 mm) first, then soft kernels, then the most slices, then the
 SeriesInstanceUID (deterministic). The caller validates the geometry of the best one and falls back to the next
-if it fails; every series ends with a :class:`schemas.SeriesChoice` saying why it was or was not chosen.
+if it fails; every series ends with a :class:`xwin.schemas.SeriesChoice` saying why it was or was not chosen.
 """
 
 from __future__ import annotations

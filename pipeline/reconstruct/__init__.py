@@ -3,7 +3,7 @@
     reconstruct(projections (V,H,W) [mu*mm], views, grid, backend) -> Reconstruction, mu [1/mm]     fdk.py
     validate_volume(projections, views, hu, affine, mu_water, ...) -> ValidationResult (metrics)     validate.py
 
-Geometry comes only from ``views`` (for stored rings: the stored ``cone_vec``s, ``flows.validate``), never from a
+Geometry comes only from ``views`` (for stored rings: the stored ``cone_vec``s, ``xwin.flows.validate``), never from a
 RenderSpec. Backends:
     "numba"  our CPU FDK (FFT ramp filter + numba voxel-driven backprojection) -- fdk_numba
     "rtk"    RTK's CPU FDK, the independent reference                           -- fdk_rtk

@@ -1,5 +1,5 @@
 """ASTRA ``FDK_CUDA`` (GPU). UNTESTED ON A GPU in the session that wrote it (no CUDA there); the pure geometry
-conversion (:func:`astra_setup`) is unit-tested against ``pipeline.geometry.project_points`` using ASTRA's own
+conversion (:func:`astra_setup`) is unit-tested against ``xwin.pipeline.geometry.project_points`` using ASTRA's own
 projection convention, and the call sequence follows ASTRA 2.5's source (src/CudaFDKAlgorithm3D.cpp,
 cuda/3d/fdk.cu, src/GeometryUtil3D.cpp, cuda/3d/cone_bp.cu):
 

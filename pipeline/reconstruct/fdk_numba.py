@@ -33,7 +33,7 @@ from xwin.pipeline.reconstruct.grid import ReconGrid
 from xwin.pipeline.reconstruct.orbit import GeometryError, Orbit, fit_orbit
 
 
-def ramp_kernel_fft(width: int, window: str = "ram-lak", cutoff: float = 1.0) -> tuple[int, Float64[np.ndarray, " F"]]:
+def ramp_kernel_fft(width: int, window: str = "ram-lak", cutoff: float = 1.0) -> tuple[int, Float32[np.ndarray, " F"]]:
     """(padded length L, rfft of the unit-spacing ramp kernel (L//2+1,) float32). L >= 2*width.
 
     The ramp is the spectrum of the spatial Ram-Lak kernel (Kak & Slaney; no zero-DC artefact) times an

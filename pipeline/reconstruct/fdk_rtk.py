@@ -1,6 +1,6 @@
 """RTK's CPU FDK (``rtk.FDKConeBeamReconstructionFilter``), the independent reference reconstructor.
 
-Geometry: the render helper's single RTK builder (:func:`pipeline.render.rtk_backend.rtk_geometry`, vector form
+Geometry: the render helper's single RTK builder (:func:`xwin.pipeline.render.rtk_backend.rtk_geometry`, vector form
 of ``AddProjection``) fed with our views rigidly moved into the orbit frame (rotation axis = RTK's y axis, see
 ``frames``); the output grid is moved by the same transform, so the returned array is on the requested world grid.
 Short scans use RTK's ``ParkerShortScanImageFilter`` (on a copy: it works in place).

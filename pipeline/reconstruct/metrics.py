@@ -1,7 +1,7 @@
 """Reference volume, validation mask, PSNR and SSIM (protocol: docs/reconstruction.md, REFERENCE section 7).
 
 Reference: the volume that was projected, converted with the renderer's own mu = mu_water * max(0, 1 + HU/1000)
-(:func:`pipeline.render.hu_to_mu`) and trilinearly resampled onto the reconstruction grid (at the default grid's
+(:func:`xwin.pipeline.render.hu_to_mu`) and trilinearly resampled onto the reconstruction grid (at the default grid's
 2x in-plane factor this is exactly a 2x2 in-plane block average).
 Mask: the central 60% of the grid's axial slices (k index) and voxels within 95% of the field-of-view radius of
 the rotation axis. PSNR uses the reference's range inside the mask; SSIM (scikit-image, 7^3 window, data range =

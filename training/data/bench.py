@@ -316,7 +316,7 @@ def block_flops(tokens: float, dim: int, mlp_ratio: float = 4.0) -> float:
 
 
 def xwin_step_flops(cfg: Any, keep: float, masked: float) -> dict[str, float]:
-    """Analytic FLOPs of one X-WIN training step as ``training.loop.Trainer.train_step`` builds it (training = 3x
+    """Analytic FLOPs of one X-WIN training step as ``xwin.training.loop.Trainer.train_step`` builds it (training = 3x
     forward for trained paths, 1x for the EMA encoder). ``keep``/``masked``: mean context/masked tokens per image
     of the multi-block masks. B samples (1 context + N targets each) and R real images (default R = B*N)."""
     m, d = cfg.model, cfg.data
@@ -354,7 +354,7 @@ def mean_mask_tokens(cfg: Any, draws: int = 20, seed: int = 0) -> tuple[float, f
 
 def vit_b16_need(mfu: float = 0.4, peak_tflops: float = 989.0, cfg: Any = None) -> dict[str, float]:
     """THE figure (docs/training-data.md, docs/benchmarks.md): samples/s one H100 consumes training X-WIN with a
-    ViT-B/16 at 512^2, batch 12, as our trainer builds a step (``training.config`` preset "base": N = 8 targets and
+    ViT-B/16 at 512^2, batch 12, as our trainer builds a step (``xwin.training.config`` preset "base": N = 8 targets and
     R = B*N = 96 real images per step for L_MIM(real)/L_domain, like the paper's N real images per N targets).
 
     One step = ``xwin_step_flops`` (~112.7 TFLOP); at ``mfu`` of ``peak_tflops`` (H100 SXM bf16 dense) a step takes

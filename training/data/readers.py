@@ -18,7 +18,7 @@ from xwin.schemas.render import RenderSpec
 
 @runtime_checkable
 class ViewReader(Protocol):
-    """The subset of ``storage.ProjectionDataset`` the consumer uses."""
+    """The subset of ``xwin.storage.ProjectionDataset`` the consumer uses."""
 
     spec: RenderSpec
 
@@ -112,6 +112,6 @@ class StoreSource:
         store = open_store(self.url, storage_options=self.storage_options, create=False)
         if isinstance(self.spec, RenderSpec):
             return store.dataset(self.cohort, self.spec, create=False)
-        if self.spec is None:  # the cohort's only dataset (LookupError names them when there are several)
+        if self.spec is None:  # the cohort's only dataset (DatasetLookupError, a ValueError, names them if several)
             return store.find_dataset(self.cohort)
         return store.open_dataset(self.cohort, self.spec)

@@ -1,7 +1,7 @@
 """One pass over a real-CXR source that writes a copy at the model resolution, so training decodes small images.
 
 Why: the trainer's default step takes 96 real radiographs next to 12 DRR samples, so one H100 consumes real images
-8 times faster than DRR samples (``training.data.bench.vit_b16_need``). Decoding MIMIC-CXR-JPG originals
+8 times faster than DRR samples (``xwin.training.data.bench.vit_b16_need``). Decoding MIMIC-CXR-JPG originals
 (~2500 x 3000) cannot keep up on a few cores even at reduced JPEG scale; a 512² copy can (docs/benchmarks.md,
 Real radiographs).
 
