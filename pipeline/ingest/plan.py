@@ -291,6 +291,11 @@ def resolve_location(loc: str, root: Path) -> Path:
     return p if p.is_absolute() else root / rel
 
 
+def _not_chosen(row: ManifestRow, reason: str) -> SeriesChoice:
+    """The record of a manifest series left out before its files are read."""
+    return SeriesChoice(series_uid=row.series_uid, chosen=False, reason=reason, n_slices=row.number_of_images or 0)
+
+
 def plan_manifest(
     csv_path: str | Path, cohort: str, root: str | Path | None = None, config: IngestConfig | None = None
 ) -> tuple[list[Candidate], list[Rejection]]:
@@ -322,26 +327,12 @@ def plan_manifest(
             missing: list[str] = []
             for row in srows:
                 if row.modality and row.modality.upper() != "CT":
-                    extra.append(
-                        SeriesChoice(
-                            series_uid=row.series_uid,
-                            chosen=False,
-                            reason=f"wrong_modality: manifest Modality {row.modality}",
-                            n_slices=row.number_of_images or 0,
-                        )
-                    )
+                    extra.append(_not_chosen(row, f"wrong_modality: manifest Modality {row.modality}"))
                     continue
                 folder = resolve_location(row.file_location, base)
                 if not folder.is_dir():
                     missing.append(str(folder))
-                    extra.append(
-                        SeriesChoice(
-                            series_uid=row.series_uid,
-                            chosen=False,
-                            reason=f"not_found: {folder}",
-                            n_slices=row.number_of_images or 0,
-                        )
-                    )
+                    extra.append(_not_chosen(row, f"not_found: {folder}"))
                     continue
                 files.extend(iter_files(folder))
             if not files:
