@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,7 +69,16 @@ class CatalogRow(_Model):
 
 
 class ClaimRecord(_Model):
-    """A lease on one volume id within one scope. Expired or dead-holder claims can be taken over."""
+    """A lease on one volume id within one scope: the fencing object of the commit protocol (docs/format.md).
+
+    Every acquisition or takeover writes a new ``token`` (and ``generation`` + 1); the holder's data goes under
+    ``<entry>/attempt-<token[:16]>`` and its commit is decided by one compare-and-swap of this object into
+    ``state="committing"`` (carrying the commit record), conditional on the ETag of the claim it holds. A holder that
+    lost the claim fails that swap, so it commits nothing.
+
+    A claim is taken over only when its lease has expired, or when its holder is provably dead: same kernel boot and
+    pid namespace as the checker, and that pid is gone or belongs to a process started at another time (containers
+    and pods reuse hostnames and pids, so hostname + pid alone never decide)."""
 
     volume_id: str
     owner: str
@@ -77,9 +86,21 @@ class ClaimRecord(_Model):
     pid: int
     acquired_at: datetime
     expires_at: datetime
+    token: str = ""  # fencing token: unique per acquisition ("" in claims written before fencing existed)
+    generation: int = 0  # 1 for the first holder, +1 per takeover
+    state: Literal["held", "committing"] = "held"
+    commit: CommitRecord | None = None  # state "committing": the decided commit (any party may roll it forward)
+    boot_id: str | None = None  # the holder's kernel boot id (Linux), its pid namespace and process start time
+    pid_ns: int | None = None
+    start_ticks: int | None = None
 
     def expired(self, now: datetime | None = None) -> bool:
         return (now or _now()) >= self.expires_at
+
+    @property
+    def attempt(self) -> str:
+        """The path segment under the entry where this holder writes its data."""
+        return f"attempt-{self.token[:16]}"
 
 
 class DatasetInfo(_Model):

@@ -18,6 +18,7 @@ from xwin.storage.entry import sha256_of
 from xwin.storage.errors import (
     ChecksumMismatch,
     ClaimHeld,
+    ClaimLost,
     ConflictError,
     DatasetLookupError,
     NotCommitted,
@@ -33,6 +34,7 @@ __all__ = [
     "Backend",
     "ChecksumMismatch",
     "ClaimHeld",
+    "ClaimLost",
     "ConflictError",
     "DatasetLookupError",
     "NotCommitted",

@@ -5,6 +5,10 @@ storage (:mod:`xwin.storage.s3`). Each offers compare-and-swap puts keyed by an 
 
 * ``put(key, data, if_none_match=True)`` creates only if absent (S3 ``If-None-Match: *``; locally under a lock).
 * ``put(key, data, if_match=etag)`` replaces only if unchanged (S3 ``If-Match``; locally under a lock).
+* ``delete(key, if_match=etag)`` removes only if unchanged (S3 ``If-Match`` on DELETE; locally under a lock).
+
+ETags are the server's: what a GET or PUT response carries, never recomputed by the client (under SSE-KMS, SSE-C
+or multipart uploads an S3 ETag is not the md5 of the bytes). The local backend's ETag is the md5 of the bytes.
 
 Credentials for S3 come from the environment or ``storage_options``; nothing here logs them.
 """
@@ -20,7 +24,8 @@ from zarr.abc.store import Store as ZarrStore
 
 
 def etag_of(data: bytes) -> str:
-    """The ETag of ``data`` as S3 reports it for a single-part PUT (the hex md5 of the bytes)."""
+    """The local backend's ETag of ``data``: the hex md5 of the bytes (what S3 reports for a plain single-part PUT,
+    which is not what it reports under SSE-KMS, SSE-C or multipart: S3 callers use the server's ETag)."""
     return hashlib.md5(data).hexdigest()
 
 
@@ -32,11 +37,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def get(self, key: str) -> tuple[bytes, str] | None:
-        """(bytes, etag) or None when absent."""
+        """(bytes, etag) or None when absent; the etag is the one the server gave with these bytes."""
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
-        """Write ``data``; returns its etag. Raises ConflictError when a condition fails."""
+        """Write ``data``; returns the etag the server gave it. Raises ConflictError when a condition fails."""
 
     def put_pieces(self, key: str, pieces: Iterable[bytes]) -> None:
         """Write one object from ``pieces`` (unconditional). Readers see the old object or the whole new one."""
@@ -47,8 +52,16 @@ class Backend(abc.ABC):
         return self.get_range(key, 0, None)
 
     @abc.abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove an object (absent is fine)."""
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove an object (absent is fine). ``if_match``: only if its etag is still this one, else ConflictError
+        (absent then counts as changed)."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under ``prefix`` (its temporaries too); returns how many. Not atomic: for garbage."""
+        keys = self.list(prefix.rstrip("/") + "/", include_partial=True)
+        for k in keys:
+            self.delete(k)
+        return len(keys)
 
     @abc.abstractmethod
     def get_range(self, key: str, start: int, end: int | None) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ from xwin.storage.layout import (
 )
 from xwin.storage.local import LocalBackend
 from xwin.storage.pools import process_pool
-from xwin.storage.scope import Scope, default_owner
+from xwin.storage.scope import DEFAULT_CLAIM_TTL_S, Scope, default_owner
 from xwin.storage.shardwrite import cast
 from xwin.storage.verify import verify_scope
 
@@ -70,8 +71,18 @@ class ProjectionDataset:
         self.views_codec = views_codec
         self.scope = Scope(store.backend, self.path, store.bucket_hex)
         self._cache: OrderedDict[str, _RingHandle] = OrderedDict()
+        self._cache_lock = threading.Lock()  # reader threads (the training stream's read-ahead) share the cache
         self._cache_size = cache
         self._open(create)
+
+    def __getstate__(self) -> dict:  # opened rings and the lock never cross a process boundary
+        d = dict(self.__dict__)
+        d["_cache"], d["_cache_lock"] = OrderedDict(), None
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ProjectionDataset({self.store.url!r}, cohort={self.cohort!r}, spec_hash={self.spec_hash!r})"
@@ -112,7 +123,7 @@ class ProjectionDataset:
     def catalog(self) -> list[CatalogRow]:
         return self.scope.catalog()
 
-    def claim(self, volume_id: str, owner: str | None = None, ttl_s: float = 600.0):
+    def claim(self, volume_id: str, owner: str | None = None, ttl_s: float = DEFAULT_CLAIM_TTL_S):
         """Context manager: the single-writer lease on one ring (raises ClaimHeld if a live writer holds it)."""
         return self.scope.claim(check_id("volume_id", volume_id), owner, ttl_s)
 
@@ -161,12 +172,12 @@ class ProjectionDataset:
 
         meta = _meta_arrays(geometry)
         mcs = meta_checksum(meta)
-        path = ring_path(self.path, vid)
+        base = ring_path(self.path, vid)
         prov = dict(provenance or {})
         prov.setdefault("canonical_volume_id", vid)
         prov = json.loads(json.dumps(prov, default=str))
 
-        def write() -> CommitRecord:
+        def write(path: str) -> CommitRecord:
             def attrs() -> dict:  # called once the views shard is written: the hasher has seen every chunk
                 done["sha"] = "sha256:" + hasher.hexdigest()
                 return {"provenance": prov, "spec_hash": self.spec_hash, "checksum": done["sha"]}
@@ -201,7 +212,7 @@ class ProjectionDataset:
                 provenance=prov,
             )
 
-        return commit_entry(self.scope, vid, checksum, write, owner)
+        return commit_entry(self.scope, vid, base, checksum, write, owner)
 
     # ---- read ---------------------------------------------------------------------------------------------------
     def _handle(self, volume_id: str) -> _RingHandle:
@@ -210,10 +221,11 @@ class ProjectionDataset:
         In the X-WIN regime (one sample per volume per epoch over 10^4 volumes) nearly every sample opens a ring,
         so this path reads the metadata arrays directly (storage/fastread.py) instead of through zarr-python."""
         vid = check_id("volume_id", volume_id)
-        h = self._cache.get(vid)
-        if h is not None:
-            self._cache.move_to_end(vid)
-            return h
+        with self._cache_lock:
+            h = self._cache.get(vid)
+            if h is not None:
+                self._cache.move_to_end(vid)
+                return h
         c = self.scope.get_commit(vid)
         if c is None:
             raise NotCommitted(f"ring {vid!r} is not committed in {self.path} of {self.store.url}")
@@ -235,9 +247,11 @@ class ProjectionDataset:
             meta,
             shard_reader(b, f"{c.path}/{c.array}", zmeta),
         )
-        self._cache[vid] = h
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        with self._cache_lock:  # two threads may have opened the same ring: the later handle replaces the earlier
+            self._cache[vid] = h
+            self._cache.move_to_end(vid)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return h
 
     def read_views(

@@ -1,21 +1,29 @@
 """How one entry (a volume or a ring) is written and committed: the write protocol of docs/format.md.
 
 1. a commit record already exists -> nothing is rewritten (idempotent); the catalog row is re-added if missing;
-2. take the single-writer claim (lease with expiry, dead local holders detected by pid);
-3. write the zarr group + arrays, each data array as ONE whole shard (never a partial shard write), with
-   :mod:`xwin.storage.shardwrite` (zarr-python's metadata documents and byte-identical shards, encoded in parallel
-   and streamed out) while the sha256 of the pixels (the content checksum of the commit) is computed beside it;
+2. take the single-writer claim (:mod:`xwin.storage.scope`): a lease with a fresh fencing token, taken over from
+   another writer only once that writer's lease expired (or it is provably dead);
+3. write the zarr group + arrays under the attempt's own folder ``<entry>/attempt-<token>/``, each data array as
+   ONE whole shard (never a partial shard write), with :mod:`xwin.storage.shardwrite` (zarr-python's metadata
+   documents and byte-identical shards, encoded in parallel and streamed out) while the sha256 of the pixels (the
+   content checksum of the commit) is computed beside it;
 4. read every written object back as raw bytes and compare it with what was written (size + crc32c);
-5. create the commit record with create-if-absent (one atomic PUT / os.replace): the entry is now visible;
-6. add the catalog row (compare-and-swap on the catalog bucket).
+5. decide: one compare-and-swap of the claim object into ``state="committing"`` carrying the commit record,
+   conditional on the claim's server ETag. A writer whose claim was taken over fails here and commits nothing;
+6. create the commit record with create-if-absent (one atomic PUT / os.replace): the entry is now visible;
+7. add the catalog row (compare-and-swap on the catalog bucket), remove other attempts' leftovers under the entry,
+   delete the claim if unchanged.
 
-A writer killed anywhere before 5 leaves only invisible garbage that the next run overwrites; killed between 5 and
-6 leaves a committed entry that the next ``write_*`` call (or ``rebuild_catalog``) puts into the catalog.
+Steps 6-7 are idempotent consequences of the decision in 5: any writer that finds a ``committing`` claim completes
+them (``Scope.roll_forward``). A writer that fails or loses its claim before 5 deletes its own attempt folder and
+nothing else; a writer killed before 5 leaves only an unreferenced attempt folder that the next commit of that
+entry removes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -25,11 +33,14 @@ import zarr
 from jaxtyping import Shaped
 from zarr.storage import MemoryStore
 
+from xwin.schemas.store import CommitRecord
 from xwin.storage.backend import Backend
-from xwin.storage.errors import ChecksumMismatch
+from xwin.storage.errors import ChecksumMismatch, ClaimHeld, ClaimLost
 from xwin.storage.layout import META_ARRAYS
-from xwin.storage.scope import Scope, row_of
+from xwin.storage.scope import Claim, Scope, row_of
 from xwin.storage.shardwrite import Crc32cTee, encode_shard, shard_layout
+
+log = logging.getLogger(__name__)
 
 
 def sha256_of(a: Shaped[np.ndarray, "..."]) -> str:
@@ -99,15 +110,13 @@ def write_entry(
     ``arrays``: :class:`ArrayWrite` (or plain (name, data, chunks, codec) tuples). Metadata documents come from
     zarr-python, shards from :mod:`xwin.storage.shardwrite` (byte-identical to zarr's). Verification reads every
     object back as raw bytes and compares it (metadata: equality; shards: size + crc32c of the bytes streamed out),
-    without decoding. Objects under ``path`` that are not part of the entry (a crashed earlier attempt's leftovers)
-    are deleted."""
+    without decoding. ``path`` is the attempt's own folder: nobody else writes there."""
     docs: dict[str, bytes] = {}
     layouts = []
     for a in (ArrayWrite(*a) for a in arrays):
         lay = shard_layout(a.data.shape, a.dtype or a.data.dtype, a.chunks, a.codec)
         docs[f"{path}/{a.name}/zarr.json"] = lay.zarr_json
         layouts.append((f"{path}/{a.name}/{lay.shard_key}", lay, a))
-    stale = set(backend.list(path, include_partial=True))
     for key, doc in docs.items():
         backend.put(key, doc)
     written: dict[str, tuple[int, int]] = {}
@@ -118,8 +127,6 @@ def write_entry(
     # the group document last: its attributes may hold the content checksum, hashed while the shards were encoded
     docs[f"{path}/zarr.json"] = group_doc(attributes() if callable(attributes) else attributes)
     backend.put(f"{path}/zarr.json", docs[f"{path}/zarr.json"])
-    for key in sorted(stale - set(docs) - set(written)):
-        backend.delete(key)
     for key, doc in docs.items():
         got = backend.get(key)
         if got is None or got[0] != doc:
@@ -130,22 +137,65 @@ def write_entry(
             raise ChecksumMismatch(f"{key}: read back {len(back)} bytes, crc32c differs from the {n} bytes written")
 
 
-def commit_entry(scope: Scope, vid: str, checksum: Callable[[], str], write, owner: str | None) -> bool:
-    """Steps 1-6 of the module docstring around ``write() -> CommitRecord`` (which writes + verifies data).
+def attempt_of(base: str, path: str) -> str | None:
+    """The attempt folder name of data ``path`` under entry ``base`` (None: the entry's data sits at ``base`` itself,
+    as in stores written before attempt folders existed)."""
+    rest = path[len(base) :].strip("/") if path.startswith(base) else ""
+    return rest.split("/", 1)[0] if rest.startswith("attempt-") else None
+
+
+def remove_other_attempts(backend: Backend, base: str, keep: str) -> int:
+    """Delete every object under entry ``base`` that is not under ``keep`` (the committed data) and is not the
+    entry's group document: the leftovers of attempts that failed, were killed or lost their claim."""
+    keep = keep.rstrip("/") + "/"
+    n = 0
+    for key in backend.list(base.rstrip("/") + "/", include_partial=True):
+        if key.startswith(keep) or key == f"{base}/zarr.json":
+            continue
+        backend.delete(key)
+        n += 1
+    return n
+
+
+def commit_entry(
+    scope: Scope,
+    vid: str,
+    base: str,
+    checksum: Callable[[], str],
+    write: Callable[[str], CommitRecord],
+    owner: str | None,
+) -> bool:
+    """Steps 1-7 of the module docstring around ``write(path) -> CommitRecord`` (which writes + verifies the data
+    under ``path``, the attempt's folder below the entry's ``base``).
 
     ``checksum()``: the pixel checksum, computed only when needed (beside the encoding for a new entry; by itself
-    only when an existing commit has to be compared)."""
+    only when an existing commit has to be compared). Returns True when this call committed the entry.
+    Raises ClaimHeld when another live writer holds the entry, ClaimLost when this writer's claim was taken over
+    before it could commit (its own attempt is removed; the other writer's data is untouched)."""
     existing = scope.get_commit(vid)
     if existing is None:
-        with scope.claim(vid, owner):
+        with scope.claim(vid, owner) as claim:
             existing = scope.get_commit(vid)  # someone may have committed while we waited
             if existing is None:
-                rec = write()
+                path = f"{base}/{claim.attempt}"
+                try:
+                    claim.check()
+                    rec = write(path)
+                    claim.decide(rec)  # the fence: refused when the claim is no longer ours
+                except BaseException as e:
+                    if not claim.decided:
+                        backend_cleanup(scope.b, path)
+                    if isinstance(e, Exception) and not isinstance(e, ClaimHeld) and taken_over(claim):
+                        # e.g. the new holder removed this attempt's objects while we were stalled
+                        raise claim._lost_error() from e
+                    raise
                 committed = scope.put_commit(rec)
                 scope.catalog_add(row_of(committed))
+                scope.b.put(f"{base}/zarr.json", group_doc({}))  # the entry's group: its attempts are its members
+                remove_other_attempts(scope.b, base, keep=committed.path)
                 if committed.checksum != checksum():  # pragma: no cover - lost a race to different bytes
                     raise ChecksumMismatch(f"{scope.prefix}/{vid}: committed by another writer with other content")
-                return committed is rec
+                return committed.path == rec.path
     if existing.checksum != checksum():
         raise ChecksumMismatch(
             f"{scope.prefix}/{vid}: already committed with checksum {existing.checksum}, new data has {checksum()}"
@@ -153,3 +203,22 @@ def commit_entry(scope: Scope, vid: str, checksum: Callable[[], str], write, own
     if scope.catalog_row(vid) is None:  # writer died between commit and catalog update
         scope.catalog_add(row_of(existing))
     return False
+
+
+def taken_over(claim: Claim) -> bool:
+    """Whether ``claim`` is no longer ours (probed by renewing it; a renewal that fails transiently says no)."""
+    try:
+        claim.renew()
+    except ClaimLost:
+        return True
+    except Exception:  # noqa: BLE001 - unknown: the original error is reported
+        return False
+    return False
+
+
+def backend_cleanup(backend: Backend, path: str) -> None:
+    """Remove this attempt's own folder after a failure (best effort: leftovers are removed by the next commit)."""
+    try:
+        backend.delete_prefix(path)
+    except Exception as e:  # noqa: BLE001 - the original error matters more than a failed cleanup
+        log.warning("could not remove the failed attempt %s: %s", path, e)

@@ -37,3 +37,9 @@ class ClaimHeld(RuntimeError):
         super().__init__(f"volume {volume_id!r} is claimed by {holder.owner!r} until {holder.expires_at.isoformat()}")
         self.volume_id = volume_id
         self.holder = holder
+
+
+class ClaimLost(ClaimHeld):
+    """This writer's claim was taken over by another writer (its lease lapsed, e.g. during a long stall): it did
+    not commit, and it removed only its own attempt's objects. The other writer carries on; a rerun skips or redoes
+    the entry."""

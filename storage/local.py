@@ -95,8 +95,15 @@ class LocalBackend(Backend):
             self._write_atomic(key, data)
         return etag_of(data)
 
-    def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        if if_match is None:
+            with contextlib.suppress(FileNotFoundError):
+                self._p(key).unlink()
+            return
+        with self._locked(key):
+            cur = self.get(key)
+            if cur is None or cur[1] != if_match:
+                raise ConflictError(f"{key} changed (expected etag {if_match})")
             self._p(key).unlink()
 
     def get_range(self, key: str, start: int, end: int | None) -> bytes:

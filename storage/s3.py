@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from zarr.abc.store import Store as ZarrStore
 
-from xwin.storage.backend import Backend, etag_of
+from xwin.storage.backend import Backend
 from xwin.storage.errors import ConflictError
 from xwin.storage.retry import retry
 
@@ -64,19 +64,44 @@ class S3Backend(Backend):
         b, k = full.split("/", 1)
         return b, k
 
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        def go() -> bytes | None:
-            try:
-                return self.fs.cat_file(self._k(key))
-            except FileNotFoundError:
-                return None
-
-        data = retry(go, what=f"get {key}")
-        return None if data is None else (data, etag_of(data))
-
-    def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+    def _conditional_error(self, key: str, e: BaseException) -> ConflictError | None:
+        """The ConflictError of a failed precondition (412 / 409 ConditionalRequestConflict, or the object gone
+        under If-Match), else None. s3fs wraps botocore's ClientError in an OSError: the chain is searched."""
         from botocore.exceptions import ClientError
 
+        seen: BaseException | None = e
+        while seen is not None:
+            if isinstance(seen, ClientError):
+                code = str(seen.response.get("Error", {}).get("Code", ""))
+                status = seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status == 412:
+                    return ConflictError(f"{key}: {code or status}")
+            msg = str(seen)
+            if any(m in msg for m in ("PreconditionFailed", "pre-conditions you specified", "ConditionalRequest")):
+                return ConflictError(f"{key}: precondition failed")
+            if isinstance(seen, FileNotFoundError):
+                return ConflictError(f"{key}: vanished")
+            seen = seen.__cause__ or seen.__context__
+        return None
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        """One GET: the bytes and the ETag the server sent with them (never a checksum computed here)."""
+        from fsspec.asyn import sync
+
+        bucket, k = self._split(key)
+
+        async def fetch() -> tuple[bytes, str] | None:
+            try:
+                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=k)
+            except FileNotFoundError:
+                return None
+            async with resp["Body"] as body:
+                data = await body.read()
+            return data, str(resp["ETag"]).strip('"')
+
+        return retry(lambda: sync(self.fs.loop, fetch), what=f"get {key}")
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         bucket, k = self._split(key)
         cond: dict[str, str] = {}
         if if_none_match:
@@ -84,24 +109,19 @@ class S3Backend(Backend):
         if if_match is not None:
             cond["IfMatch"] = f'"{if_match}"'
 
-        def go() -> None:
+        def go() -> str:
             try:
-                self.fs.call_s3("put_object", Bucket=bucket, Key=k, Body=data, **cond)
-            except (ClientError, OSError, FileNotFoundError) as e:
-                code = ""
-                if isinstance(e, ClientError):
-                    code = str(e.response.get("Error", {}).get("Code", ""))
-                msg = f"{code} {e}"
-                if cond and any(s in msg for s in ("PreconditionFailed", "412", "NoSuchKey", "ConditionalRequest")):
-                    raise ConflictError(f"{key}: {msg.strip()}") from e
-                if cond and isinstance(e, FileNotFoundError):
-                    raise ConflictError(f"{key}: vanished") from e
+                resp = self.fs.call_s3("put_object", Bucket=bucket, Key=k, Body=data, **cond)
+            except Exception as e:
+                conflict = self._conditional_error(key, e) if cond else None
+                if conflict is not None:
+                    raise conflict from e
                 raise
             finally:
                 self.fs.invalidate_cache(self._k(key))
+            return str(resp["ETag"]).strip('"')
 
-        retry(go, what=f"put {key}")
-        return etag_of(data)
+        return retry(go, what=f"put {key}")
 
     def put_pieces(self, key: str, pieces: Iterable[bytes]) -> None:
         bucket, k = self._split(key)
@@ -115,12 +135,29 @@ class S3Backend(Backend):
 
         retry(go, what=f"put {key}")
 
-    def delete(self, key: str) -> None:
-        def go() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._k(key))
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        if if_match is None:
 
-        retry(go, what=f"delete {key}")
+            def go() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self._k(key))
+
+            retry(go, what=f"delete {key}")
+            return
+        bucket, k = self._split(key)
+
+        def go_if() -> None:
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=k, IfMatch=f'"{if_match}"')
+            except Exception as e:
+                conflict = self._conditional_error(key, e)
+                if conflict is not None:
+                    raise conflict from e
+                raise
+            finally:
+                self.fs.invalidate_cache(self._k(key))
+
+        retry(go_if, what=f"delete {key}")
 
     def exists(self, key: str) -> bool:
         return retry(lambda: self.fs.exists(self._k(key)), what=f"exists {key}")

@@ -9,7 +9,9 @@ Each scope owns three kinds of control objects under its prefix (docs/format.md)
   :class:`CatalogRow`; updated by compare-and-swap, rebuilt from commit records by :meth:`Scope.rebuild_catalog`.
   A commit rewrites one bucket: at NLST scale (26k volumes) ~100 rows with 256 buckets instead of ~1,600 with 16
   (the time and bytes per commit: docs/benchmarks.md, Store).
-* ``_claims/<volume_id>.json`` — :class:`ClaimRecord` leases (one writer per volume).
+* ``_claims/<volume_id>.json`` — :class:`ClaimRecord` leases (one writer per volume), the fencing objects of the
+  commit protocol (:mod:`xwin.storage.entry`, docs/format.md): a holder decides its commit by one compare-and-swap
+  of its own claim, conditional on the claim's server ETag, so a holder that lost its lease commits nothing.
 """
 
 from __future__ import annotations
@@ -22,62 +24,175 @@ import random
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from xwin.schemas.store import CatalogRow, ClaimRecord, CommitRecord, EntryStatus
 from xwin.storage.backend import Backend
-from xwin.storage.errors import ClaimHeld, ConflictError
+from xwin.storage.errors import ClaimHeld, ClaimLost, ConflictError
 
 DEFAULT_BUCKET_HEX = 2  # new stores: 16**2 = 256 catalog buckets per scope
+# The lease of a claim. The holder renews it every ttl/4; another writer takes it over only once it has expired
+# (or its holder is provably dead). A writer that stalls past it loses the claim and commits nothing.
+DEFAULT_CLAIM_TTL_S = 300.0
 
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def _read(path: str) -> str | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (/proc/<pid>/stat field 22), None if unknown."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    try:
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def process_identity() -> dict[str, Any]:
+    """What identifies this process beyond host + pid: the kernel boot id, the pid namespace, the process start
+    time (Linux; None elsewhere, where only lease expiry frees a claim)."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    return {
+        "boot_id": boot.strip() if boot else None,
+        "pid_ns": _pid_namespace(),
+        "start_ticks": _start_ticks(os.getpid()),
+    }
+
+
+def holder_is_dead(c: ClaimRecord) -> bool:
+    """True only when ``c``'s holder provably no longer runs: it ran under this kernel boot and in this pid
+    namespace (so its pid means the same process here) and that pid is gone or now names a process started at
+    another time. Claims without that identity (older claims, other machines, other containers) never count."""
+    if c.boot_id is None or c.pid_ns is None or c.start_ticks is None or c.pid <= 0:
         return False
-    except PermissionError:
-        return True
-    return True
+    me = process_identity()
+    if c.boot_id != me["boot_id"] or c.pid_ns != me["pid_ns"]:
+        return False
+    if c.pid == os.getpid():
+        return c.start_ticks != me["start_ticks"]
+    return _start_ticks(c.pid) != c.start_ticks
 
 
 def _bucket(volume_id: str, hex_digits: int) -> str:
     return hashlib.sha1(volume_id.encode()).hexdigest()[:hex_digits]
 
 
-class Claim:
-    """A held lease; renewed in a background thread every ttl/3 until released."""
+_HELD: dict[tuple[str, str], Claim] = {}  # (store url, claim key) -> the claim this process holds (re-entrancy)
+_HELD_LOCK = threading.Lock()
 
-    def __init__(self, scope: Scope, volume_id: str, owner: str, ttl_s: float, heartbeat: bool) -> None:
-        self.scope, self.volume_id, self.owner, self.ttl_s = scope, volume_id, owner, ttl_s
+
+class Claim:
+    """A held lease: the claim record this process wrote and the server ETag it got back. Renewed in a background
+    thread every ttl/4 by a compare-and-swap on that ETag; a failed swap means another writer took the claim over
+    (``lost``), after which :meth:`decide` refuses and :meth:`release` deletes nothing."""
+
+    def __init__(self, scope: Scope, record: ClaimRecord, etag: str, heartbeat: bool = True) -> None:
+        self.scope, self.record, self.etag = scope, record, etag
+        self.volume_id, self.owner = record.volume_id, record.owner
+        self.ttl_s = (record.expires_at - record.acquired_at).total_seconds()
+        self._lock = threading.Lock()  # one compare-and-swap on the claim at a time (heartbeat vs decide/release)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
+        self.decided = False
         if heartbeat:
-            self._thread = threading.Thread(target=self._beat, daemon=True, name=f"claim-{volume_id}")
+            self._thread = threading.Thread(target=self._beat, daemon=True, name=f"claim-{self.volume_id}")
             self._thread.start()
 
-    def _beat(self) -> None:
-        while not self._stop.wait(max(0.5, self.ttl_s / 3)):
+    @property
+    def token(self) -> str:
+        return self.record.token
+
+    @property
+    def attempt(self) -> str:
+        """The path segment this holder's data goes under (``attempt-<token>``)."""
+        return self.record.attempt
+
+    def _swap(self, rec: ClaimRecord) -> None:
+        """Replace the claim with ``rec`` if it is still the one we hold (If-Match our ETag)."""
+        with self._lock:
+            if self.lost:
+                raise self._lost_error()
             try:
-                self.scope.acquire_claim(self.volume_id, self.owner, self.ttl_s)
-            except ClaimHeld:
+                self.etag = self.scope.b.put(
+                    self.scope.claim_key(self.volume_id), rec.model_dump_json().encode(), if_match=self.etag
+                )
+            except ConflictError:
                 self.lost = True
+                raise self._lost_error() from None
+            self.record = rec
+
+    def _lost_error(self) -> ClaimLost:
+        cur = self.scope.get_claim(self.volume_id)
+        holder = cur[0] if cur is not None else self.record
+        return ClaimLost(self.volume_id, holder)
+
+    def renew(self) -> None:
+        """Extend the lease by ttl from now (compare-and-swap). Raises ClaimLost when it was taken over."""
+        now = datetime.now(UTC)
+        self._swap(self.record.model_copy(update={"expires_at": now + timedelta(seconds=self.ttl_s)}))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(0.2, self.ttl_s / 4)):
+            try:
+                self.renew()
+            except ClaimLost:
                 return
-            except Exception:  # noqa: BLE001 - a failed renewal is retried on the next beat
+            except Exception:  # noqa: BLE001 - a failed renewal (transient) is retried on the next beat
                 continue
 
-    def release(self) -> None:
+    def check(self) -> None:
+        """Raise ClaimLost when a renewal found the claim taken over (cheap: no request)."""
+        if self.lost:
+            raise self._lost_error()
+
+    def decide(self, commit: CommitRecord) -> None:
+        """The commit point: swap our claim into ``state="committing"`` carrying ``commit``, conditional on still
+        holding it. After this the commit is decided: creating the commit record and the catalog row are
+        idempotent steps any party may complete (:meth:`Scope.roll_forward`). Raises ClaimLost otherwise."""
+        now = datetime.now(UTC)
+        rec = self.record.model_copy(
+            update={"state": "committing", "commit": commit, "expires_at": now + timedelta(seconds=self.ttl_s)}
+        )
+        self._swap(rec)
+        self.decided = True
+
+    def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        self.scope.release_claim(self.volume_id, self.owner)
+
+    def release(self) -> None:
+        """Stop renewing and delete the claim if (and only if) it is still the one we hold."""
+        self.stop()
+        with self._lock:
+            if self.lost:
+                return
+            with contextlib.suppress(ConflictError):  # taken over meanwhile: it is not ours to delete
+                self.scope.b.delete(self.scope.claim_key(self.volume_id), if_match=self.etag)
+            self.lost = True  # released: nothing more may be done in its name
 
 
 class Scope:
@@ -215,49 +330,64 @@ class Scope:
             return None
         try:
             return ClaimRecord.model_validate_json(got[0]), got[1]
-        except ValueError:  # unreadable claim: treat as stale
+        except ValueError:  # unreadable claim: treat as expired
             now = datetime.now(UTC)
             return ClaimRecord(volume_id=vid, owner="?", host="?", pid=0, acquired_at=now, expires_at=now), got[1]
 
     def claim_is_stale(self, c: ClaimRecord) -> bool:
-        if c.expired():
-            return True
-        return c.host == socket.gethostname() and c.pid > 0 and c.pid != os.getpid() and not _pid_alive(c.pid)
+        """Whether ``c`` may be taken over: its lease expired, or its holder is provably dead (``holder_is_dead``)."""
+        return c.expired() or holder_is_dead(c)
 
-    def acquire_claim(self, vid: str, owner: str, ttl_s: float) -> ClaimRecord:
-        """Take or renew the lease on ``vid``. Raises ClaimHeld when another live owner holds it."""
+    def roll_forward(self, vid: str, claim: ClaimRecord, etag: str) -> CommitRecord | None:
+        """Complete a decided commit (a claim in ``state="committing"``): create its commit record if absent, add
+        its catalog row, then delete the claim if unchanged. Returns the commit record in force."""
+        if claim.state != "committing" or claim.commit is None:
+            return None
+        committed = self.put_commit(claim.commit)
+        self.catalog_add(row_of(committed))
+        with contextlib.suppress(ConflictError):
+            self.b.delete(self.claim_key(vid), if_match=etag)
+        return committed
+
+    def acquire_claim(self, vid: str, owner: str, ttl_s: float, *, heartbeat: bool = True) -> Claim:
+        """Take the lease on ``vid`` with a fresh fencing token. Raises ClaimHeld when another holder's lease is live.
+
+        A claim found in ``state="committing"`` is a decided commit: it is rolled forward first (whoever holds it),
+        then the claim is taken as usual (its caller will find the commit record)."""
         for _ in range(20):
             now = datetime.now(UTC)
             cur = self.get_claim(vid)
-            acquired = now
+            generation = 1
             if cur is not None:
-                holder = cur[0]
-                if holder.owner != owner and not self.claim_is_stale(holder):
+                holder, etag = cur
+                if holder.state == "committing":
+                    self.roll_forward(vid, holder, etag)
+                    continue
+                if not self.claim_is_stale(holder):
                     raise ClaimHeld(vid, holder)
-                if holder.owner == owner:
-                    acquired = holder.acquired_at
+                generation = holder.generation + 1
             rec = ClaimRecord(
                 volume_id=vid,
                 owner=owner,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                acquired_at=acquired,
+                acquired_at=now,
                 expires_at=now + timedelta(seconds=ttl_s),
+                token=uuid.uuid4().hex,
+                generation=generation,
+                **process_identity(),
             )
+            data = rec.model_dump_json().encode()
             try:
                 if cur is None:
-                    self.b.put(self.claim_key(vid), rec.model_dump_json().encode(), if_none_match=True)
+                    new_etag = self.b.put(self.claim_key(vid), data, if_none_match=True)
                 else:
-                    self.b.put(self.claim_key(vid), rec.model_dump_json().encode(), if_match=cur[1])
-                return rec
+                    new_etag = self.b.put(self.claim_key(vid), data, if_match=cur[1])
             except ConflictError:
                 time.sleep(random.uniform(0.005, 0.03))
+                continue
+            return Claim(self, rec, new_etag, heartbeat=heartbeat)
         raise RuntimeError(f"could not settle the claim on {vid!r} in {self.prefix}")
-
-    def release_claim(self, vid: str, owner: str) -> None:
-        cur = self.get_claim(vid)
-        if cur is not None and cur[0].owner == owner:
-            self.b.delete(self.claim_key(vid))
 
     def list_claims(self) -> list[ClaimRecord]:
         out = []
@@ -268,23 +398,34 @@ class Scope:
                     out.append(got[0])
         return out
 
+    def held_claim(self, vid: str) -> Claim | None:
+        """The claim on ``vid`` this process holds now (inside a :meth:`claim` block), if any."""
+        with _HELD_LOCK:
+            return _HELD.get((self.b.url, self.claim_key(vid)))
+
     @contextlib.contextmanager
     def claim(
-        self, vid: str, owner: str | None = None, ttl_s: float = 600.0, heartbeat: bool = True
+        self, vid: str, owner: str | None = None, ttl_s: float = DEFAULT_CLAIM_TTL_S, heartbeat: bool = True
     ) -> Iterator[Claim]:
-        """Hold the single-writer lease on ``vid`` for the block (re-entrant for the same owner)."""
+        """Hold the single-writer lease on ``vid`` for the block. Re-entrant for the same owner in this process
+        (the inner block gets the outer :class:`Claim`, whose token and ETag the commit is fenced by)."""
         owner = owner or default_owner()
-        prev = self.get_claim(vid)
-        reentrant = prev is not None and prev[0].owner == owner and not prev[0].expired()
-        self.acquire_claim(vid, owner, ttl_s)
-        c = Claim(self, vid, owner, ttl_s, heartbeat=heartbeat and not reentrant)
+        key = (self.b.url, self.claim_key(vid))
+        with _HELD_LOCK:
+            outer = _HELD.get(key)
+        if outer is not None and outer.owner == owner and not outer.lost:
+            yield outer
+            return
+        c = self.acquire_claim(vid, owner, ttl_s, heartbeat=heartbeat)
+        with _HELD_LOCK:
+            _HELD[key] = c
         try:
             yield c
         finally:
-            if reentrant:
-                c._stop.set()
-            else:
-                c.release()
+            with _HELD_LOCK:
+                if _HELD.get(key) is c:
+                    del _HELD[key]
+            c.release()
 
     def entry_status(self) -> dict[str, int]:
         """Counts per EntryStatus: committed from the catalog, in-progress / stale from the (small) claims prefix."""

@@ -146,10 +146,10 @@ class Store:
             hu = hu.astype(np.int16)
         hu = np.ascontiguousarray(hu)
         checksum = encode_pool().submit(sha256_of, hu).result  # hashed while the shard is encoded
-        path = volume_path(vid)
+        base = volume_path(vid)
         record_json = json.loads(record.model_dump_json())
 
-        def write() -> CommitRecord:
+        def write(path: str) -> CommitRecord:
             chunks = (hu.shape[0], hu.shape[1], min(HU_CHUNK_Z, hu.shape[2]))
             write_entry(self.backend, path, {"record": record_json}, [ArrayWrite("hu", hu, chunks, hu_codec())])
             return CommitRecord(
@@ -167,7 +167,7 @@ class Store:
                 record=record_json,
             )
 
-        return commit_entry(self.volumes, vid, checksum, write, owner)
+        return commit_entry(self.volumes, vid, base, checksum, write, owner)
 
     def _volume_commit(self, volume_id: str) -> CommitRecord:
         c = self.volumes.get_commit(check_id("volume_id", volume_id))

@@ -128,6 +128,32 @@ def make_s3_bucket(endpoint: str, name: str) -> str:
     return f"s3://{name}"
 
 
+# ---- S3 (SeaweedFS: a real S3-compatible server) -------------------------------------------------------------
+@pytest.fixture(scope="session")
+def seaweed_s3(tmp_path_factory):
+    """SeaweedFS (``weed mini``) serving S3 on 127.0.0.1 for the whole session (tests/seaweed.py); stopped after."""
+    from seaweed import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def seaweed_url(seaweed_s3, monkeypatch):
+    """A fresh bucket on SeaweedFS, the process environment pointed at it (credentials + endpoint), and its store
+    URL ``s3://<bucket>/store``."""
+    import uuid
+
+    for k, v in seaweed_s3.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = f"xwin-{uuid.uuid4().hex[:12]}"
+    seaweed_s3.client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/store"
+
+
 # ---- a dataset the pipeline rendered itself (consumer, training tests) -----------------------------------------
 RENDERED_SPEC_KW = {"height": 64, "width": 64, "pixel_mm": 8.0}  # 120 views at 3 deg, FOV ~350 mm at the isocentre
 

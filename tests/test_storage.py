@@ -62,9 +62,11 @@ def test_volume_round_trip_and_idempotent(tmp_path):
     rec, hu = make_volume()
     assert not store.has_volume("vol-a")
     assert store.write_volume(rec, hu) is True
-    mtime = (tmp_path / "s/volumes/vol-a/hu/c/0/0/0").stat().st_mtime_ns
+    path = store.volumes.get_commit("vol-a").path  # the writer's attempt folder, named by its commit record
+    assert path.startswith("volumes/vol-a/attempt-")
+    mtime = (tmp_path / "s" / path / "hu/c/0/0/0").stat().st_mtime_ns
     assert store.write_volume(rec, hu) is False  # identical: nothing rewritten
-    assert (tmp_path / "s/volumes/vol-a/hu/c/0/0/0").stat().st_mtime_ns == mtime
+    assert (tmp_path / "s" / path / "hu/c/0/0/0").stat().st_mtime_ns == mtime
     assert store.has_volume("vol-a")
     rec2, hu2 = store.read_volume("vol-a")
     assert rec2 == rec and hu2.dtype == np.int16 and np.array_equal(hu2, hu)
@@ -77,8 +79,8 @@ def test_volume_round_trip_and_idempotent(tmp_path):
     assert row.checksum == sha256_of(hu) and row.status.value == "committed" and row.nbytes == hu.nbytes
     # a zarr-only reader finds the same voxels and record with no xwin code
     z = zarr.open_group(str(tmp_path / "s"), mode="r")
-    assert np.array_equal(z["volumes/vol-a/hu"][...], hu)
-    assert z["volumes/vol-a"].attrs["record"]["volume_id"] == "vol-a"
+    assert np.array_equal(z[f"{path}/hu"][...], hu)
+    assert z[path].attrs["record"]["volume_id"] == "vol-a"
     # different voxels under the same id are refused, not silently mixed
     with pytest.raises(ChecksumMismatch):
         store.write_volume(rec, hu + 1)
@@ -175,7 +177,7 @@ def test_read_views_reads_only_requested_chunks(tmp_path):
     rng = np.random.default_rng(3)
     views = rng.random((24, 64, 64), dtype=np.float32) * 15  # incompressible: chunk bytes ~ raw bytes
     ds.write_ring("v", views, ring_for_volume(spec, np.asarray(AFFINE), (30, 28, 18)).view_meta(), {})
-    shard = (tmp_path / "s" / ds.path / "rings/v/views/c/0/0/0").stat().st_size
+    shard = (tmp_path / "s" / ds.scope.get_commit("v").path / "views/c/0/0/0").stat().st_size
     read = []
     orig = store.backend.get_ranges
     store.backend.get_ranges = lambda key, ranges: read.extend(orig(key, ranges)) or orig(key, ranges)
@@ -198,12 +200,12 @@ def test_verify_finds_flipped_byte_deleted_chunk_and_row_without_data(tmp_path):
     store.write_volume(rec, hu)
     assert store.verify().model_dump()["ok"] == 5
     # 1. flip one byte in the middle of r1's shard
-    p = root / ds.path / "rings/r1/views/c/0/0/0"
+    p = root / ds.scope.get_commit("r1").path / "views/c/0/0/0"
     b = bytearray(p.read_bytes())
     b[len(b) // 2] ^= 0xFF
     p.write_bytes(bytes(b))
     # 2. delete r2's chunk object
-    (root / ds.path / "rings/r2/views/c/0/0/0").unlink()
+    (root / ds.scope.get_commit("r2").path / "views/c/0/0/0").unlink()
     # 3. a catalog row whose data and commit record are gone
     (root / ds.path / "_commits/r3.json").unlink()
     rep = ds.verify()
@@ -264,8 +266,12 @@ _WORKER = textwrap.dedent(
     if mode == "hold":                      # hold a claim until killed
         with ds.claim("r0", ttl_s=30):
             pause("HOLDING")
-    elif mode == "kill_before_commit":      # die after every data object is written, before the commit record
-        Scope.put_commit = lambda self, rec: pause("WRITTEN")
+    elif mode == "kill_before_commit":      # die after every data object is written, before the commit point
+        from xwin.storage.scope import Claim
+        Claim.decide = lambda self, rec: pause("WRITTEN")
+        ds.write_ring("r0", *make_ring(0), {{}})
+    elif mode == "kill_after_decide":       # die after the commit point, before the commit record exists
+        Scope.put_commit = lambda self, rec: pause("DECIDED")
         ds.write_ring("r0", *make_ring(0), {{}})
     elif mode == "kill_before_catalog":     # die after the commit record, before the catalog row
         Scope.catalog_add = lambda self, row: pause("COMMITTED")
@@ -285,6 +291,30 @@ _WORKER = textwrap.dedent(
             return orig_pp(self, key, gen())
         LocalBackend.put_pieces = half_pp
         ds.write_ring("r0", *make_ring(0), {{}})
+    elif mode == "stall":                   # a 2 s lease; announce the middle of the views shard, then go on slowly
+        from xwin.storage import ClaimLost
+        from xwin.storage.local import LocalBackend
+        from xwin.storage.s3 import S3Backend
+        B = type(store.backend)
+        orig_pp = B.put_pieces
+        def slow_pp(self, key, pieces):
+            if not key.endswith("views/c/0/0/0"):
+                return orig_pp(self, key, pieces)
+            pieces = list(pieces)
+            def gen():
+                for i, piece in enumerate(pieces):
+                    if i == len(pieces) // 2:
+                        print("MIDWRITE", key, flush=True)
+                        time.sleep(1.0)             # the test SIGSTOPs us in here
+                    yield piece
+            return orig_pp(self, key, gen())
+        B.put_pieces = slow_pp
+        try:
+            with ds.claim("r0", ttl_s=2.0):
+                ds.write_ring("r0", *make_ring(0), {{"writer": "A"}})
+            print("COMMITTED", flush=True)
+        except ClaimLost as e:
+            print("LOST", e, flush=True)
     elif mode == "backfill":                # write rings r0..r5, skipping those claimed by the other process
         done = []
         for i in range(6):

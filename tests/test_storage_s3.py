@@ -47,7 +47,7 @@ def test_s3_round_trip_catalog_verify(s3_url, caplog):
     assert st.volumes.per_cohort == {"c1": 1} and st.datasets[0].counts["committed"] == 1
     # corruption on S3 is found too: overwrite the shard object with flipped bytes
     fs = store.backend.fs
-    key = f"{store.backend.path}/{ds.path}/rings/vol-a/views/c/0/0/0"
+    key = f"{store.backend.path}/{ds.scope.get_commit('vol-a').path}/views/c/0/0/0"
     b = bytearray(fs.cat_file(key))
     b[len(b) // 3] ^= 0x55
     fs.pipe_file(key, bytes(b))
@@ -163,9 +163,13 @@ def test_s3_sigkill_mid_write_then_rerun(s3_url):
     _kill(p)
     store = open_store(s3_url)
     ds = store.dataset("c1", SPEC)
-    assert store.backend.exists(f"{ds.path}/rings/r0/views/c/0/0/0")  # the data objects are there ...
+    killed = [k for k in store.backend.list(f"{ds.path}/rings/r0/") if k.endswith("views/c/0/0/0")]
+    assert len(killed) == 1  # the data objects are there (in the killed writer's attempt folder) ...
     assert not ds.has_ring("r0") and ds.volume_ids() == []  # ... but invisible without the commit record
     with pytest.raises(NotCommitted):
         ds.read_views("r0", [0])
     assert ds.write_ring("r0", *make_ring(0), {}) is True
     assert ds.volume_ids() == ["r0"] and ds.verify().clean
+    # the rerun's commit removed the killed attempt's objects: one attempt folder is left, the committed one
+    left = {k.split("/rings/r0/", 1)[1].split("/", 1)[0] for k in store.backend.list(f"{ds.path}/rings/r0/")}
+    assert left == {ds.scope.get_commit("r0").path.rsplit("/", 1)[1], "zarr.json"}
