@@ -6,6 +6,7 @@ The numbers here are *parameters*; the single implementation that turns them int
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -74,12 +75,42 @@ class RenderSpec(BaseModel):
         raise KeyError(f"no view at yaw {yaw_deg} deg in this spec")
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The spec as sorted compact JSON: what :attr:`spec_hash` hashes. Fields added after the first release
+        (not in ``_FIRST_FIELDS``) enter it only when set to a value other than their default, so adding a field
+        never changes the hash, and so the dataset path, of a spec that does not use it."""
+        d = self.model_dump(mode="json")
+        defaults = _defaults_json()
+        d = {k: v for k, v in d.items() if k in _FIRST_FIELDS or v != defaults[k]}
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
     def spec_hash(self) -> str:
         """Stable content hash: identical parameters give the same hash across runs and machines."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+
+# The fields of the first release: always hashed. Every field added later is hashed only when not at its default.
+_FIRST_FIELDS = frozenset(
+    {
+        "spec_version",
+        "projection",
+        "sid_mm",
+        "sdd_mm",
+        "height",
+        "width",
+        "pixel_mm",
+        "yaw_start_deg",
+        "yaw_step_deg",
+        "n_views",
+        "mu_water_per_mm",
+        "store_dtype",
+    }
+)
+
+
+@functools.cache
+def _defaults_json() -> dict:
+    return RenderSpec().model_dump(mode="json")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,12 @@ def test_volume_center_and_spec_hash_stability():
     aff[:3, 3] = [166.0, -187.6, -340.0]
     c = volume_center(aff, (512, 512, 133))
     assert np.allclose(c, [166.0 - 0.7 * 255.5, -187.6 + 0.7 * 255.5, -340 + 2.5 * 66])
-    assert RenderSpec().spec_hash == RenderSpec().spec_hash
+    # spec_hash names every stored dataset (datasets/<cohort>/<spec_hash>): a change to it orphans every store.
+    # Golden values, computed once by hand-checked code and never regenerated: a new RenderSpec field must keep them.
+    assert RenderSpec().spec_hash == "76448b4c8f1f2dc3"
+    custom = RenderSpec(height=64, width=64, pixel_mm=8.0, n_views=24, yaw_step_deg=15.0, store_dtype="float32")
+    assert custom.spec_hash == "805de1442101c4c1"
+    assert RenderSpec.model_validate_json(custom.canonical_json()).spec_hash == custom.spec_hash
     assert RenderSpec(yaw_step_deg=5.0, n_views=72).spec_hash != RenderSpec().spec_hash
     with pytest.raises(ValueError):
         RenderSpec(sid_mm=1100.0)

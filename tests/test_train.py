@@ -81,7 +81,7 @@ def tiny_cfg(tmp_path, rendered_dataset, real=None, **kw):
 
 # ------------------------------------------------------------------------------------------------------ training
 def test_50_steps_on_rendered_shards_all_losses_finite(tmp_path, rendered_dataset, real_dir):
-    cfg = tiny_cfg(tmp_path, rendered_dataset, real=real_dir, log_every=10)
+    cfg = tiny_cfg(tmp_path, rendered_dataset, real=real_dir, log_every=1)
     sim, real = build_streams(cfg)
     tr = Trainer(cfg, sim, real)
     summary = tr.run(max_steps=50)
@@ -107,13 +107,31 @@ def test_50_steps_on_rendered_shards_all_losses_finite(tmp_path, rendered_datase
     assert summary["first"]["info_nce"] == pytest.approx(math.log(8), abs=0.1)  # uniform p at init
     logs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in logs if r["event"] == "step"]
-    assert [r["step"] for r in steps] == [10, 20, 30, 40, 50]
+    assert [r["step"] for r in steps] == list(range(1, 51))
     for key in ("lr", "momentum", "tau", "tau_tilde", "images_per_s", "cls", "domain", "mim_real"):
         assert all(r[key] is not None and math.isfinite(r[key]) for r in steps)
     assert logs[0]["event"] == "start" and logs[0]["real_stream"] is True
     assert not any(r["event"] == "note" for r in logs)
-    # the domain classifier learns to separate the real look from DRRs
-    assert summary["last"]["cls"] < summary["first"]["cls"]
+    # L_cls starts at chance: 2 log 2 (one binary cross-entropy per domain), averaged over 10 steps
+    cls = np.array([r["cls"] for r in steps])
+    assert cls[:10].mean() == pytest.approx(2 * math.log(2), abs=0.05)
+
+
+def test_domain_classifier_learns_the_real_look(tmp_path, rendered_dataset, real_dir):
+    """With the encoder's adversarial term off, f_c alone separates real-looking images from DRRs: its loss over the
+    last 10 of 120 steps is below the first 10 by far more than the windows' noise (single steps are noisy; windows
+    are compared). Measured: 1.387 -> 1.292 (the window means' scatter is ~0.02). The tiny preset's "real" images differ
+    from DRRs only by a gamma and noise, so the classifier learns slowly; with the adversarial term on, the encoder
+    keeps it near chance, as the objective intends."""
+    cfg = tiny_cfg(tmp_path, rendered_dataset, real=real_dir, log_every=1, loss__lambda_domain=0.0)
+    sim, real = build_streams(cfg)
+    tr = Trainer(cfg, sim, real)
+    tr.run(max_steps=120)
+    tr.close()
+    logs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    cls = np.array([r["cls"] for r in logs if r["event"] == "step"])
+    assert cls[:10].mean() == pytest.approx(2 * math.log(2), abs=0.05)
+    assert cls[-10:].mean() < cls[:10].mean() - 0.05, (cls[:10].mean(), cls[-10:].mean())
 
 
 def test_overfits_a_fixed_batch(tmp_path, rendered_dataset):
