@@ -8,6 +8,7 @@ checked against the identities file).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,6 +79,8 @@ class SeaweedS3:
             "-webdav=false",
             "-admin.ui=false",
             f"-s3.config={ids}",
+            "-s3.port.iceberg=0",  # the Iceberg and Lance endpoints: off (fixed default ports would collide)
+            "-s3.port.lance=0",
             *args,
         ]
         (root / "data").mkdir(exist_ok=True)
@@ -141,8 +144,6 @@ class SeaweedS3:
                 os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(timeout=15)
             except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.proc.wait(timeout=15)
