@@ -1,6 +1,8 @@
 """Pydantic v2 contracts shared by every stage. No I/O lives here."""
 
 from xwin.schemas.ingest import (
+    ExcludedImage,
+    Failure,
     HUStats,
     InputKind,
     ManifestRow,
@@ -11,11 +13,14 @@ from xwin.schemas.ingest import (
     RunSummary,
     SeriesChoice,
     SeriesRecord,
+    StrayReason,
     VolumeRecord,
 )
 from xwin.schemas.render import RenderSpec, ViewMeta
 
 __all__ = [
+    "ExcludedImage",
+    "Failure",
     "HUStats",
     "InputKind",
     "ManifestRow",
@@ -27,6 +32,7 @@ __all__ = [
     "RunSummary",
     "SeriesChoice",
     "SeriesRecord",
+    "StrayReason",
     "ViewMeta",
     "VolumeRecord",
 ]

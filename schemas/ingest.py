@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Model(BaseModel):
@@ -26,7 +26,7 @@ class RejectReason(str, Enum):
     empty_input = "empty_input"  # directory without any DICOM/NIfTI file
     unreadable_file = "unreadable_file"  # truncated/corrupt file, not parseable
     no_usable_series = "no_usable_series"  # DICOM folder whose every series was excluded (localizers only, ...)
-    wrong_modality = "wrong_modality"  # Modality != CT
+    wrong_modality = "wrong_modality"  # Modality != CT, or no CT image in the series (secondary captures, SR)
     localizer = "localizer"  # scout/localizer series
     not_axial = "not_axial"  # orientation is not axial
     inconsistent_geometry = "inconsistent_geometry"  # orientation/rows/columns/pixel spacing differ between slices
@@ -40,6 +40,13 @@ class RejectReason(str, Enum):
     bad_shape = "bad_shape"  # not a 3D scalar volume
     manifest_error = "manifest_error"  # manifest row that cannot be resolved
     render_failed = "render_failed"  # rendering raised on a valid volume
+    # a quality check the ingest policy rejects on (IngestConfig.qc_reject; docs/ingest.md "Quality checks")
+    qc_truncated = "qc_truncated"
+    qc_table = "qc_table"
+    qc_hu_air = "qc_hu_air"
+    qc_hu_tissue = "qc_hu_tissue"
+    qc_metal = "qc_metal"
+    qc_contrast = "qc_contrast"
 
 
 class ManifestRow(_Model):
@@ -77,6 +84,26 @@ class SeriesChoice(_Model):
     n_slices: int
     slice_thickness_mm: float | None = None
     kernel: str | None = None
+
+
+class StrayReason(str, Enum):
+    """Why one image of a series was left out of the series' axial stack (the stack itself is still ingested)."""
+
+    not_ct_image = "not_ct_image"  # SOPClassUID is not a CT image (secondary capture, dose SR, ...)
+    wrong_modality = "wrong_modality"  # the image's Modality is not CT
+    localizer = "localizer"  # ImageType or SeriesDescription says localizer/scout/topogram
+    no_position = "no_position"  # no ImageOrientationPatient/ImagePositionPatient while the stack has them
+    orientation = "orientation"  # ImageOrientationPatient differs from the stack's (the most common one)
+    size = "size"  # Rows/Columns differ from the stack's (the most common size)
+
+
+class ExcludedImage(_Model):
+    """An image of the chosen series that is not part of its axial stack, and why."""
+
+    sop_uid: str
+    file: str  # the file's path as planned
+    reason: StrayReason
+    detail: str
 
 
 class SeriesRecord(_Model):
@@ -117,6 +144,34 @@ class Provenance(_Model):
 Affine = Annotated[list[list[float]], Field(min_length=4, max_length=4)]
 
 
+class Acquisition(_Model):
+    """Acquisition facts of the series a volume was made from (DICOM headers; a NIfTI input has none).
+
+    ``study_date`` is as stored after the cohort's de-identification (docs/ingest.md, "De-identification"): by
+    default shifted by a per-subject number of days, which keeps the intervals between a subject's exams (and so
+    timepoints and offsets from the first exam) and hides the calendar date."""
+
+    study_date: str | None = None  # YYYYMMDD
+    manufacturer: str | None = None
+    model: str | None = None  # ManufacturerModelName
+    site: str | None = None  # InstitutionName
+    kvp: float | None = None
+    kernel: str | None = None  # ConvolutionKernel
+    slice_thickness_mm: float | None = None
+    series_description: str | None = None
+    contrast_agent: str | None = None  # ContrastBolusAgent (None: not given)
+
+
+class QCCheck(_Model):
+    """One quality check of a canonical volume: its measured value, the rule, and whether it flags the volume."""
+
+    name: str
+    value: float | None
+    flagged: bool
+    rule: str
+    detail: str = ""
+
+
 class VolumeRecord(_Model):
     """A validated canonical HU volume.
 
@@ -140,6 +195,9 @@ class VolumeRecord(_Model):
     hu: HUStats
     provenance: Provenance
     series_choices: list[SeriesChoice] = Field(default_factory=list)
+    excluded_images: list[ExcludedImage] = Field(default_factory=list)  # stray images of the chosen series
+    acquisition: Acquisition | None = None
+    qc: list[QCCheck] = Field(default_factory=list)  # quality checks at ingest (docs/ingest.md, "Quality checks")
 
     @field_validator("affine")
     @classmethod
@@ -167,19 +225,61 @@ class RunEntry(_Model):
     stage: str = "ingest"  # last stage reached: ingest | render | ...
 
 
+class Failure(_Model):
+    """A planned input that neither finished nor was rejected: the run met an error that says nothing about the
+    input itself (an I/O error, a timeout, a full disk, out of memory, a bug), after the retries it was allowed.
+
+    Nothing records a failed input as finished, so the next run (or landing scan) attempts it again.
+    ``retryable``: True when the error can pass by itself (``xwin.storage.is_transient``): rerunning later is the
+    remedy. False: a persistent error (permission denied, a bug) that fails again until its cause is fixed.
+    """
+
+    input: str
+    stage: str  # where it failed: plan | ingest | render | ...
+    error: str  # "<exception type>: <message>"
+    retryable: bool
+    volume_id: str | None = None
+    series_uid: str | None = None
+
+
 class RunSummary(_Model):
-    """What one run did. Every input ends in exactly one of the three lists."""
+    """What one run did. Every planned input ends in exactly one of done, skipped, rejected or failed, and
+    ``planned`` counts them: ``len(done) + len(skipped) + len(rejected) + len(failed) == planned``.
+
+    ``planned`` left out is the sum of the four lists; given, it must equal that sum (a run that lost track of an
+    input is an error, never a silently short summary).
+    """
 
     done: list[RunEntry] = Field(default_factory=list)
     skipped: list[RunEntry] = Field(default_factory=list)
     rejected: list[Rejection] = Field(default_factory=list)
+    failed: list[Failure] = Field(default_factory=list)
+    planned: int | None = None
+
+    @model_validator(mode="after")
+    def _accounted(self) -> RunSummary:
+        n = len(self.done) + len(self.skipped) + len(self.rejected) + len(self.failed)
+        if self.planned is None:
+            self.planned = n
+        elif self.planned != n:
+            raise ValueError(
+                f"RunSummary: {self.planned} planned but {n} accounted for (done {len(self.done)}, skipped "
+                f"{len(self.skipped)}, rejected {len(self.rejected)}, failed {len(self.failed)})"
+            )
+        return self
 
     def merge(self, other: RunSummary) -> RunSummary:
         return RunSummary(
             done=self.done + other.done,
             skipped=self.skipped + other.skipped,
             rejected=self.rejected + other.rejected,
+            failed=self.failed + other.failed,
         )
 
     def counts(self) -> dict[str, int]:
-        return {"done": len(self.done), "skipped": len(self.skipped), "rejected": len(self.rejected)}
+        return {
+            "done": len(self.done),
+            "skipped": len(self.skipped),
+            "rejected": len(self.rejected),
+            "failed": len(self.failed),
+        }

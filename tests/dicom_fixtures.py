@@ -3,6 +3,7 @@
     files = write_ct_series(out_dir, hu, affine_ras)              # hu: (X, Y, Z) HU, affine voxel -> RAS mm
     files = series_from_nifti(nifti_path, out_dir, shuffle=True)  # same, from a NIfTI (e.g. the bundled CT)
     write_localizer(out_dir, study_uid=..., patient_id=...)      # a 1-image coronal scout in the same study
+    write_stray(series_dir, "localizer", like=slice_path)         # a stray image inside the series (same UIDs)
 
 Each slice is a real file (preamble, file meta, Explicit VR Little Endian unless ``transfer_syntax`` says
 otherwise) with ImagePositionPatient/ImageOrientationPatient in LPS, PixelSpacing, RescaleSlope/Intercept,
@@ -71,6 +72,7 @@ def write_ct_series(
     shuffle: bool = True,
     prefix: str = "IM",
     seed: int = 0,
+    extra: dict | None = None,
 ) -> list[Path]:
     """Write ``hu`` (X, Y, Z) with voxel->RAS ``affine_ras`` as one axial CT series, one file per slice.
 
@@ -79,7 +81,8 @@ def write_ct_series(
     ``transfer_syntax``: native, or JPEG 2000 (real lossless encoding via pylibjpeg-openjpeg); with
     ``garbage_pixels`` the declared (compressed) syntax encapsulates bytes that are not a valid codestream.
     Files are named ``{prefix}{n:04d}.dcm`` with n shuffled (``shuffle``) so order must come from positions.
-    Returns the paths in slice order.
+    ``extra``: more attributes by keyword (``{"Manufacturer": "GE MEDICAL SYSTEMS", "ContrastBolusAgent": ...}``),
+    set last. Returns the paths in slice order.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +164,8 @@ def write_ct_series(
         ds.RescaleType = "HU"
         ds.WindowCenter = "40"
         ds.WindowWidth = "400"
+        for kw, val in (extra or {}).items():
+            setattr(ds, kw, val)
         if pad_stored is not None:
             ds.add_new(0x00280120, "SS" if signed else "US", pad_stored)  # PixelPaddingValue
         plane = np.ascontiguousarray(stored_all[:, :, k].T.astype(dtype))  # (rows, cols)
@@ -228,3 +233,75 @@ def rewrite_coronal(paths: Sequence[Path]) -> None:
         ds = pydicom.dcmread(p)
         ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
         ds.save_as(p, enforce_file_format=True)
+
+
+STRAY_KINDS = ("localizer", "secondary_capture", "dose_sr", "coronal", "size")
+
+
+def write_stray(series_dir: str | Path, kind: str, *, like: str | Path, name: str | None = None) -> Path:
+    """Write one image that shares the Study/SeriesInstanceUID of the slice ``like`` but is not part of its axial
+    stack, as scanners leave them in series folders. Returns its path (default name ``A_{kind}.dcm``: it sorts
+    before the ``IM*.dcm`` slices, so it is the series' first file).
+
+    kind: ``localizer`` (ImageType ORIGINAL/PRIMARY/LOCALIZER, a coronal 96 x 64 topogram), ``secondary_capture``
+    (Secondary Capture Image Storage, Modality CT, an RGB screen capture without position/orientation),
+    ``dose_sr`` (X-Ray Radiation Dose SR, Modality SR, no pixels), ``coronal`` (the slice as a coronal image,
+    ImageOrientationPatient 1,0,0/0,0,-1) or ``size`` (the slice at half the rows and columns, twice the spacing)."""
+    import pydicom
+    from pydicom.uid import SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
+
+    ds = pydicom.dcmread(like)
+    sop = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.InstanceNumber = 1000
+    if kind == "localizer":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
+        ds.ImagePositionPatient = ["-72", "0", "150"]
+        ds.Rows, ds.Columns = 64, 96
+        ds.PixelSpacing = ["1.5", "1.5"]
+        plane = np.full((64, 96), 1024 - 1000, np.int16)
+        plane[16:48, 10:90] = 1024 + 40
+        ds.PixelData = plane.astype(np.int16 if ds.PixelRepresentation == 1 else np.uint16).tobytes()
+    elif kind == "secondary_capture":
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        ds.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceLocation"):
+            delattr(ds, kw)
+        for kw in ("RescaleIntercept", "RescaleSlope", "RescaleType", "PixelPaddingValue"):
+            if kw in ds:
+                delattr(ds, kw)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        rgb = np.zeros((int(ds.Rows), int(ds.Columns), 3), np.uint8)
+        rgb[4:12, 4:60] = 255  # "CTDIvol 3.2 mGy" as a white bar
+        ds.PixelData = rgb.tobytes()
+    elif kind == "dose_sr":
+        sr = Dataset()
+        sr.file_meta = ds.file_meta
+        sr.file_meta.MediaStorageSOPClassUID = XRayRadiationDoseSRStorage
+        sr.SOPClassUID = XRayRadiationDoseSRStorage
+        for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "StudyDate"):
+            setattr(sr, kw, getattr(ds, kw))
+        sr.Modality = "SR"
+        sr.SeriesNumber = ds.SeriesNumber
+        sr.InstanceNumber = 1000
+        sr.ValueType = "CONTAINER"
+        concept = Dataset()
+        concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "113701", "DCM", "X-Ray Dose Report"
+        sr.ConceptNameCodeSequence = [concept]
+        sr.ContinuityOfContent = "SEPARATE"
+        ds = sr
+    elif kind == "coronal":
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
+        ds.ImageType = ["DERIVED", "SECONDARY", "MPR"]
+    elif kind == "size":
+        plane = ds.pixel_array[::2, ::2].copy()
+        ds.Rows, ds.Columns = plane.shape
+        ds.PixelSpacing = [f"{float(x) * 2:.8g}" for x in ds.PixelSpacing]
+        ds.PixelData = plane.tobytes()
+    else:
+        raise ValueError(f"stray kind {kind!r}: one of {STRAY_KINDS}")
+    p = Path(series_dir) / (name or f"A_{kind}.dcm")
+    ds.save_as(p, enforce_file_format=True)
+    return p

@@ -185,3 +185,30 @@ def test_cli_json_and_exit_codes(cohort, small, tmp_path):
     (tmp_path / "afile").write_text("x")  # a store that cannot be opened: the run itself fails
     bad = runner.invoke(app, ["ingest", str(good_nii), "--store", str(tmp_path / "afile" / "st"), "--json"])
     assert bad.exit_code != 0 and bad.stdout == ""
+
+
+def test_ingest_sources_falls_back_to_next_ranked_series(small, tmp_path):
+    """A study whose chosen series has truncated pixel data: the run stores the next-ranked series under its own
+    volume id, with the failure in its record; a rerun tries the chosen series again and skips the stored one."""
+    from xwin.storage import open_store
+
+    hu, aff = small
+    study = pydicom.uid.generate_uid()
+    d = tmp_path / "study"
+    soft = write_ct_series(d, hu, aff, study_uid=study, kernel="B30f", prefix="SOFT", patient_id="P9")
+    sharp = write_ct_series(d, hu, aff, study_uid=study, kernel="B70f", prefix="SHARP", patient_id="P9")
+    soft[3].write_bytes(soft[3].read_bytes()[:-4000])
+    soft_uid, sharp_uid = (pydicom.dcmread(f[0]).SeriesInstanceUID for f in (soft, sharp))
+    [cand], _ = plan_inputs([str(d)], "nlst")
+    store = open_store(str(tmp_path / "store"))
+    s1 = ingest_sources([str(d), str(d)], "nlst", store)  # the second time in one run: skipped, same volume
+    assert not s1.rejected
+    [e] = s1.done
+    assert (e.input, e.series_uid, e.volume_id) == (str(d), sharp_uid, cand.fallbacks[0].volume_id)
+    assert [(x.volume_id, x.series_uid) for x in s1.skipped] == [(e.volume_id, sharp_uid)]
+    assert not store.has_volume(cand.volume_id)
+    rec, stored = store.read_volume(e.volume_id)
+    np.testing.assert_array_equal(stored, load_candidate(cand.fallbacks[0])[1])
+    assert next(s for s in rec.series_choices if s.series_uid == soft_uid).reason.startswith("failed to load")
+    s2 = ingest_sources([str(d)], "nlst", store)
+    assert not s2.done and not s2.rejected and [x.volume_id for x in s2.skipped] == [e.volume_id]

@@ -10,12 +10,21 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import slab
-from dicom_fixtures import LPS, rewrite_coronal, series_from_nifti, write_ct_series, write_localizer
+from dicom_fixtures import (
+    LPS,
+    STRAY_KINDS,
+    rewrite_coronal,
+    series_from_nifti,
+    write_ct_series,
+    write_localizer,
+    write_stray,
+)
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
 from xwin.pipeline.ingest import IngestConfig, IngestError, load_candidate, plan_inputs
 from xwin.pipeline.ingest.dicom_headers import fast_header, header_from_dataset, read_header
 from xwin.schemas.ingest import RejectReason as R
+from xwin.schemas.ingest import VolumeRecord
 
 COHORT = "test"
 
@@ -179,6 +188,165 @@ def test_localizer_mixed_in_and_localizer_only(good_dir, tmp_path, expected):
     only = tmp_path / "loc_only"
     write_localizer(only, study_uid=study, n=2)
     assert reason_of(only)[0] == R.localizer
+
+
+# ---------------------------------------------------------------- stray images inside a series
+STRAY_REASON = {
+    "localizer": "localizer",
+    "secondary_capture": "not_ct_image",
+    "dose_sr": "not_ct_image",
+    "coronal": "orientation",
+    "size": "size",
+}
+
+
+@pytest.fixture(scope="module")
+def good_loaded(good_dir):
+    """(candidate, record, hu) of the series without any stray image."""
+    return ingest_one(good_dir)
+
+
+@pytest.mark.parametrize("kind", STRAY_KINDS)
+def test_stray_image_left_out_and_recorded(good_dir, good_loaded, expected, tmp_path, kind):
+    """An image sharing the SeriesInstanceUID but not in the axial stack (written as the series' first file) is
+    left out with its reason; the volume is the one ingested without it, voxel for voxel."""
+    d = copy_series(good_dir, tmp_path / kind)
+    stray = write_stray(d, kind, like=files_by_position(d)[7])
+    assert pydicom.dcmread(stray).SeriesInstanceUID == pydicom.dcmread(files_by_position(d)[0]).SeriesInstanceUID
+    c, rec, hu = ingest_one(d)
+    ref_c, ref_rec, ref_hu = good_loaded
+    np.testing.assert_array_equal(hu, ref_hu)
+    np.testing.assert_array_equal(hu, expected[1])  # and the NIfTI reference
+    assert rec.shape == ref_rec.shape == (128, 128, 20) and rec.affine == ref_rec.affine
+    assert rec.volume_id == ref_rec.volume_id  # identity: the stack's SOP instances only
+    assert rec.provenance.input_checksum == ref_rec.provenance.input_checksum and rec.provenance.input_files == 20
+    assert str(stray) not in c.paths and sorted(c.paths) == sorted(str(d / Path(p).name) for p in ref_c.paths)
+    [ex] = rec.excluded_images
+    assert (ex.file, ex.reason.value, ex.sop_uid) == (
+        str(stray),
+        STRAY_REASON[kind],
+        pydicom.dcmread(stray).SOPInstanceUID,
+    )
+    assert ref_rec.excluded_images == []
+    [chosen] = [s for s in rec.series_choices if s.chosen]
+    assert chosen.n_slices == 20 and f"1 stray image(s) left out (1 {STRAY_REASON[kind]})" in chosen.reason
+    assert any("stray" in n for n in rec.provenance.notes)
+    # the record round-trips; a record written before excluded_images existed still validates
+    assert VolumeRecord.model_validate_json(rec.model_dump_json()) == rec
+    old = rec.model_dump(mode="json")
+    del old["excluded_images"]
+    assert VolumeRecord.model_validate(old).excluded_images == []
+
+
+def test_every_stray_kind_at_once_and_details(good_dir, good_loaded, tmp_path):
+    d = copy_series(good_dir, tmp_path / "all")
+    like = files_by_position(d)[3]
+    strays = {k: write_stray(d, k, like=like) for k in STRAY_KINDS}
+    _c, rec, hu = ingest_one(d)
+    np.testing.assert_array_equal(hu, good_loaded[2])
+    got = {e.file: (e.reason.value, e.detail) for e in rec.excluded_images}
+    assert [e.file for e in rec.excluded_images] == sorted(got)  # file order
+    assert got == {
+        str(strays["coronal"]): ("orientation", got[str(strays["coronal"])][1]),
+        str(strays["dose_sr"]): (
+            "not_ct_image",
+            "SOP class X-Ray Radiation Dose SR Storage (1.2.840.10008.5.1.4.1.1.88.67)",
+        ),
+        str(strays["localizer"]): ("localizer", got[str(strays["localizer"])][1]),
+        str(strays["secondary_capture"]): (
+            "not_ct_image",
+            "SOP class Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7)",
+        ),
+        str(strays["size"]): ("size", "Rows x Columns 64x64 vs the stack's 128x128"),
+    }
+    assert got[str(strays["coronal"])][1].startswith("ImageOrientationPatient [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]")
+    assert "ImageType ORIGINAL/PRIMARY/LOCALIZER" in got[str(strays["localizer"])][1]
+
+
+def test_axial_stack_wins_over_more_reformats_and_jitter_is_not_a_stray(good_dir, good_loaded, tmp_path):
+    """25 coronal reformats sharing the UID of a 20-slice axial series: the axial stack is ingested, the reformats
+    recorded. A slice whose orientation is off by only 1e-3 is not a stray: the series stays inconsistent."""
+    d = copy_series(good_dir, tmp_path / "reformats")
+    slices = files_by_position(d)
+    for i in range(25):
+        write_stray(d, "coronal", like=slices[i % 20], name=f"COR{i:02d}.dcm")
+    _c, rec, hu = ingest_one(d)
+    np.testing.assert_array_equal(hu, good_loaded[2])
+    assert [e.reason.value for e in rec.excluded_images] == ["orientation"] * 25
+    j = copy_series(good_dir, tmp_path / "jitter")
+    f = files_by_position(j)[6]
+    ds = pydicom.dcmread(f)
+    ds.ImageOrientationPatient = [
+        f"{float(v) + (1e-3 if i == 1 else 0):.8f}" for i, v in enumerate(ds.ImageOrientationPatient)
+    ]
+    ds.save_as(f, enforce_file_format=True)
+    reason, detail = reason_of(j)
+    assert reason == R.inconsistent_geometry and "ImageOrientationPatient differs" in detail
+
+
+def test_series_of_only_stray_images_is_rejected(good_dir, tmp_path):
+    """A same-series localizer pair, or only a screen capture and a dose report: no stack, rejected with why."""
+    like = files_by_position(good_dir)[0]
+    loc = tmp_path / "loc"
+    loc.mkdir()
+    write_stray(loc, "localizer", like=like, name="L1.dcm")
+    write_stray(loc, "localizer", like=like, name="L2.dcm")
+    reason, detail = reason_of(loc)
+    assert reason == R.localizer and "ORIGINAL/PRIMARY/LOCALIZER" in detail
+    sc = tmp_path / "sc"
+    sc.mkdir()
+    write_stray(sc, "secondary_capture", like=like)
+    write_stray(sc, "dose_sr", like=like)
+    reason, detail = reason_of(sc)
+    assert reason == R.wrong_modality and "2 stray image(s) (2 not_ct_image; e.g. SOP class" in detail
+    write_stray(sc, "localizer", like=like)
+    write_stray(sc, "localizer", like=like, name="L2.dcm")
+    reason, detail = reason_of(sc)  # as many localizers as other strays: a scout series
+    assert reason == R.localizer and "no image of an axial CT stack: 4 stray image(s) (" in detail
+    assert "2 localizer" in detail and "2 not_ct_image" in detail and "e.g. localizer/scout (ImageType" in detail
+    sc_only = tmp_path / "sc_only"
+    sc_only.mkdir()
+    for i in range(12):
+        write_stray(sc_only, "secondary_capture", like=like, name=f"SC{i}.dcm")
+    reason, detail = reason_of(sc_only)
+    assert reason == R.wrong_modality and "12 stray image(s) (12 not_ct_image" in detail
+
+
+def test_chosen_series_fails_to_load_next_ranked_is_ingested(base, tmp_path):
+    """The best series (soft kernel) has a slice with truncated pixel data, which only loading finds: the study
+    ingests its next-ranked series (sharp kernel), records why, and names both series when both fail."""
+    hu, aff = base
+    study = pydicom.uid.generate_uid()
+    d = tmp_path / "study"
+    sharp_hu = np.where(hu > -2000, np.clip(hu + 30, -1024, 3000), hu).astype(np.int16)
+    soft = write_ct_series(d, hu, aff, study_uid=study, kernel="B30f", prefix="SOFT")
+    sharp = write_ct_series(d, sharp_hu, aff, study_uid=study, kernel="B70f", prefix="SHARP", series_number=3)
+    soft_uid, sharp_uid = (pydicom.dcmread(f[0]).SeriesInstanceUID for f in (soft, sharp))
+    alone = tmp_path / "sharp_alone"  # the reference: the sharp series by itself
+    alone.mkdir()
+    for f in sharp:
+        shutil.copy(f, alone / f.name)
+    ref_c, ref_rec, ref_hu = ingest_one(alone)
+    soft[4].write_bytes(soft[4].read_bytes()[:-5000])  # header intact: planning still chooses the soft series
+
+    cands, rej = plan_inputs([str(d)], COHORT)
+    assert not rej and cands[0].series_uid == soft_uid
+    rec, out = load_candidate(cands[0])  # before: IngestError unreadable_file (pixel data truncated)
+    assert [f.series_uid for f in cands[0].fallbacks] == [sharp_uid]
+    np.testing.assert_array_equal(out, ref_hu)
+    assert (rec.series_uid, rec.volume_id) == (sharp_uid, ref_c.volume_id) and rec.volume_id != cands[0].volume_id
+    assert rec.affine == ref_rec.affine and rec.source == str(d)
+    why = {s.series_uid: s for s in rec.series_choices}
+    assert why[sharp_uid].chosen and not why[soft_uid].chosen
+    assert why[soft_uid].reason.startswith("failed to load unreadable_file") and "truncated" in why[soft_uid].reason
+    assert any(soft_uid in n and "failed to load" in n for n in rec.provenance.notes)
+
+    sharp[9].write_bytes(sharp[9].read_bytes()[:-5000])  # now both fail: rejected, every series named
+    with pytest.raises(IngestError) as ei:
+        load_candidate(cands[0])
+    assert ei.value.reason == R.unreadable_file and ei.value.series_uid == soft_uid
+    assert "(2 tried)" in ei.value.detail and soft_uid in ei.value.detail and sharp_uid in ei.value.detail
+    assert ei.value.detail.count("truncated") == 2
 
 
 def test_two_series_soft_kernel_wins(base, tmp_path, expected):

@@ -29,6 +29,20 @@ class IngestConfig:
     padding_hu_at_or_below: float = -2000.0  # HU at or below this is a padding sentinel (-2048, -3024, ...)
     min_hu: float = -1200.0  # non-padding HU below this: hu_out_of_range
     air_hu: float = -900.0  # some voxel must be at or below this (air); otherwise not HU (missing rescale?)
+    # quality checks (xwin.pipeline.ingest.qc) run on every volume and are recorded in its record; the checks named
+    # here reject a volume they flag (reason qc_<check>). Empty = the "flag" policy (default): record, never reject.
+    qc: bool = True
+    qc_reject: tuple[str, ...] = ()
+    # de-identification (docs/ingest.md): with a salt, subject ids are stored as "s-" + sha256(salt:id)[:16] and
+    # study dates shifted by a per-subject number of days (intervals kept); None keeps them as the source has them
+    deid_salt: str | None = None
+
+    def __post_init__(self) -> None:
+        from xwin.pipeline.ingest.qc import QC_CHECKS
+
+        unknown = sorted(set(self.qc_reject) - set(QC_CHECKS))
+        if unknown:
+            raise ValueError(f"unknown quality check(s) {unknown}: the checks are {list(QC_CHECKS)}")
 
     def output_key(self) -> str:
         """Digest of the settings that change the canonical output (enters volume_id)."""

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from xwin.pipeline.ingest import fastdicom
+from xwin.pipeline.ingest.errors import is_read_failure
 
 # Tags read while planning (header-only): enough to group, select and validate geometry.
 HEADER_TAGS = [
@@ -50,6 +51,11 @@ HEADER_TAGS = [
     "NumberOfFrames",
     "PhotometricInterpretation",
     "SeriesNumber",
+    # acquisition facts kept with the volume (schemas.ingest.Acquisition)
+    "ManufacturerModelName",
+    "InstitutionName",
+    "KVP",
+    "ContrastBolusAgent",
 ]
 
 LOCALIZER_WORDS = ("LOCALIZER", "TOPOGRAM", "SCOUT", "SCANOGRAM", "SURVIEW", "SURVEY")
@@ -111,6 +117,10 @@ class SliceHeader:
     n_frames: int
     photometric: str | None
     series_number: int | None = None
+    model: str | None = None
+    site: str | None = None
+    kvp: float | None = None
+    contrast_agent: str | None = None
 
     @property
     def is_localizer(self) -> bool:
@@ -218,6 +228,10 @@ def build_header(g, path: str, ts: str | None) -> SliceHeader:
         n_frames=_int(g("NumberOfFrames")) or 1,
         photometric=s("PhotometricInterpretation"),
         series_number=_int(g("SeriesNumber")),
+        model=s("ManufacturerModelName"),
+        site=s("InstitutionName"),
+        kvp=_float(g("KVP")),
+        contrast_agent=s("ContrastBolusAgent"),
     )
 
 
@@ -225,7 +239,9 @@ def _has_dicom_magic(path: str) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(132)
-    except OSError:
+    except OSError as e:
+        if is_read_failure(e):  # the file system failed: no verdict on the file (errors.is_read_failure)
+            raise
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
 
@@ -258,8 +274,14 @@ def is_nifti_name(name: str) -> bool:
     return n.endswith((".nii", ".nii.gz"))
 
 
+def _walk_error(e: OSError) -> None:
+    if is_read_failure(e):  # a folder that cannot be listed is not an empty folder
+        raise e
+
+
 def iter_files(root: Path) -> Iterable[str]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Every file under ``root`` in a stable order. A folder the file system fails to list raises its OSError."""
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
         dirnames.sort()
         for fn in sorted(filenames):
             yield os.path.join(dirpath, fn)
@@ -267,7 +289,8 @@ def iter_files(root: Path) -> Iterable[str]:
 
 def scan_paths(files: Iterable[str]) -> ScanResult:
     """Classify files: DICOM headers, corrupt DICOM (has the DICM magic or a .dcm name but does not parse),
-    NIfTI files and junk (anything else, silently ignored)."""
+    NIfTI files and junk (anything else, silently ignored). A file the file system fails to read raises its
+    OSError (``errors.is_read_failure``): it is neither corrupt nor junk."""
     out = ScanResult()
     for p in files:
         name = os.path.basename(p)
@@ -284,7 +307,9 @@ def scan_paths(files: Iterable[str]) -> ScanResult:
             try:
                 ds = pydicom.dcmread(p, stop_before_pixels=True, force=True, specific_tags=HEADER_TAGS)
                 out.headers.append(header_from_dataset(ds, p))
-            except Exception:  # noqa: BLE001 - no preamble and not parseable: not a DICOM file
+            except Exception as e:  # no preamble and not parseable: not a DICOM file (unless the read failed)
+                if is_read_failure(e):
+                    raise
                 out.junk += 1
             continue
         try:
@@ -294,7 +319,9 @@ def scan_paths(files: Iterable[str]) -> ScanResult:
                 out.corrupt.append((p, f"{type(e).__name__}: {e}"))
             else:
                 out.junk += 1
-        except Exception as e:  # noqa: BLE001 - truncated/corrupt headers raise many types (EOFError, ...)
+        except Exception as e:  # truncated/corrupt headers raise many types (EOFError, ...)
+            if is_read_failure(e):
+                raise
             out.corrupt.append((p, f"{type(e).__name__}: {e}"))
     return out
 

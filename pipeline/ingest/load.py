@@ -23,10 +23,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from xwin.pipeline.ingest import fastdicom
 from xwin.pipeline.ingest.config import INGEST_VERSION
+from xwin.pipeline.ingest.deid import deidentify
 from xwin.pipeline.ingest.dicom_headers import SliceHeader, fast_header, header_from_dataset
-from xwin.pipeline.ingest.errors import IngestError
+from xwin.pipeline.ingest.errors import IngestError, is_read_failure
 from xwin.pipeline.ingest.kernels import KERNEL_LOCK, assemble_hu
 from xwin.pipeline.ingest.plan import Candidate
+from xwin.pipeline.ingest.qc import quality_checks
 from xwin.pipeline.ingest.series_geometry import series_geometry
 from xwin.pipeline.ingest.volume import (
     AIR_HU,
@@ -62,7 +64,45 @@ def load_candidate(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
     Returns (record, hu) with hu int16 (X, Y, Z) C-contiguous in canonical RAS voxel order and
     ``record.affine`` voxel -> RAS mm. Raises IngestError for any bad input (never another exception type,
     except MemoryError/KeyboardInterrupt).
+
+    When the chosen series fails to load (IngestError) and the study has other valid series
+    (``c.fallbacks``), they are loaded in rank order: the record is then the first one that loads, under its own
+    ``volume_id``/``series_uid``, with each series that failed before it named in ``series_choices`` and the
+    notes. When every series fails, the IngestError has the first series' reason and names every series tried.
+    An error caused by a read failure (``errors.is_read_failure``: the file system, not the content) is raised at
+    once, without a fallback.
     """
+    if not c.fallbacks:
+        return _load_one(c)
+    tried: list[tuple[Candidate, IngestError]] = []
+    for x in (c, *c.fallbacks):
+        try:
+            rec, hu = _load_one(x)
+        except IngestError as e:
+            if e.__cause__ is not None and is_read_failure(e.__cause__):
+                raise  # the file system failed, not the series' content: no verdict on it, no fallback
+            tried.append((x, e))
+            continue
+        if tried:
+            failed = {t.series_uid: f"failed to load {e.reason.value}: {e.detail}" for t, e in tried}
+            rec.series_choices = [
+                s.model_copy(update={"reason": failed[s.series_uid]}) if s.series_uid in failed else s
+                for s in rec.series_choices
+            ]
+            rec.provenance.notes.append(
+                f"the higher-ranked series {', '.join(str(t.series_uid) for t, _ in tried)} failed to load; "
+                f"ingested the next-ranked series {x.series_uid}"
+            )
+        return rec, hu
+    first = tried[0][1]
+    every = "; ".join(f"series {t.series_uid}: {e.reason.value}: {e.detail}" for t, e in tried)
+    raise IngestError(
+        first.reason, f"{c.input}: every valid series failed to load ({len(tried)} tried): {every}", c.series_uid
+    )
+
+
+def _load_one(c: Candidate) -> tuple[VolumeRecord, np.ndarray]:
+    """One candidate's series (or NIfTI file), no fallback."""
     try:
         if c.kind in (InputKind.nifti, InputKind.example):
             return _load_nifti(c)
@@ -447,12 +487,23 @@ def _finish(
         counts = None
         notes.append(f"resampled (linear) to spacing {tuple(cfg.spacing_mm)} mm")
     spacing = tuple(float(s) for s in np.sqrt((aff[:3, :3] ** 2).sum(axis=0)))
+    acq = c.acquisition
+    checks = []
+    if cfg.qc:
+        agent = acq.contrast_agent if acq is not None else None
+        checks = quality_checks(vol, spacing, contrast_agent=agent, has_header=acq is not None)  # type: ignore[arg-type]
+        for q in checks:
+            if q.flagged and q.name in cfg.qc_reject:
+                raise IngestError(
+                    RejectReason(f"qc_{q.name}"), f"{c.input}: quality check {q.name}: value {q.value} ({q.rule})"
+                )
+    subject, acq = deidentify(c.subject_id, acq, cfg.deid_salt)
     rec = VolumeRecord(
         volume_id=c.volume_id,
         cohort=c.cohort,
         source=c.input,
         kind=c.kind,
-        subject_id=c.subject_id,
+        subject_id=subject,
         study_uid=c.study_uid,
         series_uid=c.series_uid,
         shape=tuple(int(s) for s in vol.shape),
@@ -463,5 +514,8 @@ def _finish(
             reader=reader, versions=_versions(), input_checksum=checksum, input_files=n_files, notes=notes
         ),
         series_choices=list(c.series_choices),
+        excluded_images=list(c.excluded_images),
+        acquisition=acq,
+        qc=checks,
     )
     return rec, vol

@@ -1,8 +1,10 @@
 """Planning: turn sources (NIfTI files, DICOM folders, NBIA manifests) into Candidates, cheaply.
 
-Planning reads DICOM headers only (no pixels) and hashes NIfTI files; it chooses one series per study,
-validates the chosen series' geometry and computes a deterministic ``volume_id``, so a store can say
-"already have it" before any pixel is decoded. Every source ends as Candidates or Rejections, never an exception.
+Planning reads DICOM headers only (no pixels) and hashes NIfTI files; it leaves stray images out of each series,
+chooses one series per study (the other valid ones are its fallbacks), validates their geometry and computes a
+deterministic ``volume_id``, so a store can say "already have it" before any pixel is decoded. Every source
+ends as Candidates or Rejections, never an exception, except an OSError of the file system while reading it
+(``errors.is_read_failure``), which is no verdict on it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,25 @@ from pydicom.uid import UID
 
 from xwin.pipeline.ingest.config import IngestConfig
 from xwin.pipeline.ingest.dicom_headers import SliceHeader, group_series, is_nifti_name, iter_files, scan_paths
-from xwin.pipeline.ingest.errors import IngestError
-from xwin.pipeline.ingest.selection import SeriesSummary, rank_series, summarize_series, why_lower
-from xwin.pipeline.ingest.series_geometry import series_geometry
-from xwin.schemas.ingest import InputKind, ManifestRow, Rejection, RejectReason, SeriesChoice
+from xwin.pipeline.ingest.errors import IngestError, is_read_failure
+from xwin.pipeline.ingest.selection import (
+    SeriesSummary,
+    excluded_images,
+    rank_series,
+    stray_counts,
+    summarize_series,
+    why_lower,
+)
+from xwin.pipeline.ingest.series_geometry import SeriesGeometry, series_geometry
+from xwin.schemas.ingest import (
+    Acquisition,
+    ExcludedImage,
+    InputKind,
+    ManifestRow,
+    Rejection,
+    RejectReason,
+    SeriesChoice,
+)
 
 R = RejectReason
 EXAMPLE_SOURCE = "example"
@@ -37,6 +54,9 @@ class Candidate:
 
     input: the source as given (``path``, ``path#StudyUID`` when a folder holds several studies,
     ``manifest.csv#StudyUID`` for manifest studies). paths: DICOM files in slice order, or the NIfTI file.
+    excluded_images: the chosen series' images left out of its axial stack. fallbacks: the study's other valid
+    series, next-ranked first, each a complete Candidate of its own (its own volume_id), tried in order by
+    ``load_candidate`` when this one fails to load.
     """
 
     input: str
@@ -53,6 +73,9 @@ class Candidate:
     series_choices: list[SeriesChoice] = field(default_factory=list)
     checksum: str | None = None  # NIfTI: sha256 of the file (DICOM: computed while loading)
     notes: list[str] = field(default_factory=list)
+    excluded_images: list[ExcludedImage] = field(default_factory=list)
+    fallbacks: list[Candidate] = field(default_factory=list)
+    acquisition: Acquisition | None = None  # DICOM: the series' acquisition facts (NIfTI: none)
 
 
 def make_volume_id(cohort: str, identity: dict, cfg: IngestConfig) -> str:
@@ -89,6 +112,8 @@ def plan_nifti(
         img: Any = nib.load(str(p))  # a NIfTI image (nibabel types it as the file-based base class)
         shape = img.shape
     except Exception as e:  # nibabel raises many types on a bad header
+        if is_read_failure(e):  # the file system failed, not the header: the caller retries or fails it
+            raise
         raise IngestError(R.unreadable_file, f"{label}: NIfTI header does not parse ({type(e).__name__}: {e})") from e
     digest = file_sha256(p)
     vid = make_volume_id(cohort, {"nifti_sha256": digest}, cfg)
@@ -132,29 +157,32 @@ def plan_study(
     extra_choices: Sequence[SeriesChoice] = (),
     subject_id: str | None = None,
 ) -> Candidate:
-    """Choose and validate one series of one study. Raises IngestError when no series is usable."""
+    """Choose and validate one series of one study. Raises IngestError when no series is usable.
+
+    Each series is reduced to its axial stack (stray images left out and recorded, ``split_strays``). Every usable
+    series whose geometry validates becomes a candidate; the best is returned and the others, best first, are its
+    ``fallbacks``: ``load_candidate`` loads the next one when a series fails to decode."""
     summaries = [summarize_series(uid, hs, cfg) for uid, hs in series.items()]
     usable, excluded = rank_series(summaries, cfg)
-    choices: list[SeriesChoice] = list(extra_choices)
+    base: list[SeriesChoice] = list(extra_choices)
     for s in excluded:
         assert s.exclusion is not None  # rank_series puts exactly the excluded series here
         code, detail = s.exclusion
-        choices.append(s.choice(f"{code.value}: {detail}"))
+        base.append(s.choice(f"{code.value}: {detail}"))
     failures: list[tuple[SeriesSummary, IngestError]] = []
-    chosen = geom = None
+    valid: list[tuple[SeriesSummary, SeriesGeometry]] = []
     for s in usable:
         try:
-            g = series_geometry(s.headers, cfg)
+            g = series_geometry(s.stack, cfg)
             _check_transfer_syntax(g.headers)
         except IngestError as e:
             failures.append((s, e))
             continue
-        chosen, geom = s, g
-        break
+        valid.append((s, g))
     corrupt_note = ""
     if corrupt:
         corrupt_note = f"; {len(corrupt)} file(s) do not parse (e.g. {corrupt[0][0]}: {corrupt[0][1][:120]})"
-    if chosen is None or geom is None:
+    if not valid:
         if failures:
             err = failures[0][1]
             reason = err.reason
@@ -176,16 +204,45 @@ def plan_study(
             series_uid=excluded[0].series_uid if len(excluded) == 1 else None,
         )
     for failed, err in failures:
-        choices.append(failed.choice(f"failed validation {err.reason.value}: {err.detail}"))
-    for s in usable:
-        if s is chosen or any(s is f[0] for f in failures):
-            continue
-        choices.append(s.choice(why_lower(s, chosen, cfg)))
-    choices.insert(0, chosen.choice(f"chosen: {chosen.describe(cfg)}", chosen=True, n_slices=len(geom.headers)))
+        base.append(failed.choice(f"failed validation {err.reason.value}: {err.detail}"))
+    cands = []
+    for rank, (chosen, geom) in enumerate(valid):
+        choices = list(base)
+        for other_rank, (other, _) in enumerate(valid):
+            if other_rank == rank:
+                continue
+            if other_rank < rank:  # replaced by its load failure when this candidate is the one loaded
+                choices.append(other.choice("ranked higher: tried first"))
+            else:
+                choices.append(other.choice(why_lower(other, chosen, cfg)))
+        what = f"chosen: {chosen.describe(cfg)}"
+        if chosen.strays:
+            what += f"; {len(chosen.strays)} stray image(s) left out ({stray_counts(chosen.strays)})"
+        choices.insert(0, chosen.choice(what, chosen=True, n_slices=len(geom.headers)))
+        cands.append(_study_candidate(label, cohort, cfg, chosen, geom, choices, subject_id, corrupt))
+    cands[0].fallbacks = cands[1:]
+    return cands[0]
+
+
+def _study_candidate(
+    label: str,
+    cohort: str,
+    cfg: IngestConfig,
+    chosen: SeriesSummary,
+    geom: SeriesGeometry,
+    choices: list[SeriesChoice],
+    subject_id: str | None,
+    corrupt: Sequence[tuple[str, str]],
+) -> Candidate:
     hs = geom.headers
     sops = [h.sop_uid for h in hs]
     vid = make_volume_id(cohort, {"series_uid": chosen.series_uid, "sop_uids": sorted(sops)}, cfg)
     notes = list(geom.notes)
+    if chosen.strays:
+        notes.append(
+            f"left out {len(chosen.strays)} stray image(s) of series {chosen.series_uid} "
+            f"({stray_counts(chosen.strays)}): see excluded_images"
+        )
     if corrupt:
         notes.append(f"ignored {len(corrupt)} unparseable file(s) outside the chosen series")
     return Candidate(
@@ -202,6 +259,23 @@ def plan_study(
         sop_uids=sops,
         series_choices=choices,
         notes=notes,
+        excluded_images=excluded_images(chosen.strays),
+        acquisition=acquisition_of(hs[0]),
+    )
+
+
+def acquisition_of(h: SliceHeader) -> Acquisition:
+    """The acquisition facts of a series, from one of its slices (docs/ingest.md, "Metadata kept")."""
+    return Acquisition(
+        study_date=h.study_date,
+        manufacturer=h.manufacturer,
+        model=h.model,
+        site=h.site,
+        kvp=h.kvp,
+        kernel=h.kernel,
+        slice_thickness_mm=h.slice_thickness,
+        series_description=h.description,
+        contrast_agent=h.contrast_agent,
     )
 
 
@@ -248,7 +322,9 @@ def _try(fn, label: str, cands: list[Candidate], rejs: list[Rejection]) -> None:
         cands.append(fn())
     except IngestError as e:
         rejs.append(Rejection(input=label, reason=e.reason, detail=e.detail, series_uid=e.series_uid))
-    except Exception as e:  # noqa: BLE001 - a bug or an exotic file must not stop the batch
+    except Exception as e:  # a bug or an exotic file must not stop the batch
+        if is_read_failure(e):  # the file system failed: no verdict on the input (errors.is_read_failure)
+            raise
         rejs.append(
             Rejection(
                 input=label,
@@ -313,6 +389,8 @@ def plan_manifest(
     except IngestError as e:
         return [], [Rejection(input=str(csv_path), reason=e.reason, detail=e.detail)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
+        if is_read_failure(e):
+            raise
         return [], [Rejection(input=str(csv_path), reason=R.manifest_error, detail=f"{csv_path}: {e}")]
     studies: dict[str, list[ManifestRow]] = {}
     for _, row in rows:
@@ -364,7 +442,11 @@ def plan_inputs(
     sources: Sequence[str | Path], cohort: str, config: IngestConfig | None = None
 ) -> tuple[list[Candidate], list[Rejection]]:
     """Plan every source: NIfTI file, DICOM folder (or single DICOM file), NBIA metadata.csv, or ``example``
-    (the bundled chest CT). Returns (candidates, rejections); never raises for a bad source."""
+    (the bundled chest CT). Returns (candidates, rejections); never raises for a bad source.
+
+    An OSError of the file system while reading a source (``errors.is_read_failure``: EIO, a timeout, a stale
+    handle, ...) is not a verdict on the source: it propagates, and callers that plan many sources plan them one
+    at a time to retry or report that one source (``xwin.flows.tasks.plan_series``, ``ingest_sources``)."""
     cfg = config or IngestConfig()
     cands: list[Candidate] = []
     rejs: list[Rejection] = []
@@ -386,7 +468,9 @@ def plan_inputs(
         elif p.is_dir():
             try:
                 c, r = plan_dicom_files(iter_files(p), label, cohort, cfg)
-            except Exception as e:  # noqa: BLE001 - one unreadable folder must not stop the batch
+            except Exception as e:  # one unreadable folder must not stop the batch
+                if is_read_failure(e):
+                    raise
                 c, r = (
                     [],
                     [

@@ -2,17 +2,64 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from xwin.pipeline.ingest.config import IngestConfig
-from xwin.pipeline.ingest.errors import IngestError
+from xwin.pipeline.ingest.errors import IngestError, no_verdict
 from xwin.pipeline.ingest.load import load_candidate
 from xwin.pipeline.ingest.plan import plan_inputs, plan_manifest
-from xwin.schemas.ingest import Rejection, RunEntry, RunSummary, VolumeRecord
+from xwin.schemas.ingest import Failure, Rejection, RunEntry, RunSummary, VolumeRecord
+
+T = TypeVar("T")
+RETRY_DELAYS_S = (1.0, 2.0, 4.0)  # backoff of an error that can pass (``transient``), then the input fails
+
+
+class _Failed(Exception):
+    """An input's error that is no verdict on it, after its retries: becomes a Failure."""
+
+    def __init__(self, err: BaseException, retryable: bool) -> None:
+        super().__init__(str(err))
+        self.err, self.retryable = err, retryable
+
+
+def _attempts(
+    fn: Callable[[], T],
+    transient: Callable[[BaseException], bool] | None,
+    delays: Sequence[float],
+    sleep: Callable[[float], None],
+) -> T:
+    """``fn()``, retried with backoff while it raises an error that can pass; an error that is no verdict on the
+    input (``errors.no_verdict``) and outlives the retries raises :class:`_Failed`; anything else propagates."""
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except Exception as e:  # filtered: only errors that are no verdict on the input are handled here
+            err = no_verdict(e, transient)
+            if err is None:
+                raise
+            can_pass = transient is not None and transient(err)
+            if can_pass and attempt < len(delays):
+                sleep(delays[attempt])
+                continue
+            raise _Failed(err, can_pass) from e
+    raise AssertionError("unreachable")
+
+
+def _failure(label: str, stage: str, f: _Failed, volume_id: str | None = None, uid: str | None = None) -> Failure:
+    return Failure(
+        input=label,
+        stage=stage,
+        error=f"{type(f.err).__name__}: {f.err}",
+        retryable=f.retryable,
+        volume_id=volume_id,
+        series_uid=uid,
+    )
 
 
 class VolumeStore(Protocol):
@@ -29,33 +76,71 @@ def ingest_sources(
     store: VolumeStore,
     config: IngestConfig | None = None,
     manifests: Sequence[str | Path] = (),
-    on_entry: Callable[[str, RunEntry | Rejection], None] | None = None,
+    on_entry: Callable[[str, RunEntry | Rejection | Failure], None] | None = None,
+    transient: Callable[[BaseException], bool] | None = None,
+    retry_delays: Sequence[float] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    held: Callable[[BaseException], bool] | None = None,
 ) -> RunSummary:
     """Ingest sources (and NBIA manifests) into ``store``; return the RunSummary.
 
     A candidate whose volume_id the store already has, or that an earlier input of the same run produced,
-    is ``skipped`` without decoding pixels. A bad input becomes a Rejection and never stops the others; errors
+    is ``skipped`` without decoding pixels. When the chosen series of a study fails to load, the next-ranked one
+    that loads is written under its own volume_id (``load_candidate``); a rerun retries the chosen series and
+    skips the fallback if the store has it. A bad input becomes a Rejection and never stops the others; errors
     of the store itself propagate (the run cannot complete). ``on_entry(kind, entry)`` is called per result.
+
+    An error that is no verdict on an input -- the file system failing to read it (``errors.is_read_failure``), or
+    any error ``transient`` says can pass (callers pass ``xwin.storage.is_transient``: I/O errors, timeouts, a
+    full disk, ...) while reading or writing it -- is retried after each of ``retry_delays`` (default
+    ``RETRY_DELAYS_S``) while it can pass, then the input is ``failed`` (never rejected); the others go on. Without
+    ``transient`` nothing is retried.
+    Every planned input is in exactly one list and ``planned`` counts them.
+
+    ``held(error)``: True for the store's "another live writer is writing this volume" (callers pass
+    ``lambda e: isinstance(e, xwin.storage.ClaimHeld)``): such an input is ``skipped`` (stage
+    ``claimed-elsewhere``), as two runs of one cohort at once must both finish; the other run commits it.
     """
     cfg = config or IngestConfig()
-    cands, rejs = plan_inputs(list(sources), cohort, cfg)
+    delays = RETRY_DELAYS_S if retry_delays is None else retry_delays
+    cands: list = []
+    rejs: list[Rejection] = []
+    failed: list[Failure] = []
+
+    def plan(label: str, fn: Callable[[], tuple[list, list[Rejection]]]) -> None:
+        try:
+            c, r = _attempts(fn, transient, delays, sleep)
+        except _Failed as f:
+            failed.append(_failure(label, "plan", f))
+            if on_entry:
+                on_entry("failed", failed[-1])
+            return
+        cands.extend(c)
+        rejs.extend(r)
+
+    for src in sources:  # one at a time: a source that cannot be read fails alone
+        plan(str(src), partial(plan_inputs, [src], cohort, cfg))
     for m in manifests:
-        more, more_rejs = plan_manifest(m, cohort, config=cfg)
-        cands += more
-        rejs += more_rejs
-    summary = RunSummary(rejected=list(rejs))
+        plan(str(m), partial(plan_manifest, m, cohort, config=cfg))
+    summary = RunSummary(rejected=list(rejs), failed=list(failed))
     if on_entry:
         for rej in rejs:
             on_entry("rejected", rej)
-    seen: set[str] = set()
+    seen: dict[str, tuple[str, str | None]] = {}  # planned volume_id -> (stored volume_id, its series_uid)
     for c in cands:
         if c.volume_id in seen or store.has_volume(c.volume_id):
-            entry = RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid)
+            vid, uid = seen.get(c.volume_id, (c.volume_id, c.series_uid))
+            entry = RunEntry(input=c.input, volume_id=vid, series_uid=uid)
             summary.skipped.append(entry)
             kind = "skipped"
         else:
             try:
-                record, hu = load_candidate(c)
+                record, hu = _attempts(partial(load_candidate, c), transient, delays, sleep)
+            except _Failed as f:
+                summary.failed.append(_failure(c.input, "ingest", f, c.volume_id, c.series_uid))
+                if on_entry:
+                    on_entry("failed", summary.failed[-1])
+                continue
             except IngestError as e:
                 rejection = Rejection(
                     input=c.input, reason=e.reason, detail=e.detail, series_uid=e.series_uid or c.series_uid
@@ -64,12 +149,42 @@ def ingest_sources(
                 if on_entry:
                     on_entry("rejected", rejection)
                 continue
-            store.write_volume(record, hu)
+            # record.volume_id is the study's next-ranked series when the chosen one failed to load: a rerun
+            # tries the chosen series again (it may have been repaired) and skips a fallback it already has
+            entry = RunEntry(input=c.input, volume_id=record.volume_id, series_uid=record.series_uid)
+            fell_back = record.volume_id != c.volume_id
+            if fell_back and (record.volume_id in seen or store.has_volume(record.volume_id)):
+                summary.skipped.append(entry)
+                kind = "skipped"
+            else:
+                try:
+                    _attempts(partial(store.write_volume, record, hu), transient, delays, sleep)
+                except _Failed as f:
+                    summary.failed.append(_failure(c.input, "write", f, record.volume_id, record.series_uid))
+                    if on_entry:
+                        on_entry("failed", summary.failed[-1])
+                    del hu
+                    continue
+                except Exception as e:
+                    if held is None or not held(e):
+                        raise
+                    entry = entry.model_copy(update={"stage": "claimed-elsewhere"})
+                    summary.skipped.append(entry)
+                    if on_entry:
+                        on_entry("skipped", entry)
+                    del hu
+                    continue
+                summary.done.append(entry)
+                kind = "done"
             del hu
-            entry = RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid)
-            summary.done.append(entry)
-            kind = "done"
-        seen.add(c.volume_id)
+            seen[record.volume_id] = (record.volume_id, record.series_uid)
+        seen.setdefault(c.volume_id, (entry.volume_id, entry.series_uid))
         if on_entry:
             on_entry(kind, entry)
-    return summary
+    return RunSummary(
+        done=summary.done,
+        skipped=summary.skipped,
+        rejected=summary.rejected,
+        failed=summary.failed,
+        planned=len(cands) + len(rejs) + len(failed),
+    )
