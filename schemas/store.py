@@ -45,6 +45,11 @@ class CommitRecord(_Model):
     nbytes: int  # uncompressed bytes of the pixel array
     checksum: str  # "sha256:<hex>" of the stored pixels, C order, little endian
     meta_checksum: str | None = None  # rings: sha256 over the per-view metadata arrays (see docs/format.md)
+    # rings with projected labels: the channel names (in order) of the ``labels`` array (C, V, H, W), the sha256 of
+    # its stored values (float16, like ``checksum``) and the label spec they were made with (docs/format.md)
+    label_channels: list[str] | None = None
+    labels_checksum: str | None = None
+    label_spec: dict[str, Any] | None = None
     writer: str  # claim owner that committed it
     committed_at: datetime = Field(default_factory=_now)
     versions: dict[str, str] = Field(default_factory=dict)

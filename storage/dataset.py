@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from xwin.schemas.store import CatalogRow, CommitRecord, DatasetInfo, EntryKind,
 from xwin.storage.entry import (
     ArrayWrite,
     commit_entry,
+    ensure_group,
     finite_check,
     library_versions,
     meta_checksum,
@@ -46,6 +48,8 @@ from xwin.storage.pools import process_pool
 from xwin.storage.scope import DEFAULT_CLAIM_TTL_S, Scope, default_owner
 from xwin.storage.shardwrite import cast
 from xwin.storage.verify import verify_scope
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from xwin.storage.store import Store
@@ -98,8 +102,8 @@ class ProjectionDataset:
             attrs: dict[str, Any] = {
                 "xwin": {"cohort": self.cohort, "spec_hash": self.spec_hash, "spec": json.loads(want)}
             }
-            zarr.open_group(self.store.zstore, path=self.path, mode="a", attributes=attrs)
-            zarr.open_group(self.store.zstore, path=rings_path(self.path), mode="a")
+            ensure_group(b, self.path, attrs)
+            ensure_group(b, rings_path(self.path))
             try:
                 b.put(key, want.encode(), if_none_match=True)
             except ConflictError:
@@ -142,9 +146,17 @@ class ProjectionDataset:
         provenance: dict | None = None,
         *,
         owner: str | None = None,
+        labels: Float[np.ndarray, "C V H W"] | None = None,
+        label_channels: Sequence[str] | None = None,
+        label_spec: dict | None = None,
     ) -> bool:
         """Store the ring of ``volume_id``: views (V, H, W) float line integrals + their geometry (every view's
         :class:`ViewMeta`, ``ConeBeamViews.view_meta()``). Atomic, idempotent.
+
+        ``labels``: optional per-structure thickness maps (C, V, H, W) in mm, same views and rays, stored as float16
+        array ``labels`` (one chunk per view, all channels) in the same commit, with ``label_channels`` (C names)
+        and ``label_spec`` (how the channels were grouped) in the commit record. A ring committed without labels is
+        not changed by a later call with labels (returns False and logs it).
 
         Pixels are stored as ``spec.store_dtype`` (the checksum is over the stored bytes). Returns True when written,
         False when this ring was already committed with identical pixels.
@@ -159,6 +171,15 @@ class ProjectionDataset:
         if not np.array_equal(geometry.index, np.arange(V)):
             raise ValueError(f"ring {vid}: geometry must describe views 0..{V - 1} in order (a whole ring's ViewMeta)")
         dt = np.dtype(self.spec.store_dtype)
+        if labels is not None:
+            labels = np.asarray(labels)
+            names = list(label_channels or [])
+            if labels.ndim != 4 or labels.shape[1:] != (V, H, W) or len(names) != labels.shape[0]:
+                raise ValueError(
+                    f"ring {vid}: labels {labels.shape} must be (C, {V}, {H}, {W}) with C = {len(names)} channel names"
+                )
+            if labels.dtype.kind != "f":
+                raise ValueError(f"ring {vid}: labels must be floating point thickness in mm, got {labels.dtype}")
         if views.dtype.kind != "f":
             raise ValueError(f"ring {vid}: views must be floating point line integrals, got {views.dtype}")
         # The stored values' sha256 is taken from the cast chunks as they are encoded (no extra pass); only a rerun
@@ -194,6 +215,19 @@ class ProjectionDataset:
                 )
             ]
             arrays += [ArrayWrite(name, meta[name], meta[name].shape, meta_codec()) for name in META_ARRAYS]
+            if labels is not None:
+                ldt = np.dtype(np.float16)
+                arrays.append(
+                    ArrayWrite(
+                        "labels",
+                        labels,
+                        (labels.shape[0], 1, H, W),
+                        make_views_codec(ldt, self.views_codec),
+                        ldt,
+                        None,
+                        finite_check(ldt, f"ring {vid} labels"),
+                    )
+                )
             write_entry(self.store.backend, path, attrs, arrays)
             return CommitRecord(
                 volume_id=vid,
@@ -207,12 +241,18 @@ class ProjectionDataset:
                 nbytes=int(views.size * dt.itemsize),
                 checksum=done["sha"],
                 meta_checksum=mcs,
+                label_channels=list(label_channels or []) if labels is not None else None,
+                labels_checksum=sha256_of(cast(labels, np.dtype(np.float16))) if labels is not None else None,
+                label_spec=label_spec if labels is not None else None,
                 writer=owner or default_owner(),
                 versions=library_versions(),
                 provenance=prov,
             )
 
-        return commit_entry(self.scope, vid, base, checksum, write, owner)
+        written = commit_entry(self.scope, vid, base, checksum, write, owner)
+        if not written and labels is not None and self.scope.get_commit(vid).label_channels is None:  # type: ignore[union-attr]
+            log.warning("ring %s is committed without labels: labels are not added to an existing ring", vid)
+        return written
 
     # ---- read ---------------------------------------------------------------------------------------------------
     def _handle(self, volume_id: str) -> _RingHandle:
@@ -277,6 +317,29 @@ class ProjectionDataset:
         data = h.fast.read(idx) if h.fast is not None else np.asarray(h.array.oindex[idx])
         vm = _view_meta(meta, idx, h.shape)
         return (data if dtype is None else cast(data, np.dtype(dtype), import_torch=False)), vm
+
+    def label_channels(self, volume_id: str) -> list[str]:
+        """The names of the ring's label channels, in order ([] when it has no labels)."""
+        c = self.scope.get_commit(check_id("volume_id", volume_id))
+        if c is None:
+            raise NotCommitted(f"ring {volume_id!r} is not committed in {self.path} of {self.store.url}")
+        return list(c.label_channels or [])
+
+    def read_labels(
+        self, volume_id: str, indices: Iterable[int] | Int[np.ndarray, " n"] | None = None
+    ) -> Float32[np.ndarray, "C n H W"]:
+        """Label thickness maps (C, n, H, W) float32 in mm of views ``indices`` (all views when None). Raises
+        KeyError when the ring has no labels. Binary masks: ``read_labels(...) > 0`` (or a thickness threshold)."""
+        c = self.scope.get_commit(check_id("volume_id", volume_id))
+        if c is None:
+            raise NotCommitted(f"ring {volume_id!r} is not committed in {self.path} of {self.store.url}")
+        if not c.label_channels:
+            raise KeyError(f"ring {volume_id!r} has no labels")
+        a = zarr.open_array(self.store.zstore, path=f"{c.path}/labels", mode="r", zarr_format=3)
+        if indices is None:
+            return np.asarray(a[...], dtype=np.float32)
+        idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64) % a.shape[1]
+        return np.asarray(a.oindex[:, idx], dtype=np.float32)
 
     def read_ring(self, volume_id: str) -> Float32[np.ndarray, "V H W"]:
         """All views (V, H, W) float32."""

@@ -22,6 +22,7 @@ entry removes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from zarr.storage import MemoryStore
 
 from xwin.schemas.store import CommitRecord
 from xwin.storage.backend import Backend
-from xwin.storage.errors import ChecksumMismatch, ClaimHeld, ClaimLost
+from xwin.storage.errors import ChecksumMismatch, ClaimHeld, ClaimLost, ConflictError
 from xwin.storage.layout import META_ARRAYS
 from xwin.storage.scope import Claim, Scope, row_of
 from xwin.storage.shardwrite import Crc32cTee, encode_shard, shard_layout
@@ -97,6 +98,19 @@ def group_doc(attributes: dict) -> bytes:
     ms = MemoryStore()
     zarr.create_group(ms, attributes=attributes, zarr_format=3)
     return ms._store_dict["zarr.json"].to_bytes()
+
+
+def ensure_group(backend: Backend, path: str, attributes: dict | None = None) -> None:
+    """Create the zarr group document at ``path`` unless one exists: one create-if-absent PUT, so concurrent
+    creators never fail (zarr's ``open_group(mode="a")`` checks, then creates: two at once raise
+    ContainsGroupError)."""
+    parts = [p for p in path.split("/") if p]
+    for i in range(1, len(parts)):  # the parents, as zarr-python creates them
+        with contextlib.suppress(ConflictError):
+            backend.put("/".join(parts[:i]) + "/zarr.json", group_doc({}), if_none_match=True)
+    key = f"{path}/zarr.json" if path else "zarr.json"
+    with contextlib.suppress(ConflictError):
+        backend.put(key, group_doc(attributes or {}), if_none_match=True)
 
 
 def write_entry(

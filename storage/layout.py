@@ -5,6 +5,7 @@
     datasets/<cohort>/<spec_hash>/_spec.json         the RenderSpec the dataset is made with
     datasets/<cohort>/<spec_hash>/rings/<volume_id>/ views (V, H, W) + the META_ARRAYS of the ring
     <scope>/_commits, <scope>/_catalog, <scope>/_claims   control objects of each commit domain (scope.py)
+    splits/<cohort>.json                             the cohort's subject-level split assignment (SplitsDoc)
 
 Ids become path segments, so they are checked (:func:`check_id`) before any key is made from them.
 """
@@ -38,6 +39,11 @@ def volume_path(volume_id: str) -> str:
 
 def dataset_path(cohort: str, spec_hash: str) -> str:
     return f"datasets/{check_id('cohort', cohort)}/{check_id('spec_hash', spec_hash)}"
+
+
+def splits_key(cohort: str) -> str:
+    """The split assignment of ``cohort`` (a control object, compare-and-swap updated)."""
+    return f"splits/{check_id('cohort', cohort)}.json"
 
 
 def spec_key(dataset: str) -> str:

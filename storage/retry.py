@@ -1,9 +1,12 @@
 """The one classification of failures that can pass (transient) and the retry loops built on it.
 
-Transient: connection problems, timeouts, S3 5xx and throttling responses, and ``OSError``s whose errno says the
-condition can clear (EIO, EAGAIN, EBUSY, ETIMEDOUT, connection resets/refusals, unreachable networks, stale NFS
-handles). Never transient: a lost compare-and-swap (:class:`ConflictError`), missing or forbidden objects, and
-anything else (bad input is the caller's to reject). The flows' task retry policy uses the same function.
+Transient: connection problems, timeouts, S3 5xx and throttling responses, ``OSError``s whose errno says the
+condition can clear (EIO, EAGAIN, EBUSY, ETIMEDOUT, connection resets/refusals, unreachable or down networks,
+stale NFS handles, a disconnected mount, a full disk: ENOSPC, which frees when space is made), and running out of
+memory (``MemoryError``, a CUDA out-of-memory error: memory held by other work frees). An exception is transient
+also when its cause is (``raise ... from e``). Never transient: a lost compare-and-swap (:class:`ConflictError`),
+missing or forbidden objects, and anything else (bad input is the caller's to reject). The flows' task retry
+policy, their accounting of failed series (``Failure.retryable``) and ``xwin ingest`` use this one function.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ _TRANSIENT_ERRNOS = {
     errno.ENETUNREACH,
     errno.EHOSTUNREACH,
     errno.ESTALE,
+    errno.ENOSPC,
+    errno.ENETDOWN,
+    errno.ENETRESET,
+    errno.ENOTCONN,
 }
 _TRANSIENT_MESSAGES = (
     "slowdown",
@@ -67,13 +74,41 @@ _TRANSIENT_MESSAGES = (
     "timeout",
     "timed out",
 )
+_OOM_MESSAGES = ("cuda out of memory", "cuda error: out of memory", "hip out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A ``MemoryError`` or a GPU out-of-memory error (``torch.cuda.OutOfMemoryError`` or the RuntimeError text
+    older torch and other CUDA libraries raise), recognised without importing torch."""
+    if isinstance(exc, MemoryError):
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError (a RuntimeError)
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: connection problems, timeouts, 5xx and throttling responses."""
+    """True for errors worth retrying: connection problems, timeouts, 5xx and throttling responses, I/O errors that
+    can clear (errno), a full disk, out of memory (module docstring). An exception that is neither is transient
+    when its cause (``__cause__``, else ``__context__``) is; a cycle in that chain ends the walk."""
+    seen: set[int] = set()
+    x: BaseException | None = exc
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        verdict = _own_verdict(x)
+        if verdict is not None:
+            return verdict
+        x = x.__cause__ or x.__context__
+    return False
+
+
+def _own_verdict(exc: BaseException) -> bool | None:
+    """True / False when ``exc`` itself decides, None when its cause decides."""
     if isinstance(exc, (ConflictError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    if is_out_of_memory(exc):
         return True
     try:  # botocore is only present with the s3 extra
         from botocore.exceptions import ClientError, HTTPClientError
@@ -94,8 +129,7 @@ def is_transient(exc: BaseException) -> bool:
         msg = str(exc).lower()
         if any(c in msg for c in _TRANSIENT_MESSAGES):
             return True
-    cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and is_transient(cause)
+    return None
 
 
 def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_s: float = 0.05) -> T:

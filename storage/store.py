@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import zarr
 from jaxtyping import Int16, Integer
 
+from xwin.schemas.cohort import SplitsDoc
 from xwin.schemas.ingest import VolumeRecord
 from xwin.schemas.render import RenderSpec
 from xwin.schemas.store import (
@@ -28,7 +32,7 @@ from xwin.schemas.store import (
 )
 from xwin.storage.backend import Backend, make_backend
 from xwin.storage.dataset import ProjectionDataset
-from xwin.storage.entry import ArrayWrite, commit_entry, library_versions, sha256_of, write_entry
+from xwin.storage.entry import ArrayWrite, commit_entry, ensure_group, library_versions, sha256_of, write_entry
 from xwin.storage.errors import ConflictError, DatasetLookupError, NotCommitted, StorageError
 from xwin.storage.layout import (
     DEFAULT_VIEW_CODEC,
@@ -40,6 +44,7 @@ from xwin.storage.layout import (
     dataset_path,
     hu_codec,
     spec_key,
+    splits_key,
     volume_path,
 )
 from xwin.storage.retry import RetryingStore
@@ -91,8 +96,8 @@ class Store:
             return int(idx.get("catalog_bucket_hex", 1))  # stores written before the key existed: 16 buckets
         if not create:
             raise FileNotFoundError(f"no xwin store at {self.url} (missing {INDEX_KEY})")
-        zarr.open_group(self.zstore, mode="a", attributes={"xwin": {"format": FORMAT_NAME, "version": FORMAT_VERSION}})
-        zarr.open_group(self.zstore, path="volumes", mode="a")
+        ensure_group(self.backend, "", {"xwin": {"format": FORMAT_NAME, "version": FORMAT_VERSION}})
+        ensure_group(self.backend, "volumes")
         body = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -191,6 +196,33 @@ class Store:
 
         with ThreadPoolExecutor(max_workers=8) as ex:
             return list(ex.map(lambda r: self.volume_record(r.volume_id), rows))
+
+    # ---- subject-level splits -----------------------------------------------------------------------------------
+    def read_splits(self, cohort: str) -> SplitsDoc | None:
+        """The stored split assignment of ``cohort`` (None: never assigned)."""
+        got = self.backend.get(splits_key(cohort))
+        return None if got is None else SplitsDoc.model_validate_json(got[0])
+
+    def update_splits(self, cohort: str, update: Callable[[SplitsDoc | None], SplitsDoc]) -> SplitsDoc:
+        """Replace the assignment by ``update(current)`` with a compare-and-swap (retried on a concurrent update,
+        with ``update`` called again on the fresh state). Returns what was stored."""
+        key = splits_key(cohort)
+        for attempt in range(50):
+            got = self.backend.get(key)
+            cur = None if got is None else SplitsDoc.model_validate_json(got[0])
+            new = update(cur)
+            if new.cohort != cohort:
+                raise ValueError(f"split assignment of cohort {new.cohort!r} given for {cohort!r}")
+            data = new.model_dump_json(indent=1).encode()
+            try:
+                if got is None:
+                    self.backend.put(key, data, if_none_match=True)
+                else:
+                    self.backend.put(key, data, if_match=got[1])
+                return new
+            except ConflictError:
+                time.sleep(random.uniform(0.005, 0.05) * min(attempt + 1, 10))
+        raise RuntimeError(f"{key} stayed contended after 50 attempts")
 
     def volume_catalog(self) -> list[CatalogRow]:
         return self.volumes.catalog()

@@ -52,6 +52,8 @@ def verify_scope(store: Store, scope: Scope, *, deep: bool = True) -> VerifyRepo
 def _verify_entry(store: Store, scope: Scope, c: CommitRecord, deep: bool) -> tuple[str, str] | None:
     b = store.backend
     names = [c.array] + (list(META_ARRAYS) if c.kind == EntryKind.ring else [])
+    if c.label_channels:
+        names.append("labels")
     arrays = {}
     for name in names:
         if not b.exists(f"{c.path}/{name}/zarr.json"):
@@ -81,4 +83,11 @@ def _verify_entry(store: Store, scope: Scope, c: CommitRecord, deep: bool) -> tu
             return "corrupt", f"view metadata undecodable: {e}"
         if mcs != c.meta_checksum:
             return "corrupt", "view metadata checksum differs from the commit"
+    if c.label_channels:
+        try:
+            lcs = sha256_of(np.asarray(arrays["labels"][...]))
+        except Exception as e:  # noqa: BLE001 - a decode error is corruption
+            return "corrupt", f"labels undecodable: {type(e).__name__}: {e}"
+        if lcs != c.labels_checksum:
+            return "corrupt", f"labels checksum {lcs} != committed {c.labels_checksum}"
     return None

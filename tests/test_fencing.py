@@ -265,3 +265,24 @@ def test_concurrent_reads_share_the_ring_handle_cache(tmp_path):
         t.join()
     assert not errors, errors[:3]
     assert len(reader._cache) <= 2
+
+
+def test_ingest_skips_a_volume_another_live_writer_holds(tmp_path, small_ct_path):
+    """Two `xwin ingest` runs of one cohort at once: the second finds the first writing a volume (a live claim)
+    and reports it skipped (claimed-elsewhere) instead of failing its run."""
+    from xwin.pipeline.ingest import ingest_sources, plan_inputs
+    from xwin.storage import ClaimHeld
+
+    store = open_store(tmp_path / "s")
+    (cand,), _ = plan_inputs([str(small_ct_path)], "c1")
+    other = store.volumes.acquire_claim(cand.volume_id, "another-run", ttl_s=60, heartbeat=False)
+    try:
+        with pytest.raises(ClaimHeld):  # without the callback the held claim is an error of the run
+            ingest_sources([str(small_ct_path)], "c1", store)
+        s = ingest_sources([str(small_ct_path)], "c1", store, held=lambda e: isinstance(e, ClaimHeld))
+        assert [e.stage for e in s.skipped] == ["claimed-elsewhere"] and not s.done and not s.failed
+        assert s.planned == 1 and not store.has_volume(cand.volume_id)
+    finally:
+        other.release()
+    s = ingest_sources([str(small_ct_path)], "c1", store, held=lambda e: isinstance(e, ClaimHeld))
+    assert [e.volume_id for e in s.done] == [cand.volume_id]
