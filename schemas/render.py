@@ -49,6 +49,12 @@ class RenderSpec(BaseModel):
         "write, store and read (measured error and speed: docs/benchmarks.md, Store). float32: exact.",
     )
 
+    body_mask: bool = Field(
+        False,
+        description="render only the patient's body: the scanner table and everything outside the body become air "
+        "before projection (xwin.pipeline.body; a radiograph has no CT table). Off by default: docs/render.md.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> RenderSpec:
         if self.sdd_mm <= self.sid_mm:

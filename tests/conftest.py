@@ -15,6 +15,8 @@ CHECKED_MODULES = [
     "xwin.pipeline.render.appearance",
     "xwin.pipeline.render._rays",
     "xwin.pipeline.render.gpu",
+    "xwin.pipeline.render.triton_joseph",  # the host code; the kernel (_triton_kernel) must stay unwrapped
+    "xwin.pipeline.render.nanodrr_backend",
     "xwin.pipeline.render.diffdrr_backend",
     "xwin.pipeline.render.rtk_backend",
     "xwin.pipeline.reconstruct.fdk",
@@ -29,9 +31,13 @@ CHECKED_MODULES = [
     "xwin.storage.dataset",
     "xwin.storage.store",
     "xwin.storage.entry",
+    "xwin.pipeline.body",
+    "xwin.pipeline.ingest.qc",
 ]
 with install_import_hook(CHECKED_MODULES, "typechecked.typechecker"):
+    import xwin.pipeline.body
     import xwin.pipeline.geometry
+    import xwin.pipeline.ingest.qc
     import xwin.pipeline.reconstruct
     import xwin.pipeline.render
     import xwin.storage  # noqa: F401

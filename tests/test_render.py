@@ -44,7 +44,7 @@ def test_hu_to_mu_units_and_clamp():
 def test_backend_registry():
     names = available_backends()
     assert {"joseph", "torch", "diffdrr", "rtk"} <= set(names)
-    assert resolve_backend("auto") == ("gpu" if torch.cuda.is_available() else "joseph")
+    assert resolve_backend("auto") == ("triton" if torch.cuda.is_available() else "joseph")
     assert ("gpu" in names) == torch.cuda.is_available()
     with pytest.raises(ValueError, match="unknown render backend"):
         resolve_backend("nope")
@@ -163,9 +163,13 @@ def diffdrr_ref(small_ct, conformance_views):
     return render_views(hu, A, conformance_views, backend="diffdrr")
 
 
-@pytest.mark.parametrize("backend", ["joseph", "torch"])
-def test_conformance_vs_diffdrr(backend, small_ct, conformance_views, diffdrr_ref):
+@pytest.mark.parametrize("backend", ["joseph", "torch", "triton", "nanodrr"])
+def test_conformance_vs_diffdrr(backend, small_ct, conformance_views, diffdrr_ref, monkeypatch):
     hu, A = small_ct
+    if backend in ("triton", "nanodrr"):
+        pytest.importorskip(backend)
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's CPU interpreter where no GPU is present
     img = render_views(hu, A, conformance_views, backend=backend)
     for k, yaw in enumerate(YAWS):
         e = rel_l2(img[k], diffdrr_ref[k])

@@ -10,11 +10,14 @@ anisotropic). Rays come only from :class:`xwin.pipeline.geometry.ConeBeamViews`.
 
 Backends (``backend=``; the registry is :mod:`.backends`, the entry points :mod:`.project`):
     "joseph"  fast CPU Joseph projector (numba)                          -- render/joseph.py
-    "torch"   the same sampling in torch (CPU or CUDA; ``device=``)        -- render/gpu.py
-    "gpu"     "torch" on CUDA; registered only where CUDA exists ("nanodrr" is an alias)
+    "triton"  the same sampling as one fused Triton kernel per view set (CUDA; the CPU only under
+              TRITON_INTERPRET=1)                                           -- render/triton_joseph.py
+    "torch"   the same sampling in torch, batched over views (CPU or CUDA; ``device=``) -- render/gpu.py
+    "gpu"     "torch" on CUDA; registered only where CUDA exists
+    "nanodrr" nanodrr (PyPI) on our rays, its pinhole camera mapped from ConeBeamViews -- render/nanodrr_backend.py
     "diffdrr" DiffDRR 0.6.1 Siddon on our rays, the reference (slow)      -- render/diffdrr_backend.py
     "rtk"     RTK's JosephForwardProjectionImageFilter (benchmark baseline, independent check)
-    "auto"    "gpu" if CUDA is available else "joseph"
+    "auto"    "triton" where CUDA exists (and triton imports; else "gpu"), else "joseph"
 """
 
 from xwin.pipeline.render.backends import BACKENDS, available_backends, backend_versions, resolve_backend

@@ -35,6 +35,19 @@ def _cuda() -> bool:
         return False
 
 
+def _triton() -> bool:
+    """triton imports, and CUDA exists or Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
+    from xwin.pipeline.render.triton_joseph import available
+
+    return available()
+
+
+def _nanodrr() -> bool:
+    from xwin.pipeline.render.nanodrr_backend import available
+
+    return available()
+
+
 def _rtk() -> bool:
     try:
         import itk  # noqa: F401
@@ -51,8 +64,19 @@ BACKENDS: dict[str, Backend] = {
     "gpu": Backend(
         "gpu", "xwin.pipeline.render.gpu", "project", _cuda, "torch Joseph projector on CUDA", (("device", "cuda"),)
     ),
+    "triton": Backend(
+        "triton",
+        "xwin.pipeline.render.triton_joseph",
+        "project",
+        _triton,
+        "fused Triton Joseph projector (CUDA, or the CPU interpreter with TRITON_INTERPRET=1)",
+    ),
     "nanodrr": Backend(
-        "nanodrr", "xwin.pipeline.render.gpu", "project", _cuda, "alias of 'gpu'", (("device", "cuda"),)
+        "nanodrr",
+        "xwin.pipeline.render.nanodrr_backend",
+        "project",
+        _nanodrr,
+        "nanodrr (PyPI) on our rays: its fused Triton kernel on CUDA, its torch path elsewhere",
     ),
     "diffdrr": Backend(
         "diffdrr", "xwin.pipeline.render.diffdrr_backend", "project", _always, "DiffDRR 0.6.1 Siddon (reference)"
@@ -66,14 +90,33 @@ def available_backends() -> list[str]:
     return [n for n, b in BACKENDS.items() if b.available()]
 
 
+def auto_backend() -> str:
+    """What 'auto' means here: 'triton' where CUDA exists and triton imports, 'gpu' (torch on CUDA) where only
+    CUDA exists, else 'joseph' (the interpreter is never chosen automatically: it is for tests, and slow)."""
+    if not _cuda():
+        return "joseph"
+    from xwin.pipeline.render.triton_joseph import triton_importable
+
+    return "triton" if triton_importable() else "gpu"
+
+
 def resolve_backend(name: str = "auto") -> str:
-    """'auto' -> 'gpu' where CUDA exists, else 'joseph'; other names are checked for availability."""
+    """'auto' -> :func:`auto_backend`; other names are checked for availability."""
     if name == "auto":
-        return "gpu" if _cuda() else "joseph"
+        return auto_backend()
     if name not in BACKENDS:
         raise ValueError(f"unknown render backend {name!r}; known: {sorted(BACKENDS)}")
     if not BACKENDS[name].available():
-        raise RuntimeError(f"render backend {name!r} is not available here ({BACKENDS[name].description})")
+        why = BACKENDS[name].description
+        if name == "triton":
+            from xwin.pipeline.render.triton_joseph import triton_importable
+
+            why = (
+                "CUDA not found; set TRITON_INTERPRET=1 to run its kernel in Triton's CPU interpreter (slow)"
+                if triton_importable()
+                else "the 'triton' package is not installed: pip install 'xwin[gpu]'"
+            )
+        raise RuntimeError(f"render backend {name!r} is not available here ({why})")
     return name
 
 
@@ -88,7 +131,8 @@ def backend_versions(name: str) -> dict[str, str]:
         "joseph": ["numba"],
         "torch": ["torch"],
         "gpu": ["torch"],
-        "nanodrr": ["torch"],
+        "triton": ["triton", "torch"],
+        "nanodrr": ["nanodrr", "torch", "triton"],
         "diffdrr": ["diffdrr", "torch"],
         "rtk": ["itk-rtk", "itk"],
     }.get(name, [])
@@ -97,4 +141,8 @@ def backend_versions(name: str) -> dict[str, str]:
             out[lib] = version(lib)
         except PackageNotFoundError:  # pragma: no cover
             out[lib] = "unknown"
+    if name == "triton":
+        from xwin.pipeline.render.triton_joseph import interpreting
+
+        out["triton_mode"] = "interpreter" if interpreting() else "cuda"
     return out

@@ -48,17 +48,20 @@ def project(
     *,
     chunk_rays: int = 8192,
     renderer: str = "siddon",
+    device: str = "cpu",
 ) -> Float32[np.ndarray, "V H W"]:
-    """(X,Y,Z) float32 mu -> (V,H,W) float32 line integrals via DiffDRR's renderer on our rays."""
-    drr = _make_drr(mu, affine, views, renderer)
+    """(X,Y,Z) float32 mu -> (V,H,W) float32 line integrals via DiffDRR's renderer on our rays, on ``device``
+    (the CPU by default; "cuda" for the GPU benchmark, bench/gpu_check.py)."""
+    dev = torch.device(device)
+    drr = _make_drr(mu, affine, views, renderer).to(dev)
     V, H, W = len(views), views.height, views.width
     out = np.empty((V, H, W), dtype=np.float32)
     for k in range(V):
-        src = torch.as_tensor(views.src[k], dtype=torch.float32).reshape(1, 1, 3)
-        tgt = torch.as_tensor(views.pixel_centres(k).reshape(1, -1, 3), dtype=torch.float32)
+        src = torch.as_tensor(views.src[k], dtype=torch.float32, device=dev).reshape(1, 1, 3)
+        tgt = torch.as_tensor(views.pixel_centres(k).reshape(1, -1, 3), dtype=torch.float32, device=dev)
         parts = []
         for t in tgt.split(max(1, chunk_rays), dim=1):
             img = drr.render(drr.density, src, t)  # (1, 1, n)
             parts.append(img.reshape(-1))
-        out[k] = torch.cat(parts).reshape(H, W).numpy()
+        out[k] = torch.cat(parts).reshape(H, W).cpu().numpy()
     return out

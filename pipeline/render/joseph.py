@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import numba as nb
 import numpy as np
@@ -249,11 +250,13 @@ def project(
     *,
     method: str = "auto",
     batch_views: int = 16,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Float32[np.ndarray, "V H W"]:
     """(X,Y,Z) float32 mu [1/mm] -> (V,H,W) float32 line integrals [mu*mm].
 
     method: "auto" (ring fast path where its preconditions hold, else general), "general", "columns".
-    Views are processed ``batch_views`` at a time (memory: the output plus one float64 column per thread).
+    Views are processed ``batch_views`` at a time (memory: the output plus one float64 column per thread);
+    ``on_progress(done, V)`` is called after each batch.
     """
     vol = np.ascontiguousarray(mu, dtype=np.float32)
     nx, ny, nz = vol.shape
@@ -274,4 +277,6 @@ def project(
         with _KERNEL_LOCK:
             kern(flat, nx, ny, nz, np.ascontiguousarray(P[b0:b1]), H, W, part)
         out[b0:b1] = part
+        if on_progress is not None:
+            on_progress(b1, V)
     return out

