@@ -5,11 +5,13 @@ Thin wiring only: the stages are the tasks of :mod:`xwin.flows.tasks` (plan, ing
 
 Idempotence: a series whose ring is committed in ``datasets/<cohort>/<spec_hash>`` is skipped before any task is
 submitted, so a crashed or cancelled run is resumed by running it again; storage commits are atomic, so a killed
-run leaves no partial volume visible. A series whose transient failure outlived its retries ends the run
-``Failed`` (:class:`BackfillIncomplete`) after the summary is written; the rerun picks it up.
+run leaves no partial volume visible. A series whose failure outlived its retries is in the summary's ``failed``
+list and ends the run ``Failed`` (:class:`BackfillIncomplete`, carrying the summary) after the summary is written;
+the rerun picks it up.
 
-One flow body, two drivers (see ``xwin.flows.runtime``): :func:`backfill_cohort` (the Prefect flow, any task runner)
-and :func:`run_local` (no Prefect server: the same tasks' functions on a thread pool).
+One flow body, three drivers (see ``xwin.flows.runtime``): :func:`backfill_cohort` (the Prefect flow, any task
+runner), :func:`run_local` (no Prefect server: the same tasks' functions on a thread pool) and :func:`run_dask` (no
+Prefect server: the same functions on Dask workers).
 """
 
 from __future__ import annotations
@@ -27,25 +29,54 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from xwin.flows import reports as rep
 from xwin.flows.params import BackfillParams, VerifyMode
 from xwin.flows.progress import Progress, artifact_key, emit
-from xwin.flows.runtime import LocalStages, PrefectStages, Stages, cpu_slot, ensure_limits_once, render_slot
-from xwin.flows.tasks import Outcome, dataset_handle, ingest_series, plan_series, render_series
-from xwin.schemas.ingest import RunEntry, RunSummary
+from xwin.flows.runtime import (
+    DaskStages,
+    LocalStages,
+    PrefectStages,
+    Stages,
+    cpu_slot,
+    ensure_limits_once,
+    render_slot,
+)
+from xwin.flows.tasks import Outcome, dataset_handle, error_text, ingest_series, plan_series, render_series
+from xwin.schemas.ingest import Failure, Rejection, RunEntry, RunSummary
 from xwin.schemas.render import RenderSpec
+from xwin.storage import is_transient
 
 log = logging.getLogger(__name__)
 
 
 class BackfillIncomplete(RuntimeError):
-    """Some series failed transiently after all retries (or the store failed verification). Rerun to resume."""
+    """Some series failed after all retries (``summary.failed``), or the store failed verification. The summary
+    accounts for every planned series; a rerun resumes."""
 
-    def __init__(self, summary: RunSummary, failed: list[tuple[str, str]], verify: str | None) -> None:
-        self.summary, self.failed, self.verify = summary, failed, verify
-        msg = f"{len(failed)} series failed after retries" if failed else f"store verification failed: {verify}"
+    def __init__(self, summary: RunSummary, verify: str | None = None) -> None:
+        self.summary, self.verify = summary, verify
+        n = len(summary.failed)
+        msg = f"{n} series failed after retries" if n else f"store verification failed: {verify}"
         super().__init__(msg + " (a rerun resumes; see the run summary)")
+
+    @property
+    def failed(self) -> list[Failure]:
+        return self.summary.failed
+
+
+def _failure(c: Any, stage: str, err: BaseException) -> Failure:
+    return Failure(
+        input=c.input,
+        stage=stage,
+        error=error_text(err),
+        retryable=is_transient(err),
+        volume_id=c.volume_id,
+        series_uid=c.series_uid,
+    )
 
 
 def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = None) -> RunSummary:
-    """Plan, skip what is committed, run ingest -> render for the rest, verify, report. Same code in every mode."""
+    """Plan, skip what is committed, run ingest -> render for the rest, verify, report. Same code in every mode.
+
+    The summary accounts for every planned series: done, skipped, rejected (bad input) or failed (an error that
+    outlived its retries, with whether it can pass: ``Failure.retryable``); ``planned`` is their number."""
     t_start = time.perf_counter()
     prefect_mode = stages.mode == "prefect"
     run_id = run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -57,53 +88,69 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         from xwin.pipeline.render import resolve_backend
 
         ensure_limits_once(cpu_slot(), render_slot(resolve_backend(backend)))
-    cands, rejections = stages.result(stages.submit(plan_series, params))
+    cands, rejections, plan_failures = stages.result(stages.submit(plan_series, params))
+    planned = len(cands) + len(rejections) + len(plan_failures)
     ds = dataset_handle(params.store, params.cohort, spec_json)  # creates the dataset / refuses another spec
     committed = set(ds.volume_ids())
-    summary = RunSummary(rejected=list(rejections))
+    done: list[RunEntry] = []
+    skipped: list[RunEntry] = []
+    rejected: list[Rejection] = list(rejections)
+    failed: list[Failure] = list(plan_failures)
     todo = []
     for c in cands:
         if c.volume_id in committed:
-            summary.skipped.append(
-                RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid, stage="render")
-            )
+            skipped.append(RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid, stage="render"))
         else:
             todo.append(c)
-    progress = Progress(params.cohort, len(todo), len(summary.skipped), prefect_mode)
+    progress = Progress(params.cohort, len(todo), len(skipped), prefect_mode)
 
     futures: dict[Any, Any] = {}
     for c in todo:
         fi = stages.submit(ingest_series, c, params.store)
-        fr = stages.submit(render_series, fi, params.store, params.cohort, spec_json, backend, reports, params.previews)
+        fr = stages.submit(
+            render_series,
+            fi,
+            params.store,
+            params.cohort,
+            spec_json,
+            backend,
+            reports,
+            params.previews,
+            params.label_source(c.input),
+        )
         futures[fr] = (c, fi)
-    failed: list[tuple[str, str]] = []
     previews: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for fr in stages.as_completed(futures):
         c, fi = futures[fr]
         try:
             o: Outcome = stages.result(fr)
-        except BaseException as e:  # noqa: BLE001 - transient failure that outlived its retries
-            err = e
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a failure that outlived its retries (or was not retried)
+            err, stage = e, "render"
             try:
                 stages.result(fi)
+            except (KeyboardInterrupt, SystemExit):
+                raise
             except BaseException as ei:  # noqa: BLE001 - the ingest stage is the one that failed
-                err = ei
-            failed.append((c.input, f"{type(err).__name__}: {err}"))
-            log.error("series %s failed after retries: %s", c.input, err)
-            o = Outcome("rejected")  # counted for progress only; not in the summary
+                err, stage = ei, "ingest"
+            failed.append(_failure(c, stage, err))
+            log.error("series %s failed in %s after retries: %s", c.input, stage, error_text(err))
+            o = Outcome("failed")
         else:
             if o.status == "done" and o.entry is not None:
-                summary.done.append(o.entry)
+                done.append(o.entry)
                 if o.preview:
                     previews[o.entry.volume_id] = o.preview
             elif o.status == "skipped" and o.entry is not None:
-                summary.skipped.append(o.entry)
+                skipped.append(o.entry)
             elif o.status == "rejected" and o.rejection is not None:
-                summary.rejected.append(o.rejection)
+                rejected.append(o.rejection)
             for k, v in o.seconds.items():
                 seconds[k] = seconds.get(k, 0.0) + v
         progress.advance(o)
+    summary = RunSummary(done=done, skipped=skipped, rejected=rejected, failed=failed, planned=planned)
 
     verify_msg = None
     verify_ok = True
@@ -122,7 +169,6 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         spec_hash=ds.spec_hash,
         store=params.store,
         previews=previews,
-        failed=failed,
         verify=verify_msg,
         wall_s=wall,
     )
@@ -135,7 +181,6 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         "backend": backend,
         "wall_s": wall,
         "stage_seconds": seconds,
-        "failed": failed,
         "verify": verify_msg,
         "previews": previews,
     }
@@ -171,13 +216,12 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
             "json": json_url,
             "wall_s": wall,
             "verify": verify_msg,
-            "failed": failed,
             "previews": previews,
             "stage_seconds": seconds,
         }
     )
     if failed or not verify_ok:
-        raise BackfillIncomplete(summary, failed, verify_msg)
+        raise BackfillIncomplete(summary, verify_msg)
     return summary
 
 
@@ -203,6 +247,8 @@ def backfill_cohort(
     verify: VerifyMode = "shallow",
     previews: int = 4,
     reports: str | None = None,
+    qc: str = "flag",
+    labels: str | None = None,
 ) -> RunSummary:
     """Backfill ``cohort`` into ``store``: every series ingested, rendered with ``spec`` and committed once."""
     from prefect.context import FlowRunContext
@@ -220,6 +266,8 @@ def backfill_cohort(
         verify=verify,
         previews=previews,
         reports=reports,
+        qc=qc,
+        labels=labels,
     )
     ctx = FlowRunContext.get()
     run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
@@ -227,12 +275,14 @@ def backfill_cohort(
 
 
 def backfill_cohort_on(runner: str = "threads", dask_address: str | None = None, n_workers: int | None = None):
-    """The backfill flow with the given task runner: ``threads`` (in-process) or ``dask``."""
+    """The backfill flow with the given task runner: ``threads`` (in-process) or ``dask`` (needs a Prefect API the
+    workers reach: ``backfill_dask.NoPrefectApi`` without one; :func:`run_dask` runs on Dask without Prefect)."""
     if runner == "threads":
         return backfill_cohort
     if runner == "dask":
-        from xwin.flows.backfill_dask import on_dask
+        from xwin.flows.backfill_dask import on_dask, require_api
 
+        require_api()  # without an API every Dask worker would start an ephemeral server of its own
         return on_dask(dask_address, n_workers)
     raise ValueError(f"unknown runner {runner!r}: threads | dask")
 
@@ -240,4 +290,12 @@ def backfill_cohort_on(runner: str = "threads", dask_address: str | None = None,
 def run_local(params: BackfillParams, max_workers: int | None = None) -> RunSummary:
     """The same flow body without a Prefect server: task functions on a thread pool, same retries and slots."""
     with LocalStages(max_workers=max_workers or _max_workers()) as stages:
+        return run_backfill(params, stages)
+
+
+def run_dask(params: BackfillParams, address: str | None = None, n_workers: int | None = None) -> RunSummary:
+    """The same flow body on Dask without a Prefect server: task functions with their retry policy run inside the
+    workers, which never need a Prefect API (``runtime.DaskStages``). A LocalCluster started here (no ``address``
+    / XWIN_DASK_ADDRESS) is shut down before this returns or raises."""
+    with DaskStages(address, n_workers) as stages:
         return run_backfill(params, stages)

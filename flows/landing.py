@@ -3,7 +3,8 @@
 ``scan_landing`` (cron deployment): list a landing location (a local directory or an ``s3://bucket/prefix``),
 pick the entries not seen before (ledger of name -> size/mtime/etag beside the store), stage S3 entries to a local
 directory, and backfill only those. Entries whose series were all done, skipped or rejected go into the ledger;
-entries with a transient failure do not, so the next tick retries them.
+entries with a failed series (an I/O error, a timeout, a full disk ... that outlived its retries: never a
+rejection) or a failed copy from S3 do not, so the next tick retries them.
 
 ``backfill_sharded``: split one cohort over N worker flow runs (``run_deployment`` of ``backfill-cohort`` with
 ``shard="i/N"``); each series hashes to exactly one shard, and the storage claim makes a duplicate run harmless.
@@ -19,6 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -28,9 +30,11 @@ from prefect import flow
 from xwin.flows import reports as rep
 from xwin.flows.backfill import BackfillIncomplete, backfill_cohort, run_local
 from xwin.flows.params import BackfillParams
-from xwin.schemas.ingest import RunSummary
+from xwin.flows.tasks import error_text
+from xwin.schemas.ingest import Failure, RunSummary
 from xwin.schemas.render import RenderSpec
-from xwin.storage import s3_filesystem
+from xwin.storage import is_transient, s3_filesystem
+from xwin.storage.retry import retry
 
 log = logging.getLogger("xwin.flows.landing")
 _SERIES_SUFFIXES = (".nii", ".nii.gz", ".csv")
@@ -90,6 +94,15 @@ def _stage(entry: str, staging: Path) -> str:
     return str(dst)
 
 
+class ScanIncomplete(BackfillIncomplete):
+    """A landing scan in which some series failed (``summary.failed``); ``entries`` are the landing entries the
+    scan took up. The failed ones stay out of the ledger, so the next scan retries them."""
+
+    def __init__(self, summary: RunSummary, entries: list[str]) -> None:
+        super().__init__(summary)
+        self.entries = entries
+
+
 def scan_once(
     landing: str,
     cohort: str,
@@ -104,7 +117,10 @@ def scan_once(
     """One scan: backfill the new entries of ``landing``. Returns (summary, entries processed).
 
     ``runner(params) -> RunSummary`` runs the backfill (default: the Prefect flow as a subflow inside a flow run,
-    else the local driver).
+    else the local driver). The summary accounts for every series of the new entries (done, skipped, rejected,
+    failed), inputs named by their landing names. An entry goes into the ledger when none of its series failed;
+    a copy from S3 that fails (after retries) fails the entry (stage "stage"). Raises :class:`ScanIncomplete`
+    (after writing the ledger) when a series failed.
     """
     reports = reports or rep.reports_url(store)
     seen = read_ledger(reports, cohort)
@@ -114,28 +130,43 @@ def scan_once(
         new = new[:max_new]
     if not new:
         return RunSummary(), []
-    failed_inputs: set[str] = set()
+    stage_failures: list[Failure] = []
     with _staging_dir(staging, any(e.startswith("s3://") for e in new)) as stage_dir:
-        local = {_stage(e, stage_dir): e for e in new}
-        params = BackfillParams(
-            cohort=cohort, store=store, source=list(local), spec=spec or RenderSpec(), backend=backend, reports=reports
-        )
+        local: dict[str, str] = {}
+        for e in new:
+            try:
+                local[retry(partial(_stage, e, stage_dir), what=f"staging {e}")] = e
+            except Exception as err:  # noqa: BLE001 - one entry that cannot be copied must not stop the scan
+                stage_failures.append(
+                    Failure(input=e, stage="stage", error=error_text(err), retryable=is_transient(err))
+                )
+        summary = RunSummary()
         try:
-            summary = runner(params) if runner else _default_runner(params)
-        except BackfillIncomplete as e:
-            summary = e.summary
-            failed_inputs = {i for i, _ in e.failed}
-        finally:  # staged copies are only needed by this run (a transient failure stages them again next tick)
+            if local:
+                params = BackfillParams(
+                    cohort=cohort,
+                    store=store,
+                    source=list(local),
+                    spec=spec or RenderSpec(),
+                    backend=backend,
+                    reports=reports,
+                )
+                try:
+                    summary = runner(params) if runner else _default_runner(params)
+                except BackfillIncomplete as e:
+                    summary = e.summary
+        finally:  # staged copies are only needed by this run (a failed entry is staged again next tick)
             for path, entry in local.items():
                 if path != entry:
                     _remove(Path(path))
-    summary = _name_landing_entries(summary, local)
-    for path, entry in local.items():  # an entry is finished unless one of its series failed transiently
-        if not any(i == path or i.startswith(path + "#") for i in failed_inputs):
+    summary = _name_landing_entries(summary, local).merge(RunSummary(failed=stage_failures))
+    failed_inputs = {f.input for f in summary.failed}
+    for entry in new:  # an entry is finished unless one of its series failed
+        if not any(i == entry or i.startswith((entry + "#", entry + "/")) for i in failed_inputs):
             seen[entry] = current[entry]
     rep.write_bytes(_ledger_url(reports, cohort), json.dumps(seen, indent=1, sort_keys=True).encode())
-    if failed_inputs:
-        raise BackfillIncomplete(summary, [(i, "failed") for i in sorted(failed_inputs)], None)
+    if summary.failed:
+        raise ScanIncomplete(summary, new)
     return summary, new
 
 
@@ -174,6 +205,8 @@ def _name_landing_entries(summary: RunSummary, local: dict[str, str]) -> RunSumm
         done=[e.model_copy(update={"input": orig(e.input)}) for e in summary.done],
         skipped=[e.model_copy(update={"input": orig(e.input)}) for e in summary.skipped],
         rejected=[r.model_copy(update={"input": orig(r.input)}) for r in summary.rejected],
+        failed=[f.model_copy(update={"input": orig(f.input)}) for f in summary.failed],
+        planned=summary.planned,
     )
 
 

@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from xwin.flows import reports as rep
+from xwin.pipeline.ingest.config import IngestConfig
 from xwin.schemas.render import RenderSpec
 
 VerifyMode = Literal["none", "shallow", "deep"]
+
+
+def qc_reject(policy: str) -> tuple[str, ...]:
+    """``"flag"`` -> (); ``"reject:truncated,metal"`` -> ("truncated", "metal") (checked against the checks)."""
+    from xwin.pipeline.ingest.qc import QC_CHECKS
+
+    if policy == "flag":
+        return ()
+    kind, _, names = policy.partition(":")
+    checks = tuple(n.strip() for n in names.split(",") if n.strip())
+    if kind != "reject" or not checks:
+        raise ValueError(f"qc policy {policy!r}: use 'flag' or 'reject:CHECK,...' with checks from {list(QC_CHECKS)}")
+    unknown = sorted(set(checks) - set(QC_CHECKS))
+    if unknown:
+        raise ValueError(f"qc policy {policy!r}: unknown check(s) {unknown}; the checks are {list(QC_CHECKS)}")
+    return checks
+
+
+@functools.cache
+def label_map(csv_path: str) -> dict[str, str]:
+    """input -> labelmap of a labels CSV (columns input, labels; relative label paths are from the CSV's folder)."""
+    import csv
+    from pathlib import Path
+
+    p = Path(csv_path)
+    if not p.is_file():
+        raise ValueError(f"labels {csv_path!r}: not 'example' and not a CSV file")
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"input", "labels"} <= set(rows[0]):
+        raise ValueError(f"labels CSV {csv_path}: needs columns input and labels")
+    return {r["input"]: str((p.parent / r["labels"]).resolve()) for r in rows if r.get("labels")}
 
 
 class BackfillParams(BaseModel):
@@ -30,6 +64,30 @@ class BackfillParams(BaseModel):
     verify: VerifyMode = "shallow"
     previews: int = 4  # views per preview montage (0: none)
     reports: str | None = None  # default: "<store>-reports"
+    # quality checks at ingest: "flag" (record, never reject) or "reject:CHECK,..." (docs/ingest.md)
+    qc: str = "flag"
+    # labels projected with each ring (docs/render.md, "Labels"): "example" (the bundled labelmap, for the example
+    # source), or a CSV with columns input,labels mapping each source as given to a labelmap file or folder
+    labels: str | None = None
+
+    @field_validator("qc")
+    @classmethod
+    def _qc(cls, v: str) -> str:
+        qc_reject(v)
+        return v
+
+    def ingest_config(self) -> IngestConfig:
+        """The ingest settings of this run; the de-identification salt comes from XWIN_DEID_SALT (a secret: never a
+        parameter, so it is not stored with the deployment or the flow run)."""
+        return IngestConfig(qc_reject=qc_reject(self.qc), deid_salt=os.environ.get("XWIN_DEID_SALT") or None)
+
+    def label_source(self, input: str) -> str | None:
+        """The labelmap of the series planned from ``input`` (None: no labels)."""
+        if self.labels is None:
+            return None
+        if self.labels == "example":
+            return "example" if input == "example" else None
+        return label_map(self.labels).get(input)
 
     def sources(self) -> list[str]:
         if self.source:

@@ -20,7 +20,8 @@ _listeners: list[ProgressListener] = []
 
 
 def add_listener(fn: ProgressListener) -> Callable[[], None]:
-    """Receive progress events of flows run in this process ({"event": "start"|"series"|"stage", ...})."""
+    """Receive progress events of flows run in this process: ``{"event": "start"|"step"|"views"|"series"|"stage"|
+    "end", ...}`` (``step`` and ``views`` come from the stage tasks when they run in this process)."""
     _listeners.append(fn)
     return lambda: _listeners.remove(fn)
 
@@ -31,6 +32,21 @@ def emit(ev: dict) -> None:
             fn(ev)
         except Exception:  # a broken progress bar must not break a run
             log.debug("progress listener failed", exc_info=True)
+
+
+def step(volume_id: str, name: str, seconds: float, **fields: object) -> None:
+    """A series finished a step: ``ingest`` (``written``), ``render`` (``views``) or ``commit``."""
+    emit({"event": "step", "volume_id": volume_id, "step": name, "seconds": seconds, **fields})
+
+
+def views_callback(volume_id: str) -> Callable[[int, int], None]:
+    """The ``on_progress(done, total)`` of one ring's render (``xwin.pipeline.render.render_ring``): a ``views``
+    event per call."""
+
+    def on_progress(done: int, total: int) -> None:
+        emit({"event": "views", "volume_id": volume_id, "done": done, "total": total})
+
+    return on_progress
 
 
 def artifact_key(*parts: str) -> str:

@@ -1,9 +1,11 @@
 """What a person looks at after a run: preview montages, ring contact sheets, run summaries (markdown + JSON).
 
-Reports live *beside* the store, never inside it (the store layout belongs to ``storage``):
+Reports live *beside* the store, never among its objects (the store layout belongs to ``storage``):
 ``<store URL>-reports/`` holds ``previews/<cohort>/<spec_hash>/<volume_id>.png``, ``runs/<run id>.{json,md}`` and
-``rejected/<cohort>.jsonl`` (the landing scan's ledger of inputs already rejected). Local paths and ``s3://``
-URLs both work (fsspec; the S3 endpoint comes from XWIN_S3_ENDPOINT / AWS_ENDPOINT_URL like the store's).
+``rejected/<cohort>.jsonl`` (the landing scan's ledger of inputs already rejected). A store that is a whole bucket
+(``s3://bucket``) has nothing beside it in its bucket, so its reports go under it, in ``s3://bucket/reports/``
+(a name the store's layout never uses), never into another bucket. Local paths and ``s3://`` URLs both work
+(fsspec; the S3 endpoint comes from XWIN_S3_ENDPOINT / AWS_ENDPOINT_URL like the store's).
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from xwin.storage import s3_options
 
 # ---- locations -----------------------------------------------------------------------------------------------
 def reports_url(store_url: str) -> str:
-    """``<store>-reports`` beside the store: ``data/example`` -> ``data/example-reports``."""
+    """``<store>-reports`` beside the store: ``data/example`` -> ``data/example-reports``, ``s3://b/x`` ->
+    ``s3://b/x-reports``; a store that is a whole bucket keeps its reports inside it: ``s3://b`` ->
+    ``s3://b/reports``."""
     u = str(store_url).rstrip("/")
     if "://" not in u:
         u = str(Path(u).expanduser().resolve())
+    scheme, _, path = u.partition("://")
+    if scheme in ("s3", "gs", "gcs", "az", "abfs") and "/" not in path:  # a bare bucket: no "beside" in it
+        return f"{u}/reports"
     return u + "-reports"
 
 
@@ -163,13 +170,13 @@ def summary_markdown(
     spec_hash: str,
     store: str,
     previews: dict[str, str],
-    failed: Sequence[tuple[str, str]] = (),
     verify: str | None = None,
     wall_s: float | None = None,
     title: str = "xwin backfill",
 ) -> str:
-    """Markdown run summary: counts (done / skipped / rejected by reason), rejections, preview links."""
+    """Markdown run summary: counts (done / skipped / rejected by reason / failed), rejections, failures, previews."""
     c = summary.counts()
+    failed = summary.failed
     lines = [
         f"# {title}: cohort `{cohort}`",
         "",
@@ -183,7 +190,7 @@ def summary_markdown(
     for reason, n in counts_by_reason(summary).items():
         lines.append(f"| rejected: {reason} | {n} |")
     if failed:
-        lines.append(f"| failed (transient, retried out; rerun resumes) | {len(failed)} |")
+        lines.append(f"| failed (after retries; a rerun retries them) | {len(failed)} |")
     if verify:
         lines += ["", f"verify: {verify}"]
     if summary.rejected:
@@ -191,8 +198,10 @@ def summary_markdown(
         for r in summary.rejected:
             lines.append(f"| `{r.input}` | {r.reason.value} | {r.detail.replace('|', '/')} |")
     if failed:
-        lines += ["", "## Failed", "", "| input | error |", "| --- | --- |"]
-        lines += [f"| `{i}` | {e.replace('|', '/')} |" for i, e in failed]
+        lines += ["", "## Failed", "", "| input | stage | error | can pass |", "| --- | --- | --- | --- |"]
+        for f in failed:
+            passes = "yes" if f.retryable else "no: fix the cause"
+            lines.append(f"| `{f.input}` | {f.stage} | {f.error.replace('|', '/')} | {passes} |")
     if previews:
         lines += ["", "## Previews", ""]
         lines += [f"- [{vid}]({link(u)})" for vid, u in sorted(previews.items())]

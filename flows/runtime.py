@@ -8,6 +8,9 @@ Nothing here knows about CT or rendering. Two ways to run the same flow body (``
   task functions (``task.fn``) run on a thread pool with the very same retry policy (``task.retries``,
   ``task.retry_delay_seconds``, ``task.retry_condition_fn``), bounded by in-process semaphores of the same names
   and sizes.
+* :class:`DaskStages` -- no Prefect server, tasks on Dask workers (``--runner dask`` without ``PREFECT_API_URL``):
+  the same task functions and retry policy (:func:`call_with_retries`) run inside the workers, which never talk to
+  a Prefect API; slots are host-wide file locks (:func:`slot`), so worker processes on one host share them.
 
 Slot names (one global concurrency limit each; created on ``xwin deploy`` and, if missing, on first use):
 
@@ -21,9 +24,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
+import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import as_completed as _cf_as_completed
@@ -33,7 +40,7 @@ from xwin.storage import is_transient
 
 log = logging.getLogger("xwin.flows")
 
-GPU_BACKENDS = frozenset({"gpu", "nanodrr"})
+GPU_BACKENDS = frozenset({"gpu", "triton", "nanodrr"})  # render backends that hold a GPU slot
 
 
 # ---- slots ---------------------------------------------------------------------------------------------------
@@ -123,8 +130,9 @@ def slot(name: str, slots: int) -> Iterator[None]:
     """Hold one slot of ``name`` for the block.
 
     Inside a Prefect task run: a global concurrency limit with ``strict=True`` (a missing limit is an error, so
-    the limit is created once per process first -- it normally exists from ``xwin deploy``). Elsewhere: an
-    in-process semaphore with the same name and size.
+    the limit is created once per process first -- it normally exists from ``xwin deploy``). Inside a Dask worker
+    without Prefect (:class:`DaskStages`): ``slots`` lock files per name on this host (:func:`host_slot`), shared by
+    every worker process here. Elsewhere: an in-process semaphore with the same name and size.
     """
     if in_prefect_task():
         from prefect.concurrency.sync import concurrency
@@ -135,9 +143,59 @@ def slot(name: str, slots: int) -> Iterator[None]:
                 _ensured.add(name)
         with concurrency(name, occupy=1, strict=True):
             yield
+    elif in_dask_worker():
+        with host_slot(name, slots):
+            yield
     else:
         with _local_sem(name, slots):
             yield
+
+
+def in_dask_worker() -> bool:
+    """Is this code running in a task on a Dask worker?"""
+    if "distributed" not in sys.modules:  # never imported: not a worker (and no import cost)
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def slot_dir() -> str:
+    """Where the host-wide slot lock files live: XWIN_SLOT_DIR, else a per-user folder in the temp directory."""
+    d = os.environ.get("XWIN_SLOT_DIR") or os.path.join(tempfile.gettempdir(), f"xwin-slots-{os.getuid()}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def host_slot(name: str, slots: int, poll_s: float = 0.05) -> Iterator[None]:
+    """Hold one of ``slots`` host-wide slots of ``name``: an exclusive ``flock`` on one of ``slots`` lock files.
+
+    Shared by every process (and thread) on this host that uses the same slot directory; the kernel releases the
+    lock of a process that dies, so no slot is ever leaked. Waits (polling) while all slots are held.
+    """
+    import fcntl
+
+    base = os.path.join(slot_dir(), re.sub(r"[^A-Za-z0-9._-]", "_", name))
+    while True:
+        for k in range(max(1, slots)):
+            f = open(f"{base}.{k}.lock", "a+b")  # noqa: SIM115 - held across the yield, closed below
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                f.close()
+            return
+        time.sleep(poll_s)
 
 
 # ---- failure policy ------------------------------------------------------------------------------------------
@@ -206,28 +264,13 @@ class LocalStages:
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.attempts[name] = self.attempts.get(name, 0) + 1
+
     def _call(self, task: Any, args: tuple[Any, ...]) -> Any:
         args = tuple(a.result() if isinstance(a, Future) else a for a in args)
-        delays = task.retry_delay_seconds
-        retries = int(task.retries or 0)
-        for attempt in range(retries + 1):
-            with self._lock:
-                self.attempts[task.name] = self.attempts.get(task.name, 0) + 1
-            try:
-                return task.fn(*args)
-            except Exception as e:  # filtered by the task's retry condition
-                cond = task.retry_condition_fn
-                retry = (
-                    is_transient(e) if cond is None or cond is retry_transient else bool(cond(task, None, _Failed(e)))
-                )
-                if attempt >= retries or not retry:
-                    raise
-                d = delays[min(attempt, len(delays) - 1)] if isinstance(delays, (list, tuple)) else float(delays or 0)
-                log.warning(
-                    "%s failed (%s: %s), retry %d/%d in %.1fs", task.name, type(e).__name__, e, attempt + 1, retries, d
-                )
-                self.sleep(d)
-        raise AssertionError("unreachable")
+        return call_with_retries(task, args, self.sleep, self._count)
 
     def submit(self, task: Any, *args: Any) -> Future:
         return self.pool.submit(self._call, task, args)
@@ -236,6 +279,96 @@ class LocalStages:
         yield from _cf_as_completed(list(futures))
 
     def result(self, future: Future) -> Any:
+        return future.result()
+
+
+def call_with_retries(
+    task: Any,
+    args: tuple[Any, ...],
+    sleep: Callable[[float], None] = time.sleep,
+    on_attempt: Callable[[str], None] | None = None,
+) -> Any:
+    """``task.fn(*args)`` with the task's own retry policy (``retries``, ``retry_delay_seconds``,
+    ``retry_condition_fn``), as the Prefect engine would apply it, without Prefect."""
+    delays = task.retry_delay_seconds
+    retries = int(task.retries or 0)
+    for attempt in range(retries + 1):
+        if on_attempt is not None:
+            on_attempt(task.name)
+        try:
+            return task.fn(*args)
+        except Exception as e:  # filtered by the task's retry condition
+            cond = task.retry_condition_fn
+            retry = is_transient(e) if cond is None or cond is retry_transient else bool(cond(task, None, _Failed(e)))
+            if attempt >= retries or not retry:
+                raise
+            d = delays[min(attempt, len(delays) - 1)] if isinstance(delays, (list, tuple)) else float(delays or 0)
+            log.warning(
+                "%s failed (%s: %s), retry %d/%d in %.1fs", task.name, type(e).__name__, e, attempt + 1, retries, d
+            )
+            sleep(d)
+    raise AssertionError("unreachable")
+
+
+def _run_on_worker(task: Any, *args: Any) -> Any:
+    """What :class:`DaskStages` submits: one task with its retry policy, inside a Dask worker."""
+    return call_with_retries(task, args)
+
+
+class DaskStages:
+    """Stages as Dask tasks without Prefect: the task functions with their retry policy run inside the workers
+    (:func:`call_with_retries`); futures passed as arguments are resolved by Dask.
+
+    The scheduler: ``address`` / XWIN_DASK_ADDRESS (an existing cluster), else a LocalCluster of ``n_workers`` /
+    XWIN_DASK_WORKERS (default 2) processes with ``threads_per_worker`` threads each, started for the run and shut
+    down with it (``with DaskStages() as stages:``): no process it started outlives the block.
+    """
+
+    mode = "dask"
+
+    def __init__(self, address: str | None = None, n_workers: int | None = None, threads_per_worker: int = 2) -> None:
+        from distributed import Client, LocalCluster
+
+        address = address or os.environ.get("XWIN_DASK_ADDRESS") or None
+        self.cluster: Any = None
+        if address:
+            self.client = Client(address, set_as_default=False)
+        else:
+            self.cluster = LocalCluster(
+                n_workers=n_workers or int(os.environ.get("XWIN_DASK_WORKERS") or 2),
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                dashboard_address=None,
+            )
+            try:
+                self.client = Client(self.cluster, set_as_default=False)
+            except BaseException:
+                self.cluster.close()
+                raise
+
+    def __enter__(self) -> DaskStages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+                self.cluster = None
+
+    def submit(self, task: Any, *args: Any) -> Any:
+        return self.client.submit(_run_on_worker, task, *args, pure=False, key=f"{task.name}-{uuid.uuid4().hex}")
+
+    def as_completed(self, futures: Iterable[Any]) -> Iterator[Any]:
+        from distributed import as_completed
+
+        yield from as_completed(list(futures), loop=self.client.loop)
+
+    def result(self, future: Any) -> Any:
         return future.result()
 
 

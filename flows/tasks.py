@@ -1,9 +1,14 @@
 """The backfill's stage tasks: plan the series of a run, ingest one series, render and commit its ring.
 
 Each is a Prefect task with retries and exponential backoff for transient failures (I/O, S3, connection,
-timeouts; ``xwin.storage.is_transient``). Bad input is never retried: ``IngestError`` becomes a ``Rejection`` with
-its reason code, a render that raises on a valid volume becomes ``render_failed``. The same functions run without a
-Prefect server under ``runtime.LocalStages`` (``task.fn``, same retry policy).
+timeouts, a full disk, out of memory; ``xwin.storage.is_transient``). Bad input is never retried: ``IngestError``
+becomes a ``Rejection`` with its reason code, a render that raises on a valid volume becomes ``render_failed``.
+An error that is no verdict on the input -- a transient one, or the file system failing to read it
+(``xwin.pipeline.ingest.errors.is_read_failure``) -- is never a rejection: the task raises it (retried while
+transient), and the run reports the series under ``failed`` when it outlives the retries. Another live writer
+holding a volume's or ring's claim (a concurrent run of the same cohort) makes the series ``skipped``.
+The same functions run without a Prefect server under ``runtime.LocalStages`` / ``runtime.DaskStages``
+(``task.fn``, same retry policy).
 """
 
 from __future__ import annotations
@@ -16,17 +21,17 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from xwin.flows import progress
 from xwin.flows import reports as rep
 from xwin.flows.params import BackfillParams
 from xwin.flows.runtime import backoff_delays, cpu_slot, render_slot, retry_transient, slot
-from xwin.schemas.ingest import Rejection, RejectReason, RunEntry
+from xwin.schemas.ingest import Failure, Rejection, RejectReason, RunEntry
 from xwin.schemas.render import RenderSpec
 from xwin.storage import ProjectionDataset, Store, is_transient, open_store
 
@@ -53,13 +58,15 @@ class Ingested:
     series_uid: str | None
     written: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    held_by: str | None = None  # another live writer held the volume's claim: not written by this run
 
 
 @dataclass
 class Outcome:
-    """Result of one series: exactly one of done / skipped / rejected."""
+    """Result of one series: exactly one of done / skipped / rejected ("failed": the driver's mark for progress
+    events of a series whose task raised; the summary's Failure carries the error)."""
 
-    status: Literal["done", "skipped", "rejected"]
+    status: Literal["done", "skipped", "rejected", "failed"]
     entry: RunEntry | None = None
     rejection: Rejection | None = None
     preview: str | None = None
@@ -98,26 +105,74 @@ def in_shard(key: str, shard: str | None) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) % n == i
 
 
+def error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def no_verdict(e: BaseException) -> BaseException | None:
+    """The error in ``e``'s chain that says nothing about the input -- transient (``is_transient``) or a read
+    failure of the file system (``is_read_failure``) -- or None (``xwin.pipeline.ingest.errors.no_verdict``)."""
+    from xwin.pipeline.ingest.errors import no_verdict as _no_verdict
+
+    return _no_verdict(e, is_transient)
+
+
+def plan_one(label: str, plan: Any, sleep: Any = time.sleep) -> tuple[list[Any], list[Rejection], list[Failure]]:
+    """``plan() -> (candidates, rejections)`` for one source; an error of the file system while reading it is
+    retried with backoff while transient, then reported as a ``Failure`` of that source (stage "plan")."""
+    delays = backoff_delays(TASK_RETRIES)
+    for attempt in range(len(delays) + 1):
+        try:
+            c, r = plan()
+            return c, r, []
+        except Exception as e:  # filtered: only errors that are no verdict on the input are handled here
+            err = no_verdict(e)
+            if err is None:
+                raise
+            retryable = is_transient(err)
+            if retryable and attempt < len(delays):
+                d = delays[attempt]
+                log.warning("planning %s: %s; retry %d/%d in %.1fs", label, e, attempt + 1, len(delays), d)
+                sleep(d)
+                continue
+            return [], [], [Failure(input=label, stage="plan", error=error_text(err), retryable=retryable)]
+    raise AssertionError("unreachable")
+
+
 @task(name="plan-series", **TASK_OPTS)
-def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection]]:
-    """Sources/manifest -> (candidates in this shard, rejections). Cheap: headers and checksums only."""
+def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection], list[Failure]]:
+    """Sources/manifest -> (candidates in this shard, rejections, failures). Cheap: headers and checksums only.
+
+    Each source is planned by itself, so a source the file system fails to read (after retries) is one
+    ``Failure`` and the other sources plan as usual."""
     from xwin.pipeline.ingest import plan_inputs, plan_manifest
 
-    cands, rejs = [], []
+    cands: list[Any] = []
+    rejs: list[Rejection] = []
+    fails: list[Failure] = []
     if params.manifest:  # manifest studies are sharded after planning, by volume id
-        c, r = plan_manifest(params.manifest, params.cohort, root=params.manifest_root)
+        manifest = params.manifest
+        cfg = params.ingest_config()
+        c, r, f = plan_one(
+            manifest, lambda: plan_manifest(manifest, params.cohort, root=params.manifest_root, config=cfg)
+        )
         if params.shard:
             c = [x for x in c if in_shard(x.volume_id, params.shard)]
-            r = r if params.shard.startswith("0/") else []  # manifest-level rejections: reported by shard 0
+            if not params.shard.startswith("0/"):  # manifest-level rejections and failures: reported by shard 0
+                r, f = [], []
         cands += c
         rejs += r
+        fails += f
     srcs = params.sources()
     if params.shard:  # sources are sharded before planning: each shard reads only its own headers/files
         srcs = [x for x in srcs if in_shard(x, params.shard)]
-    if srcs:
-        more, more_rejs = plan_inputs(srcs, params.cohort)
+    for src in srcs:
+        more, more_rejs, more_fails = plan_one(
+            src, lambda src=src: plan_inputs([src], params.cohort, config=params.ingest_config())
+        )
         cands += more
         rejs += more_rejs
+        fails += more_fails
     seen: set[str] = set()
     uniq = []
     for cand in cands:  # the same series given twice is one series
@@ -126,28 +181,36 @@ def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection]]:
             uniq.append(cand)
     if params.limit is not None:
         uniq = uniq[: params.limit]
-    return uniq, rejs
+    return uniq, rejs, fails
 
 
 @task(name="ingest-series", **TASK_OPTS)
 def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
-    """Load, validate and commit one canonical volume (skipped when the store has it). Bad input -> Rejection."""
+    """Load, validate and commit one canonical volume (skipped when the store has it). Bad input -> Rejection;
+    an error that is no verdict on the input (transient, or the file system failing to read it) is raised."""
     from xwin.pipeline.ingest import IngestError, load_candidate
+    from xwin.storage import ClaimHeld
 
     store = store_handle(store_url)
     if store.has_volume(candidate.volume_id):
         return Ingested(candidate.input, candidate.volume_id, candidate.series_uid, written=False)
     t0 = time.perf_counter()
     name, n = cpu_slot()
+    io_error: BaseException | None = None
     try:
         with slot(name, n):
             record, hu = load_candidate(candidate)
     except IngestError as e:
-        return Rejection(
-            input=candidate.input, reason=e.reason, detail=e.detail, series_uid=e.series_uid or candidate.series_uid
-        )
-    except Exception as e:  # an unexpected reader error on this input: rejected unless transient
-        if is_transient(e):
+        io_error = no_verdict(e)
+        if io_error is None:
+            return Rejection(
+                input=candidate.input,
+                reason=e.reason,
+                detail=e.detail,
+                series_uid=e.series_uid or candidate.series_uid,
+            )
+    except Exception as e:  # an unexpected reader error on this input: rejected unless it is no verdict on it
+        if no_verdict(e) is not None:
             raise
         return Rejection(
             input=candidate.input,
@@ -155,12 +218,38 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
             series_uid=candidate.series_uid,
             detail=f"{candidate.input}: unexpected {type(e).__name__} while loading: {e}",
         )
+    if io_error is not None:  # e.g. EIO reading a slice: retried, then failed -- never rejected unreadable_file
+        raise io_error  # raised outside the handler, so its context is not the IngestError that wraps it
     t1 = time.perf_counter()
-    written = store.write_volume(record, hu, owner=task_owner())
+    try:
+        written = store.write_volume(record, hu, owner=task_owner())
+    except ClaimHeld as e:  # another live writer (a concurrent run of this cohort) is committing this volume
+        log.info("skipping %s: %s", record.volume_id, e)
+        return Ingested(candidate.input, record.volume_id, record.series_uid, False, held_by=e.holder.owner)
     t2 = time.perf_counter()
+    progress.step(record.volume_id, "ingest", t2 - t0, written=written)
     return Ingested(
         candidate.input, record.volume_id, record.series_uid, written, {"ingest_load": t1 - t0, "ingest_write": t2 - t1}
     )
+
+
+def project_labels(source: str, record: Any, geom: Any, backend: str, notes: list[str]) -> dict[str, Any]:
+    """The write_ring keywords of a labelmap projected into ``geom`` (docs/render.md, "Labels"); {} with a note when
+    the labelmap cannot be used (the ring is committed without labels)."""
+    from xwin.pipeline.example import example_mask_path
+    from xwin.pipeline.labels import LabelError, LabelSpec, align_labels, read_labelmap, render_labels
+
+    try:
+        lab, laff, names = read_labelmap(example_mask_path() if source == "example" else source)
+        aligned, how = align_labels(lab, laff, tuple(record.shape), np.asarray(record.affine))
+    except LabelError as e:
+        notes.append(f"labels {source} refused: {e}")
+        log.warning("labels of %s refused: %s", record.volume_id, e)
+        return {}
+    spec = LabelSpec()
+    maps = render_labels(aligned, names, np.asarray(record.affine), geom, spec, backend=backend)
+    notes.append(f"labels from {source} ({how}; label spec {spec.label_hash})")
+    return {"labels": maps, "label_channels": spec.channels, "label_spec": spec.model_dump()}
 
 
 @task(name="render-series", **TASK_OPTS)
@@ -172,15 +261,21 @@ def render_series(
     backend: str,
     previews_url: str | None,
     n_preview: int = 4,
+    labels: str | None = None,
 ) -> Outcome:
-    """Render the ring of one committed volume and commit it (single writer via the storage claim)."""
+    """Render the ring of one committed volume and commit it (single writer via the storage claim). ``labels``: a
+    labelmap file or folder (or "example") projected into the same views and committed with the ring; a labelmap
+    that does not fit the volume is noted in the ring's provenance and the ring is committed without labels."""
     if isinstance(ingested, Rejection):
         return Outcome("rejected", rejection=ingested)
-    from xwin.pipeline.render import backend_versions, render_ring, resolve_backend
+    from xwin.flows.render import ring_provenance
+    from xwin.pipeline.render import render_ring, resolve_backend
     from xwin.storage import ClaimHeld
 
     vid = ingested.volume_id
     entry = RunEntry(input=ingested.input, volume_id=vid, series_uid=ingested.series_uid, stage="render")
+    if ingested.held_by is not None:  # the concurrent run that commits the volume renders its ring too
+        return Outcome("skipped", entry=entry.model_copy(update={"stage": "claimed-elsewhere"}))
     ds = dataset_handle(store_url, cohort, spec_json)
     if ds.has_ring(vid):
         return Outcome("skipped", entry=entry)
@@ -195,12 +290,18 @@ def render_series(
             t1 = time.perf_counter()
             name = resolve_backend(backend)
             sname, n = render_slot(name)
+            notes: list[str] = []
             try:
                 with slot(sname, n):
                     t2 = time.perf_counter()
-                    views, geom = render_ring(hu, np.asarray(record.affine), ds.spec, name)
+                    # a CUDA out-of-memory error retries with smaller chunks, then on the CPU (render_views)
+                    on_views = progress.views_callback(vid)
+                    views, geom = render_ring(
+                        hu, np.asarray(record.affine), ds.spec, name, notes=notes, on_progress=on_views
+                    )
                     t3 = time.perf_counter()
-            except Exception as e:  # classified: transient errors retry, the rest reject the series
+                    progress.step(vid, "render", t3 - t2, views=len(geom))
+            except Exception as e:  # classified: transient errors (incl. out of memory) retry, the rest reject
                 if is_transient(e):
                     raise
                 return Outcome(
@@ -213,18 +314,20 @@ def render_series(
                     ),
                 )
             del hu
-            prov = {
-                "source": ingested.input,
-                "canonical_volume_id": vid,
-                "series_uid": ingested.series_uid,
-                "backend": name,
-                "backend_versions": backend_versions(name),
-                "spec_hash": ds.spec_hash,
-                "rendered_at": datetime.now(UTC).isoformat(),
-                "writer": owner,
-            }
-            ds.write_ring(vid, views, geom.view_meta(), prov, owner=owner)
+            label_kw = project_labels(labels, record, geom, name, notes) if labels else {}
+            prov = ring_provenance(  # the same fields as `xwin render` writes (xwin.flows.render)
+                volume_id=vid,
+                source=ingested.input,
+                spec=ds.spec,
+                backend=name,
+                render_seconds=t3 - t2,
+                writer=owner,
+                series_uid=ingested.series_uid,
+                notes=notes,
+            )
+            ds.write_ring(vid, views, geom.view_meta(), prov, owner=owner, **label_kw)
             t4 = time.perf_counter()
+            progress.step(vid, "commit", t4 - t3)
     except ClaimHeld as e:  # another live worker is writing this ring right now
         log.info("skipping %s: %s", vid, e)
         return Outcome("skipped", entry=entry.model_copy(update={"stage": "claimed-elsewhere"}))

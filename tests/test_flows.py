@@ -122,7 +122,7 @@ def test_local_backfill_outcomes_rerun_and_values(tmp_path, cohort):
     stages = LocalStages(max_workers=2)
     with stages:
         s2 = bf.run_backfill(_params(store, [good[0], good[1], bad]), stages)
-    assert s2.counts() == {"done": 0, "skipped": 2, "rejected": 1}
+    assert s2.counts() == {"done": 0, "skipped": 2, "rejected": 1, "failed": 0}
     assert stages.attempts == {"plan-series": 1}
 
 
@@ -182,12 +182,17 @@ def test_local_landing_scan_processes_only_new(tmp_path, cohort):
         (landing / p.name).write_bytes(p.read_bytes())
     store = str(tmp_path / "store")
     s1, new1 = scan_once(str(landing), "test", store, SPEC, "joseph")
-    assert (len(new1), s1.counts()) == (2, {"done": 1, "skipped": 0, "rejected": 1})
+    assert (len(new1), s1.counts()) == (2, {"done": 1, "skipped": 0, "rejected": 1, "failed": 0})
     s2, new2 = scan_once(str(landing), "test", store, SPEC, "joseph")
-    assert new2 == [] and s2.counts() == {"done": 0, "skipped": 0, "rejected": 0}
+    assert new2 == [] and s2.counts() == {"done": 0, "skipped": 0, "rejected": 0, "failed": 0}
     (landing / good[1].name).write_bytes(good[1].read_bytes())
     s3, new3 = scan_once(str(landing), "test", store, SPEC, "joseph")
-    assert new3 == [str(landing / good[1].name)] and s3.counts() == {"done": 1, "skipped": 0, "rejected": 0}
+    assert new3 == [str(landing / good[1].name)] and s3.counts() == {
+        "done": 1,
+        "skipped": 0,
+        "rejected": 0,
+        "failed": 0,
+    }
 
 
 def test_cli_backfill_json_and_inspect(tmp_path, cohort):
@@ -323,7 +328,7 @@ def test_prefect_backfill_three_series_then_rerun(prefect_api, tmp_path, cohort,
     # second run: everything skipped before any ingest/render task is submitted
     state2 = bf.backfill_cohort(**kw, return_state=True)
     s2 = state2.result()
-    assert s2.counts() == {"done": 0, "skipped": 2, "rejected": 1}
+    assert s2.counts() == {"done": 0, "skipped": 2, "rejected": 1, "failed": 0}
     fr2 = state2.state_details.flow_run_id
     assert _task_runs(fr2, "render-series") == [] and _task_runs(fr2, "ingest-series") == []
 
@@ -506,7 +511,7 @@ def test_landing_scan_of_an_s3_prefix(tmp_path, cohort, monkeypatch):
         assert [e.input for e in s1.done] == ["s3://landing/incoming/ct3.nii.gz"]
         assert list((tmp_path / "staging").iterdir()) == []
         s2, new2 = scan_once("s3://landing/incoming", "test", store, SPEC, "joseph", **kw)
-        assert new2 == [] and s2.counts() == {"done": 0, "skipped": 0, "rejected": 0}
+        assert new2 == [] and s2.counts() == {"done": 0, "skipped": 0, "rejected": 0, "failed": 0}
         # without a staging directory: a temporary one, removed after the scan
         s3.upload_file(str(good[2]), "landing", "incoming/ct2.nii.gz")
         monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))

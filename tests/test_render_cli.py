@@ -86,3 +86,59 @@ def test_render_cli_errors(store_with_volume):
     assert r.exit_code != 0  # neither --volume nor --all
     r = runner.invoke(app, ["render", "--store", url, "--spec", str(spec_file), "--volume", "no-such-volume"])
     assert r.exit_code == 1 and "FAILED no-such-volume" in r.output
+
+
+def test_describe_and_export_find_the_stores_own_dataset(store_with_volume, tmp_path):
+    """Without --spec, describe/export answer for the dataset the store holds (not for the default RenderSpec);
+    none or several candidates end the command with one line naming them."""
+    from xwin.storage import open_store
+
+    _url, rec, hu, spec_file, _d = store_with_volume
+    url = str(tmp_path / "store")
+    st = open_store(url)
+    st.write_volume(rec, hu)
+    vid = rec.volume_id
+    runner = CliRunner()
+    r = runner.invoke(app, ["describe", "--store", url, "--volume", vid])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert r.stderr.startswith(f"error: no dataset of cohort '{rec.cohort}' in {st.url}") and "--spec" in r.stderr
+
+    r = runner.invoke(app, ["render", "--store", url, "--spec", str(spec_file), "--volume", vid, "--backend", "joseph"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["describe", "--store", url, "--volume", vid[:8]])
+    assert r.exit_code == 0, r.output
+    desc = json.loads(r.stdout)
+    assert desc["volume_id"] == vid and desc["spec_hash"] == SPEC.spec_hash and desc["rendered"] is True
+    assert [v["yaw_deg"] for v in desc["views"]] == SPEC.yaws_deg
+    assert desc["detector"] == {"height": 32, "width": 40}
+    out = tmp_path / "views.npy"
+    r = runner.invoke(app, ["export", "--store", url, "--volume", vid, "--what", "views", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(np.load(out), st.dataset(rec.cohort, SPEC).read_ring(vid).astype(np.float32))
+
+    # a committed volume without a ring: the one dataset of its cohort, not rendered
+    other = rec.model_copy(update={"volume_id": "other-volume"})
+    st.write_volume(other, hu)
+    r = runner.invoke(app, ["describe", "--store", url, "--volume", "other-volume"])
+    assert r.exit_code == 0, r.output
+    desc = json.loads(r.stdout)
+    assert desc["spec_hash"] == SPEC.spec_hash and desc["rendered"] is False and len(desc["views"]) == SPEC.n_views
+
+    # two datasets hold the ring: name one
+    spec2 = SPEC.model_copy(update={"n_views": 3, "yaw_step_deg": 120.0})
+    spec2_file = tmp_path / "spec2.json"
+    spec2_file.write_text(spec2.model_dump_json())
+    r = runner.invoke(
+        app, ["render", "--store", url, "--spec", str(spec2_file), "--volume", vid, "--backend", "joseph"]
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["describe", "--store", url, "--volume", vid])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert "ambiguous" in r.stderr and SPEC.spec_hash in r.stderr and spec2.spec_hash in r.stderr
+    r = runner.invoke(app, ["describe", "--store", url, "--volume", vid, "--spec-hash", spec2.spec_hash[:6]])
+    assert r.exit_code == 0 and json.loads(r.stdout)["spec_hash"] == spec2.spec_hash
+    r = runner.invoke(app, ["describe", "--store", url, "--volume", vid, "--spec", str(spec2_file)])
+    assert r.exit_code == 0 and json.loads(r.stdout)["spec_hash"] == spec2.spec_hash
+    r = runner.invoke(app, ["describe", "--store", url, "--volume", "other-volume"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert "'other-volume' has no ring" in r.stderr and "2 datasets" in r.stderr

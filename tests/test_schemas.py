@@ -103,9 +103,9 @@ def test_rejections_and_run_summary():
         rejected=[Rejection(input="c/", reason=RejectReason.missing_slices, detail="gap")],
     )
     back = roundtrip(s)
-    assert back.counts() == {"done": 1, "skipped": 1, "rejected": 1}
+    assert back.counts() == {"done": 1, "skipped": 1, "rejected": 1, "failed": 0}
     assert json.loads(s.model_dump_json())["rejected"][0]["reason"] == "missing_slices"
-    assert s.merge(back).counts() == {"done": 2, "skipped": 2, "rejected": 2}
+    assert s.merge(back).counts() == {"done": 2, "skipped": 2, "rejected": 2, "failed": 0}
     with pytest.raises(ValidationError):
         Rejection(input="x", reason="not_a_reason", detail="")  # closed enum
 

@@ -1,9 +1,13 @@
 """``xwin backfill`` and ``xwin scan``: the backfill flow from the command line.
 
 ``xwin backfill`` runs the Prefect flow ``backfill-cohort`` when a Prefect API is configured (PREFECT_API_URL or
-the active profile), when ``--prefect`` is given (no API: Prefect's ephemeral server, started for the run) or
-with ``--runner dask``. Otherwise it runs the same flow body without a server (``xwin.flows.backfill.run_local``:
-the same task functions, retries and slot sizes on a thread pool). docs/orchestration.md says which mode needs what.
+the active profile) or when ``--prefect`` is given (threads without an API: Prefect's ephemeral server, started
+for the run and stopped with it; the Prefect flow on Dask needs a configured API). Otherwise it runs the same flow
+body without a server: ``xwin.flows.backfill.run_local`` (threads) or ``run_dask`` (``--runner dask``: the same task
+functions, retries and slot sizes on Dask workers). docs/orchestration.md says which mode needs what.
+
+``--json`` prints the RunSummary: every planned series in exactly one of done, skipped, rejected or failed, and
+``planned``. The exit status is 1 exactly when ``failed`` is not empty (or a verification found damage).
 """
 
 from __future__ import annotations
@@ -12,65 +16,19 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
-from xwin.flows.cli.common import load_spec, quiet_prefect
-
-if TYPE_CHECKING:
-    from rich.progress import TaskID
-
-
-class _Bar:
-    """rich progress bar fed by the events of ``xwin.flows.progress`` (terminal only)."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.console = Console(stderr=True)
-        self.p = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[tally]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.task: TaskID | None = None
-        self.tally = {"done": 0, "skipped": 0, "rejected": 0}
-
-    def __enter__(self) -> _Bar:
-        self.p.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.p.stop()
-
-    def __call__(self, ev: dict) -> None:
-        e = ev.get("event")
-        if e == "start":
-            self.tally["skipped"] = ev["skipped"]
-            self.task = self.p.add_task(f"backfill {ev['cohort']}", total=ev["total"], tally=self._t())
-        elif e == "series" and self.task is not None:
-            if ev["status"] in self.tally:
-                self.tally[ev["status"]] += 1
-            self.p.update(self.task, advance=1, tally=self._t())
-        elif e == "stage" and self.task is not None:
-            self.p.update(self.task, description=ev["name"])
-
-    def _t(self) -> str:
-        return " ".join(f"{k} {v}" for k, v in self.tally.items())
+from xwin.flows.cli.common import (
+    check_cohort,
+    check_manifest,
+    fail,
+    load_spec,
+    prefect_server_configured,
+    probe_s3,
+    quiet_prefect,
+)
+from xwin.flows.cli.progress import show_progress
 
 
 def backfill_cmd(
@@ -87,7 +45,7 @@ def backfill_cmd(
         None, "--spec", help="RenderSpec JSON/YAML (default: X-WIN 512x512, 120 views of 3 deg)"
     ),
     backend: str | None = typer.Option(
-        None, "--backend", help="render backend (default: XWIN_RENDER_BACKEND or auto = gpu if CUDA else joseph)"
+        None, "--backend", help="render backend (default: XWIN_RENDER_BACKEND or auto = triton if CUDA else joseph)"
     ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="process at most N planned series"),
     shard: str | None = typer.Option(None, "--shard", help="i/n: only the series hashing to shard i of n"),
@@ -104,18 +62,31 @@ def backfill_cmd(
     validate: bool = typer.Option(
         True,
         "--validate/--no-validate",
-        help="example cohort: FDK PSNR/SSIM check after the backfill (when xwin.pipeline.reconstruct provides it)",
+        help="cohort 'example': FDK reconstruction of the ring and PSNR/SSIM after the run",
     ),
+    qc: str = typer.Option("flag", "--qc", help="quality checks: flag | reject:CHECK,... (docs/ingest.md)"),
+    labels: str | None = typer.Option(None, "--labels", help="example | CSV of input,labels: labels per ring"),
     as_json: bool = typer.Option(False, "--json", help="print the RunSummary as JSON"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Prefect INFO logs"),
 ) -> None:
     """Ingest -> render -> commit every series of a cohort; reruns skip what is done."""
-    quiet_prefect(verbose)
+    check_cohort(cohort)  # before anything is created in the store
+    quiet_prefect(verbose, server=prefect if prefect is not None else prefect_server_configured())
     if runner not in ("threads", "dask"):
         raise typer.BadParameter("--runner must be threads or dask")
     if verify not in ("none", "shallow", "deep"):
         raise typer.BadParameter("--verify must be none, shallow or deep")
-    from xwin.flows.backfill import BackfillIncomplete, backfill_cohort_on, run_local
+    spec_ = load_spec(spec)  # a bad file: one line per problem, exit 2
+    from xwin.flows.params import qc_reject
+
+    try:
+        qc_reject(qc)
+    except ValueError as e:
+        fail(f"--qc: {e}")
+    if manifest is not None:
+        check_manifest(manifest)
+    probe_s3(store)  # an S3 store that cannot be reached: one line, exit 2
+    from xwin.flows.backfill import BackfillIncomplete, backfill_cohort_on, run_dask, run_local
     from xwin.flows.params import BackfillParams
     from xwin.flows.progress import add_listener
     from xwin.flows.runtime import prefect_api_url
@@ -126,53 +97,63 @@ def backfill_cmd(
         source=list(source) if source else None,
         manifest=str(manifest) if manifest else None,
         manifest_root=str(manifest_root) if manifest_root else None,
-        spec=load_spec(spec),
+        spec=spec_,
         backend=backend,
         limit=limit,
         shard=shard,
         verify=verify,
+        qc=qc,
+        labels=labels,
     )
     try:
         params.sources()
+        for src in params.sources():
+            params.label_source(src)  # a labels CSV that does not read: one line now, not per series later
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    use_prefect = prefect if prefect is not None else (runner == "dask" or prefect_api_url() is not None)
-    if runner == "dask" and not use_prefect:
-        raise typer.BadParameter("--runner dask runs the Prefect flow (drop --no-prefect)")
+    use_prefect = prefect if prefect is not None else prefect_api_url() is not None
+    if runner == "dask" and use_prefect and prefect_api_url() is None:
+        raise typer.BadParameter(
+            "--runner dask --prefect needs a Prefect API every Dask worker can reach (set PREFECT_API_URL); "
+            "without one, drop --prefect: the Dask runner then runs without Prefect"
+        )
     end: dict = {}
     remove_end = add_listener(lambda ev: end.update(ev) if ev.get("event") == "end" else None)
-    bar = _Bar() if (sys.stderr.isatty() and not as_json) else None
-    remove_bar = add_listener(bar) if bar else (lambda: None)
     t0 = time.perf_counter()
     code = 0
     try:
-        with bar if bar else _Null():
+        with show_progress(terminal=sys.stderr.isatty() and not as_json) as say:
             if use_prefect:
                 f = backfill_cohort_on(runner, dask_address)
                 summary = f(**params.model_dump(exclude={"spec"}), spec=params.spec)
+            elif runner == "dask":
+                summary = run_dask(params, dask_address)
             else:
                 summary = run_local(params)
     except BackfillIncomplete as e:
         summary, code = e.summary, 1
     finally:
         remove_end()
-        remove_bar()
     wall = time.perf_counter() - t0
     validation = None
     if code == 0 and validate and cohort == "example" and summary.done + summary.skipped:
-        validation = _maybe_validate(params, [e.volume_id for e in summary.done + summary.skipped][:1], use_prefect)
+        first = [e.volume_id for e in summary.done + summary.skipped][:1]
+        say(f"validate: FDK reconstruction of {first[0][:12]} from its ring, PSNR/SSIM against the volume")
+        validation = _maybe_validate(params, first, use_prefect)
     if as_json:
         typer.echo(summary.model_dump_json(indent=1))
     else:
         c = summary.counts()
+        mode = "prefect" if use_prefect else ("dask" if runner == "dask" else "local")
         typer.echo(
-            f"backfill {cohort}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']} "
-            f"in {wall:.1f} s ({'prefect' if use_prefect else 'local'} mode)"
+            f"backfill {cohort}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']}, "
+            f"failed {c['failed']} of {summary.planned} planned in {wall:.1f} s ({mode} mode)"
         )
         for r in summary.rejected:
             typer.echo(f"  rejected {r.input}: {r.reason.value}: {r.detail}")
-        for i, err in end.get("failed", []):
-            typer.echo(f"  FAILED {i}: {err}")
+        for f in summary.failed:
+            again = "a rerun retries it" if f.retryable else "fix the cause, then rerun"
+            typer.echo(f"  FAILED {f.input} ({f.stage}): {f.error} ({again})")
         if end.get("verify"):
             typer.echo(f"  verify {end['verify']}")
         for vid, url in sorted(end.get("previews", {}).items()):
@@ -182,14 +163,6 @@ def backfill_cmd(
         if validation:
             typer.echo(f"  validation: {validation}")
     raise typer.Exit(code)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | None:
@@ -213,11 +186,23 @@ def scan_cmd(
     backend: str | None = typer.Option(None, "--backend"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """One landing scan now (what the cron deployment does), without a server."""
-    from xwin.flows.landing import scan_once
+    """One landing scan now (what the cron deployment does), without a server. Exit status 1 exactly when a series
+    failed (those entries stay out of the ledger: the next scan retries them)."""
+    check_cohort(cohort)
+    quiet_prefect(False, server=False)  # the scan runs here, without a Prefect server
+    spec_ = load_spec(spec)
+    probe_s3(store)
+    from xwin.flows.landing import ScanIncomplete, scan_once
 
-    summary, new = scan_once(landing, cohort, store, load_spec(spec), backend)
+    code = 0
+    try:
+        summary, new = scan_once(landing, cohort, store, spec_, backend)
+    except ScanIncomplete as e:
+        summary, new, code = e.summary, e.entries, 1
     if as_json:
         typer.echo(summary.model_dump_json(indent=1))
     else:
         typer.echo(f"{len(new)} new entries: {json.dumps(summary.counts())}")
+        for f in summary.failed:
+            typer.echo(f"  FAILED {f.input} ({f.stage}): {f.error}")
+    raise typer.Exit(code)

@@ -9,15 +9,21 @@ import tempfile
 
 import typer
 
-bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks (figures in docs/benchmarks.md)")
+from xwin.flows.cli.common import XwinCommand
+
+bench_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Benchmarks (figures in docs/benchmarks.md)",
+)
 
 
-@bench_app.command("consumer")
+@bench_app.command("consumer", cls=XwinCommand)
 def consumer(
     store: str | None = typer.Option(
         None,
-        help="dataset URL '<store url>#<cohort>' or '<store url>#<cohort>/<spec hash>', or a store URL (with "
-        "--cohort); default: render the bundled CT into a temporary store",
+        help="'<store>#<cohort>[/<spec hash>]' or a store URL + --cohort (default: a temporary store)",
     ),
     cohort: str | None = typer.Option(None, help="cohort, when --store is a plain store URL"),
     workers: int = typer.Option(2, help="worker count reported at the top level of the JSON"),

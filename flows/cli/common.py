@@ -1,17 +1,35 @@
-"""What every ``xwin`` command shares: option types, the one RenderSpec file loader, quiet Prefect defaults and
-the exit for bad input."""
+"""What every ``xwin`` command shares: option types, the readers of user files (RenderSpec, any JSON/YAML mapping)
+with one-line errors, the store opener with one-line errors, quiet Prefect defaults, help that reads at 80
+columns, and the exit for bad input.
+
+Errors a person can fix (a bad file, an unknown store, wrong credentials) end a command with one line per problem
+on stderr, ``error: <what>: <why>``, and exit status 2: no traceback. The lines never hold a secret.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-from collections.abc import Callable
+import sys
+import tomllib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from xwin.schemas.render import RenderSpec
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from xwin.storage import Store
 
 T = TypeVar("T")
 
@@ -21,31 +39,127 @@ SpecOpt = Annotated[
     Path | None, typer.Option("--spec", help="RenderSpec as a JSON or YAML file (default: X-WIN defaults)")
 ]
 CohortOpt = Annotated[str | None, typer.Option("--cohort", help="dataset cohort (default: the volume's cohort)")]
+SpecHashOpt = Annotated[
+    str | None, typer.Option("--spec-hash", help="dataset spec hash or a unique prefix (instead of --spec)")
+]
+
+
+# ---- one-line errors -------------------------------------------------------------------------------------------
+def fail(*lines: str) -> NoReturn:
+    """Print each line as ``error: <line>`` on stderr (secrets masked) and end the command with exit status 2."""
+    for line in lines:
+        typer.echo(f"error: {mask_secrets(line)}", err=True)
+    raise typer.Exit(2)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the values of secret-bearing environment variables replaced by ``***``."""
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        v = os.environ.get(var)
+        if v and len(v) >= 4:
+            text = text.replace(v, "***")
+    return text
+
+
+def _short(value: object, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def validation_lines(source: str, err: ValidationError, field_prefix: str = "") -> list[str]:
+    """One line per problem pydantic found: ``<source>: <field> = <value>: <rule>``."""
+    return [problem_line(source, e, field_prefix) for e in err.errors(include_url=False)]
+
+
+def problem_line(source: str, e: Any, field_prefix: str = "") -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) as ``<source>: <field> = <value>: <rule>``."""
+    field = field_prefix + ".".join(str(p) for p in e["loc"])
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    if e["type"] == "missing":
+        return f"{source}: {field}: required field missing"
+    if e["type"] == "extra_forbidden":
+        return f"{source}: {field} = {_short(e.get('input'))}: unknown field"
+    if not e["loc"]:
+        return f"{source}: {msg}"
+    return f"{source}: {field} = {_short(e.get('input'))}: {msg}"
+
+
+def read_mapping(path: Path | str, what: str) -> dict:
+    """The mapping in a .json / .yaml / .yml file (``what`` names it in errors: "spec", "config", ...).
+
+    A missing file, a parse error (with its line and column) or a document that is not a mapping ends the command
+    with one line naming the file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        fail(f"{what} file {p}: no such file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{what} file {p}: cannot read it ({e})")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(f"{p}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})")
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            fail(f"{p}: {where}not valid YAML ({problem})")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        fail(f"{p}: the {what} must be a mapping of field: value, got a {type(data).__name__}")
+    return data
 
 
 def load_spec(path: Path | str | None) -> RenderSpec:
-    """A RenderSpec from a .json/.yaml/.yml file, or the defaults when ``path`` is None."""
+    """A RenderSpec from a .json/.yaml/.yml file, or the defaults when ``path`` is None. A bad file ends the
+    command with one line per problem (file, field, value, rule) and exit status 2."""
+    from pydantic import ValidationError
+
     if path is None:
         return RenderSpec()
+    data = read_mapping(path, "spec")
+    try:
+        return RenderSpec.model_validate(data)
+    except ValidationError as e:
+        fail(*validation_lines(str(path), e))
+
+
+def check_manifest(path: Path | str) -> None:
+    """An NBIA metadata.csv given on the command line must exist and have the NBIA header, else exit 2 with one line
+    (rows that do not validate are the run's to reject, each with its line number)."""
+    import csv
+
+    from xwin.pipeline.ingest import IngestError
+    from xwin.pipeline.ingest.plan import read_manifest
+
     p = Path(path)
     if not p.is_file():
-        raise typer.BadParameter(f"spec file {p} does not exist")
-    text = p.read_text()
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    return RenderSpec.model_validate(data)
+        fail(f"manifest {p}: no such file")
+    try:
+        read_manifest(p)
+    except IngestError as e:
+        fail(e.detail)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        fail(f"manifest {p}: cannot read it ({e})")
 
 
-def quiet_prefect(verbose: bool) -> None:
-    """Prefect reads its settings at import: set quiet defaults before the first import (the user's env wins)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # ephemeral server: no telemetry calls
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+def check_cohort(cohort: str, option: str = "--cohort") -> str:
+    """``cohort`` if it is a valid cohort name (it becomes a path segment of the store); else exit 2. Run it before
+    anything is created in a store."""
+    from xwin.storage.layout import check_id
+
+    try:
+        return check_id("cohort", cohort)
+    except ValueError as e:
+        fail(f"{option}: {e}")
 
 
 def or_exit(
@@ -58,5 +172,214 @@ def or_exit(
     try:
         return fn(*args, **kw)
     except errors as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(*(str(e).splitlines() or [type(e).__name__]))
+
+
+# ---- stores ----------------------------------------------------------------------------------------------------
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    x: BaseException | None = exc
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        yield x
+        x = x.__cause__ or x.__context__
+
+
+def store_problem(url: str | None, exc: BaseException) -> str | None:
+    """One line saying why the store at ``url`` cannot be used, when ``exc`` is an error of reaching or reading it
+    (no such store or bucket, credentials refused, endpoint down); None for any other error."""
+    where = f"store {url}" if url else "store"
+    from botocore import exceptions as bx  # comes with s3fs (aiobotocore)
+
+    for x in _chain(exc):
+        if isinstance(x, bx.NoCredentialsError):
+            return f"{where}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        if isinstance(x, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
+            u = urlsplit(str(getattr(x, "kwargs", {}).get("endpoint_url", "")))
+            return f"{where}: cannot reach the S3 endpoint {u.scheme}://{u.netloc}" if u.netloc else f"{where}: {x}"
+        if isinstance(x, bx.ClientError):
+            err = x.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = str(x.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            message = str(err.get("Message", "")).strip()
+            said = f" ({code}{': ' + message if message else ''})" if code else ""
+            if code == "NoSuchBucket":
+                bucket = err.get("BucketName") or (url or "").removeprefix("s3://").split("/", 1)[0]
+                return f"{where}: no such bucket {bucket!r}"
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+                return f"{where}: the S3 server refused the credentials{said}"
+            if code in ("AccessDenied", "AllAccessDisabled") or status == "403" or code == "403":
+                return f"{where}: access denied{said or ' (HTTP 403)'}: check the credentials and the bucket policy"
+            if code == "404" or status == "404":
+                return f"{where}: not found (HTTP 404): check the bucket name and the endpoint"
+            return f"{where}: the S3 server answered {code or status}{': ' + message if message else ''}"
+    from xwin.storage import StorageError
+
+    if isinstance(exc, StorageError):
+        return f"{where}: {exc}" if url and url not in str(exc) else str(exc)
+    if isinstance(exc, PermissionError) and url and ("://" not in url or url.startswith("file://")):
+        root = Path(url.removeprefix("file://")).expanduser().resolve()
+        name = getattr(exc, "filename", None)
+        if name and Path(name).expanduser().resolve().is_relative_to(root):  # a file of the store itself
+            return f"{where}: permission denied: {name}"
+    return None
+
+
+def probe_s3(url: str) -> None:
+    """One quick request to the bucket of an ``s3://`` store (no retries, short timeouts): a store whose endpoint is
+    down, whose bucket does not exist or whose credentials are refused ends the command with one line."""
+    if not url.startswith("s3://"):
+        return
+    import botocore.session
+    from botocore.config import Config
+
+    from xwin.storage import s3_options
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not bucket:
+        fail(f"store {url}: the URL names no bucket (s3://bucket/prefix)")
+    client_kwargs = dict(s3_options().get("client_kwargs") or {})  # the endpoint the store will use
+    config = Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 1})
+    try:
+        client = botocore.session.get_session().create_client("s3", config=config, **client_kwargs)
+        client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/"), MaxKeys=1)
+    except Exception as e:  # noqa: BLE001 - classified; anything else is left to the store's own (retried) requests
+        line = store_problem(url, e)
+        if line is not None:
+            fail(line)
+
+
+def open_store_cli(url: str, *, create: bool = False) -> Store:
+    """The store at ``url`` for a command: an S3 store is probed first (:func:`probe_s3`); a store that does not
+    exist (``create=False``) or cannot be read ends the command with one line and exit status 2."""
+    from xwin.storage import open_store
+
+    probe_s3(url)
+    try:
+        return open_store(url, create=create)
+    except FileNotFoundError as e:
+        fail(str(e) if url in str(e) else f"store {url}: {e}")
+    except Exception as e:  # classified: errors of reaching the store become one line, the rest propagate
+        line = store_problem(url, e)
+        if line is None:
+            raise
+        fail(line)
+
+
+def close_s3_sessions() -> None:
+    """Close the aiohttp sessions of the asynchronous S3 filesystems zarr used in this process, so that none is left
+    for the interpreter's exit to report ("Unclosed client session")."""
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is None:
+        return
+    import asyncio
+
+    from zarr.core.sync import _get_loop
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        creator = getattr(fs, "_s3creator", None)
+        if not getattr(fs, "asynchronous", False) or creator is None:
+            continue  # synchronous filesystems close their own sessions when collected
+        loop = _session_loop(fs) or _get_loop()  # the loop the session was opened on (zarr's)
+        if loop.is_running() and not loop.is_closed():
+            close = creator.clear() if hasattr(creator, "clear") else creator.__aexit__(None, None, None)
+            with contextlib.suppress(Exception):  # closing is best effort at the end of a command
+                asyncio.run_coroutine_threadsafe(close, loop).result(timeout=10)
+        fs._s3 = None
+        fs._s3creator = None
+
+
+def _session_loop(fs: Any) -> asyncio.AbstractEventLoop | None:
+    """The event loop of the aiohttp session under an s3fs filesystem (aiobotocore internals; None if unknown)."""
+    try:
+        for session in fs._s3._endpoint.http_session._sessions.values():
+            return session._loop
+    except AttributeError:
+        pass
+    return None
+
+
+def cli_errors(fn: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a command: an error of reaching its store (``--store``) becomes one line and exit status 2, and the S3
+    sessions the command opened are closed before it returns."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kw: Any) -> None:
+        try:
+            fn(*args, **kw)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # classified: store errors become one line, everything else propagates
+            store = kw.get("store")
+            line = store_problem(store if isinstance(store, str) else None, e)
+            if line is None:
+                raise
+            fail(line)
+        finally:
+            close_s3_sessions()
+
+    return run
+
+
+# ---- Prefect ---------------------------------------------------------------------------------------------------
+def prefect_server_configured() -> bool:
+    """Whether a Prefect API is configured (PREFECT_API_URL in the environment or the active profile), read without
+    importing Prefect: the import itself is what shows Prefect's telemetry notice."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    name = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    return bool((data.get("profiles", {}).get(name) or {}).get("PREFECT_API_URL"))
+
+
+def quiet_prefect(verbose: bool, server: bool = True) -> None:
+    """Prefect reads its settings at import: set quiet defaults before the first import (the user's env wins).
+
+    ``server=False`` (the serverless path: no Prefect API is involved) also sets DO_NOT_TRACK=1, so importing
+    Prefect shows no telemetry notice and sends nothing. On server paths Prefect's own telemetry settings apply
+    (opt out with DO_NOT_TRACK=1 on clients, PREFECT_SERVER_ANALYTICS_ENABLED=false on the server)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # ephemeral server: no telemetry calls
+    if not server:
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+# ---- help ------------------------------------------------------------------------------------------------------
+def short_metavars(cmd: Any) -> None:
+    """Value types of ``cmd``'s options (and of its subcommands', for a group) as short words: TEXT, PATH, INT;
+    none for flags. Typer's own ``<list[str]>``-style column squeezes the help text at 80 columns."""
+    ctx = typer.Context(cmd)
+    for p in cmd.params:
+        if isinstance(p, TyperOption) and p.metavar is None:
+            p.metavar = "" if p.is_flag else _type_word(p, ctx)
+    for sub in (getattr(cmd, "commands", None) or {}).values():
+        short_metavars(sub)
+
+
+class XwinCommand(TyperCommand):
+    """A command whose help reads at 80 columns (:func:`short_metavars`)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        short_metavars(self)
+
+
+class XwinGroup(TyperGroup):
+    """The ``xwin`` group: every command under it, nested groups included, gets :func:`short_metavars`."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        short_metavars(self)
+
+
+def _type_word(p: TyperOption, ctx: Any) -> str:
+    label = p.display_type(ctx).strip("<>")
+    label = label.removeprefix("list[").removesuffix("]").replace(" range", "")
+    return {"str": "TEXT"}.get(label, label.upper())

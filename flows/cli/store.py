@@ -10,14 +10,20 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from xwin.flows.cli.common import CohortOpt, JsonOpt, SpecOpt, StoreOpt, load_spec
+from xwin.flows.cli.common import (
+    CohortOpt,
+    JsonOpt,
+    SpecHashOpt,
+    StoreOpt,
+    fail,
+    load_spec,
+    open_store_cli,
+)
 
 
 def status_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
     """Counts per status and per cohort: canonical volumes and rings of every dataset (from the catalogs)."""
-    from xwin.storage import open_store
-
-    st = open_store(store, create=False).status()
+    st = open_store_cli(store).status()
     if as_json:
         typer.echo(st.model_dump_json(indent=1))
         return
@@ -49,9 +55,7 @@ def verify_cmd(
     shallow: Annotated[bool, typer.Option("--shallow", help="check presence only, skip checksums")] = False,
 ) -> None:
     """Recompute checksums of every committed volume and ring; exit 1 if anything is corrupt or missing."""
-    from xwin.storage import open_store
-
-    rep = open_store(store, create=False).verify(deep=not shallow)
+    rep = open_store_cli(store).verify(deep=not shallow)
     if as_json:
         typer.echo(json.dumps(rep.model_dump(mode="json"), indent=1))
     else:
@@ -74,12 +78,11 @@ def inspect_cmd(
 ) -> None:
     """Contact sheet of one stored ring: frontal and lateral views large, every view as a thumbnail."""
     from xwin.flows.reports import contact_sheet
-    from xwin.storage import open_store
 
     try:
-        ds, vid = open_store(store, create=False).find_ring(volume, cohort, spec_hash)
+        ds, vid = open_store_cli(store).find_ring(volume, cohort, spec_hash)
     except LookupError as e:
-        raise typer.BadParameter(str(e)) from None
+        fail(str(e))
     views = ds.read_ring(vid)
     yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
     s = ds.spec
@@ -95,41 +98,62 @@ def inspect_cmd(
 
 def describe_cmd(
     store: StoreOpt,
-    volume: Annotated[str, typer.Option("--volume", help="volume id")],
+    volume: Annotated[str, typer.Option("--volume", help="volume id (a unique prefix is enough)")],
     cohort: CohortOpt = None,
-    spec: SpecOpt = None,
+    spec: Annotated[
+        Path | None, typer.Option("--spec", help="RenderSpec file (default: the store's dataset of the volume)")
+    ] = None,
+    spec_hash: SpecHashOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (the only format)")] = True,
 ) -> None:
-    """Print a volume's geometry (affine, shape, frame, units) and its views' yaw and cone_vec as JSON."""
-    from xwin.flows.describe import describe_volume
-    from xwin.storage import open_store
+    """Print a volume's geometry (affine, shape, frame, units) and its views' yaw and cone_vec as JSON.
 
-    d = describe_volume(open_store(store, create=False), volume, load_spec(spec), cohort)
+    Without --spec: the dataset of the store that holds the volume's ring (else the one dataset of its cohort)."""
+    from xwin.flows.describe import describe_volume
+
+    rs = load_spec(spec) if spec is not None else None
+    st = open_store_cli(store)
+    try:
+        d = describe_volume(st, volume, rs, cohort, spec_hash)
+    except LookupError as e:
+        fail(str(e))
     typer.echo(json.dumps(d, indent=1 if as_json else None))
 
 
 def export_cmd(
     store: StoreOpt,
     volume: Annotated[str, typer.Option("--volume", help="volume id")],
-    what: Annotated[str, typer.Option("--what", help="views: (V,H,W) float32 line integrals; volume: HU")],
+    what: Annotated[str, typer.Option("--what", help="views (V,H,W) | labels (C,V,H,W) mm | volume (HU)")],
     out: Annotated[Path, typer.Option("--out", help="output .npy file")],
     cohort: CohortOpt = None,
-    spec: SpecOpt = None,
+    spec: Annotated[
+        Path | None, typer.Option("--spec", help="RenderSpec file (default: the store's dataset of the volume)")
+    ] = None,
+    spec_hash: SpecHashOpt = None,
 ) -> None:
-    """Export a ring's views or the canonical HU volume as .npy (voxel order matches `describe`'s affine)."""
-    from xwin.storage import open_store
-
-    st = open_store(store, create=False)
-    if what == "volume":
-        _, hu = st.read_volume(volume)
-        arr = np.asarray(hu)
-    elif what == "views":
-        rs = load_spec(spec)
-        rec = st.volume_record(volume)
-        ds = st.dataset(cohort or rec.cohort, rs, create=False)
-        arr = ds.read_ring(volume).astype(np.float32)
-    else:
-        raise typer.BadParameter("--what must be 'views' or 'volume'")
+    """Export a ring's views, its label thickness maps (channels as `describe` lists them) or the canonical HU
+    volume as .npy (voxel order matches `describe`'s affine)."""
+    if what not in ("views", "labels", "volume"):
+        raise typer.BadParameter("--what must be 'views', 'labels' or 'volume'")
+    rs = load_spec(spec) if spec is not None else None
+    st = open_store_cli(store)
+    try:
+        if what == "volume":
+            _, hu = st.read_volume(volume)
+            arr = np.asarray(hu)
+        else:
+            if rs is None:
+                ds, vid = st.find_ring(volume, cohort, spec_hash)
+            else:
+                ds, vid = st.dataset(cohort or st.volume_record(volume).cohort, rs, create=False), volume
+            if what == "labels":
+                if not ds.label_channels(vid):
+                    fail(f"ring {vid} has no labels (backfill with --labels projects them)")
+                arr = ds.read_labels(vid)
+            else:
+                arr = ds.read_ring(vid).astype(np.float32)
+    except (LookupError, FileNotFoundError) as e:  # NotCommitted is a KeyError: no such volume or ring
+        fail(str(e).strip("\"'") if isinstance(e, KeyError) else str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, arr)
     typer.echo(f"wrote {out} {arr.dtype} {arr.shape}")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from xwin.flows.cli.common import load_spec, or_exit, quiet_prefect
+from xwin.flows.cli.common import load_spec, open_store_cli, or_exit, prefect_server_configured, quiet_prefect
 
 if TYPE_CHECKING:
     from xwin.pipeline.reconstruct import ValidationResult
@@ -27,11 +27,12 @@ def validate_cmd(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """FDK-reconstruct stored rings of a cohort and score PSNR/SSIM against their source volumes."""
-    quiet_prefect(verbose)
+    quiet_prefect(verbose, server=prefect if prefect is not None else prefect_server_configured())
+    sh = spec_hash or load_spec(spec).spec_hash
+    open_store_cli(store)  # exists and can be reached
     from xwin.flows.runtime import LocalStages, prefect_api_url
     from xwin.flows.validate import run_validation, validate_cohort
 
-    sh = spec_hash or load_spec(spec).spec_hash
     use_prefect = prefect if prefect is not None else prefect_api_url() is not None
     if use_prefect:
         res = validate_cohort(store=store, cohort=cohort, spec_hash=sh, volume_ids=volume, limit=limit)
@@ -50,21 +51,22 @@ def validate_cmd(
 
 def reconstruct_cmd(
     store: str = typer.Option(..., "--store", help="store URL (local path or s3://bucket/prefix)"),
-    volume: str = typer.Option(..., "--volume", help="volume id"),
-    cohort: str | None = typer.Option(None, "--cohort", help="cohort (default: the volume's cohort)"),
+    volume: str = typer.Option(..., "--volume", help="volume id (a unique prefix is enough)"),
+    cohort: str | None = typer.Option(None, "--cohort", help="cohort (default: the one holding its ring)"),
     spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash when several exist"),
     backend: str = typer.Option("auto", "--backend", help="auto | numba | rtk | astra"),
     report: Path | None = typer.Option(None, "--report", help="write metrics.json + slices.png here"),
     as_json: bool = typer.Option(False, "--json", help="print the full metrics as JSON"),
 ) -> None:
     """Reconstruct a stored ring with FDK and print PSNR/SSIM against the stored CT."""
+    quiet_prefect(False, server=False)  # runs here; the module imports Prefect for its flow
     from xwin.flows.validate import validate_stored_ring
-    from xwin.storage import open_store
+
+    st = open_store_cli(store)
 
     def run() -> ValidationResult:
-        st = open_store(store, create=False)
-        ds = st.find_dataset(cohort or st.volume_record(volume).cohort, spec_hash, volume_id=volume)
-        return validate_stored_ring(st, ds, volume, backend=backend)
+        ds, vid = st.find_ring(volume, cohort, spec_hash)  # the one committed ring of this id or unique prefix
+        return validate_stored_ring(st, ds, vid, backend=backend)
 
     res = or_exit(run, errors=(LookupError, FileNotFoundError, ValueError, RuntimeError))
     m = res.metrics

@@ -1,0 +1,160 @@
+"""What ``xwin backfill`` shows while it runs, fed by the events of :mod:`xwin.flows.progress`.
+
+In a terminal: a live display (rich) with the series bar of the cohort and, for each series being rendered, a bar
+of its views with views/s and the time left, then its commit; then the verify step. Elsewhere (a log file, a pipe,
+CI): one plain line per stage -- start, each series' ingest, render (views and views/s) and commit, each series
+done, verify -- and never a redraw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+
+def _vid(ev: dict) -> str:
+    return str(ev.get("volume_id") or ev.get("input") or "?")[:12]
+
+
+class ProgressLog:
+    """One line per stage on ``out`` (stderr by default): for logs and pipes."""
+
+    def __init__(self, out: IO[str] | None = None) -> None:
+        self.out = out or sys.stderr
+        self.lock = threading.Lock()
+        self.total = 0
+        self.n = 0
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            print(text, file=self.out, flush=True)
+
+    def __call__(self, ev: dict) -> None:
+        e = ev.get("event")
+        if e == "start":
+            self.total = int(ev["total"])
+            self.line(f"backfill {ev['cohort']}: {ev['total']} series to process, {ev['skipped']} already done")
+        elif e == "step":
+            step, s = ev.get("step"), float(ev.get("seconds") or 0.0)
+            if step == "ingest":
+                what = "ingested" if ev.get("written", True) else "volume already in the store, checked"
+                self.line(f"{_vid(ev)}: {what} in {s:.1f} s")
+            elif step == "render":
+                v = int(ev.get("views") or 0)
+                rate = f" ({v / s:.1f} views/s)" if s > 0 and v else ""
+                self.line(f"{_vid(ev)}: rendered {v} views in {s:.1f} s{rate}")
+            elif step == "commit":
+                self.line(f"{_vid(ev)}: committed in {s:.1f} s")
+        elif e == "views" and int(ev.get("done", -1)) == 0:
+            self.line(f"{_vid(ev)}: rendering {ev['total']} views")
+        elif e == "series":
+            self.n += 1
+            self.line(f"[{self.n}/{self.total}] {ev.get('status')} {_vid(ev)}")
+        elif e == "stage":
+            self.line(str(ev.get("name")))
+
+
+class ProgressBar:
+    """A live terminal display: the cohort's series bar, one views bar per series in render, the current step."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.p = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.lock = threading.Lock()
+        self.task: TaskID | None = None
+        self.renders: dict[str, tuple[TaskID, float]] = {}
+        self.tally = {"done": 0, "skipped": 0, "rejected": 0}
+
+    def __enter__(self) -> ProgressBar:
+        self.p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.p.stop()
+
+    def __call__(self, ev: dict) -> None:
+        with self.lock:
+            self._on(ev)
+
+    def _on(self, ev: dict) -> None:
+        e = ev.get("event")
+        if e == "start":
+            self.tally["skipped"] = ev["skipped"]
+            self.task = self.p.add_task(f"backfill {ev['cohort']}", total=ev["total"], info=self._t())
+        elif e == "series" and self.task is not None:
+            if ev["status"] in self.tally:
+                self.tally[ev["status"]] += 1
+            self.p.update(self.task, advance=1, info=self._t())
+        elif e == "views":
+            vid, done, total = str(ev.get("volume_id")), int(ev["done"]), int(ev["total"])
+            if vid not in self.renders:
+                tid = self.p.add_task(f"  render {vid[:12]}", total=total, info="")
+                self.renders[vid] = (tid, time.monotonic())
+            tid, t0 = self.renders[vid]
+            dt = time.monotonic() - t0
+            info = f"{done / dt:.1f} views/s" if done and dt > 0 else ""
+            self.p.update(tid, completed=done, info=info)
+        elif e == "step" and ev.get("step") in ("render", "commit"):
+            vid = str(ev.get("volume_id"))
+            if vid in self.renders:
+                tid, _ = self.renders[vid]
+                if ev["step"] == "render":
+                    self.p.update(tid, description=f"  commit {vid[:12]}")
+                else:
+                    self.p.remove_task(tid)
+                    del self.renders[vid]
+        elif e == "stage" and self.task is not None:
+            self.p.update(self.task, description=str(ev["name"]))
+
+    def _t(self) -> str:
+        return " ".join(f"{k} {v}" for k, v in self.tally.items())
+
+
+@contextlib.contextmanager
+def show_progress(terminal: bool) -> Iterator[Callable[[str], None]]:
+    """Listen to the progress events of this process for the block: a live display when ``terminal``, else one
+    line per stage on stderr. Yields a function that prints one more stage line (the commands' own steps)."""
+    from xwin.flows.progress import add_listener
+
+    if terminal:
+        bar = ProgressBar()
+        remove = add_listener(bar)
+        try:
+            with bar:
+                yield lambda text: bar.console.print(text)
+        finally:
+            remove()
+    else:
+        log = ProgressLog()
+        remove = add_listener(log)
+        try:
+            yield log.line
+        finally:
+            remove()
