@@ -85,12 +85,15 @@ class StoreSource:
     ``spec``: a RenderSpec, a spec hash (str), or ``None`` when the store holds exactly one dataset for ``cohort``.
     ``storage_options`` is passed to ``open_store`` (S3 endpoint, credentials) and travels to the workers.
     A *dataset URL* names all three: ``<store url>#<cohort>[/<spec hash>]`` (``StoreSource.parse``).
+    ``split``: only the volumes of that subject-level split (``xwin splits assign``; docs/training-data.md): the
+    reader's catalog and volume ids hold nothing else, so no stream built on it can mix splits.
     """
 
     url: str
     cohort: str
     spec: RenderSpec | str | None = None
     storage_options: dict | None = None
+    split: str | None = None
 
     @staticmethod
     def parse(dataset_url: str, storage_options: dict | None = None) -> StoreSource:
@@ -111,7 +114,48 @@ class StoreSource:
 
         store = open_store(self.url, storage_options=self.storage_options, create=False)
         if isinstance(self.spec, RenderSpec):
-            return store.dataset(self.cohort, self.spec, create=False)
-        if self.spec is None:  # the cohort's only dataset (DatasetLookupError, a ValueError, names them if several)
-            return store.find_dataset(self.cohort)
-        return store.open_dataset(self.cohort, self.spec)
+            ds = store.dataset(self.cohort, self.spec, create=False)
+        elif self.spec is None:  # the cohort's only dataset (DatasetLookupError, a ValueError, names them if several)
+            ds = store.find_dataset(self.cohort)
+        else:
+            ds = store.open_dataset(self.cohort, self.spec)
+        if self.split is None:
+            return ds
+        doc = store.read_splits(self.cohort)
+        if doc is None:
+            raise ValueError(
+                f"split {self.split!r} asked, but cohort {self.cohort!r} has no split assignment in "
+                f"{store.url}: run `xwin splits assign --store {store.url} --cohort {self.cohort}`"
+            )
+        known = set(doc.policy.fractions) | {"excluded"}
+        if self.split not in known:
+            raise ValueError(f"cohort {self.cohort!r} has no split {self.split!r}; its splits: {sorted(known)}")
+        return SplitReader(ds, frozenset(doc.volumes_in(self.split)))
+
+
+class SplitReader:
+    """A projection dataset seen through one split: its catalog and volume ids hold only the split's volumes;
+    reading a volume of another split is refused (KeyError, as for a volume that is not committed)."""
+
+    def __init__(self, ds: Any, volumes: frozenset[str]) -> None:
+        self._ds, self._volumes = ds, volumes
+        self.spec = ds.spec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ds, name)
+
+    def catalog(self) -> list:
+        return [r for r in self._ds.catalog() if r.volume_id in self._volumes]
+
+    def volume_ids(self) -> list[str]:
+        return [v for v in self._ds.volume_ids() if v in self._volumes]
+
+    def read_views(self, volume_id: str, *a: Any, **kw: Any) -> Any:
+        if volume_id not in self._volumes:
+            raise KeyError(f"volume {volume_id!r} is not in this split")
+        return self._ds.read_views(volume_id, *a, **kw)
+
+    def read_labels(self, volume_id: str, *a: Any, **kw: Any) -> Any:
+        if volume_id not in self._volumes:
+            raise KeyError(f"volume {volume_id!r} is not in this split")
+        return self._ds.read_labels(volume_id, *a, **kw)

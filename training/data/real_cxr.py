@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from xwin.pipeline.render import appearance
+from xwin.schemas.cohort import SplitPolicy
 
 from .stream import ResumableStream
 from .transforms import resize
@@ -69,6 +70,16 @@ def mimic_paths(csv_path: str | Path, views: Sequence[str] = ("AP", "PA")) -> li
             subj = row["subject_id"].strip()
             out.append(f"files/p{subj[:2]}/p{subj}/s{row['study_id'].strip()}/{row['dicom_id'].strip()}.jpg")
     return out
+
+
+def real_subject(key: str, mimic: bool) -> str:
+    """The subject of a real image's relative path: MIMIC's ``p<subject_id>`` folder, else the first folder."""
+    parts = Path(key).parts
+    if mimic:
+        return parts[2][1:] if len(parts) > 2 and parts[2].startswith("p") else parts[0]
+    if len(parts) < 2:
+        raise ValueError(f"{key}: a split of real images needs one folder per subject below the root")
+    return parts[0]
 
 
 def read_radiograph(path: str | Path, min_side: int | None = None) -> np.ndarray:
@@ -151,6 +162,9 @@ class RealCXRStream(ResumableStream):
 
     root: a directory of images, or a MIMIC-CXR-JPG root (detected by its metadata CSV, or given ``mimic_csv``).
     views: MIMIC ViewPosition filter. Other keyword arguments: ``ResumableStream`` (seed, batch_size, ...).
+    split: only the images of subjects in that split of ``split_policy`` (default ``SplitPolicy()``: train 0.8, val
+    0.1, test 0.1), assigned per subject by the same hash as CT cohorts (``xwin.pipeline.splits``). The subject is
+    MIMIC's ``subject_id``, or for a plain directory the first folder below the root (one folder per patient).
     """
 
     def __init__(
@@ -161,9 +175,15 @@ class RealCXRStream(ResumableStream):
         mimic_csv: str | Path | None = None,
         views: Sequence[str] = ("AP", "PA"),
         min_size: int = 64,
+        split: str | None = None,
+        split_policy: SplitPolicy | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
+        self.split = split
+        self.split_policy = split_policy or SplitPolicy()
+        if split is not None and split not in self.split_policy.fractions:
+            raise ValueError(f"split {split!r} is not one of {sorted(self.split_policy.fractions)}")
         self.root = Path(root)
         self.image_size = int(image_size)
         self.mimic_csv = Path(mimic_csv) if mimic_csv is not None else find_mimic_csv(self.root)
@@ -178,15 +198,29 @@ class RealCXRStream(ResumableStream):
         return {"image": (0, (b, 1, S, S))}
 
     def _keys(self) -> list[str]:
+        keys = self._all_keys()
+        if self.split is None:
+            return keys
+        from xwin.pipeline.splits import split_for, unit_hash
+
+        pol = self.split_policy
+        out = []
+        for k in keys:
+            subject = real_subject(k, mimic=self.mimic_csv is not None)
+            if split_for(unit_hash(pol.salt, subject), pol.fractions) == self.split:
+                out.append(k)
+        return out
+
+    def _all_keys(self) -> list[str]:
         if self.mimic_csv is not None:
             return mimic_paths(self.mimic_csv, self.views)
         if not self.root.is_dir():
             raise FileNotFoundError(f"real CXR root {self.root} is not a directory")
-        return [
+        return sorted(
             str(p.relative_to(self.root))
             for p in self.root.rglob("*")
             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        ]
+        )
 
     def _load(self, key: str, draw: int, rng: np.random.Generator) -> dict | None:
         try:

@@ -1,0 +1,156 @@
+"""The dataset card of one cohort (``xwin card``): what a reader of a paper, or a reviewer of a data release, needs.
+
+Everything comes from the store (volume records, the split assignment, the datasets and their specs) and from the
+run reports beside it (rejections); nothing is typed by hand. Written as ``card.json`` + ``card.md`` +
+``preview.png`` (one frontal view of a few volumes of the cohort's dataset).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xwin.flows import reports as rep
+from xwin.storage import Store
+
+# Cohorts whose licence and source are known; any other cohort takes them from --licence / --source.
+KNOWN_COHORTS: dict[str, tuple[str, str]] = {
+    "nlst": (
+        "CC BY 3.0 (TCIA data usage policy)",
+        "National Lung Screening Trial, The Cancer Imaging Archive: https://doi.org/10.7937/TCIA.HMQ8-J677",
+    ),
+}
+
+
+def _reports_rejections(reports: str, cohort: str) -> tuple[Counter[str], int]:
+    """Rejection reasons of the cohort's inputs, each input counted once at its latest run; and the run count."""
+    import fsspec
+
+    from xwin.storage import s3_options
+
+    opts = s3_options() if reports.startswith("s3://") else {}
+    fs, root = fsspec.core.url_to_fs(f"{reports}/runs", **opts)
+    try:
+        files = sorted(p for p in fs.ls(root, detail=False) if str(p).endswith(".json"))
+    except FileNotFoundError:
+        return Counter(), 0
+    latest: dict[str, tuple[str, str | None]] = {}  # input -> (run time key, reason or None)
+    runs = 0
+    for f in files:
+        payload = json.loads(fs.cat_file(f))
+        if payload.get("cohort") not in (None, cohort):
+            continue
+        runs += 1
+        s = payload.get("summary", {})
+        stamp = str(payload.get("run_id") or f)
+        for r in s.get("rejected", []):
+            latest[r["input"]] = max(latest.get(r["input"], ("", None)), (stamp, r["reason"]))
+        for kind in ("done", "skipped"):
+            for r in s.get(kind, []):
+                latest[r["input"]] = max(latest.get(r["input"], ("", None)), (stamp, None))
+    return Counter(reason for _, reason in latest.values() if reason), runs
+
+
+def build_card(store: Store, cohort: str, licence: str | None = None, source: str | None = None) -> dict[str, Any]:
+    """The card's content (module docstring) as a JSON-ready dict."""
+    records = store.list_volumes(cohort)
+    splits = store.read_splits(cohort)
+    known = KNOWN_COHORTS.get(cohort.lower(), (None, None))
+    vols = splits.volumes if splits is not None else {}
+
+    def count(values) -> dict[str, int]:
+        return dict(sorted(Counter("unknown" if v is None else str(v) for v in values).items()))
+
+    qc: dict[str, dict[str, int]] = {}
+    for r in records:
+        for c in r.qc:
+            d = qc.setdefault(c.name, {"flagged": 0, "passed": 0})
+            d["flagged" if c.flagged else "passed"] += 1
+    reasons, runs = _reports_rejections(rep.reports_url(store.url), cohort)
+    datasets = [
+        {"spec_hash": d.spec_hash, "rings": len(ds.volume_ids()), "spec": json.loads(ds.spec.canonical_json())}
+        for d in store.datasets()
+        if d.cohort == cohort
+        for ds in [store.open_dataset(cohort, d.spec_hash)]
+    ]
+    subjects = {(vols[r.volume_id].subject if r.volume_id in vols else r.subject_id) for r in records}
+    return {
+        "cohort": cohort,
+        "store": store.url,
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "licence": licence or known[0] or "unknown: pass --licence",
+        "source": source or known[1] or "unknown: pass --source",
+        "volumes": len(records),
+        "subjects": len(subjects),
+        "splits": splits.counts() if splits is not None else None,
+        "split_policy": splits.policy.model_dump() if splits is not None else None,
+        "by_timepoint": count(vols[r.volume_id].timepoint if r.volume_id in vols else None for r in records),
+        "by_manufacturer": count(r.acquisition.manufacturer if r.acquisition else None for r in records),
+        "by_kernel": count(r.acquisition.kernel if r.acquisition else None for r in records),
+        "near_duplicates": sum(1 for v in vols.values() if v.duplicate_of),
+        "qc": dict(sorted(qc.items())),
+        "rejections": dict(sorted(reasons.items())),
+        "runs_read": runs,
+        "datasets": datasets,
+    }
+
+
+def card_markdown(card: dict[str, Any], preview: str | None) -> str:
+    def table(title: str, d: dict | None) -> list[str]:
+        if not d:
+            return [f"**{title}**: none", ""]
+        return [f"**{title}**", "", "| | count |", "|---|---|", *(f"| {k} | {v} |" for k, v in d.items()), ""]
+
+    lines = [
+        f"# Dataset card: {card['cohort']}",
+        "",
+        f"- store: `{card['store']}`",
+        f"- licence: {card['licence']}",
+        f"- source: {card['source']}",
+        f"- {card['volumes']} volumes of {card['subjects']} subjects; {card['near_duplicates']} near-duplicate "
+        "reconstructions",
+        f"- written {card['written_at']} by `xwin card` from the store and {card['runs_read']} run report(s)",
+        "",
+    ]
+    if card["splits"]:
+        lines += table("Volumes per split", card["splits"]["volumes"])
+        lines += table("Subjects per split", card["splits"]["subjects"])
+    else:
+        lines += ["**Splits**: not assigned (`xwin splits assign`)", ""]
+    lines += table("Timepoints", card["by_timepoint"])
+    lines += table("Manufacturers", card["by_manufacturer"])
+    lines += table("Kernels", card["by_kernel"])
+    qc = {k: f"{v['flagged']} flagged / {v['passed']} passed" for k, v in card["qc"].items()}
+    lines += table("Quality checks", qc)
+    lines += table("Rejections (latest run of each input)", card["rejections"])
+    for d in card["datasets"]:
+        lines += [f"**Dataset {d['spec_hash']}**: {d['rings']} rings", "", "```json", json.dumps(d["spec"]), "```", ""]
+    if preview:
+        lines += ["![preview](preview.png)", ""]
+    return "\n".join(lines)
+
+
+def write_card(store: Store, cohort: str, out: str | Path, **kw: Any) -> dict[str, Any]:
+    """Write card.json, card.md and (when the cohort has rings) preview.png under ``out``; returns the card."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = build_card(store, cohort, **kw)
+    preview = None
+    if card["datasets"]:
+        ds = store.open_dataset(cohort, card["datasets"][0]["spec_hash"])
+        ids = ds.volume_ids()[:4]
+        if ids:
+            k = ds.spec.view_index(0.0) if 0.0 in [y % 360 for y in ds.spec.yaws_deg] else 0
+            views = np.stack([ds.read_views(v, [k])[0][0] for v in ids])
+            im = rep.montage(views, [0.0] * len(ids), list(range(len(ids))), size=192)
+            (out / "preview.png").write_bytes(rep.png_bytes(im))
+            preview = str(out / "preview.png")
+    card["preview"] = preview
+    (out / "card.json").write_text(json.dumps(card, indent=1))
+    (out / "card.md").write_text(card_markdown(card, preview))
+    return card

@@ -1,0 +1,150 @@
+"""``xwin splits assign|show``: subject-level train/val/test splits of a cohort, stored in the store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from xwin.flows.cli.common import JsonOpt, StoreOpt, check_cohort, fail, open_store_cli, or_exit
+
+splits_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="subject-level splits of a cohort"
+)
+
+
+def parse_fractions(text: str) -> dict[str, float]:
+    """``"train=0.8,val=0.1,test=0.1"`` -> {"train": 0.8, ...} (order kept: it is the order of the intervals)."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, val = part.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            out[name.strip()] = float(val)
+        except ValueError:
+            fail(f"--fractions {text!r}: {part!r} is not NAME=FRACTION")
+    return out
+
+
+def read_exclusions(path: Path) -> list[str]:
+    """Subject ids, one per line (blank lines and ``#`` comments ignored)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        fail(f"--exclude {path}: {e.strerror or e}")
+    return [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+
+
+def _show(doc, as_json: bool) -> None:
+    body = {
+        "cohort": doc.cohort,
+        "policy": doc.policy.model_dump(),
+        "volumes": {vid: v.model_dump() for vid, v in doc.volumes.items()},
+        "counts": doc.counts(),
+        "excluded": doc.excluded,
+    }
+    if as_json:
+        typer.echo(json.dumps(body))
+        return
+    c = doc.counts()
+    typer.echo(f"cohort {doc.cohort}: {len(doc.subjects)} subjects, {len(doc.volumes)} volumes")
+    for name in sorted(set(c["subjects"]) | set(c["volumes"])):
+        typer.echo(f"  {name:<10s} {c['subjects'].get(name, 0):>6d} subjects {c['volumes'].get(name, 0):>7d} volumes")
+
+
+@splits_app.command("assign")
+def assign_cmd(
+    store: StoreOpt,
+    cohort: str = typer.Option(..., "--cohort", help="cohort whose volumes are assigned"),
+    fractions: str = typer.Option("train=0.8,val=0.1,test=0.1", "--fractions", help="NAME=FRACTION,... (sum 1)"),
+    salt: str = typer.Option("xwin-splits-v1", "--salt", help="mixed into each subject's hash"),
+    group_by: str = typer.Option("subject", "--group-by", help="subject | manufacturer | site"),
+    exclude: Path | None = typer.Option(None, "--exclude", help="file of subject ids kept out of every split"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Assign every volume's subject to a split (new subjects only; assigned subjects never move)."""
+    from pydantic import ValidationError
+
+    from xwin.pipeline.splits import VolumeFacts, assign_splits, mark_duplicates
+    from xwin.schemas.cohort import SplitPolicy
+
+    check_cohort(cohort)
+    try:
+        policy = SplitPolicy(fractions=parse_fractions(fractions), salt=salt, group_by=group_by)
+    except ValidationError as e:
+        fail(*(f"--{'-'.join(str(x) for x in err['loc'][:1])}: {err['msg']}" for err in e.errors()))
+    excl = read_exclusions(exclude) if exclude is not None else []
+    st = open_store_cli(store)
+    records = or_exit(st.list_volumes, cohort)
+    if not records:
+        fail(f"cohort {cohort!r} has no committed volumes in {st.url}")
+    facts = [
+        VolumeFacts(
+            volume_id=r.volume_id,
+            subject=r.subject_id,
+            study_uid=r.study_uid,
+            study_date=r.acquisition.study_date if r.acquisition else None,
+            manufacturer=r.acquisition.manufacturer if r.acquisition else None,
+            site=r.acquisition.site if r.acquisition else None,
+        )
+        for r in records
+    ]
+    moved: list[str] = []
+
+    def load(vid: str):
+        rec, hu = st.read_volume(vid)
+        return hu, np.asarray(rec.affine)
+
+    def update(cur):
+        doc, m = assign_splits(cohort, facts, policy, cur, excl)
+        moved[:] = m
+        return mark_duplicates(doc, facts, load)
+
+    doc = or_exit(st.update_splits, cohort, update)
+    if doc.policy != policy:
+        typer.echo(
+            f"note: cohort {cohort} keeps the policy it was first assigned with ({doc.policy.model_dump_json()}); "
+            "the one given applies to no subject",
+            err=True,
+        )
+    for s in moved:
+        typer.echo(f"warning: subject {s} was assigned before and is now excluded", err=True)
+    _show(doc, as_json)
+
+
+@splits_app.command("show")
+def show_cmd(
+    store: StoreOpt,
+    cohort: str = typer.Option(..., "--cohort", help="cohort"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a cohort's assignment: every volume's split and subject, and the counts."""
+    check_cohort(cohort)
+    st = open_store_cli(store)
+    doc = or_exit(st.read_splits, cohort)
+    if doc is None:
+        fail(f"cohort {cohort!r} has no split assignment in {st.url}: run `xwin splits assign`")
+    _show(doc, as_json)
+
+
+def card_cmd(
+    store: StoreOpt,
+    cohort: str = typer.Option(..., "--cohort", help="cohort"),
+    out: Path = typer.Option(..., "--out", help="folder for card.md, card.json, preview.png"),
+    licence: str | None = typer.Option(None, "--licence", help="the cohort's licence (known for nlst)"),
+    source: str | None = typer.Option(None, "--source", help="where the cohort comes from (known for nlst)"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the cohort's dataset card: counts by split, timepoint, vendor, kernel; QC; rejections; spec; licence."""
+    from xwin.flows.card import write_card
+
+    check_cohort(cohort)
+    st = open_store_cli(store)
+    card = or_exit(write_card, st, cohort, out, licence=licence, source=source)
+    if as_json:
+        typer.echo(json.dumps(card))
+        return
+    typer.echo(f"dataset card of {cohort}: {out / 'card.md'} ({card['volumes']} volumes, {card['subjects']} subjects)")
