@@ -17,7 +17,7 @@ from .buffers import empty_tensor
 from .readers import ViewReader, ViewSource
 from .sampling import SamplingPlan, XWinSampling
 from .stream import ResumableStream
-from .transforms import appearance_into, out_dtype
+from .transforms import appearance_into, out_dtype, resize
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,15 @@ class XWinStream(ResumableStream):
         image_size: int = 512,
         appearance: str = "minmax",
         dtype: str | torch.dtype | None = None,
+        labels: bool = False,
         **kw: Any,
     ) -> None:
         kw.setdefault("draws_per_item", kw.pop("draws_per_volume", 1))
         super().__init__(**kw)
         self.source = source
+        # the rings' projected labels as optional targets: "context_labels" (C,S,S) and "target_labels" (N,C,S,S),
+        # thickness in mm resized like the images (a ring without labels is skipped, with a logged reason)
+        self.labels = bool(labels)
         self.sampling = sampling or XWinSampling()
         self.image_size = int(image_size)
         self.appearance = appearance
@@ -110,7 +114,19 @@ class XWinStream(ResumableStream):
         if not np.array_equal(got_idx, want):
             raise ValueError(f"reader returned views {got_idx.tolist()} of {key!r}, asked for {want.tolist()}")
         yaws = np.asarray(meta.yaw_deg, dtype=np.float64)
+        extra: dict[str, Any] = {}
+        if self.labels:
+            try:
+                lab = torch.from_numpy(self.reader.read_labels(key, want)).transpose(0, 1)  # (1+N, C, H, W)
+            except KeyError as e:
+                log.warning("skipping volume %s: %s", key, e)
+                return None
+            n, C, H, W = lab.shape
+            S = self.image_size
+            lab = resize(lab.reshape(n * C, 1, H, W).contiguous(), S).reshape(n, C, S, S)
+            extra = {"context_labels": lab[0].clone(), "target_labels": lab[1:].clone()}
         return {
+            **extra,
             "_views": views,  # (1+N, H, W) stored dtype, consumed by _finalize / _collate
             "actions": torch.from_numpy(d.actions_deg),
             "actions_norm": torch.from_numpy(d.actions_deg / np.float32(self.sampling.max_abs_deg)),
