@@ -21,6 +21,19 @@ def test_auroc_matches_pairwise_definition():
     assert np.isnan(auroc(np.arange(3.0), np.zeros(3, bool)))
 
 
+def test_grouped_split_keeps_groups_whole_and_every_class():
+    from xwin.training.probe import grouped_split
+
+    labels = np.array([0, 1] * 10)
+    groups = np.repeat([f"s{i}" for i in range(5)], 4)
+    for seed in range(5):
+        tr, te = grouped_split(labels, groups, 0.3, seed)
+        assert not set(groups[tr]) & set(groups[te]) and len(tr) + len(te) == 20
+        assert set(labels[te]) == {0, 1} and set(labels[tr]) == {0, 1} and len(te) >= 6
+    with pytest.raises(ValueError, match="groups"):
+        grouped_split(labels, np.zeros(20, dtype=str), 0.3, 0)
+
+
 def test_stratified_split_keeps_every_class():
     labels = np.array([0] * 10 + [1] * 3 + [2] * 2)
     tr, te = stratified_split(labels, 0.3, seed=0)
@@ -49,6 +62,10 @@ def views_folder(tmp_path_factory, rendered_dataset):
     return root
 
 
+def views_folder_volumes(root):
+    return {p.name.split("_")[0] for p in root.rglob("*.png") if "_" in p.name}
+
+
 def test_probe_frontal_vs_lateral(tmp_path, views_folder):
     from typer.testing import CliRunner
 
@@ -62,14 +79,41 @@ def test_probe_frontal_vs_lateral(tmp_path, views_folder):
     tr.run(max_steps=2)
     ckpt = tr.save()
     tr.close()
-    res = CliRunner().invoke(app, ["probe", "--checkpoint", str(ckpt), "--data", str(views_folder), "--json"])
+    # split by volume: the images of one ring never sit on both sides (neighbouring 3-degree views are near copies)
+    by_volume = ["--group-by", r"^[^/]+/([^_/]+)_"]
+    res = CliRunner().invoke(
+        app, ["probe", "--checkpoint", str(ckpt), "--data", str(views_folder), *by_volume, "--json"]
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout.strip().splitlines()[-1])
     assert rep["classes"] == ["frontal", "lateral"]
     assert rep["n_train"] + rep["n_test"] == 2 * 3 * 22  # 11 yaws around each of two angles per class, 3 volumes
+    vols = set(views_folder_volumes(views_folder))
+    assert set(rep["groups"]["train"]) | set(rep["groups"]["test"]) == vols
+    assert not set(rep["groups"]["train"]) & set(rep["groups"]["test"]) and len(rep["groups"]["test"]) == 1
+    assert rep["n_test"] == 2 * 22  # the held-out volume's frontal and lateral views
     assert any(p.endswith("broken.png") for p in rep["skipped"])
-    # frontal and lateral chest views differ in shape: a frozen encoder + linear layer separates them
+    # frontal and lateral chest views differ in shape: a frozen encoder + linear layer separates them on a volume
+    # it never saw
     assert rep["auroc"]["frontal"] >= 0.9 and rep["auroc"]["lateral"] >= 0.9
     assert rep["auroc"]["frontal"] == pytest.approx(rep["auroc"]["lateral"])  # binary: one-vs-rest is symmetric
+    # control: labels that carry no information (each image's class drawn at random) give chance AUROC, so the
+    # figure above is not produced by the probe itself
+    control = tmp_path / "control"
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (control / c).mkdir(parents=True)
+    for p in sorted(views_folder.rglob("small-*.png")):
+        dst = control / ("a" if rng.random() < 0.5 else "b") / p.name
+        dst.write_bytes(p.read_bytes())
+    ctl = CliRunner().invoke(app, ["probe", "--checkpoint", str(ckpt), "--data", str(control), *by_volume, "--json"])
+    assert ctl.exit_code == 0, ctl.output
+    auc = json.loads(ctl.stdout.strip().splitlines()[-1])["auroc"]["a"]
+    assert abs(auc - 0.5) < 0.2, auc
+    # a pattern that does not name every image is an error, not a silent ungrouped split
+    bad = CliRunner().invoke(
+        app, ["probe", "--checkpoint", str(ckpt), "--data", str(views_folder), "--group-by", "zzz"]
+    )
+    assert bad.exit_code != 0 and "does not match" in bad.output
     txt = CliRunner().invoke(app, ["probe", "--checkpoint", str(ckpt), "--data", str(views_folder)])
     assert txt.exit_code == 0 and "AUROC" in txt.stdout

@@ -2,7 +2,9 @@
 
 ``load_config(path=None, preset="base", overrides=["optim.lr=1e-4", ...]) -> TrainConfig``: the preset gives the
 starting values, a YAML/JSON file (which may name its own ``preset:``) is merged over it, then ``key.sub=value``
-overrides (values parsed as YAML scalars/lists). Unknown keys are errors.
+overrides (values parsed as YAML scalars/lists; a quoted value stays a string), then ``values`` (a nested mapping
+taken as it is: what command-line options like ``--cohort 2024`` set, never re-parsed). Unknown keys are errors.
+``build_config`` does the same from a mapping already read.
 """
 
 from __future__ import annotations
@@ -124,6 +126,13 @@ class DataConfig(_Strict):
 
     store: str | None = None
     cohort: str | None = None
+    # the subject-level split to train on (``xwin splits assign``): the DRR stream reads only its volumes, the real
+    # stream only the images of subjects its hash puts in the same split; None = everything (no split assigned)
+    split: str | None = None
+    # validation (``val_every``): the held-out split of the DRRs, whose subjects' images of ``real`` are the held-out
+    # real images too, unless ``val_real`` names a directory of held-out radiographs (taken whole)
+    val_split: str | None = None
+    val_real: str | None = None
     synthetic: bool = False
     real: str | None = None
     real_batch_size: int | None = None  # None: batch_size * n_targets (one real image per simulated target)
@@ -159,11 +168,24 @@ class TrainConfig(_Strict):
     ckpt_every: int = 1000
     max_steps: int | None = None  # stop early (schedules still span optim.total_steps)
     threads: int | None = None  # torch intra-op threads on CPU
+    # every ``val_every`` steps (0: never) the losses on ``val_batches`` fixed held-out batches go to the log
+    # ("val" events): DRRs of ``data.val_split`` and held-out real images (docs/training.md, Validation)
+    val_every: int = 0
+    val_batches: int = 4
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.masks.min_keep >= self.model.grid**2:
             raise ValueError(f"masks.min_keep={self.masks.min_keep} must be < {self.model.grid**2} patches")
+        d = self.data
+        if self.val_every > 0 and not d.synthetic:
+            if not d.val_split:
+                raise ValueError("val_every > 0 needs data.val_split: the held-out split to validate on")
+            if d.split is None or d.split == d.val_split:
+                raise ValueError(
+                    f"validating on split {d.val_split!r} needs training on another one: set data.split "
+                    f"(now {d.split!r}), or the held-out volumes are trained on"
+                )
         return self
 
 
@@ -220,7 +242,8 @@ def parse_override(item: str) -> dict:
         raise ValueError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
     val = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(val, str):  # YAML reads 1e-4 as a string; try a number
+    quoted = raw.strip()[:1] in ("'", '"')
+    if isinstance(val, str) and not quoted:  # YAML reads 1e-4 as a string; try a number
         with contextlib.suppress(ValueError):
             val = float(val)
     out: dict = {}
@@ -239,7 +262,10 @@ def preset_dict(name: str) -> dict:
 
 
 def load_config(
-    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    values: dict | None = None,
 ) -> TrainConfig:
     file_d: dict = {}
     if path is not None:
@@ -247,9 +273,17 @@ def load_config(
         file_d = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
         if not isinstance(file_d, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(file_d).__name__}")
+    return build_config(file_d, preset, overrides, values)
+
+
+def build_config(
+    file_d: dict, preset: str | None = None, overrides: list[str] | None = None, values: dict | None = None
+) -> TrainConfig:
+    """The config of a file's mapping ``file_d`` (see the module docstring for the order of the layers)."""
     name = preset or file_d.get("preset") or "base"
     d = deep_merge(preset_dict(name), file_d)
     d["preset"] = name
     for o in overrides or []:
         d = deep_merge(d, parse_override(o))
+    d = deep_merge(d, values or {})
     return TrainConfig.model_validate(d)

@@ -177,7 +177,10 @@ class Trainer:
         *,
         out_dir: str | Path | None = None,
         echo: bool = False,
+        val: tuple[Any, Any | None] | None = None,
     ) -> None:
+        """``val``: the held-out (DRR stream, real stream or None) of ``cfg.val_every``; default
+        ``build_val_streams(cfg)`` when validation is on."""
         self.cfg = cfg
         self.rank, self.world, local_rank = _dist_env()
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -215,6 +218,12 @@ class Trainer:
         self._log_fh: TextIO | None = None
         self._it: Iterator | None = None
         self._real_it: Iterator | None = None
+        if val is None and cfg.val_every > 0:
+            val = build_val_streams(cfg)
+        self.val_stream: Any = val[0] if val is not None else None
+        self.val_real_stream: Any = val[1] if val is not None else None
+        # validation restarts its streams here every time: the same held-out batches (and masks) at every step
+        self._val_start = [_state(s) if s is not None else None for s in (self.val_stream, self.val_real_stream)]
 
     # ----------------------------------------------------------------------------------------------- logging
     @property
@@ -241,25 +250,11 @@ class Trainer:
 
     def train_step(self, batch: dict, real: torch.Tensor | None = None) -> dict[str, float]:
         """One optimisation step on a batch (and an optional real-image batch); returns the logged values."""
-        dev = self.device
-        context = batch["context"].to(dev, non_blocking=True).float()
-        targets = batch["targets"].to(dev, non_blocking=True).float()
-        actions = batch["actions"].to(dev, non_blocking=True).float()
-        B, N = actions.shape
         lr, wd, m = self.sched.lr_at(self.step), self.sched.wd_at(self.step), self.sched.momentum_at(self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
             g["weight_decay"] = wd if g.get("apply_wd", True) else 0.0
-
-        sim_masks = self.masker.sample(self.mask_rng, B * N).to(dev)
-        real_masks: MaskBatch | None = None
-        if real is not None:
-            real = real.to(dev, non_blocking=True).float()
-            real_masks = self.masker.sample(self.mask_rng, real.shape[0]).to(dev)
-        with self._autocast():
-            t_sim = self.ema(targets.flatten(0, 1)).unflatten(0, (B, N))  # (B, N, L, D), no grad
-            t_real = self.ema(real) if real is not None else None
-            out = self.ddp(context, actions, targets, t_sim, sim_masks, real, t_real, real_masks)
+        out, B, N, real = self._losses(self.ddp, batch, real, self.mask_rng)
         self.opt.zero_grad(set_to_none=True)
         out["total"].backward()
         if self.cfg.optim.grad_clip:
@@ -270,6 +265,84 @@ class Trainer:
         rec = {k: float(v.detach()) for k, v in out.items()}
         rec.update(lr=lr, weight_decay=wd, momentum=m)
         rec["images"] = B * (1 + N) + (real.shape[0] if real is not None else 0)
+        return rec
+
+    def _losses(
+        self, model: nn.Module, batch: dict, real: torch.Tensor | None, rng: np.random.Generator
+    ) -> tuple[dict[str, torch.Tensor], int, int, torch.Tensor | None]:
+        """Every loss term of eq. 11 on a batch (masks drawn from ``rng``): (terms, B, N, real on the device)."""
+        dev = self.device
+        context = batch["context"].to(dev, non_blocking=True).float()
+        targets = batch["targets"].to(dev, non_blocking=True).float()
+        actions = batch["actions"].to(dev, non_blocking=True).float()
+        B, N = actions.shape
+        sim_masks = self.masker.sample(rng, B * N).to(dev)
+        real_masks: MaskBatch | None = None
+        if real is not None:
+            real = real.to(dev, non_blocking=True).float()
+            real_masks = self.masker.sample(rng, real.shape[0]).to(dev)
+        with self._autocast():
+            t_sim = self.ema(targets.flatten(0, 1)).unflatten(0, (B, N))  # (B, N, L, D), no grad
+            t_real = self.ema(real) if real is not None else None
+            out = model(context, actions, targets, t_sim, sim_masks, real, t_real, real_masks)
+        return out, B, N, real
+
+    # --------------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict | None:
+        """The mean of every loss term over ``val_batches`` held-out batches (the same batches and masks each time:
+        the streams restart from their first position; at most one epoch of held-out DRRs, the real images reused
+        when they run out first); logged as a "val" event. None without a validation stream. Each rank validates
+        its own shard; rank 0 logs."""
+        if self.val_stream is None:
+            return None
+        for s, st in zip((self.val_stream, self.val_real_stream), self._val_start):
+            if s is not None and st is not None:
+                s.load_state_dict(st)
+        rng = np.random.default_rng([self.cfg.seed, self.rank, 0x76616C])
+        sims = iter(self.val_stream)
+        reals = iter(self.val_real_stream) if self.val_real_stream is not None else None
+        sums: dict[str, float] = {}
+        n = images = 0
+        self.model.eval()
+        try:
+            for _ in range(self.cfg.val_batches):
+                batch = next(sims, None)
+                item = next(reals, None) if reals is not None else None
+                if reals is not None and item is None and self.val_real_stream is not None:
+                    # fewer held-out real batches than DRR batches: the real images are used again
+                    close = getattr(reals, "close", None)
+                    if close is not None:
+                        close()
+                    if self._val_start[1] is not None:
+                        self.val_real_stream.load_state_dict(self._val_start[1])
+                    reals = iter(self.val_real_stream)
+                    item = next(reals, None)
+                if batch is None or (reals is not None and item is None):
+                    break
+                real = real_images(item) if item is not None else None
+                out, B, N, real = self._losses(self.model, batch, real, rng)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+                images += B * (1 + N) + (real.shape[0] if real is not None else 0)
+        finally:
+            self.model.train()
+            for it in (sims, reals):
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+        if n == 0:
+            raise RuntimeError("the validation stream yielded no batch (is the held-out split empty?)")
+        rec = {
+            "event": "val",
+            "step": self.step,
+            "batches": n,
+            "images": images,
+            "real": reals is not None,
+            **{k: v / n for k, v in sums.items()},
+        }
+        self.log_event(rec)
         return rec
 
     # ------------------------------------------------------------------------------------------------ batches
@@ -386,6 +459,7 @@ class Trainer:
             self.log_event({"event": "note", "message": NO_REAL_NOTE})
         first: dict | None = None
         last: dict | None = None
+        val: dict | None = None
         t0, imgs = time.perf_counter(), 0.0
         while self.step < stop:
             batch, real = self.next_batch()
@@ -406,9 +480,14 @@ class Trainer:
                     }
                 )
                 t0, imgs = time.perf_counter(), 0.0
+            if cfg.val_every and self.step % cfg.val_every == 0:
+                val = self.validate()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
-        return {"steps": self.step, "first": first, "last": last, "real_stream": has_real}
+        out = {"steps": self.step, "first": first, "last": last, "real_stream": has_real}
+        if val is not None:
+            out["val"] = val
+        return out
 
     def close(self) -> None:
         if self._log_fh is not None:
@@ -459,8 +538,11 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     sampling = XWinSampling(
         n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg, context_yaws=tuple(d.context_yaws)
     )
+    source = StoreSource(d.store, cohort, spec, split=d.split)
+    if d.split is not None:
+        source.open()  # a cohort without an assignment, or without that split: one clear error now, not in a worker
     ds = XWinStream(
-        StoreSource(d.store, cohort, spec),
+        source,
         sampling=sampling,
         image_size=S,
         appearance=d.appearance,
@@ -473,8 +555,71 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     sim = make_loader(ds, num_workers=d.num_workers)
     real = None
     if d.real:
-        rs = RealCXRStream(d.real, image_size=S, seed=cfg.seed + 1, batch_size=real_bs)
+        rs = RealCXRStream(d.real, image_size=S, seed=cfg.seed + 1, batch_size=real_bs, split=d.split)
         real = make_loader(rs, num_workers=d.num_workers)
+    return sim, real
+
+
+def build_val_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
+    """The held-out streams of ``cfg.val_every``: (DRRs, real images or None), read in-process (no workers). A
+    validation reads at most one epoch of each (``data.draws_per_volume`` samples per held-out volume).
+
+    ``data.synthetic``: phantoms of another seed (never trained on). ``data.store``: the volumes of split
+    ``data.val_split``; real images: ``data.val_real`` whole, else the ``data.val_split`` subjects of ``data.real``.
+    """
+    d, S = cfg.data, cfg.model.img_size
+    real_bs = d.real_batch_size or d.batch_size * d.n_targets
+    held_out_seed = cfg.seed + 7919
+    sim: Any
+    real: Any
+    if d.synthetic:
+        from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
+
+        sim = SyntheticRingStream(
+            n_volumes=max(4, d.batch_size),
+            batch_size=d.batch_size,
+            n_targets=d.n_targets,
+            image_size=S,
+            step_deg=d.step_deg or 3.0,
+            max_abs_deg=d.max_abs_deg,
+            context_yaws=d.context_yaws,
+            seed=held_out_seed,
+        )
+        real = (
+            SyntheticRealStream(batch_size=real_bs, image_size=S, seed=held_out_seed + 1)
+            if d.real == "synthetic"
+            else None
+        )
+        return sim, real
+    if not d.store or not d.val_split:
+        raise ValueError("validation needs data.store and data.val_split (or data.synthetic)")
+    from xwin.training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
+
+    cohort, spec = resolve_dataset(d.store, d.cohort)
+    sampling = XWinSampling(
+        n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg, context_yaws=tuple(d.context_yaws)
+    )
+    held_out = StoreSource(d.store, cohort, spec, split=d.val_split)
+    if not held_out.open().volume_ids():  # opened here so that a split that is missing or empty is said up front
+        raise ValueError(f"validation split {d.val_split!r} of cohort {cohort!r} holds no volume")
+    ds = XWinStream(
+        held_out,
+        sampling=sampling,
+        image_size=S,
+        appearance=d.appearance,
+        seed=cfg.seed,
+        batch_size=d.batch_size,
+        draws_per_volume=d.draws_per_volume,
+        dtype=loader_image_dtype(cfg),
+    )
+    sim = make_loader(ds, num_workers=0)
+    real = None
+    if d.val_real or (d.real and d.real != "synthetic"):
+        root = str(d.val_real or d.real)
+        rs = RealCXRStream(
+            root, image_size=S, seed=cfg.seed + 1, batch_size=real_bs, split=None if d.val_real else d.val_split
+        )
+        real = make_loader(rs, num_workers=0)
     return sim, real
 
 
@@ -482,5 +627,7 @@ def resolve_dataset(url: str, cohort: str | None):
     """(cohort, RenderSpec) of the projection dataset to train on; cohort None = the store's only dataset."""
     from xwin.storage import open_store
 
-    ds = open_store(url).find_dataset(cohort)  # DatasetLookupError (a ValueError) names them when none or several
+    # a store that does not exist is an error (FileNotFoundError), never a new empty one; DatasetLookupError (a
+    # ValueError) names the datasets when none or several match
+    ds = open_store(url, create=False).find_dataset(cohort)
     return ds.cohort, ds.spec

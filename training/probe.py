@@ -6,6 +6,13 @@ antialiased resize to the encoder's input size, per-image min-max). Features: gl
 encoder's tokens (the EMA encoder by default, as the paper probes). The classifier is multinomial logistic
 regression on standardised features (full-batch L-BFGS, L2 penalty) trained on a stratified split; AUROC is
 one-vs-rest on the held-out split.
+
+Leakage: images of one subject (or one CT volume) must not sit on both sides of the split, or the probe measures
+recognition of the subject rather than the label. ``group_by`` names each image's group: ``"dir"`` (the image's
+folder below its class folder: patient folders as in MIMIC-CXR), or a regular expression searched in the image's
+path relative to the data root whose first capture group (else the whole match) is the group; the split then keeps
+every group whole (:func:`grouped_split`). ``"none"``: every image is its own group (only for data with one image per
+subject).
 """
 
 from __future__ import annotations
@@ -33,6 +40,23 @@ class ImageFolder:
     classes: list[str]
     paths: list[str]
     skipped: dict[str, str]  # path -> reason
+
+    def groups(self, group_by: str = "none") -> np.ndarray:
+        """The group of each image (see the module docstring); raises when a path does not match the pattern."""
+        import re
+
+        if group_by == "none":
+            return np.asarray(self.paths)
+        if group_by == "dir":
+            return np.asarray([str(Path(p).parent.relative_to(Path(p).parts[0])) for p in self.paths])
+        pat = re.compile(group_by)
+        out = []
+        for p in self.paths:
+            m = pat.search(p)
+            if m is None:
+                raise ValueError(f"--group-by {group_by!r} does not match image {p!r}")
+            out.append(m.group(1) if m.groups() else m.group(0))
+        return np.asarray(out)
 
 
 def load_image_folder(root: str | Path, image_size: int) -> ImageFolder:
@@ -112,6 +136,31 @@ def stratified_split(labels: np.ndarray, test_frac: float, seed: int) -> tuple[n
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
 
 
+def grouped_split(
+    labels: np.ndarray, groups: np.ndarray, test_frac: float, seed: int, tries: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups to each side: groups are drawn in a seeded random order into the test split until it holds
+    ``test_frac`` of the images; the first order whose two sides both contain every class is used."""
+    uniq = np.unique(groups)
+    if len(uniq) < 2:
+        raise ValueError(f"the probe split needs >= 2 groups, found {len(uniq)}: {uniq.tolist()}")
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    for _ in range(tries):
+        order = rng.permutation(uniq)
+        test_groups: list = []
+        n = 0
+        for g in order[:-1]:
+            if n >= test_frac * len(labels):
+                break
+            test_groups.append(g)
+            n += int((groups == g).sum())
+        te_mask = np.isin(groups, test_groups)
+        if set(labels[te_mask]) == set(classes) and set(labels[~te_mask]) == set(classes):
+            return np.flatnonzero(~te_mask), np.flatnonzero(te_mask)
+    raise ValueError(f"no split of {len(uniq)} groups puts every class on both sides; add groups or lower --test-frac")
+
+
 def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-3, iters: int = 200) -> nn.Linear:
     """Multinomial logistic regression (mean cross-entropy + l2 * ||W||^2) by full-batch L-BFGS."""
     torch.manual_seed(0)
@@ -138,11 +187,16 @@ def run_probe(
     seed: int = 0,
     l2: float = 1e-3,
     which: str = "ema",
+    group_by: str = "none",
 ) -> dict:
     enc, mcfg = load_encoder(checkpoint, which)
     folder = load_image_folder(data, mcfg.img_size)
     feats = extract_features(enc, folder.images)
-    tr, te = stratified_split(folder.labels, test_frac, seed)
+    groups = folder.groups(group_by)
+    if group_by == "none":
+        tr, te = stratified_split(folder.labels, test_frac, seed)
+    else:
+        tr, te = grouped_split(folder.labels, groups, test_frac, seed)
     mu, sd = feats[tr].mean(0), feats[tr].std(0).clamp_min(1e-6)
     z = (feats - mu) / sd
     y = torch.from_numpy(folder.labels)
@@ -157,6 +211,8 @@ def run_probe(
         "classes": folder.classes,
         "n_train": len(tr),
         "n_test": len(te),
+        "group_by": group_by,
+        "groups": {"train": sorted(set(groups[tr].tolist())), "test": sorted(set(groups[te].tolist()))},
         "auroc": per_class,
         "macro_auroc": float(np.nanmean(list(per_class.values()))),
         "accuracy": float((prob.argmax(1) == yte).mean()),

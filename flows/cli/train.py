@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from xwin.flows.cli.common import or_exit
+from xwin.flows.cli.common import fail, open_store_cli, or_exit, problem_line, read_mapping
+
+if TYPE_CHECKING:
+    from xwin.training.config import TrainConfig
 
 
 def train(
@@ -17,6 +21,7 @@ def train(
     store: str | None = typer.Option(None, "--store", help="store URL holding the projection dataset"),
     cohort: str | None = typer.Option(None, "--cohort", help="cohort of the dataset (default: the only one)"),
     real: str | None = typer.Option(None, "--real", help="directory of real radiographs (or 'synthetic')"),
+    split: str | None = typer.Option(None, "--split", help="subject-level split to train on (xwin splits)"),
     synthetic: bool = typer.Option(False, "--synthetic", help="train on procedural phantoms (no store)"),
     max_steps: int | None = typer.Option(None, "--max-steps", help="stop after this many steps"),
     out: Path | None = typer.Option(None, "--out", help="run directory (log.jsonl, checkpoints/)"),
@@ -29,28 +34,28 @@ def train(
     echo: bool = typer.Option(False, "--echo", help="also print each log line to stderr"),
 ) -> None:
     """Train the X-WIN world model (CPU, one GPU, or torchrun/DDP)."""
-    from xwin.training.config import load_config
+    # the options' values are taken as given (``--cohort 2024`` is the cohort "2024"); only --set is parsed as YAML
+    given: dict[str, tuple[str, Any]] = {
+        "data.store": ("--store", store),
+        "data.cohort": ("--cohort", cohort),
+        "data.split": ("--split", split),
+        "data.real": ("--real", real),
+        "data.synthetic": ("--synthetic", True if synthetic else None),
+        "max_steps": ("--max-steps", max_steps),
+        "out_dir": ("--out", None if out is None else str(out)),
+        "device": ("--device", device),
+    }
+    cfg = _config(config, preset, list(overrides), {k: v for k, v in given.items() if v[1] is not None})
     from xwin.training.loop import Trainer, build_streams
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ov = list(overrides)
-    if store:
-        ov.append(f"data.store={store}")
-    if cohort:
-        ov.append(f"data.cohort={cohort}")
-    if real:
-        ov.append(f"data.real={real}")
-    if synthetic:
-        ov.append("data.synthetic=true")
-    if max_steps is not None:
-        ov.append(f"max_steps={max_steps}")
-    if out is not None:
-        ov.append(f"out_dir={out}")
-    if device:
-        ov.append(f"device={device}")
-    cfg = or_exit(load_config, config, preset, ov)
+    if cfg.data.store and not cfg.data.synthetic:
+        open_store_cli(cfg.data.store)  # a store that does not exist is an error, never a new empty one
     sim, real_stream = or_exit(build_streams, cfg)
-    trainer = Trainer(cfg, sim, real_stream, echo=echo)
+    from xwin.training.loop import build_val_streams
+
+    val = or_exit(build_val_streams, cfg) if cfg.val_every > 0 else None
+    trainer = Trainer(cfg, sim, real_stream, echo=echo, val=val)
     if resume:
         path = Path(cfg.out_dir) / "checkpoints" / "latest.pt" if resume == "auto" else Path(resume)
         if path.exists():
@@ -73,18 +78,82 @@ def train(
         )
 
 
+def _config(path: Path | None, preset: str | None, sets: list[str], given: dict[str, tuple[str, Any]]) -> TrainConfig:
+    """The training config of the file, preset, --set overrides and options; a bad one ends the command with one
+    line per problem naming where the value came from (the file, ``--set key=value``, the option or the preset)."""
+    from pydantic import ValidationError
+
+    from xwin.training.config import build_config, parse_override
+
+    file_d = read_mapping(path, "config") if path is not None else {}
+    for item in sets:
+        try:
+            parse_override(item)
+        except ValueError as e:
+            fail(f"--set {item}: {e}")
+        except Exception as e:  # noqa: BLE001 - a YAML error of the value: one line, never a traceback
+            fail(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]})")
+    values: dict = {}
+    for key, (_, v) in given.items():
+        cur = values
+        *head, last = key.split(".")
+        for part in head:
+            cur = cur.setdefault(part, {})
+        cur[last] = v
+    try:
+        return build_config(file_d, preset, sets, values)
+    except ValidationError as e:
+        errs = e.errors(include_url=False)
+        fail(*(problem_line(_source(err["loc"], path, file_d, sets, given, preset), err) for err in errs))
+    except ValueError as e:  # unknown preset
+        fail(str(e))
+
+
+def _source(
+    loc: tuple, path: Path | None, file_d: dict, sets: list[str], given: dict[str, tuple[str, Any]], preset: str | None
+) -> str:
+    """Where the value at ``loc`` came from: an option, the last --set of it, the config file, or the preset (a
+    problem of the whole config is the file's, else the preset's)."""
+    key = ".".join(str(p) for p in loc)
+
+    def covers(k: str) -> bool:
+        return bool(key) and (key == k or key.startswith(k + "."))
+
+    for k, (opt, _) in given.items():
+        if covers(k):
+            return opt
+    for item in reversed(sets):
+        if covers(item.split("=", 1)[0].strip()):
+            return f"--set {item}"
+    cur: Any = file_d
+    for part in loc:
+        if isinstance(cur, dict) and str(part) in cur:
+            cur = cur[str(part)]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            cur = cur[part]
+        else:
+            break
+    else:  # every part of loc is in the file (or loc is empty: the whole config)
+        if path is not None:
+            return str(path)
+    return f"preset {preset or file_d.get('preset') or 'base'}"
+
+
 def probe(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="training checkpoint (.pt)"),
     data: Path = typer.Option(..., "--data", help="labelled image folder: one subfolder per class"),
     test_frac: float = typer.Option(0.3, "--test-frac", help="held-out fraction per class"),
     seed: int = typer.Option(0, "--seed"),
     encoder: str = typer.Option("ema", "--encoder", help="ema (paper) or online"),
+    group_by: str = typer.Option(
+        "none", "--group-by", help="keep groups whole: dir (patient folders) | REGEX on the path | none"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Linear probe of a frozen encoder: AUROC per class on a held-out split."""
+    """Linear probe of a frozen encoder: AUROC per class on a held-out split (whole groups with --group-by)."""
     from xwin.training.probe import run_probe
 
-    rep = or_exit(run_probe, checkpoint, data, test_frac=test_frac, seed=seed, which=encoder)
+    rep = or_exit(run_probe, checkpoint, data, test_frac=test_frac, seed=seed, which=encoder, group_by=group_by)
     if as_json:
         typer.echo(json.dumps(rep))
         return

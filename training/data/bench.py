@@ -6,19 +6,31 @@ webdataset's own pipeline (``WebDataset(shards, shardshuffle=..., nodesplitter=s
 and for each record the *same* sampler picks the 1 + N views, which are the only ``.npy`` members decoded. Both
 sides then run the identical appearance + resize + batch assembly code (``stream.collate_views``: in place into
 shared-memory batch tensors), produce one sample per volume per epoch and batch 12,
-under the same DataLoader (same worker counts, forkserver workers). A tar must be streamed record by record, so the
-baseline reads all 120 views of a volume to use 9; the Zarr stream reads only those 9 chunks.
+under the same DataLoader (same worker counts, forkserver workers) and the same read-ahead inside each process: the
+stream reads ``prefetch`` samples ahead on ``io_threads`` threads (``ResumableStream``), and so does the baseline
+(its records are pulled from the tar pipeline and their views decoded on as many threads, as far ahead), or neither
+(``io_threads=0``). A tar must be streamed record by record, so the baseline reads all 120 views of a volume to use 9;
+the Zarr stream reads only those 9 chunks.
+
+The tars are cached (``$TMPDIR/xwin-wds-<key>``) under a key of the content they were built from: the dataset's
+catalog (every ring's id and sha256 of its stored values), spec hash and stored dtype, and the shard count
+(``wds_content_key``). A dataset whose rings changed under the same spec gets new tars; a reader without a catalog
+gets its tars rebuilt every run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import tarfile
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -60,16 +72,47 @@ def make_bench_store(path: str | Path, n_volumes: int = 8, size: int = 512, back
     return StoreSource(str(path), "bench", spec)
 
 
+WDS_FORMAT = 1  # bump when the tar layout written below changes: old caches stop matching
+
+
+def wds_content_key(reader: Any, n_shards: int) -> str | None:
+    """The key of the tars ``write_wds_shards`` builds from ``reader``'s dataset: a digest of its catalog (each ring's
+    id and content checksum), spec hash, stored dtype, the shard count and the tar format. ``None`` when the reader
+    has no catalog (its content cannot be named without reading it all): such tars are never reused."""
+    if not hasattr(reader, "catalog"):
+        return None
+    spec = reader.spec
+    rows = sorted((r.volume_id, r.checksum) for r in reader.catalog())
+    doc = {
+        "format": WDS_FORMAT,
+        "spec_hash": spec.spec_hash,
+        "store_dtype": spec.store_dtype,
+        "n_shards": int(n_shards),
+        "rings": rows,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def write_wds_shards(source: StoreSource, out_dir: str | Path, n_shards: int = 4) -> list[str]:
-    """Write the dataset's rings as ``n_shards`` tar shards (records = volumes, one .npy per view)."""
+    """Write the dataset's rings as ``n_shards`` tar shards (records = volumes, one .npy per view).
+
+    The shards already in ``out_dir`` are reused only when its ``content.json`` holds the same
+    :func:`wds_content_key` (same rings, same checksums, same spec and shard count); otherwise they are rebuilt."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reader = source.open()
     ids = sorted(reader.volume_ids())
     n_shards = max(1, min(n_shards, len(ids)))
     paths = [out / f"shard-{s:04d}.tar" for s in range(n_shards)]
-    if all(p.exists() for p in paths):
-        return [str(p) for p in paths]
+    stamp = out / "content.json"
+    key = wds_content_key(reader, n_shards)
+    if key is not None and stamp.exists() and all(p.exists() for p in paths):
+        with contextlib.suppress(ValueError, OSError):
+            if json.loads(stamp.read_text()).get("key") == key:
+                return [str(p) for p in paths]
+    stamp.unlink(missing_ok=True)  # rebuilding: the old stamp must not vouch for half-written shards
+    for old in out.glob("shard-*.tar"):
+        old.unlink()
     with contextlib.ExitStack() as stack:
         tars = [stack.enter_context(tarfile.open(p, "w")) for p in paths]
         for i, vid in enumerate(ids):
@@ -91,7 +134,16 @@ def write_wds_shards(source: StoreSource, out_dir: str | Path, n_shards: int = 4
                 ti = tarfile.TarInfo(f"{vid}.{name}")
                 ti.size = len(data)
                 t.addfile(ti, io.BytesIO(data))
+    if key is not None:
+        stamp.write_text(json.dumps({"key": key, "volumes": len(ids), "n_shards": n_shards}))
     return [str(p) for p in paths]
+
+
+def default_wds_dir(reader: Any, n_shards: int) -> Path:
+    """``$TMPDIR/xwin-wds-<content key>`` (a reader without a catalog: ``-<spec hash>-uncached``, rebuilt)."""
+    key = wds_content_key(reader, n_shards)
+    name = f"xwin-wds-{key[:24]}" if key else f"xwin-wds-{reader.spec.spec_hash}-uncached"
+    return Path(os.environ.get("TMPDIR", "/tmp")) / name
 
 
 class WdsXWin(IterableDataset):
@@ -108,8 +160,11 @@ class WdsXWin(IterableDataset):
         seed: int = 0,
         shuffle: int = 8,
         dtype: torch.dtype = torch.float32,
+        io_threads: int = 0,
+        prefetch: int = 0,
     ) -> None:
         self.shards, self.spec, self.sampling, self.dtype = shards, spec, sampling, dtype
+        self.io_threads, self.prefetch = int(io_threads), int(prefetch)
         self.image_size, self.appearance, self.batch_size, self.seed, self.shuffle = (
             image_size,
             appearance,
@@ -131,25 +186,51 @@ class WdsXWin(IterableDataset):
             empty_check=False,
             seed=self.seed,
         ).shuffle(self.shuffle)
-        batch: list[dict] = []
-        for rec in pipe:
+
+        def sample(rec: dict) -> dict:
             vid = rec["__key__"]
             d = plan.draw(unit_rng(self.seed, 0, vid, 0))
             want = np.concatenate([[d.context_index], d.target_indices])
             views = [np.load(io.BytesIO(rec[f"{int(k):03d}.npy"])) for k in want]  # decode only these 9 members
-            batch.append(
-                {
-                    "_views": views,
-                    "actions": torch.from_numpy(d.actions_deg),
-                    "context_yaw": torch.tensor(yaws[want[0]], dtype=torch.float32),
-                    "volume_id": vid,
-                }
-            )
+            return {
+                "_views": views,
+                "actions": torch.from_numpy(d.actions_deg),
+                "context_yaw": torch.tensor(yaws[want[0]], dtype=torch.float32),
+                "volume_id": vid,
+            }
+
+        batch: list[dict] = []
+        for s in self._read_ahead(pipe, sample):
+            batch.append(s)
             if len(batch) == self.batch_size:
                 yield _collate(batch, self.appearance, self.image_size, self.dtype)
                 batch = []
         if batch:
             yield _collate(batch, self.appearance, self.image_size, self.dtype)
+
+    def _read_ahead(self, pipe: Any, sample: Any) -> Iterator[dict]:
+        """Samples in record order. With ``io_threads`` and ``prefetch``: like ``ResumableStream._read_ahead``, up
+        to ``prefetch + 1`` samples in flight on ``io_threads`` threads, each pulling the next record from the tar
+        pipeline (one at a time: a tar is one stream) and decoding its views."""
+        if self.io_threads <= 0 or self.prefetch <= 0:
+            for rec in pipe:
+                yield sample(rec)
+            return
+        it, lock, end = iter(pipe), threading.Lock(), object()
+
+        def next_sample() -> Any:
+            with lock:
+                rec = next(it, end)
+            return end if rec is end else sample(rec)
+
+        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="wds-read") as pool:
+            q: deque = deque(pool.submit(next_sample) for _ in range(self.prefetch + 1))
+            while q:
+                got = q.popleft().result()
+                if got is end:  # the pipeline is exhausted: the futures still queued end too, or hold a record
+                    continue
+                q.append(pool.submit(next_sample))
+                yield got
 
 
 def _collate(samples: list[dict], appearance: str, image_size: int, dtype: torch.dtype) -> dict:
@@ -205,20 +286,31 @@ def run_bench(
     dtype: str | None = None,
     fresh_buffers: bool = True,
     repeats: int = 1,
+    io_threads: int | None = None,
+    prefetch: int | None = None,
 ) -> dict[str, Any]:
     """Each row: the stream as the trainer runs it (reused batch buffers, ``buffers.py``), the WebDataset baseline,
     and (``fresh_buffers``) the stream allocating every batch afresh like the baseline, which isolates what the read
     path alone gains over WebDataset (``ratio_fresh_buffers``). ``repeats`` rounds over all configurations; rows
-    give medians, ``runs`` every value."""
+    give medians, ``runs`` every value (``measures``: samples, seconds and start-up of each).
+
+    ``io_threads``/``prefetch``: the read-ahead of every reader in each process, the same for the stream and the
+    baseline (default: the stream's own, ``ResumableStream``'s 2 threads, 4 samples; ``io_threads=0``: none)."""
     reader = source.open()
     spec = reader.spec
     S = image_size or spec.width
     sampling = XWinSampling()
     odt = out_dtype(dtype)
     n_vol = len(reader.volume_ids())
-    wds_dir = Path(wds_dir) if wds_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"xwin-wds-{spec.spec_hash}"
+    probe = XWinStream(source, sampling=sampling)
+    threads = probe.io_threads if io_threads is None else int(io_threads)
+    ahead = probe.prefetch if prefetch is None else int(prefetch)
+    if threads <= 0 or ahead <= 0:
+        threads, ahead = 0, 0
+    n_shards = max(4, max(workers))
+    wds_dir = Path(wds_dir) if wds_dir else default_wds_dir(reader, min(n_shards, n_vol))
     t = time.perf_counter()
-    shards = write_wds_shards(source, wds_dir, n_shards=max(4, max(workers)))
+    shards = write_wds_shards(source, wds_dir, n_shards=n_shards)
     tar_s = time.perf_counter() - t
     bytes_per_sample = (1 + sampling.n_targets) * spec.height * spec.width * np.dtype(spec.store_dtype).itemsize
 
@@ -233,11 +325,13 @@ def run_bench(
             seed=0,
             dtype=odt,
             reuse_buffers=reuse,
+            io_threads=threads,
+            prefetch=ahead,
         )
         return make_loader(ds, num_workers=w)
 
     def wds_loader(w: int) -> DataLoader:
-        base = WdsXWin(shards, spec, sampling, S, appearance, batch_size, dtype=odt)
+        base = WdsXWin(shards, spec, sampling, S, appearance, batch_size, dtype=odt, io_threads=threads, prefetch=ahead)
         kw: dict[str, Any] = {"batch_size": None, "num_workers": w}
         if w:
             kw.update(multiprocessing_context=forkserver_context(), worker_init_fn=worker_init, persistent_workers=True)
@@ -282,6 +376,10 @@ def run_bench(
                 "startup_s": float(np.median([m.startup_s for m in got[w]["stream"]])),
                 "baseline_startup_s": float(np.median([m.startup_s for m in got[w]["wds"]])),
                 "runs": r,
+                "measures": {
+                    k: [{"samples": m.samples, "seconds": m.seconds, "startup_s": m.startup_s} for m in ms]
+                    for k, ms in got[w].items()
+                },
             }
         )
     main = next((r for r in rows if r["workers"] == main_workers), rows[-1])
@@ -297,6 +395,9 @@ def run_bench(
         "output_dtype": str(odt).removeprefix("torch."),
         "cpu_count": os.cpu_count(),
         "wds_build_s": tar_s,
+        "wds_dir": str(wds_dir),
+        "io_threads": threads,
+        "prefetch": ahead,
         "rows": rows,
         "workers": main["workers"],
         "samples_per_s": main["samples_per_s"],
