@@ -28,9 +28,7 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lab, sizes
 
 
-def table_parts(
-    lab: np.ndarray, sizes: np.ndarray, spacing_mm: tuple[float, float, float]
-) -> tuple[list[int], float]:
+def table_parts(lab: np.ndarray, sizes: np.ndarray, spacing_mm: tuple[float, float, float]) -> tuple[list[int], float]:
     """The labels of the table parts (the module docstring's rule) and the table's left-right width in mm.
     Bounding boxes only (``ndimage.find_objects``): "posterior" compares box centres front to back."""
     trunk = int(np.argmax(sizes))

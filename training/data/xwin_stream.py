@@ -117,7 +117,10 @@ class XWinStream(ResumableStream):
         extra: dict[str, Any] = {}
         if self.labels:
             try:
-                lab = torch.from_numpy(self.reader.read_labels(key, want)).transpose(0, 1)  # (1+N, C, H, W)
+                read_labels = getattr(self.reader, "read_labels", None)
+                if read_labels is None:
+                    raise TypeError(f"labels=True needs a reader with read_labels, got {type(self.reader).__name__}")
+                lab = torch.from_numpy(read_labels(key, want)).transpose(0, 1)  # (1+N, C, H, W)
             except KeyError as e:
                 log.warning("skipping volume %s: %s", key, e)
                 return None
