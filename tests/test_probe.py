@@ -110,6 +110,22 @@ def test_probe_frontal_vs_lateral(tmp_path, views_folder):
     assert ctl.exit_code == 0, ctl.output
     auc = json.loads(ctl.stdout.strip().splitlines()[-1])["auroc"]["a"]
     assert abs(auc - 0.5) < 0.2, auc
+    # --split: only the subjects (here: volumes) the subject-level hash puts in that split
+    from xwin.pipeline.splits import split_for, unit_hash
+    from xwin.schemas.cohort import SplitPolicy
+
+    pol = SplitPolicy()
+    in_train = sorted(v for v in vols if split_for(unit_hash(pol.salt, v), pol.fractions) == "train")
+    assert len(in_train) >= 2  # small-a/b/c under the default salt
+    sp = CliRunner().invoke(app, ["probe", "--checkpoint", str(ckpt), "--data", str(views_folder), *by_volume,
+                                  "--split", "train", "--json"])  # fmt: skip
+    assert sp.exit_code == 0, sp.output
+    rep_sp = json.loads(sp.stdout.strip().splitlines()[-1])
+    assert sorted(rep_sp["groups"]["train"] + rep_sp["groups"]["test"]) == in_train
+    assert rep_sp["n_train"] + rep_sp["n_test"] == len(in_train) * 2 * 22 and rep_sp["split"] == "train"
+    no_group = CliRunner().invoke(app, ["probe", "--checkpoint", str(ckpt), "--data", str(views_folder),
+                                        "--split", "test"])  # fmt: skip
+    assert no_group.exit_code != 0 and "--group-by" in no_group.output
     # a pattern that does not name every image is an error, not a silent ungrouped split
     bad = CliRunner().invoke(
         app, ["probe", "--checkpoint", str(ckpt), "--data", str(views_folder), "--group-by", "zzz"]

@@ -136,6 +136,28 @@ def stratified_split(labels: np.ndarray, test_frac: float, seed: int) -> tuple[n
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
 
 
+def _in_split(folder: ImageFolder, group_by: str, split: str) -> ImageFolder:
+    from xwin.pipeline.splits import split_for, unit_hash
+    from xwin.schemas.cohort import SplitPolicy
+
+    if group_by == "none":
+        raise ValueError("--split needs --group-by: the subject of each image decides its split")
+    pol = SplitPolicy()
+    if split not in pol.fractions:
+        raise ValueError(f"split {split!r} is not one of {list(pol.fractions)}")
+    keep = np.asarray([split_for(unit_hash(pol.salt, g), pol.fractions) == split for g in folder.groups(group_by)])
+    if not keep.any():
+        raise ValueError(f"no image of {len(keep)} belongs to split {split!r}")
+    idx = np.flatnonzero(keep)
+    return ImageFolder(
+        folder.images[torch.from_numpy(idx)],
+        folder.labels[idx],
+        folder.classes,
+        [folder.paths[i] for i in idx],
+        folder.skipped,
+    )
+
+
 def grouped_split(
     labels: np.ndarray, groups: np.ndarray, test_frac: float, seed: int, tries: int = 200
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -188,9 +210,16 @@ def run_probe(
     l2: float = 1e-3,
     which: str = "ema",
     group_by: str = "none",
+    split: str | None = None,
 ) -> dict:
+    """``split``: probe only the images whose group (``group_by``: the subject) the subject-level hash of
+    ``xwin.pipeline.splits`` (default policy, as the real-image stream uses) puts in that split, e.g. ``test``: the
+    subjects a model trained with ``--split train`` on the same policy never saw."""
     enc, mcfg = load_encoder(checkpoint, which)
     folder = load_image_folder(data, mcfg.img_size)
+    n_all = len(folder.labels)
+    if split is not None:
+        folder = _in_split(folder, group_by, split)
     feats = extract_features(enc, folder.images)
     groups = folder.groups(group_by)
     if group_by == "none":
@@ -212,6 +241,8 @@ def run_probe(
         "n_train": len(tr),
         "n_test": len(te),
         "group_by": group_by,
+        "split": split,
+        "n_images_in_folder": n_all,
         "groups": {"train": sorted(set(groups[tr].tolist())), "test": sorted(set(groups[te].tolist()))},
         "auroc": per_class,
         "macro_auroc": float(np.nanmean(list(per_class.values()))),

@@ -148,12 +148,15 @@ def probe(
     group_by: str = typer.Option(
         "none", "--group-by", help="keep groups whole: dir (patient folders) | REGEX on the path | none"
     ),
+    split: str | None = typer.Option(None, "--split", help="only the subjects of this split (needs --group-by)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Linear probe of a frozen encoder: AUROC per class on a held-out split (whole groups with --group-by)."""
     from xwin.training.probe import run_probe
 
-    rep = or_exit(run_probe, checkpoint, data, test_frac=test_frac, seed=seed, which=encoder, group_by=group_by)
+    rep = or_exit(
+        run_probe, checkpoint, data, test_frac=test_frac, seed=seed, which=encoder, group_by=group_by, split=split
+    )
     if as_json:
         typer.echo(json.dumps(rep))
         return
