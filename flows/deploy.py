@@ -7,7 +7,7 @@ checkout), so no image is built or pushed here.
     pools    xwin-cpu (process), xwin-gpu (process; one worker per GPU, XWIN_GPU_ID=gpu-worker-<i>)
     limits   xwin-gpu:gpu-worker-<i> (1 slot each, i < --gpus)
     deployments
-      backfill-cohort/gpu           pool xwin-gpu, renders with backend "gpu"
+      backfill-cohort/gpu           pool xwin-gpu, renders with backend "triton" (the fused kernel; CUDA torch has it)
       backfill-cohort/cpu           pool xwin-cpu, backend "joseph"
       backfill-cohort-dask/dask     pool xwin-cpu, tasks on the Dask scheduler XWIN_DASK_ADDRESS
       backfill-sharded/fanout       pool xwin-cpu, splits a cohort over N runs of backfill-cohort/gpu
@@ -62,8 +62,8 @@ def deployment_specs(
             "xwin.flows.backfill.backfill_cohort",
             "gpu",
             gpu_pool,
-            dict(base, backend="gpu"),
-            {"XWIN_RENDER_BACKEND": "gpu"},
+            dict(base, backend="triton"),
+            {"XWIN_RENDER_BACKEND": "triton"},
             description="backfill a cohort on a GPU worker",
         ),
         DeploymentSpec(
