@@ -1,11 +1,12 @@
 """CT labels projected into the ring's views: per-structure thickness maps in the same geometry (docs/render.md,
 "Labels").
 
-Input: a labelmap aligned with the CT (a multi-label NIfTI with a structures table ``id,structure``, or a
-TotalSegmentator output folder with one binary mask per structure, ``<structure>.nii.gz``). It is brought into the
-canonical voxel order of the stored volume (the same axis flips ingest applies) and checked against the volume's grid:
-same shape and affine (within ``tol_mm``) is used as it is; the same world frame on another grid is resampled
-nearest-neighbour; anything else is rejected with its reason (:class:`LabelError`) and the CT renders without labels.
+Input: a labelmap aligned with the CT (a multi-label NIfTI with a structures table ``id,structure``, a DICOM
+Segmentation object, or a TotalSegmentator output folder with one binary mask per structure,
+``<structure>.nii.gz``). It is brought into the canonical voxel order of the stored volume (the same axis flips
+ingest applies) and checked against the volume's grid: same shape and affine (within ``tol_mm``) is used as it is;
+the same world frame on another grid is resampled nearest-neighbour; anything else is rejected with its reason
+(:class:`LabelError`) and the CT renders without labels.
 
 Channels: a :class:`LabelSpec` maps structures (fnmatch patterns over their names) to output channels; the defaults
 follow CheXanatomy-style groups. Each channel's value per pixel is the thickness in mm of its structures along the
@@ -94,9 +95,19 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise LabelError("unreadable", f"{path}: {type(e).__name__}: {e}") from e
 
 
+def _is_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def read_labelmap(source: str | Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """(label ids (X,Y,Z) int, voxel->RAS affine, id -> name) of a labelmap file (with ``structures.csv`` beside it,
-    or ``<file>.csv``) or a TotalSegmentator folder (one ``<structure>.nii.gz`` mask per structure)."""
+    or ``<file>.csv``), a DICOM Segmentation file (:func:`read_dicom_seg`) or a TotalSegmentator folder (one
+    ``<structure>.nii.gz`` mask per structure)."""
     p = Path(source)
     if p.is_dir():
         masks = sorted(p.glob("*.nii.gz")) + sorted(p.glob("*.nii"))
@@ -117,6 +128,8 @@ def read_labelmap(source: str | Path) -> tuple[np.ndarray, np.ndarray, dict[int,
         return lab, aff0, names
     if not p.exists():
         raise LabelError("not_found", f"{p} does not exist")
+    if p.suffix.lower() in (".dcm", ".dicom") or _is_dicom(p):
+        return read_dicom_seg(p)
     arr, aff = _load_nifti(p)
     for table in (p.with_name("structures.csv"), Path(str(p).removesuffix(".gz").removesuffix(".nii") + ".csv")):
         if table.exists():
@@ -201,3 +214,47 @@ def render_labels(
         if on_channel is not None:
             on_channel(c + 1, len(ids))
     return out
+
+
+def read_dicom_seg(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """(label ids (X,Y,Z) int16, voxel->RAS affine, id -> segment label) of a DICOM Segmentation (BINARY or
+    FRACTIONAL, one frame per segment and plane). Frames are placed by their ImagePositionPatient along the normal of
+    the shared ImageOrientationPatient; segment ``n`` gets label id ``n`` (SegmentLabel as its name). Overlapping
+    segments: the later segment number wins."""
+    import pydicom
+
+    ds = pydicom.dcmread(str(path))
+    if str(getattr(ds, "SOPClassUID", "")) != "1.2.840.10008.5.1.4.1.1.66.4":
+        raise LabelError(
+            "not_seg", f"{path}: not a DICOM Segmentation (SOPClassUID {getattr(ds, 'SOPClassUID', None)})"
+        )
+    try:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        iop = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, np.float64)
+        dr, dc = (float(x) for x in shared.PixelMeasuresSequence[0].PixelSpacing)
+        frames = ds.PerFrameFunctionalGroupsSequence
+        pos = np.asarray([f.PlanePositionSequence[0].ImagePositionPatient for f in frames], np.float64)
+        seg_of = [int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for f in frames]
+        names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence}
+        pixels = np.asarray(ds.pixel_array).reshape(len(frames), int(ds.Rows), int(ds.Columns))
+    except (AttributeError, IndexError, KeyError, ValueError) as e:
+        raise LabelError("bad_seg", f"{path}: {type(e).__name__}: {e}") from e
+    r, c = iop[:3], iop[3:]
+    normal = np.cross(r, c)
+    d = pos @ normal
+    planes = np.unique(np.round(d, 3))
+    step = float(np.median(np.diff(planes))) if len(planes) > 1 else float(getattr(shared.PixelMeasuresSequence[0],
+                                                                                 "SliceThickness", 1.0))  # fmt: skip
+    k_of = np.rint((d - planes[0]) / step).astype(int)
+    X, Y, Z = int(ds.Columns), int(ds.Rows), int(k_of.max()) + 1
+    lab = np.zeros((X, Y, Z), np.int16)
+    fractional = str(getattr(ds, "SegmentationType", "BINARY")).upper() == "FRACTIONAL"
+    thr = 0.5 * float(getattr(ds, "MaximumFractionalValue", 255)) if fractional else 0.5
+    for f in np.argsort(seg_of, kind="stable"):
+        on = thr < pixels[f].T  # (rows, cols) -> (x = column, y = row)
+        lab[:, :, k_of[f]][on] = seg_of[f]
+    first = pos[int(np.argmin(d))]
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = r * dc, c * dr, normal * step, first
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return lab, ras, names

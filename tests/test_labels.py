@@ -201,3 +201,61 @@ def test_stream_returns_label_targets(ct_and_labels, tmp_path):
     np.testing.assert_allclose(s["context_labels"].numpy(), maps[:, k0], rtol=1e-3, atol=0.05)  # float16 storage
     for j, y in enumerate(s["target_yaws"].tolist()):
         np.testing.assert_allclose(s["target_labels"][j].numpy(), maps[:, spec.view_index(y)], rtol=1e-3, atol=0.05)
+
+
+def _write_seg(path, lab: np.ndarray, A: np.ndarray, segments: dict[int, str]) -> None:
+    """A BINARY DICOM Segmentation of ``lab`` (X,Y,Z label ids on the voxel->RAS grid ``A``): one frame per segment
+    and slice, written with pydicom (positions and orientation in LPS, as the standard has them)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ A
+    dc, dr = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
+    r, c = lps[:3, 0] / dc, lps[:3, 1] / dr
+    X, Y, Z = lab.shape
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.66.4", ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SegmentationType = "SEG", "BINARY"
+    ds.Rows, ds.Columns = Y, X
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    shared = Dataset()
+    po, pm = Dataset(), Dataset()
+    po.ImageOrientationPatient = [float(x) for x in (*r, *c)]
+    pm.PixelSpacing = [float(dr), float(dc)]
+    pm.SliceThickness = float(np.linalg.norm(lps[:3, 2]))
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = [po], [pm]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    segs, frames, planes = [], [], []
+    for n, (lid, name) in enumerate(segments.items(), start=1):
+        s = Dataset()
+        s.SegmentNumber, s.SegmentLabel = n, name
+        segs.append(s)
+        for k in range(Z):
+            f, pp, si = Dataset(), Dataset(), Dataset()
+            pp.ImagePositionPatient = [float(x) for x in lps[:3, 3] + k * lps[:3, 2]]
+            si.ReferencedSegmentNumber = n
+            f.PlanePositionSequence, f.SegmentIdentificationSequence = [pp], [si]
+            frames.append(f)
+            planes.append((lab[:, :, k] == lid).T)  # (rows = y, cols = x)
+    ds.SegmentSequence, ds.PerFrameFunctionalGroupsSequence = segs, frames
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = pack_bits(np.stack(planes).astype(np.uint8))
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_dicom_seg_input_equals_the_labelmap(ct_and_labels, tmp_path):
+    hu, A, lab, names = ct_and_labels
+    ids = {next(i for i, n in names.items() if n == want): want for want in ("liver", "heart")}
+    _write_seg(tmp_path / "seg.dcm", lab, A, ids)
+    seg, saff, snames = read_labelmap(tmp_path / "seg.dcm")
+    assert snames == {1: "liver", 2: "heart"}
+    aligned, how = align_labels(seg, saff, hu.shape, A)
+    assert how == "same grid"
+    for n, (lid, _) in enumerate(ids.items(), start=1):
+        np.testing.assert_array_equal(aligned == n, lab == lid)
