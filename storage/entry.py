@@ -192,21 +192,32 @@ def commit_entry(
             existing = scope.get_commit(vid)  # someone may have committed while we waited
             if existing is None:
                 path = f"{base}/{claim.attempt}"
+                rec = None
                 try:
                     claim.check()
                     rec = write(path)
                     claim.decide(rec)  # the fence: refused when the claim is no longer ours
                 except BaseException as e:
-                    if not claim.decided:
+                    # a decide whose answer was lost may have landed: the claim on the server says. Only an attempt
+                    # that is provably not the decided one is removed (a decided one is what the commit points at)
+                    if rec is None or not claim.decided_on_server():
                         backend_cleanup(scope.b, path)
-                    if isinstance(e, Exception) and not isinstance(e, ClaimHeld) and taken_over(claim):
-                        # e.g. the new holder removed this attempt's objects while we were stalled
-                        raise claim._lost_error() from e
-                    raise
+                    elif isinstance(e, Exception):
+                        log.warning("commit of %s/%s decided, finishing it after: %s", scope.prefix, vid, e)
+                        claim.decided = True  # fall through to steps 6-7 below
+                    if not claim.decided:
+                        if isinstance(e, Exception) and not isinstance(e, ClaimHeld) and taken_over(claim):
+                            # e.g. the new holder removed this attempt's objects while we were stalled
+                            raise claim._lost_error() from e
+                        raise
+                    if not isinstance(e, Exception):
+                        raise  # an interrupt after the decision: the claim stays for the next writer to roll forward
+                assert rec is not None  # decided: write() returned it
                 committed = scope.put_commit(rec)
                 scope.catalog_add(row_of(committed))
-                scope.b.put(f"{base}/zarr.json", group_doc({}))  # the entry's group: its attempts are its members
-                remove_other_attempts(scope.b, base, keep=committed.path)
+                if committed.path != base:  # (a store written before attempt folders keeps its entry group as is)
+                    ensure_group(scope.b, base)  # the entry's group: its attempts are its members
+                    remove_other_attempts(scope.b, base, keep=committed.path)
                 if committed.checksum != checksum():  # pragma: no cover - lost a race to different bytes
                     raise ChecksumMismatch(f"{scope.prefix}/{vid}: committed by another writer with other content")
                 return committed.path == rec.path

@@ -21,6 +21,16 @@ from xwin.storage.backend import Backend, etag_of
 from xwin.storage.errors import ConflictError
 
 
+def _fsync_dir(d: Path) -> None:
+    """Make a rename in ``d`` durable: after a power loss the new name survives with its data (the commit record's
+    rename never outlives the renames of the shards it names)."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalBackend(Backend):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -60,6 +70,7 @@ class LocalBackend(Backend):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
+        _fsync_dir(p.parent)
 
     def put_pieces(self, key: str, pieces: Iterable[bytes]) -> None:
         """Stream ``pieces`` into a temporary file (so writing overlaps the producer), fsync, then rename."""
@@ -73,6 +84,7 @@ class LocalBackend(Backend):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, p)
+            _fsync_dir(p.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -117,6 +117,7 @@ class Claim:
         self._thread: threading.Thread | None = None
         self.lost = False
         self.decided = False
+        self.thread = threading.get_ident()  # the thread that holds it (re-entry is per thread)
         if heartbeat:
             self._thread = threading.Thread(target=self._beat, daemon=True, name=f"claim-{self.volume_id}")
             self._thread.start()
@@ -130,19 +131,29 @@ class Claim:
         """The path segment this holder's data goes under (``attempt-<token>``)."""
         return self.record.attempt
 
-    def _swap(self, rec: ClaimRecord) -> None:
-        """Replace the claim with ``rec`` if it is still the one we hold (If-Match our ETag)."""
+    def _swap(self, update: Callable[[ClaimRecord], ClaimRecord]) -> ClaimRecord:
+        """Replace the claim with ``update(current record)`` if it is still the one we hold (If-Match our ETag). The
+        new record is built under the lock, so a heartbeat never writes back a copy older than a decision.
+
+        A refused swap is checked against the server before the claim counts as lost: a PUT that landed but whose
+        answer was lost (a timeout, a 5xx) is resent by the retries and refused by its own success; the claim on the
+        server is then exactly the record we sent (same token, same contents), and the swap stands."""
         with self._lock:
             if self.lost:
                 raise self._lost_error()
+            rec = update(self.record)
+            data = rec.model_dump_json().encode()
+            key = self.scope.claim_key(self.volume_id)
             try:
-                self.etag = self.scope.b.put(
-                    self.scope.claim_key(self.volume_id), rec.model_dump_json().encode(), if_match=self.etag
-                )
+                self.etag = self.scope.b.put(key, data, if_match=self.etag)
             except ConflictError:
-                self.lost = True
-                raise self._lost_error() from None
+                landed = self.scope.get_claim(self.volume_id)
+                if landed is None or landed[0] != rec:
+                    self.lost = True
+                    raise self._lost_error() from None
+                self.etag = landed[1]
             self.record = rec
+            return rec
 
     def _lost_error(self) -> ClaimLost:
         cur = self.scope.get_claim(self.volume_id)
@@ -151,8 +162,11 @@ class Claim:
 
     def renew(self) -> None:
         """Extend the lease by ttl from now (compare-and-swap). Raises ClaimLost when it was taken over."""
-        now = datetime.now(UTC)
-        self._swap(self.record.model_copy(update={"expires_at": now + timedelta(seconds=self.ttl_s)}))
+
+        def extend(cur: ClaimRecord) -> ClaimRecord:
+            return cur.model_copy(update={"expires_at": datetime.now(UTC) + timedelta(seconds=self.ttl_s)})
+
+        self._swap(extend)
 
     def _beat(self) -> None:
         while not self._stop.wait(max(0.2, self.ttl_s / 4)):
@@ -172,12 +186,28 @@ class Claim:
         """The commit point: swap our claim into ``state="committing"`` carrying ``commit``, conditional on still
         holding it. After this the commit is decided: creating the commit record and the catalog row are
         idempotent steps any party may complete (:meth:`Scope.roll_forward`). Raises ClaimLost otherwise."""
-        now = datetime.now(UTC)
-        rec = self.record.model_copy(
-            update={"state": "committing", "commit": commit, "expires_at": now + timedelta(seconds=self.ttl_s)}
-        )
-        self._swap(rec)
+
+        def committing(cur: ClaimRecord) -> ClaimRecord:
+            now = datetime.now(UTC)
+            return cur.model_copy(
+                update={"state": "committing", "commit": commit, "expires_at": now + timedelta(seconds=self.ttl_s)}
+            )
+
+        self._swap(committing)
         self.decided = True
+
+    def decided_on_server(self) -> bool:
+        """Whether the claim on the server is our decided one (our token, ``committing``): what counts when a decide
+        raised without an answer (a lost response, an interrupt between the swap and ``decided``)."""
+        if self.decided:
+            return True
+        try:
+            cur = self.scope.get_claim(self.volume_id)
+        except Exception:  # noqa: BLE001 - unknown: assume decided, so nothing it may point at is deleted
+            return True
+        if cur is not None and cur[0].token == self.token and cur[0].state == "committing":
+            self.decided = True
+        return self.decided
 
     def stop(self) -> None:
         self._stop.set()
@@ -185,10 +215,15 @@ class Claim:
             self._thread.join(timeout=5)
 
     def release(self) -> None:
-        """Stop renewing and delete the claim if (and only if) it is still the one we hold."""
+        """Stop renewing and delete the claim if (and only if) it is still the one we hold. A decided claim whose
+        commit record does not exist yet (the writer failed between the decision and the record) stays: the next
+        writer rolls it forward (:meth:`Scope.roll_forward`)."""
         self.stop()
         with self._lock:
             if self.lost:
+                return
+            if self.decided and not self.scope.has_commit(self.volume_id):
+                self.lost = True
                 return
             with contextlib.suppress(ConflictError):  # taken over meanwhile: it is not ours to delete
                 self.scope.b.delete(self.scope.claim_key(self.volume_id), if_match=self.etag)
@@ -320,7 +355,14 @@ class Scope:
         for vid, r in commits.items():
             by_bucket[self.bucket_of(vid)][vid] = r
         for b, want in by_bucket.items():
-            self._cas_bucket(b, lambda rows, want=want: None if rows == want else dict(want))
+
+            def mutate(rows: dict[str, CatalogRow], want: dict[str, CatalogRow] = want) -> dict[str, CatalogRow] | None:
+                # a row committed after the listing above stays (its commit record exists now)
+                new = dict(want)
+                new.update({k: r for k, r in rows.items() if k not in want and self.has_commit(k)})
+                return None if rows == new else new
+
+            self._cas_bucket(b, mutate)
         return len(commits)
 
     # ---- claims -----------------------------------------------------------------------------------------------
@@ -384,6 +426,9 @@ class Scope:
                 else:
                     new_etag = self.b.put(self.claim_key(vid), data, if_match=cur[1])
             except ConflictError:
+                landed = self.get_claim(vid)  # a PUT that landed but whose answer was lost is refused when resent
+                if landed is not None and landed[0] == rec:
+                    return Claim(self, rec, landed[1], heartbeat=heartbeat)
                 time.sleep(random.uniform(0.005, 0.03))
                 continue
             return Claim(self, rec, new_etag, heartbeat=heartbeat)
@@ -413,8 +458,8 @@ class Scope:
         key = (self.b.url, self.claim_key(vid))
         with _HELD_LOCK:
             outer = _HELD.get(key)
-        if outer is not None and outer.owner == owner and not outer.lost:
-            yield outer
+        if outer is not None and outer.owner == owner and outer.thread == threading.get_ident() and not outer.lost:
+            yield outer  # re-entry by the same owner in the same thread; another thread must take the claim itself
             return
         c = self.acquire_claim(vid, owner, ttl_s, heartbeat=heartbeat)
         with _HELD_LOCK:

@@ -286,3 +286,65 @@ def test_ingest_skips_a_volume_another_live_writer_holds(tmp_path, small_ct_path
         other.release()
     s = ingest_sources([str(small_ct_path)], "c1", store, held=lambda e: isinstance(e, ClaimHeld))
     assert [e.volume_id for e in s.done] == [cand.volume_id]
+
+
+def test_a_decide_whose_answer_was_lost_still_commits(store_url, monkeypatch):
+    """The decide PUT lands on the server but its answer is lost and the resend is refused (412): the writer must
+    see that the claim on the server is its own decided one and finish the commit, never delete what it points at."""
+    store = open_store(store_url)
+    ds = store.dataset("c1", SPEC)
+    B = type(store.backend)
+    real_put = B.put
+    hit = []
+
+    def put(self, key, data, **kw):
+        etag = real_put(self, key, data, **kw)
+        if key.endswith("_claims/r0.json") and b'"committing"' in data and not hit:
+            hit.append(key)
+            raise ConflictError(f"{key}: 412 on the resend of a PUT that landed")
+        return etag
+
+    monkeypatch.setattr(B, "put", put)
+    views, geom = make_ring(0)
+    assert ds.write_ring("r0", views, geom, {}) is True and hit
+    np.testing.assert_array_equal(ds.read_ring("r0"), views)
+    assert ds.verify().clean and ds.scope.get_claim("r0") is None
+
+
+def test_a_failure_after_the_decision_leaves_the_commit_to_roll_forward(tmp_path, monkeypatch):
+    """put_commit fails after the claim was swapped to committing: the claim is not deleted on the way out (it is
+    the decision), and the next writer rolls it forward instead of losing it."""
+    from xwin.storage.scope import Scope
+
+    ds = open_store(tmp_path / "s").dataset("c1", SPEC)
+    real = Scope.put_commit
+    monkeypatch.setattr(Scope, "put_commit", lambda self, rec: (_ for _ in ()).throw(OSError(5, "EIO, injected")))
+    views, geom = make_ring(0)
+    with pytest.raises(OSError):
+        ds.write_ring("r0", views, geom, {})
+    claim = ds.scope.get_claim("r0")
+    assert claim is not None and claim[0].state == "committing" and not ds.has_ring("r0")
+    monkeypatch.setattr(Scope, "put_commit", real)
+    assert ds.write_ring("r0", views, geom, {}) is False  # rolled forward: the first writer's data
+    assert ds.scope.get_commit("r0") == claim[0].commit and ds.verify().clean
+    np.testing.assert_array_equal(ds.read_ring("r0"), views)
+
+
+def test_threads_of_one_owner_do_not_share_a_claim(tmp_path):
+    ds = open_store(tmp_path / "s").dataset("c1", SPEC)
+    got: list = []
+    with ds.claim("r0", owner="same") as mine:
+
+        def other() -> None:
+            try:
+                with ds.claim("r0", owner="same"):
+                    got.append("shared")
+            except ClaimHeld:
+                got.append("held")
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        with ds.claim("r0", owner="same") as again:  # same thread: re-entrant
+            assert again is mine
+    assert got == ["held"]
