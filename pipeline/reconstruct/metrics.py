@@ -6,6 +6,11 @@ Reference: the volume that was projected, converted with the renderer's own mu =
 Mask: the central 60% of the grid's axial slices (k index) and voxels within 95% of the field-of-view radius of
 the rotation axis. PSNR uses the reference's range inside the mask; SSIM (scikit-image, 7^3 window, data range =
 the same reference range) runs on both volumes multiplied by the mask.
+Body: the patient's body (:func:`xwin.pipeline.body.body_mask`: no table, no air around the patient) on the grid.
+Three SSIM figures come from one SSIM map: ``ssim`` (the protocol's, over the whole grid: every voxel outside the mask
+is 0 in both volumes and counts as perfect), ``ssim_in_mask`` (the map's mean over the mask voxels, which include the
+air around the patient inside the field of view, where the reference is flat and faint FDK streaks weigh heavily in
+SSIM) and ``ssim_in_body`` (the mean over the mask voxels inside the body: the anatomy only, the headline figure).
 """
 
 from __future__ import annotations
@@ -68,6 +73,18 @@ def validation_mask(
     return m
 
 
+def body_on_grid(
+    hu: Real[np.ndarray, "X Y Z"], affine: Float[np.ndarray, "4 4"], grid: ReconGrid
+) -> Bool[np.ndarray, "nx ny nz"]:
+    """The body of the CT (``xwin.pipeline.body.body_mask``: True inside the patient, not the table) on ``grid``."""
+    from xwin.pipeline.body import body_mask
+
+    a = np.asarray(affine, dtype=np.float64)
+    spacing = tuple(float(x) for x in np.linalg.norm(a[:3, :3], axis=0))
+    body = body_mask(hu, (spacing[0], spacing[1], spacing[2]))
+    return resample_to_grid(body.astype(np.float32), a, grid) >= 0.5
+
+
 def psnr(ref: Float[np.ndarray, "*s"], rec: Float[np.ndarray, "*s"], mask: Bool[np.ndarray, "*s"]) -> float:
     """PSNR in dB with the reference's range inside ``mask`` as the peak."""
     r, x = ref[mask].astype(np.float64), rec[mask].astype(np.float64)
@@ -76,6 +93,20 @@ def psnr(ref: Float[np.ndarray, "*s"], rec: Float[np.ndarray, "*s"], mask: Bool[
     if mse == 0:
         return float("inf")
     return float(10 * np.log10(rng**2 / mse))
+
+
+def ssim_map(
+    ref: Float[np.ndarray, "*s"], rec: Float[np.ndarray, "*s"], mask: Bool[np.ndarray, "*s"]
+) -> tuple[float, Float32[np.ndarray, "*s"]]:
+    """(protocol SSIM, the SSIM map): scikit-image SSIM (7^3 window) of ref * mask vs rec * mask over the whole
+    grid, data range = the reference's range inside the mask."""
+    from skimage.metrics import structural_similarity
+
+    r = np.where(mask, ref, 0).astype(np.float32)
+    x = np.where(mask, rec, 0).astype(np.float32)
+    rng = float(ref[mask].max() - ref[mask].min())
+    mean, smap = structural_similarity(r, x, data_range=rng, full=True)
+    return float(mean), np.asarray(smap, dtype=np.float32)
 
 
 def ssim(
@@ -88,24 +119,36 @@ def ssim(
     0 in both and count as perfect, so the second number, the mean of the same SSIM map over the mask voxels only,
     is the stricter one (reported beside it).
     """
-    from skimage.metrics import structural_similarity
-
-    r = np.where(mask, ref, 0).astype(np.float32)
-    x = np.where(mask, rec, 0).astype(np.float32)
-    rng = float(ref[mask].max() - ref[mask].min())
-    mean, smap = structural_similarity(r, x, data_range=rng, full=True)
-    return float(mean), float(smap[mask].mean())
+    mean, smap = ssim_map(ref, rec, mask)
+    return mean, float(smap[mask].mean())
 
 
-def score(ref: Float[np.ndarray, "*s"], rec: Float[np.ndarray, "*s"], mask: Bool[np.ndarray, "*s"]) -> dict[str, Any]:
-    """{"psnr_db", "ssim", "ssim_in_mask", "rmse_per_mm", "ref_range_per_mm", "mask_voxels"} inside ``mask``."""
+def score(
+    ref: Float[np.ndarray, "*s"],
+    rec: Float[np.ndarray, "*s"],
+    mask: Bool[np.ndarray, "*s"],
+    body: Bool[np.ndarray, "*s"] | None = None,
+) -> dict[str, Any]:
+    """{"psnr_db", "ssim", "ssim_in_mask", "rmse_per_mm", "ref_range_per_mm", "mask_voxels"} inside ``mask``;
+    with ``body`` (:func:`body_on_grid`) also "ssim_in_body" and "psnr_in_body_db" over the mask voxels inside the
+    body, and "body_voxels"."""
     r = ref[mask].astype(np.float64)
-    s_protocol, s_mask = ssim(ref, rec, mask)
-    return {
+    s_protocol, smap = ssim_map(ref, rec, mask)
+    out: dict[str, Any] = {
         "psnr_db": psnr(ref, rec, mask),
         "ssim": s_protocol,
-        "ssim_in_mask": s_mask,
+        "ssim_in_mask": float(smap[mask].mean()),
         "rmse_per_mm": float(np.sqrt(np.mean((r - rec[mask]) ** 2))),
         "ref_range_per_mm": float(r.max() - r.min()),
         "mask_voxels": int(mask.sum()),
     }
+    if body is not None:
+        inside = mask & body
+        if not inside.any():
+            raise ValueError("score: the body mask does not overlap the validation mask")
+        # same peak as psnr_db (the reference's range inside the mask), error over the body voxels only
+        mse = float(np.mean((ref[inside].astype(np.float64) - rec[inside]) ** 2))
+        out["ssim_in_body"] = float(smap[inside].mean())
+        out["psnr_in_body_db"] = float(10 * np.log10(out["ref_range_per_mm"] ** 2 / mse)) if mse > 0 else float("inf")
+        out["body_voxels"] = int(inside.sum())
+    return out

@@ -16,7 +16,11 @@ from xwin.pipeline.reconstruct.orbit import GeometryError
 
 @dataclass
 class ValidationResult:
-    """metrics: {"psnr_db", "ssim", "ssim_in_mask", "backend", "seconds", ...}; arrays on ``grid``."""
+    """metrics: {"psnr_db", "ssim", "ssim_in_mask", "ssim_in_body", "backend", "seconds", ...}; arrays on ``grid``.
+
+    ``ssim_in_body``: the SSIM map over the mask voxels inside the patient's body (the anatomy only; the headline),
+    beside ``ssim`` (whole volume, the protocol's) and ``ssim_in_mask`` (the field of view, air included): the
+    metrics module docstring. Absent when the body does not reach into the field of view."""
 
     metrics: dict[str, Any]
     reference: Float32[np.ndarray, "nx ny nz"]
@@ -37,7 +41,7 @@ def validate_volume(
 ) -> ValidationResult:
     """Reconstruct and score against the projected volume (HU (X,Y,Z) + affine) on ``grid`` (default: the
     CT's box at ~1.4 mm in-plane, native axial spacing). ``options`` go to :func:`reconstruct`."""
-    from xwin.pipeline.reconstruct.metrics import reference_mu, score, validation_mask
+    from xwin.pipeline.reconstruct.metrics import body_on_grid, reference_mu, score, validation_mask
 
     grid = default_grid(affine, np.shape(hu)) if grid is None else grid
     rec = reconstruct(projections, views, grid, backend, **options)
@@ -45,7 +49,8 @@ def validate_volume(
     mask = validation_mask(grid, rec.orbit)
     if not mask.any():
         raise GeometryError("the validation mask is empty: the grid does not overlap the field of view")
-    m = score(ref, rec.mu, mask)
+    body = body_on_grid(hu, affine, grid)
+    m = score(ref, rec.mu, mask, body if (body & mask).any() else None)  # no body in view: no in-body figures
     metrics = {
         "psnr_db": m["psnr_db"],
         "ssim": m["ssim"],
