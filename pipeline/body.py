@@ -53,7 +53,7 @@ def table_parts(lab: np.ndarray, sizes: np.ndarray, spacing_mm: tuple[float, flo
     return parts, width
 
 
-def _block_any(mask: np.ndarray, k: int) -> np.ndarray:
+def block_any(mask: np.ndarray, k: int) -> np.ndarray:
     """Blocks of k x k voxels in-plane: True where any voxel of the block is."""
     X, Y, Z = mask.shape
     px, py = (-X) % k, (-Y) % k
@@ -79,7 +79,7 @@ def body_mask(
     ~0.5 s for a 512 x 512 x 133 chest CT instead of ~4 s on the voxel grid."""
     hu = np.asarray(hu)
     k = max(1, round(2.0 / max(min(spacing_mm[0], spacing_mm[1]), 1e-3)))
-    small = _block_any(hu > threshold, k)
+    small = block_any(hu > threshold, k)
     lab, sizes = components(small)
     if sizes.max() == 0:
         return np.zeros(hu.shape, dtype=bool)
