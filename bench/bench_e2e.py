@@ -16,6 +16,9 @@ Prints series/hour for each stage alone, for the sequential sum of the stages, f
 
     .venv/bin/python bench/bench_e2e.py                   # 3 series, X-WIN spec, local mode
     .venv/bin/python bench/bench_e2e.py --n-series 2 --mode both
+
+Every stage time of both baseline passes and every E2E wall time go to bench/results/e2e-<date>.json
+(bench/record.py).
 """
 
 from __future__ import annotations
@@ -25,15 +28,13 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import record  # bench/record.py (the script's folder is on sys.path)
 
 from xwin.pipeline.example import example_ct_path
 from xwin.schemas.render import RenderSpec
@@ -116,7 +117,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=["local", "prefect", "both"], default="local")
     ap.add_argument("--small", action="store_true", help="128x128, 24 views (quick check)")
     ap.add_argument("--keep", action="store_true")
+    record.add_args(ap)
     a = ap.parse_args()
+    rec = record.start("e2e" + ("-small" if a.small else ""), a)
     spec = RenderSpec(height=128, width=128, pixel_mm=4.0, n_views=24, yaw_step_deg=15.0) if a.small else RenderSpec()
     root = Path(tempfile.mkdtemp(prefix="xwin-bench-e2e-"))
     try:
@@ -134,8 +137,8 @@ def main() -> None:
             else:
                 walls[m] = e2e(paths, spec, a.backend, root, m)
         alone2 = stages_alone(paths, spec, a.backend, root / "a2")
-        for k in alone:
-            alone[k] += alone2[k]
+        passes = {"before": alone, "after": alone2}
+        alone = {k: alone[k] + alone2[k] for k in alone}
         mean = {k: statistics.mean(v) for k, v in alone.items()}
         rate = {k: 3600.0 / v for k, v in mean.items()}
         seq = 3600.0 / sum(mean.values())
@@ -169,6 +172,11 @@ def main() -> None:
                 f"e2e {m}: {e['series_per_h']:.0f} series/h = {e['vs_slowest_stage']:.2f} x slowest stage "
                 f"({slow}), {e['vs_sequential']:.2f} x sequential sum"
             )
+        rec.save(
+            samples={"stage_s": passes, "e2e_wall_s": walls},
+            summary={k: v for k, v in res.items() if k != "stage_s_runs"},
+            spec=spec.model_dump(mode="json"),
+        )
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)

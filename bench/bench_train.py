@@ -7,6 +7,7 @@ Measured in one run on the same batch:
                  feeds its encoders (B*(1+N) + R), no predictors, no masks.
 Then the analytic FLOP count of one step of the paper's configuration (ViT-B/16, 512^2, B=12, N=8, R=96) and the
 H100 time that implies. Usage: python bench/bench_train.py [--steps 30] [--json]
+Every step's seconds and the FLOP breakdown go to bench/results/train-<date>.json (bench/record.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import time
 
 import numpy as np
+import record  # bench/record.py (the script's folder is on sys.path)
 import torch
 
 from xwin.training.config import load_config
@@ -25,13 +27,16 @@ from xwin.training.masks import MultiBlockMasker
 from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
 
 
-def time_it(fn, steps: int, warmup: int = 3) -> float:
+def time_it(fn, steps: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``steps`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
+    ts = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / steps
+        ts.append(time.perf_counter() - t0)
+    return ts
 
 
 def bench_cpu(steps: int) -> dict:
@@ -42,7 +47,7 @@ def bench_cpu(steps: int) -> dict:
     real = SyntheticRealStream(batch_size=d.real_batch_size, image_size=cfg.model.img_size)
     batch, rb = next(iter(sim)), next(iter(real))
     tr = Trainer(cfg, sim, real)
-    t_step = time_it(lambda: tr.train_step(batch, rb), steps)
+    step_ts = time_it(lambda: tr.train_step(batch, rb), steps)
     n_img = d.batch_size * (1 + d.n_targets) + d.real_batch_size
 
     enc = tr.model.encoder
@@ -55,8 +60,14 @@ def bench_cpu(steps: int) -> dict:
         enc(imgs).pow(2).mean().backward()
         opt.step()
 
-    t_base = time_it(baseline, steps)
+    base_ts = time_it(baseline, steps)
+    # alternate a second block of each, so a slow spell of the shared machine hits both
+    step_ts += time_it(lambda: tr.train_step(batch, rb), steps, warmup=0)
+    base_ts += time_it(baseline, steps, warmup=0)
+    t_step, t_base = float(np.median(step_ts)), float(np.median(base_ts))
     return {
+        "xwin_step_s_all": step_ts,
+        "encoder_only_s_all": base_ts,
         "images_per_step": n_img,
         "xwin_step_s": t_step,
         "encoder_only_s": t_base,
@@ -76,7 +87,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--json", action="store_true")
+    record.add_args(ap)
     args = ap.parse_args()
+    rec = record.start("train", args)
     cpu = bench_cpu(args.steps)
 
     base = load_config(preset="base")
@@ -98,6 +111,7 @@ def main() -> None:
             "images_per_s": fl["images_per_step"] / s,
             "run_gpu_hours_one_gpu": total_steps * s / 3600,
         }
+    rec.save(samples=out)
     if args.json:
         print(json.dumps(out, indent=1))
         return

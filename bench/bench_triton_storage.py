@@ -16,6 +16,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import record
 import torch
 
 from xwin.pipeline.example import example_ct_path
@@ -30,7 +31,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--yaws", type=float, nargs="+", default=[0.0, 90.0])
     ap.add_argument("--json", action="store_true")
+    record.add_args(ap)
     args = ap.parse_args()
+    rec = record.start("triton_storage", args)
     img = nib.as_closest_canonical(nib.load(str(example_ct_path())))
     hu, A = np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
     mu = hu_to_mu(hu)
@@ -56,6 +59,7 @@ def main() -> None:
             }
         )
         print(f"{dt:9s} rel L2 {' / '.join(f'{e:.1e}' for e in err)}  max abs {rows[-1]['max_abs']:.1e}", flush=True)
+    rec.save(samples={"rows": rows}, summary={"size": args.size, "yaws": args.yaws, "triton_mode": mode})
     if args.json:
         print(json.dumps({"size": args.size, "yaws": args.yaws, "triton_mode": mode, "rows": rows}, indent=1))
 
