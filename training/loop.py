@@ -514,22 +514,7 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     d, S = cfg.data, cfg.model.img_size
     real_bs = d.real_batch_size or d.batch_size * d.n_targets
     if d.synthetic:
-        from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
-
-        syn_sim = SyntheticRingStream(
-            n_volumes=max(16, d.batch_size),
-            batch_size=d.batch_size,
-            n_targets=d.n_targets,
-            image_size=S,
-            step_deg=d.step_deg or 3.0,
-            max_abs_deg=d.max_abs_deg,
-            context_yaws=d.context_yaws,
-            seed=cfg.seed,
-        )
-        syn_real = (
-            SyntheticRealStream(batch_size=real_bs, image_size=S, seed=cfg.seed + 1) if d.real == "synthetic" else None
-        )
-        return syn_sim, syn_real
+        return synthetic_streams(cfg, seed=cfg.seed, n_volumes=max(16, d.batch_size))
     if not d.store:
         raise ValueError("config has no data source: set data.store (a store URL) or data.synthetic=true")
     from xwin.training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
@@ -560,6 +545,26 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     return sim, real
 
 
+def synthetic_streams(cfg: TrainConfig, seed: int, n_volumes: int) -> tuple[Any, Any | None]:
+    """Procedural phantom rings (and real-domain images when ``data.real == "synthetic"``) drawn with ``seed``."""
+    from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
+
+    d, S = cfg.data, cfg.model.img_size
+    real_bs = d.real_batch_size or d.batch_size * d.n_targets
+    sim = SyntheticRingStream(
+        n_volumes=n_volumes,
+        batch_size=d.batch_size,
+        n_targets=d.n_targets,
+        image_size=S,
+        step_deg=d.step_deg or 3.0,
+        max_abs_deg=d.max_abs_deg,
+        context_yaws=d.context_yaws,
+        seed=seed,
+    )
+    real = SyntheticRealStream(batch_size=real_bs, image_size=S, seed=seed + 1) if d.real == "synthetic" else None
+    return sim, real
+
+
 def build_val_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     """The held-out streams of ``cfg.val_every``: (DRRs, real images or None), read in-process (no workers). A
     validation reads at most one epoch of each (``data.draws_per_volume`` samples per held-out volume).
@@ -569,28 +574,10 @@ def build_val_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     """
     d, S = cfg.data, cfg.model.img_size
     real_bs = d.real_batch_size or d.batch_size * d.n_targets
-    held_out_seed = cfg.seed + 7919
     sim: Any
     real: Any
-    if d.synthetic:
-        from xwin.training.synthetic import SyntheticRealStream, SyntheticRingStream
-
-        sim = SyntheticRingStream(
-            n_volumes=max(4, d.batch_size),
-            batch_size=d.batch_size,
-            n_targets=d.n_targets,
-            image_size=S,
-            step_deg=d.step_deg or 3.0,
-            max_abs_deg=d.max_abs_deg,
-            context_yaws=d.context_yaws,
-            seed=held_out_seed,
-        )
-        real = (
-            SyntheticRealStream(batch_size=real_bs, image_size=S, seed=held_out_seed + 1)
-            if d.real == "synthetic"
-            else None
-        )
-        return sim, real
+    if d.synthetic:  # phantoms of another seed: never trained on
+        return synthetic_streams(cfg, seed=cfg.seed + 7919, n_volumes=max(4, d.batch_size))
     if not d.store or not d.val_split:
         raise ValueError("validation needs data.store and data.val_split (or data.synthetic)")
     from xwin.training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
