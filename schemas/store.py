@@ -128,6 +128,9 @@ class VerifyReport(_Model):
     corrupt: list[VerifyIssue] = Field(default_factory=list)
     missing: list[VerifyIssue] = Field(default_factory=list)
     uncataloged: list[VerifyIssue] = Field(default_factory=list)  # commit records absent from the catalog
+    # attempt folders of a committed entry that its commit does not name (writers killed or fenced off after another
+    # writer committed): garbage, not damage; deep verify finds them, ``remove_orphans`` deletes them
+    orphans: list[VerifyIssue] = Field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -140,6 +143,7 @@ class VerifyReport(_Model):
             corrupt=self.corrupt + other.corrupt,
             missing=self.missing + other.missing,
             uncataloged=self.uncataloged + other.uncataloged,
+            orphans=self.orphans + other.orphans,
         )
 
 

@@ -189,7 +189,12 @@ class S3Backend(Backend):
             return found
 
         n = len(self.path) + 1
-        return sorted(p[n:] for p in retry(go, what=f"list {prefix}"))
+        # keys strictly below a folder prefix ("a/b/"): s3fs answers a prefix with no objects left under it with the
+        # prefix itself when the server keeps directory entries (SeaweedFS does), which is not an object of ours
+        found = retry(go, what=f"list {prefix}")
+        if prefix.endswith("/"):
+            found = [p for p in found if p != base]
+        return sorted(p[n:] for p in found)
 
     def zarr_store(self, sub: str = "") -> ZarrStore:
         from zarr.storage import FsspecStore

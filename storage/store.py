@@ -314,11 +314,13 @@ class Store:
             )
         return StoreStatus(url=self.url, volumes=vols, datasets=out)
 
-    def verify(self, *, deep: bool = True) -> VerifyReport:
-        """Recompute every committed checksum (volumes and all datasets)."""
-        rep = verify_scope(self, self.volumes, deep=deep)
+    def verify(self, *, deep: bool = True, remove_orphans: bool = False) -> VerifyReport:
+        """Recompute every committed checksum (volumes and all datasets); ``deep`` also lists leftover attempt
+        folders (``orphans``), which ``remove_orphans`` deletes (docs/format.md)."""
+        rep = verify_scope(self, self.volumes, deep=deep, remove_orphans=remove_orphans)
         for d in self.datasets():
-            rep = rep.merge(verify_scope(self, self.open_dataset(d.cohort, d.spec_hash).scope, deep=deep))
+            scope = self.open_dataset(d.cohort, d.spec_hash).scope
+            rep = rep.merge(verify_scope(self, scope, deep=deep, remove_orphans=remove_orphans))
         return rep
 
     def rebuild_catalogs(self) -> dict[str, int]:

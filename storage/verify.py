@@ -22,8 +22,10 @@ def shard_keys(arr) -> list[str]:
     return [f"{arr.path}/{enc.encode_chunk_key(tuple(ix))}" for ix in np.ndindex(*grid)]
 
 
-def verify_scope(store: Store, scope: Scope, *, deep: bool = True) -> VerifyReport:
-    """Check every catalog row and commit record of ``scope``: data present, checksums recomputed."""
+def verify_scope(store: Store, scope: Scope, *, deep: bool = True, remove_orphans: bool = False) -> VerifyReport:
+    """Check every catalog row and commit record of ``scope``: data present, checksums recomputed. ``deep`` also
+    lists each committed entry's folder for attempt folders its commit does not name (``orphans``);
+    ``remove_orphans`` deletes them (never while a live claim on the entry exists)."""
     rep = VerifyReport()
     rows = {r.volume_id: r for r in scope.catalog()}
     commits = set(scope.list_commits())
@@ -40,6 +42,15 @@ def verify_scope(store: Store, scope: Scope, *, deep: bool = True) -> VerifyRepo
             )
             continue
         issue = _verify_entry(store, scope, c, deep)
+        if deep or remove_orphans:
+            for folder, n in _orphans(store, scope, c, remove_orphans):
+                rep.orphans.append(
+                    VerifyIssue(
+                        volume_id=vid,
+                        scope=scope.prefix,
+                        reason=f"{'removed' if remove_orphans else 'leftover'} attempt folder {folder} ({n} objects)",
+                    )
+                )
         if issue is None:
             rep.ok += 1
         elif issue[0] == "missing":
@@ -47,6 +58,26 @@ def verify_scope(store: Store, scope: Scope, *, deep: bool = True) -> VerifyRepo
         else:
             rep.corrupt.append(VerifyIssue(volume_id=vid, scope=scope.prefix, reason=issue[1]))
     return rep
+
+
+def _orphans(store: Store, scope: Scope, c: CommitRecord, remove: bool) -> list[tuple[str, int]]:
+    """(folder, object count) of the attempt folders of committed entry ``c`` other than the one it names."""
+    base, _, committed = c.path.rpartition("/")
+    if not committed.startswith("attempt-"):  # a store written before attempt folders: nothing to look for
+        return []
+    held = scope.get_claim(c.volume_id)
+    if held is not None and not scope.claim_is_stale(held[0]):
+        return []  # a live writer: its folder is its own business until it ends
+    b = store.backend
+    folders: dict[str, int] = {}
+    for key in b.list(base + "/", include_partial=True):
+        part = key[len(base) + 1 :].split("/", 1)[0]
+        if part.startswith("attempt-") and part != committed:
+            folders[part] = folders.get(part, 0) + 1
+    if remove:
+        for part in folders:
+            b.delete_prefix(f"{base}/{part}")
+    return sorted(folders.items())
 
 
 def _verify_entry(store: Store, scope: Scope, c: CommitRecord, deep: bool) -> tuple[str, str] | None:

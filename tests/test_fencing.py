@@ -348,3 +348,30 @@ def test_threads_of_one_owner_do_not_share_a_claim(tmp_path):
         with ds.claim("r0", owner="same") as again:  # same thread: re-entrant
             assert again is mine
     assert got == ["held"]
+
+
+def test_verify_lists_and_removes_leftover_attempt_folders(store_url):
+    """A writer killed (or fenced off) after another writer committed the entry leaves its attempt folder: deep
+    verify lists it as an orphan (garbage, not damage: the store stays clean), --remove-orphans deletes it, and the
+    committed data is untouched."""
+    from typer.testing import CliRunner
+
+    from xwin.flows.cli import app
+
+    store = open_store(store_url)
+    ds = store.dataset("c1", SPEC)
+    views, geom = make_ring(0)
+    ds.write_ring("r0", views, geom, {})
+    c = ds.scope.get_commit("r0")
+    base = c.path.rsplit("/", 1)[0]
+    store.backend.put(f"{base}/attempt-0123456789abcdef/views/c/0/0/0", b"half a shard of a killed writer")
+    store.backend.put(f"{base}/attempt-0123456789abcdef/views/zarr.json", b"{}")
+    rep = store.verify()
+    assert rep.clean and [i.reason for i in rep.orphans] == [
+        "leftover attempt folder attempt-0123456789abcdef (2 objects)"
+    ]
+    assert not store.verify(deep=False).orphans  # shallow verify does not list folders
+    out = CliRunner().invoke(app, ["verify", "--store", store_url, "--remove-orphans"])
+    assert out.exit_code == 0 and "ORPHAN" in out.output and "removed attempt folder" in out.output, out.output
+    assert not store.verify().orphans and not store.backend.list(f"{base}/attempt-0123456789abcdef/")
+    np.testing.assert_array_equal(ds.read_ring("r0"), views)

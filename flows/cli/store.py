@@ -53,14 +53,25 @@ def verify_cmd(
     store: StoreOpt,
     as_json: JsonOpt = False,
     shallow: Annotated[bool, typer.Option("--shallow", help="check presence only, skip checksums")] = False,
+    remove_orphans: Annotated[
+        bool, typer.Option("--remove-orphans", help="delete attempt folders no commit names")
+    ] = False,
 ) -> None:
-    """Recompute checksums of every committed volume and ring; exit 1 if anything is corrupt or missing."""
-    rep = open_store_cli(store).verify(deep=not shallow)
+    """Recompute checksums of every committed volume and ring; exit 1 if anything is corrupt or missing. Leftover
+    attempt folders of writers that were killed or fenced off are listed (ORPHAN), and deleted with
+    --remove-orphans; they are garbage, not damage, and do not change the exit status."""
+    rep = open_store_cli(store).verify(deep=not shallow, remove_orphans=remove_orphans)
     if as_json:
         typer.echo(json.dumps(rep.model_dump(mode="json"), indent=1))
     else:
         typer.echo(f"{rep.volumes} entries: {rep.ok} ok, {len(rep.corrupt)} corrupt, {len(rep.missing)} missing")
-        for kind, issues in (("CORRUPT", rep.corrupt), ("MISSING", rep.missing), ("UNCATALOGED", rep.uncataloged)):
+        groups = (
+            ("CORRUPT", rep.corrupt),
+            ("MISSING", rep.missing),
+            ("UNCATALOGED", rep.uncataloged),
+            ("ORPHAN", rep.orphans),
+        )
+        for kind, issues in groups:
             for i in issues:
                 typer.echo(f"  {kind} {i.scope}/{i.volume_id}: {i.reason}")
     if not rep.clean:
