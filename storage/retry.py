@@ -3,7 +3,8 @@
 Transient: connection problems, timeouts, S3 5xx and throttling responses, ``OSError``s whose errno says the
 condition can clear (EIO, EAGAIN, EBUSY, ETIMEDOUT, connection resets/refusals, unreachable or down networks,
 stale NFS handles, a disconnected mount, a full disk: ENOSPC, which frees when space is made), and running out of
-memory (``MemoryError``, a CUDA out-of-memory error: memory held by other work frees). An exception is transient
+memory (``MemoryError``, a CUDA out-of-memory error: memory held by other work frees), and a Dask worker that died
+(``KilledWorker``: most often the OS's out-of-memory killer). An exception is transient
 also when its cause is (``raise ... from e``). Never transient: a lost compare-and-swap (:class:`ConflictError`),
 missing or forbidden objects, and anything else (bad input is the caller's to reject). The flows' task retry
 policy, their accounting of failed series (``Failure.retryable``) and ``xwin ingest`` use this one function.
@@ -107,6 +108,8 @@ def _own_verdict(exc: BaseException) -> bool | None:
     if isinstance(exc, (ConflictError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    if type(exc).__name__ == "KilledWorker":  # dask: the worker process died (most often the OS's OOM killer)
         return True
     if is_out_of_memory(exc):
         return True

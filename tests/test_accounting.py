@@ -138,6 +138,7 @@ def test_what_can_pass_and_what_is_no_verdict():
         MemoryError(),
         torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         RuntimeError("CUDA error: out of memory"),
+        __import__("distributed").scheduler.KilledWorker("render-series-1", "tcp://127.0.0.1:1", 3),
     ):
         assert is_transient(e), e
     wrapped = IngestError(RejectReason.unreadable_file, "x.nii.gz: unreadable")
