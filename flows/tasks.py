@@ -242,9 +242,12 @@ def project_labels(source: str, record: Any, geom: Any, backend: str, notes: lis
     try:
         lab, laff, names = read_labelmap(example_mask_path() if source == "example" else source)
         aligned, how = align_labels(lab, laff, tuple(record.shape), np.asarray(record.affine))
-    except LabelError as e:
-        notes.append(f"labels {source} refused: {e}")
-        log.warning("labels of %s refused: %s", record.volume_id, e)
+    except Exception as e:  # classified: a labelmap that cannot be used never fails the ring (transient ones retry)
+        if is_transient(e):
+            raise
+        why = str(e) if isinstance(e, LabelError) else f"unreadable: {type(e).__name__}: {e}"
+        notes.append(f"labels {source} refused: {why}")
+        log.warning("labels of %s refused: %s", record.volume_id, why)
         return {}
     spec = LabelSpec()
     maps = render_labels(aligned, names, np.asarray(record.affine), geom, spec, backend=backend)

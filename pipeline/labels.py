@@ -168,23 +168,23 @@ def align_labels(
     # CT voxel (i,j,k) -> label voxel coordinates; nearest neighbour, 0 outside
     m = np.linalg.inv(aff) @ A
     out = ndi.affine_transform(lab.astype(np.int16), m[:3, :3], offset=m[:3, 3], output_shape=tuple(ct_shape),
-                               order=0, mode="constant", cval=0)  # fmt: skip
+                               order=0, mode="grid-constant", cval=0)  # fmt: skip
     if not out.any():
         raise LabelError("misaligned", "the labelmap does not overlap the CT")
     return out.astype(np.int16), "resampled"
 
 
 def _crop(ind: np.ndarray, affine: np.ndarray, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """The indicator's bounding box with ``margin`` voxels of zeros around it, as float32, and its affine: the same
-    line integrals as the whole volume (zeros contribute nothing; the margin keeps the projector's edge handling
-    from ever seeing a structure voxel) at a fraction of the cost for an organ."""
+    """The indicator's bounding box grown by ``margin`` voxels (within the volume), as float32, and its affine: the
+    same line integrals as the whole volume at a fraction of the cost for an organ. Inside the volume the margin
+    holds the zeros the projector's interpolation reads; at the volume's own border nothing is added, so the
+    projector's edge handling is the same as on the whole volume."""
     nz = np.nonzero(ind.any(axis=(1, 2)))[0], np.nonzero(ind.any(axis=(0, 2)))[0], np.nonzero(ind.any(axis=(0, 1)))[0]
     lo = [max(0, int(a[0]) - margin) for a in nz]
     hi = [min(n, int(a[-1]) + 1 + margin) for a, n in zip(nz, ind.shape)]
-    sub = np.zeros([h - l_ + 2 * margin for l_, h in zip(lo, hi)], np.float32)
-    sub[margin:-margin, margin:-margin, margin:-margin] = ind[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    sub = np.ascontiguousarray(ind[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], dtype=np.float32)
     shifted = affine.copy()
-    shifted[:3, 3] = affine[:3, :3] @ (np.asarray(lo, np.float64) - margin) + affine[:3, 3]
+    shifted[:3, 3] = affine[:3, :3] @ np.asarray(lo, np.float64) + affine[:3, 3]
     return sub, shifted
 
 

@@ -110,6 +110,11 @@ def assign_splits(
         if d is not None:
             tp = order[key].index(d)
             off = (d - order[key][0]).days
+        known = out.get(v.volume_id)
+        if known is not None and known.subject != key:
+            # the volume was assigned under another subject key (re-ingested under another de-identification):
+            # it keeps its place, never moves between splits; the mismatch is reported by the caller
+            continue
         out[v.volume_id] = VolumeSplit(subject=key, split=subjects[key], timepoint=tp, study_offset_days=off)
     for vid, vs in list(out.items()):  # volumes assigned earlier follow their subject (an exclusion moves them)
         if subjects.get(vs.subject, vs.split) != vs.split:
@@ -128,15 +133,14 @@ def assign_splits(
 DUPLICATE_MIN_SCORE = 0.9
 
 
-def mark_duplicates(
-    doc: SplitsDoc,
+def duplicate_scores(
     facts: Iterable[VolumeFacts],
     load: Callable[[str], tuple[np.ndarray, np.ndarray]],
-    min_score: float = DUPLICATE_MIN_SCORE,
-) -> SplitsDoc:
-    """Mark near-duplicate reconstructions: among the volumes of one exam (same subject and study date, or same
-    study UID), each volume whose HU correlates above ``min_score`` with an earlier one (by volume id) becomes its
-    ``duplicate_of``. ``load(volume_id) -> (hu, affine)``; volumes of exams with one volume are never read."""
+    skip: Callable[[str], bool] = lambda vid: False,
+) -> dict[str, tuple[str, float]]:
+    """Among the volumes of one exam (same subject and study date, or same study UID), each later volume (by id)
+    -> (the earlier volume it correlates best with, that correlation). ``load(volume_id) -> (hu, affine)``;
+    exams with one volume are never read, and volumes ``skip`` says are scored already are not scored again."""
     from xwin.pipeline.ingest.qc import duplicate_score
 
     exams: dict[tuple[str, str], list[str]] = {}
@@ -144,19 +148,33 @@ def mark_duplicates(
         exam = f.study_date or f.study_uid
         if exam:
             exams.setdefault((f.subject_key, exam), []).append(f.volume_id)
-    vols = dict(doc.volumes)
+    out: dict[str, tuple[str, float]] = {}
     for ids in exams.values():
         ids = sorted(set(ids))
-        if len(ids) < 2:
+        todo = [vid for vid in ids[1:] if not skip(vid)]
+        if not todo:
             continue
         loaded = {vid: load(vid) for vid in ids}
-        for k, vid in enumerate(ids[1:], start=1):
+        for vid in todo:
             best: tuple[float, str] | None = None
-            for ref in ids[:k]:
+            for ref in ids[: ids.index(vid)]:
                 score = duplicate_score(*loaded[ref], *loaded[vid])
                 if score is not None and (best is None or score > best[0]):
                     best = (score, ref)
-            if best is not None and vid in vols:
-                dup = best[1] if best[0] >= min_score else None
-                vols[vid] = vols[vid].model_copy(update={"duplicate_of": dup, "duplicate_score": round(best[0], 4)})
+            if best is not None:
+                out[vid] = (best[1], round(best[0], 4))
+    return out
+
+
+def mark_duplicates(
+    doc: SplitsDoc, scores: dict[str, tuple[str, float]], min_score: float = DUPLICATE_MIN_SCORE
+) -> SplitsDoc:
+    """Apply :func:`duplicate_scores` to an assignment: ``duplicate_of`` where the correlation is at least
+    ``min_score`` (two reconstructions of one scan score ~0.99, two exams of one person far lower)."""
+    vols = dict(doc.volumes)
+    for vid, (ref, score) in scores.items():
+        if vid in vols:
+            vols[vid] = vols[vid].model_copy(
+                update={"duplicate_of": ref if score >= min_score else None, "duplicate_score": score}
+            )
     return doc.model_copy(update={"volumes": vols})

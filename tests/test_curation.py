@@ -285,3 +285,14 @@ def test_dataset_card(split_store, tmp_path):
     from xwin.flows.card import KNOWN_COHORTS
 
     assert "CC BY 3.0" in KNOWN_COHORTS["nlst"][0]
+
+
+def test_a_volume_never_changes_split_when_its_subject_id_changes():
+    """A volume assigned under one subject key and seen again under another (re-ingested with another
+    de-identification) keeps its split; the new key is not attached to it."""
+    pol = SplitPolicy(fractions={"a": 0.5, "b": 0.5})
+    first, _ = assign_splits("c", [VolumeFacts("v1", "P3")], pol)
+    renamed = next(f"s-{i}" for i in range(1000) if split_for(unit_hash(pol.salt, f"s-{i}"), pol.fractions)
+                   != first.volumes["v1"].split)  # fmt: skip
+    again, _ = assign_splits("c", [VolumeFacts("v1", renamed)], pol, first)
+    assert again.volumes["v1"] == first.volumes["v1"]

@@ -259,3 +259,28 @@ def test_dicom_seg_input_equals_the_labelmap(ct_and_labels, tmp_path):
     assert how == "same grid"
     for n, (lid, _) in enumerate(ids.items(), start=1):
         np.testing.assert_array_equal(aligned == n, lab == lid)
+
+
+def test_resampling_keeps_the_edge_voxels_and_crop_keeps_the_border():
+    """Nearest-neighbour resampling onto a finer grid keeps the labelmap's outer half-voxels (all of a 4^3 block of
+    ones stays ones on a 2x grid), and the bounding-box crop gives the same projection as the whole volume for a
+    structure touching the volume's border."""
+    from xwin.pipeline.geometry import ring_for_volume
+    from xwin.pipeline.labels import _crop
+    from xwin.pipeline.render import render_views
+
+    A = np.diag([4.0, 4.0, 4.0, 1.0])
+    fine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fine[:3, 3] = -1.0  # voxel centres of the 2 mm grid inside the 4 mm voxels: -1, 1, 3, ... , 13
+    lab = np.ones((4, 4, 4), np.int16)
+    out, how = align_labels(lab, A, (8, 8, 8), fine)
+    assert how == "resampled" and out.min() == 1
+    vol = np.zeros((20, 20, 20), bool)
+    vol[0:6, 5:12, 3:9] = True  # touches the x = 0 face of the volume
+    B = np.diag([3.0, 3.0, 3.0, 1.0])
+    spec = RenderSpec(height=24, width=24, pixel_mm=6.0, n_views=3, yaw_step_deg=60.0, yaw_start_deg=15.0)
+    views = ring_for_volume(spec, B, vol.shape)
+    whole = render_views(vol.astype(np.float32), B, views, backend="joseph", is_mu=True)
+    sub, sub_aff = _crop(vol, B)
+    assert sub.shape[0] == 8  # the margin is added inside the volume only
+    np.testing.assert_allclose(render_views(sub, sub_aff, views, backend="joseph", is_mu=True), whole, atol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ def assign_cmd(
     """Assign every volume's subject to a split (new subjects only; assigned subjects never move)."""
     from pydantic import ValidationError
 
-    from xwin.pipeline.splits import VolumeFacts, assign_splits, mark_duplicates
+    from xwin.pipeline.splits import VolumeFacts, assign_splits, duplicate_scores, mark_duplicates
     from xwin.schemas.cohort import SplitPolicy
 
     check_cohort(cohort)
@@ -77,6 +78,11 @@ def assign_cmd(
     except ValidationError as e:
         fail(*(f"--{'-'.join(str(x) for x in err['loc'][:1])}: {err['msg']}" for err in e.errors()))
     excl = read_exclusions(exclude) if exclude is not None else []
+    deid_salt = os.environ.get("XWIN_DEID_SALT")
+    if deid_salt:  # the cohort's subjects are stored hashed: an exclusion list of source ids is hashed the same way
+        from xwin.pipeline.ingest.deid import hashed_subject
+
+        excl = [x if x.startswith("s-") else hashed_subject(x, deid_salt) for x in excl]
     st = open_store_cli(store)
     records = or_exit(st.list_volumes, cohort)
     if not records:
@@ -98,10 +104,18 @@ def assign_cmd(
         rec, hu = st.read_volume(vid)
         return hu, np.asarray(rec.affine)
 
+    # near-duplicates are scored once, outside the compare-and-swap (they read volumes), and only for volumes not
+    # scored by an earlier assignment
+    before = st.read_splits(cohort)
+    done_before = {v for v, s in (before.volumes.items() if before else []) if s.duplicate_score is not None}
+    scores = duplicate_scores(facts, load, skip=lambda vid: vid in done_before)
+    known_subjects = {f.subject_key for f in facts} | set(before.subjects if before else {})
+    unknown = sorted(set(excl) - known_subjects)
+
     def update(cur):
         doc, m = assign_splits(cohort, facts, policy, cur, excl)
         moved[:] = m
-        return mark_duplicates(doc, facts, load)
+        return mark_duplicates(doc, scores)
 
     doc = or_exit(st.update_splits, cohort, update)
     if doc.policy != policy:
@@ -112,6 +126,19 @@ def assign_cmd(
         )
     for s in moved:
         typer.echo(f"warning: subject {s} was assigned before and is now excluded", err=True)
+    if unknown:
+        typer.echo(
+            f"warning: {len(unknown)} excluded id(s) match no subject of {cohort} (ids as stored; with "
+            f"de-identification set XWIN_DEID_SALT to hash source ids): {', '.join(unknown[:5])}",
+            err=True,
+        )
+    moved_vols = [f.volume_id for f in facts if doc.volumes[f.volume_id].subject != f.subject_key]
+    if moved_vols:
+        typer.echo(
+            f"warning: {len(moved_vols)} volume(s) are stored under another subject id than they were assigned with "
+            f"(re-ingested under another de-identification?); they keep their split: {', '.join(moved_vols[:5])}",
+            err=True,
+        )
     _show(doc, as_json)
 
 

@@ -46,12 +46,14 @@ class IngestConfig:
 
     def output_key(self) -> str:
         """Digest of the settings that change the canonical output (enters volume_id)."""
-        keys = {
+        keys: dict = {
             "v": INGEST_VERSION,
             "spacing_mm": self.spacing_mm,
             "tilt": self.tilt,
             "padding": self.padding_hu_at_or_below,
         }
+        if self.deid_salt:  # de-identified records are another output: never mixed with raw ones under one id
+            keys["deid"] = hashlib.sha256(("xwin-deid:" + self.deid_salt).encode()).hexdigest()[:16]
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

@@ -65,8 +65,10 @@ def quality_checks(
     lab, sizes = components(bmax > BODY_HU)
     body = int(np.argmax(sizes))
     out: list[QCCheck] = []
-    if body == 0:
-        return [QCCheck(name="truncated", value=None, flagged=True, rule="a body must exist", detail="no body found")]
+    if body == 0:  # no body: truncation and table cannot be judged; the histogram, metal and contrast checks still run
+        out.append(QCCheck(name="truncated", value=None, flagged=True, rule="a body must exist", detail="no body"))
+        out.append(QCCheck(name="table", value=None, flagged=False, rule="needs a body", detail="no body"))
+        return out + _value_checks(small, np.zeros(small.shape, bool), n_metal, spacing_mm, contrast_agent, has_header)
     bm = lab == body
     # truncated: contact of the body with the left, right and anterior borders, per slice
     contact_mm = np.maximum.reduce(
@@ -92,8 +94,21 @@ def quality_checks(
             rule="a part apart from the body, posterior, >= 150 mm wide, <= 80 mm thick, along >= 50% of z",
         )
     )
-    air = _peak(small, -1200, -700)
-    tissue = _peak(small[bm], -250, 200)
+    return out + _value_checks(small, bm, n_metal, spacing_mm, contrast_agent, has_header)
+
+
+def _value_checks(
+    small: np.ndarray,
+    bm: np.ndarray,
+    n_metal: int,
+    spacing_mm: tuple[float, float, float],
+    contrast_agent: str | None,
+    has_header: bool,
+) -> list[QCCheck]:
+    """The checks that need no body outline: the HU peaks, metal and contrast."""
+    out: list[QCCheck] = []
+    air = _peak(small[small != -1000], -1200, -700)  # padding became exactly -1000: it would hide a wrong rescale
+    tissue = _peak(small[bm], -250, 200) if bm.any() else None
     out.append(
         QCCheck(
             name="hu_air",

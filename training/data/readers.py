@@ -150,10 +150,11 @@ class SplitReader:
     def volume_ids(self) -> list[str]:
         return [v for v in self._ds.volume_ids() if v in self._volumes]
 
-    def read_views(self, volume_id: str, *a: Any, **kw: Any) -> Any:
+    def read_views(self, volume_id: str, indices: Any, dtype: Any = np.float32) -> Any:
+        # the same parameters as ProjectionDataset.read_views (the stream asks for the stored dtype by name)
         if volume_id not in self._volumes:
             raise KeyError(f"volume {volume_id!r} is not in this split")
-        return self._ds.read_views(volume_id, *a, **kw)
+        return self._ds.read_views(volume_id, indices, dtype=dtype)
 
     def read_labels(self, volume_id: str, *a: Any, **kw: Any) -> Any:
         if volume_id not in self._volumes:

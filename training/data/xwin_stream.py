@@ -121,8 +121,8 @@ class XWinStream(ResumableStream):
                 if read_labels is None:
                     raise TypeError(f"labels=True needs a reader with read_labels, got {type(self.reader).__name__}")
                 lab = torch.from_numpy(read_labels(key, want)).transpose(0, 1)  # (1+N, C, H, W)
-            except KeyError as e:
-                log.warning("skipping volume %s: %s", key, e)
+            except (KeyError, FileNotFoundError, ValueError) as e:  # no labels, or unreadable ones: as for views
+                log.warning("skipping volume %s: labels: %s: %s", key, type(e).__name__, e)
                 return None
             n, C, H, W = lab.shape
             S = self.image_size
