@@ -78,7 +78,9 @@ def build_card(store: Store, cohort: str, licence: str | None = None, source: st
         if d.cohort == cohort
         for ds in [store.open_dataset(cohort, d.spec_hash)]
     ]
-    subjects = {(vols[r.volume_id].subject if r.volume_id in vols else r.subject_id) for r in records}
+    subjects = {  # as the splits count them: a volume without a subject id is its own subject
+        vols[r.volume_id].subject if r.volume_id in vols else (r.subject_id or f"volume:{r.volume_id}") for r in records
+    }
     return {
         "cohort": cohort,
         "store": store.url,

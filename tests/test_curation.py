@@ -296,3 +296,13 @@ def test_a_volume_never_changes_split_when_its_subject_id_changes():
                    != first.volumes["v1"].split)  # fmt: skip
     again, _ = assign_splits("c", [VolumeFacts("v1", renamed)], pol, first)
     assert again.volumes["v1"] == first.volumes["v1"]
+
+
+def test_real_image_subjects():
+    from xwin.training.data.real_cxr import real_subject
+
+    key = "files/p10/p10000032/s50414267/02aa804e.jpg"
+    assert real_subject(key, mimic=True) == real_subject(key, mimic=False) == "10000032"  # CSV or not
+    assert real_subject("patient7/img1.png", mimic=False) == "patient7"
+    with pytest.raises(ValueError, match="one folder per subject"):
+        real_subject("img1.png", mimic=False)

@@ -73,10 +73,13 @@ def mimic_paths(csv_path: str | Path, views: Sequence[str] = ("AP", "PA")) -> li
 
 
 def real_subject(key: str, mimic: bool) -> str:
-    """The subject of a real image's relative path: MIMIC's ``p<subject_id>`` folder, else the first folder."""
+    """The subject of a real image's relative path: MIMIC's ``files/pXX/p<subject_id>/`` folder (with or without its
+    metadata CSV), else the first folder."""
     parts = Path(key).parts
+    if len(parts) > 3 and parts[0] == "files" and parts[1].startswith("p") and parts[2].startswith("p"):
+        return parts[2][1:]
     if mimic:
-        return parts[2][1:] if len(parts) > 2 and parts[2].startswith("p") else parts[0]
+        return parts[0]
     if len(parts) < 2:
         raise ValueError(f"{key}: a split of real images needs one folder per subject below the root")
     return parts[0]
