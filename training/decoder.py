@@ -25,15 +25,13 @@ LPIPS perceptual term is left out: it needs VGG weights downloaded at run time.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal, TextIO, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -43,6 +41,7 @@ from torch import nn
 
 from xwin.training.config import TrainConfig, deep_merge, parse_override
 from xwin.training.models.xwin import EMAEncoder, XWin
+from xwin.training.runlog import RunLog
 
 log = logging.getLogger("xwin.decoder")
 DECODER_CKPT_VERSION = 1
@@ -345,24 +344,15 @@ class DecoderTrainer:
         self.step = 0
         self.out_dir = Path(out_dir)
         self.echo = echo
-        self._log: TextIO | None = None
+        self._log = RunLog(self.out_dir, echo)
         self._it: Any = None
 
     # -------------------------------------------------------------------------------------------- logging
     def log_event(self, rec: dict) -> None:
-        if self._log is None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.out_dir / "log.jsonl", "a")  # noqa: SIM115 - open for the run, closed by close()
-        line = json.dumps(rec, default=float)
-        self._log.write(line + "\n")
-        self._log.flush()
-        if self.echo:
-            print(line, file=sys.stderr, flush=True)
+        self._log.write(rec)
 
     def close(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._log.close()
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()

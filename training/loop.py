@@ -16,12 +16,11 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 from xwin.training.config import TrainConfig
 from xwin.training.masks import MaskBatch, MultiBlockMasker
 from xwin.training.models.xwin import EMAEncoder, XWin
+from xwin.training.runlog import RunLog
 
 log = logging.getLogger("xwin.train")
 CKPT_VERSION = 1
@@ -215,7 +215,7 @@ class Trainer:
         self.step = 0
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.echo = echo
-        self._log_fh: TextIO | None = None
+        self._log = RunLog(self.out_dir, echo)
         self._it: Iterator | None = None
         self._real_it: Iterator | None = None
         if val is None and cfg.val_every > 0:
@@ -233,16 +233,7 @@ class Trainer:
     def log_event(self, rec: dict) -> None:
         if not self.is_main:
             return
-        import json
-
-        if self._log_fh is None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.out_dir / "log.jsonl", "a")  # noqa: SIM115 - open for the run, closed by close()
-        line = json.dumps(rec, default=float)
-        self._log_fh.write(line + "\n")
-        self._log_fh.flush()
-        if self.echo:
-            print(line, file=sys.stderr, flush=True)
+        self._log.write(rec)
 
     # ------------------------------------------------------------------------------------------------- step
     def _autocast(self):
@@ -490,9 +481,7 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
+        self._log.close()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
@@ -517,32 +506,39 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
         return synthetic_streams(cfg, seed=cfg.seed, n_volumes=max(16, d.batch_size))
     if not d.store:
         raise ValueError("config has no data source: set data.store (a store URL) or data.synthetic=true")
-    from xwin.training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
+    from xwin.training.data import RealCXRStream, StoreSource, make_loader
 
     cohort, spec = resolve_dataset(d.store, d.cohort)
-    sampling = XWinSampling(
-        n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg, context_yaws=tuple(d.context_yaws)
-    )
     source = StoreSource(d.store, cohort, spec, split=d.split)
     if d.split is not None:
         source.open()  # a cohort without an assignment, or without that split: one clear error now, not in a worker
-    ds = XWinStream(
-        source,
-        sampling=sampling,
-        image_size=S,
-        appearance=d.appearance,
-        seed=cfg.seed,
-        batch_size=d.batch_size,
-        draws_per_volume=d.draws_per_volume,
-        shuffle_window=d.shuffle_window,
-        dtype=loader_image_dtype(cfg),
-    )
-    sim = make_loader(ds, num_workers=d.num_workers)
+    sim = make_loader(store_stream(cfg, source, shuffle_window=d.shuffle_window), num_workers=d.num_workers)
     real = None
     if d.real:
         rs = RealCXRStream(d.real, image_size=S, seed=cfg.seed + 1, batch_size=real_bs, split=d.split)
         real = make_loader(rs, num_workers=d.num_workers)
     return sim, real
+
+
+def store_stream(cfg: TrainConfig, source: Any, **kw: Any) -> Any:
+    """The X-WIN stream of a projection dataset with the config's sampling, image size, look and batch size."""
+    from xwin.training.data import XWinSampling, XWinStream
+
+    d = cfg.data
+    sampling = XWinSampling(
+        n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg, context_yaws=tuple(d.context_yaws)
+    )
+    return XWinStream(
+        source,
+        sampling=sampling,
+        image_size=cfg.model.img_size,
+        appearance=d.appearance,
+        seed=cfg.seed,
+        batch_size=d.batch_size,
+        draws_per_volume=d.draws_per_volume,
+        dtype=loader_image_dtype(cfg),
+        **kw,
+    )
 
 
 def synthetic_streams(cfg: TrainConfig, seed: int, n_volumes: int) -> tuple[Any, Any | None]:
@@ -580,26 +576,13 @@ def build_val_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
         return synthetic_streams(cfg, seed=cfg.seed + 7919, n_volumes=max(4, d.batch_size))
     if not d.store or not d.val_split:
         raise ValueError("validation needs data.store and data.val_split (or data.synthetic)")
-    from xwin.training.data import RealCXRStream, StoreSource, XWinSampling, XWinStream, make_loader
+    from xwin.training.data import RealCXRStream, StoreSource, make_loader
 
     cohort, spec = resolve_dataset(d.store, d.cohort)
-    sampling = XWinSampling(
-        n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg, context_yaws=tuple(d.context_yaws)
-    )
     held_out = StoreSource(d.store, cohort, spec, split=d.val_split)
     if not held_out.open().volume_ids():  # opened here so that a split that is missing or empty is said up front
         raise ValueError(f"validation split {d.val_split!r} of cohort {cohort!r} holds no volume")
-    ds = XWinStream(
-        held_out,
-        sampling=sampling,
-        image_size=S,
-        appearance=d.appearance,
-        seed=cfg.seed,
-        batch_size=d.batch_size,
-        draws_per_volume=d.draws_per_volume,
-        dtype=loader_image_dtype(cfg),
-    )
-    sim = make_loader(ds, num_workers=0)
+    sim = make_loader(store_stream(cfg, held_out), num_workers=0)
     real = None
     if d.val_real or (d.real and d.real != "synthetic"):
         root = str(d.val_real or d.real)
