@@ -1,5 +1,5 @@
 """Commands that read the store: ``status``, ``verify``, ``inspect`` (contact sheet), ``describe`` (geometry as
-JSON) and ``export`` (views or the volume as .npy)."""
+JSON) and ``export`` (views or the volume as .npy; geometry and datasets for other tools, cli/interop.py)."""
 
 from __future__ import annotations
 
@@ -133,19 +133,43 @@ def describe_cmd(
 
 def export_cmd(
     store: StoreOpt,
-    volume: Annotated[str, typer.Option("--volume", help="volume id")],
-    what: Annotated[str, typer.Option("--what", help="views (V,H,W) | labels (C,V,H,W) mm | volume (HU)")],
-    out: Annotated[Path, typer.Option("--out", help="output .npy file")],
+    what: Annotated[
+        str,
+        typer.Option(
+            "--what",
+            help="views (V,H,W) | labels (C,V,H,W) mm | volume (HU): one .npy; geometry (--format rtk|astra|diffdrr) "
+            "| dataset (--format webdataset|hf): a folder",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="output .npy file (geometry, dataset: a folder)")],
+    volume: Annotated[str | None, typer.Option("--volume", help="volume id (not for --what dataset)")] = None,
     cohort: CohortOpt = None,
     spec: Annotated[
         Path | None, typer.Option("--spec", help="RenderSpec file (default: the store's dataset of the volume)")
     ] = None,
     spec_hash: SpecHashOpt = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="geometry: rtk | astra | diffdrr; dataset: webdataset | hf")
+    ] = None,
+    per: Annotated[str, typer.Option("--per", help="dataset: one sample per ring or per view")] = "ring",
+    rings_per_shard: Annotated[int, typer.Option("--rings-per-shard", help="dataset: rings in each shard")] = 8,
 ) -> None:
     """Export a ring's views, its label thickness maps (channels as `describe` lists them) or the canonical HU
-    volume as .npy (voxel order matches `describe`'s affine)."""
+    volume as .npy (voxel order matches `describe`'s affine); a ring's geometry for RTK, ASTRA or DiffDRR, or a
+    cohort's rings as WebDataset shards or a Hugging Face dataset, as a folder (docs/interop.md)."""
+    if what in ("geometry", "dataset"):  # files other tools read: flows/cli/interop.py
+        from xwin.flows.cli import interop
+
+        rs = load_spec(spec) if spec is not None else None
+        if what == "geometry":
+            interop.export_geometry(store, volume, fmt, out, cohort, spec_hash or (rs.spec_hash if rs else None))
+        else:
+            interop.export_dataset(store, fmt, out, cohort, rs, spec_hash, per, rings_per_shard)
+        return
     if what not in ("views", "labels", "volume"):
-        raise typer.BadParameter("--what must be 'views', 'labels' or 'volume'")
+        raise typer.BadParameter("--what must be 'views', 'labels', 'volume', 'geometry' or 'dataset'")
+    if not volume:
+        fail(f"--volume: required with --what {what}")
     rs = load_spec(spec) if spec is not None else None
     st = open_store_cli(store)
     try:

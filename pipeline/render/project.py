@@ -151,6 +151,20 @@ def _project_oom_safe(
     return fn(mu, A, views, **cpu), cpu
 
 
+def projected_hu(
+    hu: Real[np.ndarray, "X Y Z"], affine: Float[np.ndarray, "4 4"], spec: RenderSpec
+) -> Real[np.ndarray, "X Y Z"]:
+    """The HU volume a ring of ``spec`` projects: ``hu`` itself, or with ``spec.body_mask`` the patient's body only
+    (the scanner table and everything outside the body become air, -1000 HU)."""
+    if not spec.body_mask:
+        return hu
+    from xwin.pipeline.body import body_mask
+
+    A = np.asarray(affine, dtype=np.float64)
+    spacing = tuple(float(s) for s in np.sqrt((A[:3, :3] ** 2).sum(axis=0)))
+    return np.where(body_mask(hu, spacing), hu, np.asarray(-1000, dtype=hu.dtype))  # type: ignore[arg-type]
+
+
 def render_ring(
     hu: Real[np.ndarray, "X Y Z"],
     affine: Float[np.ndarray, "4 4"],
@@ -161,10 +175,6 @@ def render_ring(
     """Render the yaw ring of ``spec`` around the volume centre. Returns ((V,H,W) float32, ConeBeamViews).
     ``options`` go to :func:`render_views` (``notes``, ``on_progress``, the backend's own options)."""
     vol, A = _check_volume(hu, affine)
-    if spec.body_mask:  # the scanner table and everything outside the patient's body become air
-        from xwin.pipeline.body import body_mask
-
-        spacing = tuple(float(s) for s in np.sqrt((A[:3, :3] ** 2).sum(axis=0)))
-        vol = np.where(body_mask(vol, spacing), vol, np.asarray(-1000, dtype=vol.dtype))  # type: ignore[arg-type]
+    vol = projected_hu(vol, A, spec)
     views = ring_for_volume(spec, A, vol.shape)
     return render_views(vol, A, views, spec.mu_water_per_mm, backend, **options), views
