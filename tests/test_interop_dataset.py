@@ -1,0 +1,147 @@
+"""Dataset exports read back by the libraries they are for (``webdataset``, ``datasets``), equal to the store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from xwin.flows.cli import app
+from xwin.storage import interchange as ic
+from xwin.storage import open_store
+
+
+@pytest.fixture(scope="module")
+def ds(rendered_dataset):
+    return open_store(rendered_dataset.url).dataset(rendered_dataset.cohort, rendered_dataset.spec, create=False)
+
+
+def stored(ds, vid):
+    return ds.read_views(vid, np.arange(ds.spec.n_views), dtype=None)
+
+
+def test_webdataset_per_ring_read_back_equals_store(ds, tmp_path):
+    import webdataset as wds
+
+    events = []
+    rep = ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=2, on_progress=events.append)
+    assert rep.written == ["train-000000.tar", "train-000001.tar"] and rep.samples == 3
+    assert [e["done"] for e in events] == [1, 2] and not any(e["skipped"] for e in events)
+    urls = [str(tmp_path / n) for n in rep.written]
+    got = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
+    assert sorted(got) == [f"{v}/ring" for v in ds.volume_ids()]
+    for vid in ds.volume_ids():
+        s = got[f"{vid}/ring"]
+        views, meta = stored(ds, vid)
+        assert s["views.npy"].dtype == np.float16 and np.array_equal(s["views.npy"], views)
+        g = s["geometry.json"]
+        assert np.array_equal(np.asarray(g["cone_vec"]), meta.cone_vec)
+        assert np.array_equal(np.asarray(g["world_from_camera"]), meta.world_from_camera)
+        assert np.array_equal(np.asarray(g["intrinsics"]), meta.intrinsics)
+        assert g["index"] == list(range(120)) and (g["height"], g["width"]) == (64, 64)
+        assert s["actions.json"]["yaw_deg"] == [3.0 * k for k in range(120)]
+        assert s["meta.json"]["volume_id"] == vid and s["meta.json"]["spec_hash"] == ds.spec_hash
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["rings"] == 3 and index["samples"] == 3 and [s["samples"] for s in index["shards"]] == [2, 1]
+
+
+def test_webdataset_per_view_and_ids_with_dots(ds, tmp_path):
+    import webdataset as wds
+
+    rep = ic.export_rings(ds, tmp_path, "webdataset", per="view", rings_per_shard=8)
+    assert rep.samples == 3 * 120
+    views, meta = stored(ds, "small-b")
+    n = 0
+    for s in wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False).decode():
+        vid, k = s["__key__"].split("/")
+        n += 1
+        if vid == "small-b" and int(k) in (0, 31, 119):
+            k = int(k)
+            assert np.array_equal(s["view.npy"], views[k])
+            assert s["geometry.json"]["yaw_deg"] == meta.yaw_deg[k] == s["actions.json"]["yaw_deg"]
+            assert np.array_equal(np.asarray(s["geometry.json"]["cone_vec"]), meta.cone_vec[k])
+    assert n == 360
+    # a volume id with dots stays one key: the id is the key's folder (webdataset splits the name at its first dot)
+    sample = ic.ring_samples(ds, "small-a", "train", "webdataset", "ring")[0][0]
+    sample["__key__"] = "ct.1.2.840/ring"
+    w = ic._TarWriter(tmp_path / "dots.tar")
+    w.add([sample])
+    w.close()
+    (s,) = list(wds.WebDataset(str(tmp_path / "dots.tar"), shardshuffle=False).decode())
+    assert s["__key__"] == "ct.1.2.840/ring" and {"views.npy", "geometry.json", "actions.json"} <= set(s)
+
+
+def test_export_resumes_after_an_interruption(ds, tmp_path, monkeypatch):
+    real = ic.ring_samples
+    calls = []
+
+    def dies_on_third(ds_, vid, *a):
+        calls.append(vid)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while writing the second shard
+        return real(ds_, vid, *a)
+
+    monkeypatch.setattr(ic, "ring_samples", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=2)
+    assert (tmp_path / "train-000000.tar.json").exists() and not (tmp_path / "train-000001.tar").exists()
+    monkeypatch.setattr(ic, "ring_samples", real)
+    first = (tmp_path / "train-000000.tar").stat().st_mtime_ns
+    rep = ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=2)
+    assert rep.skipped == ["train-000000.tar"] and rep.written == ["train-000001.tar"] and rep.rings == 1
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == first
+    # the resumed export equals a fresh one, byte for byte
+    fresh = ic.export_rings(ds, tmp_path / "fresh", "webdataset", rings_per_shard=2)
+    for name in fresh.written:
+        assert (tmp_path / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    # a shard whose manifest names other rings (another plan) is rewritten, not skipped
+    rep = ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=3)
+    assert rep.written == ["train-000000.tar"] and rep.skipped == []
+
+
+@pytest.mark.parametrize("per", ["ring", "view"])
+def test_hf_dataset_read_back_equals_store(ds, tmp_path, per):
+    import datasets
+
+    rep = ic.export_rings(ds, tmp_path / "hf", "hf", per=per, rings_per_shard=2, card_markdown="# Dataset card: x")
+    assert rep.written == ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    assert readme.startswith("---\nconfigs:") and "# Dataset card: x" in readme
+    d = datasets.load_dataset(str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "cache"))
+    assert d.features["views" if per == "ring" else "view"].dtype == "float16"
+    d = d.with_format("numpy", dtype=None)  # the stored dtypes (datasets' numpy format casts floats to float32)
+    assert len(d) == (3 if per == "ring" else 360)
+    for vid in ds.volume_ids():
+        views, meta = stored(ds, vid)
+        rows = [i for i, v in enumerate(d["volume_id"]) if v == vid]
+        if per == "ring":
+            (i,) = rows
+            row = d[i]
+            assert row["views"].dtype == np.float16 and np.array_equal(row["views"], views)
+            assert np.array_equal(row["cone_vec"], meta.cone_vec) and np.array_equal(row["yaw_deg"], meta.yaw_deg)
+            assert np.array_equal(row["intrinsics"], meta.intrinsics)
+        else:
+            assert len(rows) == 120
+            for i in rows[::40]:
+                row = d[i]
+                k = int(row["index"])
+                assert np.array_equal(row["view"], views[k]) and np.array_equal(row["cone_vec"], meta.cone_vec[k])
+                assert np.array_equal(row["world_from_camera"], meta.world_from_camera[k])
+
+
+def test_export_dataset_cli(rendered_dataset, tmp_path):
+    args = ["export", "--store", rendered_dataset.url, "--what", "dataset", "--cohort", "small", "--out"]
+    r = CliRunner().invoke(app, [*args, str(tmp_path / "w"), "--format", "webdataset", "--rings-per-shard", "2"])
+    assert r.exit_code == 0, r.output
+    assert "[1/2] train-000000.tar: 2 samples" in r.output and "wrote 2 shards (3 rings, 3 samples" in r.output
+    assert "# Dataset card: small" in (tmp_path / "w" / "README.md").read_text()
+    r = CliRunner().invoke(app, [*args, str(tmp_path / "w"), "--format", "webdataset", "--rings-per-shard", "2"])
+    assert r.exit_code == 0 and "complete, skipped" in r.output and "skipped 2 complete" in r.output
+    r = CliRunner().invoke(app, [*args, str(tmp_path / "x"), "--format", "zip"])
+    assert r.exit_code == 2 and "--format: 'zip'" in r.output
+    r = CliRunner().invoke(app, [*args, str(tmp_path / "x"), "--format", "hf", "--per", "slab"])
+    assert r.exit_code == 2 and "--per: 'slab'" in r.output
+    r = CliRunner().invoke(app, ["export", "--store", rendered_dataset.url, "--what", "views", "--out", "v.npy"])
+    assert r.exit_code == 2 and "--volume: required with --what views" in r.output
