@@ -270,6 +270,20 @@ def _complete(out: Path, shard: Shard, want: dict[str, Any]) -> dict[str, Any] |
     return m if same and m.get("bytes") == path.stat().st_size else None
 
 
+def _remove_unplanned(root: Path, fmt: str, planned: set[str]) -> None:
+    """Delete the shards (and manifests, partial files) of an earlier plan that this plan does not name: a reader
+    globbing the folder must see each ring once."""
+    ext = ".tar" if fmt == "webdataset" else ".parquet"
+    folder = root if fmt == "webdataset" else root / "data"
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        name = str(p.relative_to(root))
+        shard = name.removesuffix(".partial").removesuffix(".json")
+        if shard.endswith(ext) and shard not in planned:
+            p.unlink()
+
+
 def export_rings(
     ds: ProjectionDataset,
     out: str | os.PathLike[str],
@@ -295,6 +309,7 @@ def export_rings(
     splits = ring_splits(ds, ids)
     shards = plan_shards(splits, fmt, rings_per_shard)
     want = {"format": fmt, "per": per, "cohort": ds.cohort, "spec_hash": ds.spec_hash}
+    _remove_unplanned(root, fmt, {s.name for s in shards})
     features = hf_features(ds, per) if fmt == "hf" else None
     rep = ExportReport(out=str(root), format=fmt, per=per)
     t0 = time.perf_counter()

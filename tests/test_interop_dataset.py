@@ -99,6 +99,8 @@ def test_export_resumes_after_an_interruption(ds, tmp_path, monkeypatch):
     # a shard whose manifest names other rings (another plan) is rewritten, not skipped
     rep = ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=3)
     assert rep.written == ["train-000000.tar"] and rep.skipped == []
+    # and the earlier plan's second shard is gone: a reader globbing the folder sees every ring once
+    assert sorted(p.name for p in tmp_path.glob("*.tar*")) == ["train-000000.tar", "train-000000.tar.json"]
 
 
 @pytest.mark.parametrize("per", ["ring", "view"])
