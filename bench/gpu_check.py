@@ -9,6 +9,8 @@ Sections (each: {"status": "ok" | "skipped" | "error", ...}):
              fallback, DiffDRR's Siddon (chunked), and the numba ``joseph`` reference; each with its relative L2
              against ``joseph`` on the same views
   e2e        the default ring end to end: render_ring + Dataset.write_ring into a local store, rings/s
+  astra      ASTRA's GPU forward projector (create_sino3d_gpu) reading only the ASTRA geometry export of that ring
+             (``xwin export --what geometry --format astra``): seconds, views/s, relative L2 per view (goal: <= 2%)
   fdk        ASTRA FDK_CUDA against our numba FDK on the same ring: seconds, PSNR/SSIM (protocol of
              docs/reconstruction.md), PSNR difference (goal: within 1 dB; ASTRA <= 1 s)
   train      one X-WIN step of the paper's configuration (ViT-B/16, 512^2, B=12, N=8, R=96) under bf16 autocast:
@@ -330,6 +332,78 @@ def section_e2e(run: Run) -> dict:
     }
 
 
+def section_astra(run: Run) -> dict:
+    """ASTRA's forward projector (FP3D_CUDA via ``create_sino3d_gpu``) on the ASTRA export of the e2e ring, reading
+    only the exported files: the views it projects against the rendered ones (goal: within 2% per view). Without
+    CUDA (the dry run) the export is written and read, ASTRA builds its geometries from it, and the same rays are
+    projected on the CPU by ``joseph`` in ASTRA's frame; ASTRA's GPU call is skipped (it aborts without a GPU)."""
+    import importlib.util
+
+    from xwin.pipeline.geometry import ConeBeamViews
+    from xwin.pipeline.interop import write_astra
+    from xwin.pipeline.reconstruct.fdk_astra import cuda_available
+    from xwin.pipeline.render import render_views
+
+    if "ring" not in run.ring_cache:
+        raise Skip("no ring from the e2e section")
+    if importlib.util.find_spec("astra") is None:
+        raise Skip("astra not importable")
+    import astra
+
+    views, geom, spec = run.ring_cache["ring"]
+    hu, A = run.volume()
+    out = run.tmp / "astra_export"
+    write_astra(out, geom, A, hu, views, {"mu_water_per_mm": spec.mu_water_per_mm})
+    # from here on: only what the export holds
+    side = json.loads((out / "astra.json").read_text())
+    arr = np.load(out / "astra.npz")
+    g, vec = side["vol_geom"], arr["vectors"]
+    vol_geom = astra.create_vol_geom(
+        g["rows"], g["cols"], g["slices"], g["minx"], g["maxx"], g["miny"], g["maxy"], g["minz"], g["maxz"]
+    )
+    proj_geom = astra.create_proj_geom("cone_vec", side["det_rows"], side["det_cols"], vec)
+    ref = arr["projections"].transpose(1, 0, 2)  # (V, H, W)
+    mu = (side["mu_water_per_mm"] * np.maximum(0.0, 1.0 + arr["volume_hu"].astype(np.float32) / 1000.0)).astype(
+        np.float32
+    )
+    sx, sy, sz = (
+        (g[f"max{a}"] - g[f"min{a}"]) / n for a, n in (("x", g["cols"]), ("y", g["rows"]), ("z", g["slices"]))
+    )
+    Af = np.diag([sx, sy, sz, 1.0])
+    Af[:3, 3] = [g["minx"] + sx / 2, g["miny"] + sy / 2, g["minz"] + sz / 2]
+    cpu = render_views(
+        mu.transpose(2, 1, 0), Af, ConeBeamViews.from_cone_vecs(vec, side["det_rows"], side["det_cols"]), is_mu=True
+    )
+    out_d: dict[str, Any] = {
+        "views": len(vec),
+        "detector": [side["det_rows"], side["det_cols"]],
+        "volume": list(mu.shape),
+        "voxel_mm": [sx, sy, sz],
+        "cpu_joseph_from_export": per_view_l2(cpu, ref),
+    }
+    if not cuda_available():
+        out_d["fp3d_cuda"] = {"status": "skipped", "reason": "no CUDA for ASTRA (FP3D_CUDA aborts without a GPU)"}
+        return out_d
+
+    def fp() -> np.ndarray:
+        pid, data = astra.create_sino3d_gpu(mu, proj_geom, vol_geom)
+        astra.data3d.delete(pid)
+        return data
+
+    fp()  # warm-up (context, texture upload paths)
+    data, t = _time_best(fp, 3)
+    got = np.asarray(data).transpose(1, 0, 2)
+    err = per_view_l2(got, ref)
+    out_d["fp3d_cuda"] = {
+        "status": "ok",
+        "seconds": t,
+        "views_per_s": len(vec) / t,
+        **err,
+        "within_2_percent": bool(err["rel_l2_max"] <= 0.02),
+    }
+    return out_d
+
+
 def section_fdk(run: Run) -> dict:
     import importlib.util
 
@@ -452,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, toy sizes (~1-2 min)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip sections past this (default 450; dry 240)")
-    ap.add_argument("--sections", default="env,render,e2e,fdk,train,consumer", help="comma-separated subset")
+    ap.add_argument("--sections", default="env,render,e2e,astra,fdk,train,consumer", help="comma-separated subset")
     args = ap.parse_args(argv)
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--dry-run needs TRITON_INTERPRET=1 in the environment (gpu_check.sh sets it)")
@@ -466,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     plan += [(f"render_{s}", lambda s=s: section_render(run, s), 20 if args.dry_run else 60) for s in sizes]
     plan += [
         ("e2e", lambda: section_e2e(run), 10 if args.dry_run else 30),
+        ("astra", lambda: section_astra(run), 5 if args.dry_run else 20),
         ("fdk", lambda: section_fdk(run), 10 if args.dry_run else 40),
         ("train", lambda: section_train(run), 10 if args.dry_run else 60),
         ("consumer", lambda: section_consumer(run), 10 if args.dry_run else 60),

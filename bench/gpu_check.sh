@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (issue 17): render throughput and conformance of every GPU renderer, a default ring end to end, ASTRA
+# GPU check (issue 17): render throughput and conformance of every GPU renderer, a default ring end to end, ASTRA's
+# forward projector reading only the ASTRA geometry export of that ring, ASTRA
 # FDK_CUDA against the numba FDK, one ViT-B/16 512^2 bf16 X-WIN training step and the consumer's samples/s.
 # Writes $OUT/gpu_check.json (after every section) and $OUT/gpu_check.log; finishes within 8 minutes on one GPU.
 #

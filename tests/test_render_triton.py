@@ -315,7 +315,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rep["dry_run"] is True and (tmp_path / "gpu_check.log").stat().st_size > 0
-    sections = ["env", "render_16", "render_24", "e2e", "fdk", "train", "consumer"]
+    sections = ["env", "render_16", "render_24", "e2e", "astra", "fdk", "train", "consumer"]
     assert {k: rep[k]["status"] for k in sections} == dict.fromkeys(sections, "ok")
     assert rep["env"]["triton_interpret"] is True and rep["env"]["cuda_available"] is False
     for size in ("render_16", "render_24"):
@@ -329,6 +329,9 @@ def test_gpu_check_script_dry_run(tmp_path):
         assert all(b[k]["views_per_s"] > 0 for k in ("triton_float32", "triton_end_to_end", "torch"))
     e2e = rep["e2e"]
     assert e2e["backend"] == "triton" and e2e["rings_per_s"] > 0 and e2e["stored_max_abs_diff"] < 0.01
+    # the ASTRA export, read back in ASTRA's conventions, holds the ring's rays; ASTRA's GPU projector waits for a GPU
+    assert rep["astra"]["cpu_joseph_from_export"]["rel_l2_max"] < 1e-5
+    assert rep["astra"]["fp3d_cuda"]["status"] == "skipped"
     assert rep["fdk"]["backends"]["numba"]["psnr_db"] > 10
     assert rep["fdk"]["backends"]["astra"]["status"] == "skipped"  # FDK_CUDA aborts without a GPU
     assert rep["train"]["step_s"] > 0 and rep["train"]["precision"] == "bf16 autocast"
