@@ -152,7 +152,8 @@ class _TarWriter(_Writer):
 class _ParquetWriter(_Writer):
     def __init__(self, path: Path, features: Any) -> None:
         super().__init__(path)
-        self.features, self.pq = features, None
+        self.features = features
+        self.pq: Any = None  # the pyarrow ParquetWriter, opened with the first ring's schema
 
     def add(self, samples: list[dict[str, Any]]) -> None:
         import datasets
@@ -161,7 +162,11 @@ class _ParquetWriter(_Writer):
         cols = {name: [s[name] for s in samples] for name in self.features}
         table = datasets.Dataset.from_dict(cols, features=self.features).data.table
         if self.pq is None:
-            self.pq = pq.ParquetWriter(str(self.partial), table.schema)
+            # no dictionary pages (views never repeat: arrow tries one and falls back), no statistics of pixel
+            # columns, zstd: 5-6x faster than pyarrow's defaults on float16 views, a smaller file
+            self.pq = pq.ParquetWriter(
+                str(self.partial), table.schema, compression="zstd", use_dictionary=False, write_statistics=False
+            )
         self.pq.write_table(table)  # one row group per ring: a reader never needs more than a ring in memory
 
     def close(self) -> None:
