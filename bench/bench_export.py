@@ -4,10 +4,11 @@
 
 A store of ``--volumes`` rings (the bundled CT rendered once at ``--size``² over 512 mm, 120 views x 3 deg, stored
 float16, intensity-scaled copies; ``training.data.bench.make_bench_store``) is read ring by ring in the stored dtype
-(``read_views`` of every view: the baseline, what any exporter must at least do) and exported as WebDataset and
+(``read_views`` of every view: the baseline, what any exporter must at least do), read and written as one raw .npy
+file per ring (the second baseline: the floor of any export to files) and exported as WebDataset and
 Hugging Face Parquet shards, per ring and per view, each into a fresh folder (``storage.interchange.export_rings``:
 read, encode, write, sha256 of the shard, manifest). Repetitions are interleaved; every one is recorded. Figures:
-MiB/s of views and the ratio export / read (1.0 = the export costs no more than reading the store).
+MiB/s of views and the ratios export / read and export / raw .npy (1.0 = the export costs no more than the baseline).
 Results: bench/results/export-<date>.json (bench/record.py).
 """
 
@@ -57,11 +58,22 @@ def main() -> None:
             fresh.read_views(v, np.arange(V), dtype=None)
         return time.perf_counter() - t
 
+    def raw_npy(out: Path) -> float:  # the floor of any export to files: read each ring, np.save it
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        fresh = open_store(src.url).dataset(src.cohort, src.spec, create=False)
+        t = time.perf_counter()
+        for v in ids:
+            np.save(out / f"{v}.npy", fresh.read_views(v, np.arange(V), dtype=None)[0])
+        return time.perf_counter() - t
+
     read_s: list[float] = []
+    raw_s: list[float] = []
     export_s: dict[str, list[float]] = {f"{f}_{p}": [] for f, p in VARIANTS}
     out_bytes: dict[str, int] = {}
     for r in range(args.repeats):
         read_s.append(read_all())
+        raw_s.append(raw_npy(work / "out-raw-npy"))
         for fmt, per in VARIANTS:
             out = work / f"out-{fmt}-{per}"
             shutil.rmtree(out, ignore_errors=True)
@@ -78,8 +90,10 @@ def main() -> None:
     summary = {
         "views_mib": mib,
         "read_mib_per_s": mib / min(read_s),
+        "raw_npy_mib_per_s": mib / min(raw_s),
         **{f"{k}_mib_per_s": mib / min(v) for k, v in export_s.items()},
         **{f"{k}_over_read": min(read_s) / min(v) for k, v in export_s.items()},
+        **{f"{k}_over_raw_npy": min(raw_s) / min(v) for k, v in export_s.items()},
     }
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
@@ -91,6 +105,7 @@ def main() -> None:
             "store_dtype": ds.spec.store_dtype,
             "views_bytes": nbytes,
             "read_s": read_s,
+            "raw_npy_s": raw_s,
             "export_s": export_s,
             "output_bytes": out_bytes,
         },
