@@ -625,6 +625,32 @@ def reconstruct(res: list[Result]) -> str:
     return "\n\n".join(out + lines)
 
 
+def export(res: list[Result]) -> str:
+    r = latest(res, "export")
+    s = r["samples"]
+    mib = s["views_bytes"] / 2**20
+    read, raw = min(s["read_s"]), min(s["raw_npy_s"])
+    names = {
+        "webdataset_ring": "WebDataset tar, a sample per ring",
+        "webdataset_view": "WebDataset tar, a sample per view",
+        "hf_ring": "Hugging Face Parquet, a row per ring",
+        "hf_view": "Hugging Face Parquet, a row per view",
+    }
+    rows = [
+        ["store read (`read_views`, stored dtype)", f(mib / read, 0), "1.00", f(raw / read, 2), "—"],
+        ["raw .npy per ring (read + `np.save`)", f(mib / raw, 0), f(read / raw, 2), "1.00", f(mib, 1)],
+    ]
+    for k, ts in s["export_s"].items():
+        t = min(ts)
+        rows.append([names.get(k, k), f(mib / t, 0), f(read / t, 2), f(raw / t, 2), f(s["output_bytes"][k] / 2**20, 1)])
+    head = ["", "MiB/s of views (best)", "× store read", "× raw .npy", "output MiB"]
+    what = (
+        f"{s['rings']} rings of {s['views_per_ring']} views {s['detector'][0]}×{s['detector'][1]} "
+        f"{s['store_dtype']} ({f(mib, 1)} MiB), best of {len(s['read_s'])} interleaved repetitions."
+    )
+    return "\n\n".join([run_line(r), what, table(head, rows)])
+
+
 REGIONS: dict[str, Callable[[list[Result]], str]] = {
     "ingest": ingest,
     "render": render,
@@ -636,6 +662,7 @@ REGIONS: dict[str, Callable[[list[Result]], str]] = {
     "real-cxr": real_cxr,
     "train": train,
     "reconstruct": reconstruct,
+    "export": export,
 }
 
 

@@ -256,3 +256,10 @@ def test_export_geometry_bad_input_is_one_line(store_with_ring, tmp_path):
         app, ["export", "--store", url, "--volume", "nope", "--what", "geometry", "--format", "rtk", "--out", "x"]
     )
     assert r.exit_code == 2 and "no committed ring of volume 'nope'" in r.output
+
+
+def test_export_geometry_needs_the_volume(rendered_dataset):
+    """A store holding the ring but not its volume: one line naming the volume and what is missing."""
+    args = ["export", "--store", rendered_dataset.url, "--volume", "small-a", "--what", "geometry"]
+    r = CliRunner().invoke(app, [*args, "--format", "rtk", "--out", "x"])
+    assert r.exit_code == 2 and "small-a: its volume is not in" in r.output, r.output

@@ -44,10 +44,12 @@ def export_geometry(
     try:
         ds, vid = st.find_ring(volume, cohort, spec_hash)
         meta = ds.read_geometry(vid)
-        rec, hu = st.read_volume(vid)
         views = ds.read_ring(vid)
     except (LookupError, FileNotFoundError) as e:
         fail(str(e).strip("\"'") if isinstance(e, KeyError) else str(e))
+    if not st.has_volume(vid):
+        fail(f"{vid}: its volume is not in {st.url}: the geometry export needs the volume's affine and HU")
+    rec, hu = st.read_volume(vid)
     A = np.asarray(rec.affine, dtype=np.float64)
     info = {
         "volume_id": vid,
