@@ -98,7 +98,7 @@ def test_rtk_joseph_reproduces_stored_views_from_export(store_with_ring, tmp_pat
     theirs = itk.array_from_image(fp.GetOutput())
     assert theirs.shape == stored.shape == (4, 16, 40)
     errs = [rel_l2(theirs[k], stored[k]) for k in range(V)]
-    assert max(errs) < 0.02, errs
+    assert max(errs) < 0.005, errs  # goal 2%; measured 0.04-0.12% (the same Joseph sampling, rays clear of the faces)
     assert float(stored.max()) > 3.0  # real attenuation, not an empty view
     # the exported projection stack holds the stored views, placed on the same detector
     proj = itk.imread(str(out / "projections.mha"))
@@ -161,7 +161,7 @@ def test_diffdrr_reproduces_stored_views_from_export(store_with_ring, tmp_path):
         with torch.no_grad():
             img = drr(RigidTransform(torch.tensor(v["pose"], dtype=torch.float32)))[0, 0].numpy()
         errs.append(rel_l2(img, stored[k]))
-    assert max(errs) < 0.02, errs
+    assert max(errs) < 0.02, errs  # measured 1.2-1.3%: Siddon (voxels as boxes) against trilinear Joseph sampling
 
 
 def test_diffdrr_detector_places_pixels_where_we_do():
