@@ -263,3 +263,34 @@ def test_export_geometry_needs_the_volume(rendered_dataset):
     args = ["export", "--store", rendered_dataset.url, "--volume", "small-a", "--what", "geometry"]
     r = CliRunner().invoke(app, [*args, "--format", "rtk", "--out", "x"])
     assert r.exit_code == 2 and "small-a: its volume is not in" in r.output, r.output
+
+
+def test_astra_frame_is_rigid_for_an_oblique_volume_and_refuses_a_shear():
+    """Voxel (i, j, k) of an oblique volume lands where ASTRA puts voxel [k, j, i] (min + (index + 1/2) size), and
+    the cone_vec rows move with it; a sheared grid has no axis-aligned frame and is refused."""
+    from scipy.spatial.transform import Rotation
+
+    from xwin.pipeline.geometry import ring_for_volume
+    from xwin.pipeline.interop import astra_record
+
+    R = Rotation.from_euler("zyx", [20, -7, 11], degrees=True).as_matrix()
+    A = np.eye(4)
+    A[:3, :3] = R @ np.diag([0.8, 1.1, 2.5])
+    A[:3, 3] = [-100.0, 40.0, 300.0]
+    shape = (30, 20, 12)
+    g = ring_for_volume(RenderSpec(height=8, width=10, n_views=3, yaw_step_deg=50.0), A, shape)
+    rec = astra_record(g, A, shape)
+    T, vg = np.asarray(rec["frame_from_world"]), rec["vol_geom"]
+    assert np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3)) and np.isclose(np.linalg.det(T[:3, :3]), 1.0)
+    size = [(vg["maxx"] - vg["minx"]) / vg["cols"], (vg["maxy"] - vg["miny"]) / vg["rows"]]
+    size.append((vg["maxz"] - vg["minz"]) / vg["slices"])
+    for ijk in ([0, 0, 0], [29, 19, 11], [7, 13, 2]):
+        world = A @ [*ijk, 1.0]
+        astra_centre = [vg["minx"], vg["miny"], vg["minz"]] + (np.asarray(ijk) + 0.5) * size
+        assert np.allclose((T @ world)[:3], astra_centre, atol=1e-9)
+    vec = np.asarray(rec["vectors"])
+    assert np.allclose(vec[:, 0:3], g.src @ T[:3, :3].T + T[:3, 3]) and np.allclose(vec[:, 6:9], g.u @ T[:3, :3].T)
+    S = A.copy()
+    S[0, 1] = 0.3  # shear
+    with pytest.raises(ValueError, match="not orthogonal"):
+        astra_record(g, S, shape)
