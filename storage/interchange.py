@@ -139,7 +139,7 @@ def _npy(a: np.ndarray) -> _Parts:
     a = np.ascontiguousarray(a)
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(a))
-    return _Parts(head.getvalue(), a.reshape(-1).view(np.uint8))
+    return _Parts(head.getvalue(), a.reshape(-1).view(np.uint8).data)
 
 
 class _Writer:
@@ -157,7 +157,7 @@ class _TarWriter(_Writer):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.tar = tarfile.open(self.partial, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed in close()
-        self.tar.copybufsize = 4 << 20  # members are copied in 4 MiB blocks (tarfile's default: 16 KiB)
+        self.tar.copybufsize = 4 << 20  # type: ignore[attr-defined]  # 4 MiB blocks per member copy (default 16 KiB)
 
     def add(self, samples: list[dict[str, Any]]) -> None:
         for s in samples:
