@@ -147,3 +147,39 @@ def test_export_dataset_cli(rendered_dataset, tmp_path):
     assert r.exit_code == 2 and "--per: 'slab'" in r.output
     r = CliRunner().invoke(app, ["export", "--store", rendered_dataset.url, "--what", "views", "--out", "v.npy"])
     assert r.exit_code == 2 and "--volume: required with --what views" in r.output
+
+
+def test_splits_become_shards_and_hf_splits(tmp_path, rendered_dataset):
+    """A cohort with a stored split assignment: each split gets its own shards, README names each split's files,
+    and ``datasets`` loads each split with exactly its rings; a ring the assignment does not name is 'unassigned'."""
+    import datasets
+
+    from xwin.schemas.cohort import SplitPolicy, SplitsDoc, VolumeSplit
+
+    st = open_store(str(tmp_path / "store"))
+    ds = st.dataset("c2", rendered_dataset.spec)
+    meta = rendered_dataset.geometry.view_meta()
+    for i, vid in enumerate(["v0", "v1", "v2", "v3"]):
+        ds.write_ring(vid, rendered_dataset.rings["small-a"] * np.float32(1 + i / 10), meta, {})
+    split = {"v0": "train", "v1": "val", "v2": "train"}
+    st.update_splits(
+        "c2",
+        lambda _: SplitsDoc(
+            cohort="c2", policy=SplitPolicy(), volumes={v: VolumeSplit(subject=v, split=s) for v, s in split.items()}
+        ),
+    )
+    assert ic.ring_splits(ds, ds.volume_ids()) == {**split, "v3": "unassigned"}
+    rep = ic.export_rings(ds, tmp_path / "hf", "hf", rings_per_shard=1)
+    assert rep.written == [
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+        "data/unassigned-00000-of-00001.parquet",
+        "data/val-00000-of-00001.parquet",
+    ]
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    assert "  - split: val\n    path: data/val-*.parquet" in readme
+    for name, ids in (("train", ["v0", "v2"]), ("val", ["v1"]), ("unassigned", ["v3"])):
+        d = datasets.load_dataset(str(tmp_path / "hf"), split=name, cache_dir=str(tmp_path / "cache"))
+        assert sorted(d["volume_id"]) == ids and set(d["split"]) == {name}
+        row = d.with_format("numpy", dtype=None)[0]
+        assert np.array_equal(row["views"], stored(ds, row["volume_id"])[0])
