@@ -13,7 +13,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 
 import numpy as np
 
@@ -57,17 +57,18 @@ def split_for(u: float, fractions: Mapping[str, float]) -> str:
 
 
 def _date(s: str | None) -> date | None:
-    if not s:
+    if not s or len(s) < 8 or not s[:8].isdigit():
         return None
     try:
-        return datetime.strptime(s[:8], "%Y%m%d").replace(tzinfo=UTC).date()
+        return date(int(s[:4]), int(s[4:6]), int(s[6:8]))
     except ValueError:
         return None
 
 
 def content_links(vols: Iterable[VolumeFacts]) -> list[ContentLink]:
     """Links between volumes holding one CT: equal exact fingerprints (each copy linked to the first by id), and
-    near-duplicate descriptors (``xwin.pipeline.neardup``: one descriptor per exact fingerprint is searched)."""
+    near-duplicate descriptors of different subjects (``xwin.pipeline.neardup``: one descriptor per exact
+    fingerprint is searched)."""
     from xwin.pipeline.neardup import near_pairs
 
     by_exact: dict[str, list[str]] = {}
@@ -85,7 +86,9 @@ def content_links(vols: Iterable[VolumeFacts]) -> list[ContentLink]:
     ]
     if len(reps) > 1:
         q = np.stack([np.asarray(v.near) for v in reps])
-        pairs = near_pairs(q)
+        subject_ids: dict[str, int] = {}
+        groups = np.asarray([subject_ids.setdefault(v.subject_key, len(subject_ids)) for v in reps])
+        pairs = near_pairs(q, groups=groups)  # volumes of one subject share its split anyway
         pairs.sort(key=lambda p: (-p[2], p[0], p[1]))
         links += [
             ContentLink(volumes=(reps[i].volume_id, reps[j].volume_id), how="near", score=round(sc, 4))
@@ -157,6 +160,9 @@ def assign_splits(
     first_volume: dict[str, VolumeFacts] = {}
     for v in vols:
         first_volume.setdefault(v.subject_key, v)
+    links_of: dict[str, list[ContentLink]] = {}
+    for link in used:
+        links_of.setdefault(uf.find(subject_of[link.volumes[0]]), []).append(link)
     bindings: list[Binding] = []
     order = list(pol.fractions)
     for root, keys in sorted(members.items()):
@@ -190,8 +196,7 @@ def assign_splits(
         for k in keys:
             subjects.setdefault(k, split)
         if len(keys) > 1:
-            group_links = [link for link in used if uf.find(subject_of[link.volumes[0]]) == root]
-            bindings.append(Binding(subjects=keys, split=split, links=group_links, conflict=conflict))
+            bindings.append(Binding(subjects=keys, split=split, links=links_of.get(root, []), conflict=conflict))
     # timepoints: the order of a subject's distinct study dates (exams); volumes of one exam share it
     dates: dict[str, list[date]] = {}
     for v in vols:
