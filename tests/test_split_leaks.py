@@ -319,3 +319,59 @@ def test_near_duplicate_search_finds_what_all_pairs_find():
     found = near_pairs(q)
     assert {(i, j) for i, j, _ in found} == truth
     assert all(abs(s - c[i, j]) < 1e-4 for i, j, s in found)
+
+
+# ---- the card ------------------------------------------------------------------------------------------------
+def test_card_reads_the_latest_run_by_time_and_reports_bindings(tmp_path):
+    """Two runs of one input: first rejected in a Prefect run (a UUID id), then done in a command-line run (a
+    timestamp id, which sorts before the UUID). The card counts the later run's outcome; without a finished_at
+    (reports written before it was recorded) the files' modification times order the runs."""
+    import os
+
+    from test_storage import make_volume
+
+    from xwin.flows import reports as rep
+    from xwin.flows.card import build_card
+    from xwin.pipeline.ingest.fingerprint import content_fingerprint, decode_near
+    from xwin.pipeline.splits import content_links
+    from xwin.schemas.ingest import Rejection, RunEntry, RunSummary
+
+    url = str(tmp_path / "s")
+    st = open_store(url)
+    for i, subject in enumerate(("P1", "P2", "P3")):
+        rec, hu = make_volume(f"v{i}", seed=i % 2)  # v2 holds v0's voxels
+        st.write_volume(rec.model_copy(update={"subject_id": subject}), hu)
+    reports = rep.reports_url(url)
+    rejected = RunSummary(rejected=[Rejection(input="/data/x", reason="qc_truncated", detail="cut")])
+    done = RunSummary(done=[RunEntry(input="/data/x", volume_id="v0")])
+    prefect_id, cli_id = "f3b1c2d4-9a8e-4c1b-8d7e-0a1b2c3d4e5f", "20260103T120000Z-ab12cd"
+    assert cli_id < prefect_id  # string order puts the command-line run first
+    rep.write_run_report(reports, prefect_id, rejected, "", {"run_id": prefect_id, "cohort": "c1",
+                         "finished_at": "2026-01-02T12:00:00+00:00"})  # fmt: skip
+    rep.write_run_report(reports, cli_id, done, "", {"run_id": cli_id, "cohort": "c1",
+                         "finished_at": "2026-01-03T12:00:00+00:00"})  # fmt: skip
+    assert build_card(st, "c1")["rejections"] == {}
+    # the other way round: the UUID run is the later one
+    rep.write_run_report(reports, prefect_id, rejected, "", {"run_id": prefect_id, "cohort": "c1",
+                         "finished_at": "2026-01-04T12:00:00+00:00"})  # fmt: skip
+    assert build_card(st, "c1")["rejections"] == {"qc_truncated": 1}
+    # reports without finished_at: by modification time
+    for rid, summary, t in ((prefect_id, rejected, 1_700_000_000), (cli_id, done, 1_700_000_100)):
+        j, _ = rep.write_run_report(reports, rid, summary, "", {"run_id": rid, "cohort": "c1"})
+        os.utime(j, (t, t))
+    assert build_card(st, "c1")["rejections"] == {}
+    # the bindings of the assignment: v0 and v2 hold one CT under P1 and P3
+    facts = []
+    for r in st.list_volumes("c1"):
+        rec, hu = st.read_volume(r.volume_id)
+        fp = content_fingerprint(hu, np.asarray(rec.affine))
+        facts.append(VolumeFacts(r.volume_id, r.subject_id, exact=fp.exact, near=decode_near(fp)))
+    assert [link.how for link in content_links(facts)] == ["exact"]
+    res = _cli("splits", "assign", "--store", url, "--cohort", "c1")
+    assert res.exit_code == 0 and "1 group(s) bind 2 subjects" in res.output, res.output
+    card = build_card(st, "c1")
+    assert card["content_bindings"] == {"groups": 1, "subjects": 2, "exact_links": 1, "near_links": 0,
+                                        "conflicts": []}  # fmt: skip
+    res = _cli("card", "--store", url, "--cohort", "c1", "--out", str(tmp_path / "card"))
+    assert res.exit_code == 0, res.output
+    assert "**Bound by content**: 1 group(s) of 2 subjects" in (tmp_path / "card" / "card.md").read_text()
