@@ -5,6 +5,9 @@ as a number in [0, 1), placed on the cumulative fractions in the order given. Th
 on any machine. An assignment that exists is never changed: :func:`assign_splits` only adds subjects it has not seen
 (so a later change of fractions or salt affects new subjects only), except that a subject on the exclusion list is
 always moved out (to ``excluded``): keeping an evaluation subject out of training wins over stability.
+
+Subjects whose volumes hold one CT (equal exact fingerprints, or near-duplicate descriptors:
+``xwin.schemas.ingest.ContentFingerprint``) are one group with one split, whatever ids they arrived with.
 """
 
 from __future__ import annotations
@@ -134,12 +137,13 @@ def assign_splits(
     assigned to different splits before keep theirs, and the binding reports the conflict); a group of new subjects
     takes the split of its first subject key. A group with an excluded member is excluded whole."""
     vols = sorted(volumes, key=lambda v: v.volume_id)
+    explicit = set(exclude)
     pol = previous.policy if previous is not None else policy
     subjects = dict(previous.subjects) if previous else {}
     groups = dict(previous.groups) if previous else {}
     excluded = set(previous.excluded) if previous else set()
     moved: list[str] = []
-    for s in sorted(set(exclude)):
+    for s in sorted(explicit):
         if s in subjects and subjects[s] != EXCLUDED:
             moved.append(s)
         subjects[s] = EXCLUDED
@@ -173,8 +177,7 @@ def assign_splits(
             for k in keys:
                 if subjects.get(k, EXCLUDED) != EXCLUDED:
                     moved.append(k)
-                if k not in exclude and len(keys) > 1:
-                    excluded.add(k)
+                excluded.add(k)
                 subjects[k] = EXCLUDED
         elif fixed:
             count = Counter(fixed.values())
