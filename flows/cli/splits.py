@@ -125,7 +125,7 @@ def assign_cmd(
     from pydantic import ValidationError
 
     from xwin.pipeline.ingest.deid import is_hashed_subject
-    from xwin.pipeline.splits import assign_splits, duplicate_scores, mark_duplicates
+    from xwin.pipeline.splits import assign_splits, content_links, duplicate_scores, mark_duplicates
     from xwin.schemas.cohort import SplitPolicy
 
     check_cohort(cohort)
@@ -173,8 +173,10 @@ def assign_cmd(
     known_subjects = {f.subject_key for f in facts} | set(before.subjects if before else {})
     unknown = sorted(set(excl) - known_subjects)
 
+    links = content_links(facts)  # once, outside the compare-and-swap (seconds at NLST scale)
+
     def update(cur):
-        doc, m = assign_splits(cohort, facts, policy, cur, excl)
+        doc, m = assign_splits(cohort, facts, policy, cur, excl, links=links)
         moved[:] = m
         return mark_duplicates(doc, scores)
 
