@@ -27,11 +27,11 @@ MIN_INSIDE = CELLS**3 // 8  # fewer grid points inside the volume: no descriptor
 SCALE = 32.0  # int8 units per standard deviation
 
 
-def exact_hash(hu: np.ndarray, spacing: tuple[float, float, float]) -> str:
+def exact_hash(hu: np.ndarray, spacing: tuple[float, ...]) -> str:
     """``sha256:`` of JSON [shape, spacing rounded to 1e-4 mm] followed by the int16 little-endian C-order voxels."""
     vol = np.ascontiguousarray(hu, dtype="<i2")
     h = hashlib.sha256(json.dumps([list(vol.shape), [round(float(s), 4) for s in spacing]]).encode())
-    h.update(memoryview(vol).cast("B"))
+    h.update(vol.data.cast("B"))
     return "sha256:" + h.hexdigest()
 
 
