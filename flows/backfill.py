@@ -174,6 +174,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
     )
     extra = {
         "run_id": run_id,
+        "finished_at": datetime.now(UTC).isoformat(),
         "cohort": params.cohort,
         "spec_hash": ds.spec_hash,
         "store": params.store,

@@ -27,8 +27,25 @@ KNOWN_COHORTS: dict[str, tuple[str, str]] = {
 }
 
 
+def _run_time(fs: Any, path: str, payload: dict) -> float:
+    """When a run report was written: its ``finished_at`` (UTC ISO time), else the file's modification time."""
+    stamp = payload.get("finished_at")
+    if stamp:
+        try:
+            t = datetime.fromisoformat(str(stamp))
+            return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+        except ValueError:
+            pass
+    info = fs.info(path)
+    m = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if isinstance(m, datetime):
+        return (m if m.tzinfo else m.replace(tzinfo=UTC)).timestamp()
+    return float(m) if m is not None else 0.0
+
+
 def _reports_rejections(reports: str, cohort: str) -> tuple[Counter[str], int]:
-    """Rejection reasons of the cohort's inputs, each input counted once at its latest run; and the run count."""
+    """Rejection reasons of the cohort's inputs, each input counted once at its latest run (by the time the run
+    ended, not by its id: Prefect run ids and command-line ids do not sort by time); and the run count."""
     import fsspec
 
     from xwin.storage import s3_options
@@ -39,7 +56,7 @@ def _reports_rejections(reports: str, cohort: str) -> tuple[Counter[str], int]:
         files = sorted(p for p in fs.ls(root, detail=False) if str(p).endswith(".json"))
     except FileNotFoundError:
         return Counter(), 0
-    latest: dict[str, tuple[str, str | None]] = {}  # input -> (run time key, reason or None)
+    latest: dict[str, tuple[float, str, str | None]] = {}  # input -> (run time, file, reason or None)
     runs = 0
     for f in files:
         payload = json.loads(fs.cat_file(f))
@@ -47,13 +64,27 @@ def _reports_rejections(reports: str, cohort: str) -> tuple[Counter[str], int]:
             continue
         runs += 1
         s = payload.get("summary", {})
-        stamp = str(payload.get("run_id") or f)
+        when = (_run_time(fs, f, payload), str(f))
         for r in s.get("rejected", []):
-            latest[r["input"]] = max(latest.get(r["input"], ("", None)), (stamp, r["reason"]))
+            latest[r["input"]] = max(latest.get(r["input"], (-1.0, "", None)), (*when, r["reason"]))
         for kind in ("done", "skipped"):
             for r in s.get(kind, []):
-                latest[r["input"]] = max(latest.get(r["input"], ("", None)), (stamp, None))
-    return Counter(reason for _, reason in latest.values() if reason), runs
+                latest[r["input"]] = max(latest.get(r["input"], (-1.0, "", None)), (*when, None))
+    return Counter(reason for _, _, reason in latest.values() if reason), runs
+
+
+def _bindings(splits: Any) -> dict[str, Any] | None:
+    """Subjects bound into one split by the content of their volumes (``xwin splits assign``)."""
+    if splits is None:
+        return None
+    b = splits.bindings
+    return {
+        "groups": len(b),
+        "subjects": sum(len(x.subjects) for x in b),
+        "exact_links": sum(1 for x in b for link in x.links if link.how == "exact"),
+        "near_links": sum(1 for x in b for link in x.links if link.how == "near"),
+        "conflicts": [{"subjects": x.subjects, "conflict": x.conflict} for x in b if x.conflict],
+    }
 
 
 def build_card(store: Store, cohort: str, licence: str | None = None, source: str | None = None) -> dict[str, Any]:
@@ -95,6 +126,7 @@ def build_card(store: Store, cohort: str, licence: str | None = None, source: st
         "by_manufacturer": count(r.acquisition.manufacturer if r.acquisition else None for r in records),
         "by_kernel": count(r.acquisition.kernel if r.acquisition else None for r in records),
         "near_duplicates": sum(1 for v in vols.values() if v.duplicate_of),
+        "content_bindings": _bindings(splits),
         "qc": dict(sorted(qc.items())),
         "rejections": dict(sorted(reasons.items())),
         "runs_read": runs,
@@ -122,6 +154,15 @@ def card_markdown(card: dict[str, Any], preview: str | None) -> str:
     if card["splits"]:
         lines += table("Volumes per split", card["splits"]["volumes"])
         lines += table("Subjects per split", card["splits"]["subjects"])
+        cb = card["content_bindings"]
+        lines += [
+            f"**Bound by content**: {cb['groups']} group(s) of {cb['subjects']} subjects share one split each because "
+            f"their volumes hold one CT ({cb['exact_links']} exact copies, {cb['near_links']} near-duplicate "
+            f"reconstructions); {len(cb['conflicts'])} conflict(s)",
+            "",
+        ]
+        lines += [f"- conflict: {', '.join(c['subjects'])}: {c['conflict']}" for c in cb["conflicts"]]
+        lines += [""] if cb["conflicts"] else []
     else:
         lines += ["**Splits**: not assigned (`xwin splits assign`)", ""]
     lines += table("Timepoints", card["by_timepoint"])

@@ -65,6 +65,27 @@ class VolumeSplit(_Model):
     duplicate_score: float | None = None
 
 
+class ContentLink(_Model):
+    """Why two volumes count as one CT: the same voxels (``exact``: equal exact fingerprints, score 1) or
+    near-duplicate descriptors (``near``: their correlation, at least ``xwin.pipeline.neardup.NEAR_MIN``)."""
+
+    volumes: tuple[str, str]
+    how: Literal["exact", "near"]
+    score: float
+
+
+class Binding(_Model):
+    """Subjects bound into one split because volumes of theirs hold one CT (a re-ingest under another
+    de-identification, a second patient id, a second reconstruction of one acquisition). ``links``: the content links
+    that joined them (one per subject joined). ``split``: the group's split; ``conflict``: set when members had been
+    assigned to different splits before they were bound (they keep them: an assignment never changes)."""
+
+    subjects: list[str]
+    split: str
+    links: list[ContentLink]
+    conflict: str | None = None
+
+
 class SplitsDoc(_Model):
     """The stored assignment of one cohort (``xwin splits assign``; read by the training streams)."""
 
@@ -74,6 +95,7 @@ class SplitsDoc(_Model):
     groups: dict[str, str] = Field(default_factory=dict)  # group value -> split (group_by != "subject")
     volumes: dict[str, VolumeSplit] = Field(default_factory=dict)
     excluded: list[str] = Field(default_factory=list)  # subjects kept out of every split
+    bindings: list[Binding] = Field(default_factory=list)  # subjects bound by content (only ever grows)
     updated_at: datetime = Field(default_factory=_now)
 
     def counts(self) -> dict[str, dict[str, int]]:

@@ -172,6 +172,24 @@ class QCCheck(_Model):
     detail: str = ""
 
 
+class ContentFingerprint(_Model):
+    """What a volume holds, independent of the ids it arrived with (``xwin.pipeline.ingest.fingerprint``; the split
+    assignment binds copies into one split, docs/training-data.md "Splits").
+
+    ``exact``: ``"sha256:" + sha256(JSON [shape, spacing rounded to 1e-4 mm] + int16 little-endian voxels in C
+    order)`` of the canonical volume: equal for the same voxels on the same grid, whatever the subject id or salt.
+    ``near``: a near-duplicate descriptor, base64 of ``near_cells``^3 int8 values: the volume smoothed to and sampled
+    on a cube of ``near_cells`` points ``near_step_mm`` apart (world axes) centred on the volume's box, band-passed
+    (the body outline removed) and scaled to unit variance x 32; 0 outside the volume. None when fewer than an
+    eighth of the points fall inside the volume, or it is uniform there. Two reconstructions of one acquisition
+    (another kernel or slice thickness) correlate above 0.99; different people, or one person's other exams, lower."""
+
+    exact: str
+    near: str | None = None
+    near_cells: int = 12
+    near_step_mm: float = 20.0
+
+
 class VolumeRecord(_Model):
     """A validated canonical HU volume.
 
@@ -198,6 +216,7 @@ class VolumeRecord(_Model):
     excluded_images: list[ExcludedImage] = Field(default_factory=list)  # stray images of the chosen series
     acquisition: Acquisition | None = None
     qc: list[QCCheck] = Field(default_factory=list)  # quality checks at ingest (docs/ingest.md, "Quality checks")
+    fingerprint: ContentFingerprint | None = None  # None: ingested before fingerprints (computed when needed)
 
     @field_validator("affine")
     @classmethod

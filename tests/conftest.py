@@ -34,18 +34,19 @@ CHECKED_MODULES = [
     "xwin.pipeline.body",
     "xwin.pipeline.ingest.qc",
 ]
-with install_import_hook(CHECKED_MODULES, "typechecked.typechecker"):
-    import xwin.pipeline.body
-    import xwin.pipeline.geometry
-    import xwin.pipeline.ingest.qc
-    import xwin.pipeline.reconstruct
-    import xwin.pipeline.render
-    import xwin.storage  # noqa: F401
-
+# The hook stays installed for the whole session: a listed module imported later (lazily, by a test or by another
+# module's function) is instrumented too. tests/test_shape_checks.py fails on a listed module that is not.
+SHAPE_HOOK = install_import_hook(CHECKED_MODULES, "typechecked.typechecker")
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import xwin.pipeline.body  # noqa: E402
+import xwin.pipeline.geometry  # noqa: E402
+import xwin.pipeline.ingest.qc  # noqa: E402
+import xwin.pipeline.reconstruct  # noqa: E402
+import xwin.pipeline.render  # noqa: E402
+import xwin.storage  # noqa: E402, F401
 from xwin.pipeline.example import example_ct_path, example_mask_path  # noqa: E402
 
 

@@ -142,7 +142,7 @@ def test_domain_gap(loop, tmp_path):
     rng = np.random.default_rng(0)
     other = _pngs(tmp_path / "other", views, lambda v: v**0.5 + rng.normal(0, 0.05, v.shape))
     argv = ["eval", "domain-gap", "--checkpoint", str(loop.world), "--store", loop.dataset_url, "--json"]
-    argv += ["--volumes", "small-a", "--yaws", ",".join(map(str, yaws)), "--real"]
+    argv += ["--volumes", "small-a", "--yaws", ",".join(map(str, yaws)), "--real-split", "all", "--real"]
     r1 = CliRunner().invoke(app, [*argv, str(same)])
     assert r1.exit_code == 0, r1.output
     g1 = json.loads(r1.stdout.strip().splitlines()[-1])
@@ -164,6 +164,21 @@ def test_domain_gap(loop, tmp_path):
     assert g3["split"] == "test" and g3["volumes"] == 1 and g3["l2_distance"] == pytest.approx(g1["l2_distance"])
     bad = CliRunner().invoke(app, [*argv_split, str(same), "--split", "train", "--volumes", "small-a"])
     assert bad.exit_code == 2 and "small-a" in bad.output and "Traceback" not in bad.output
+    # the real images are held out too by default: only the subjects of the test split (the default policy's hash)
+    from xwin.pipeline.splits import split_for, unit_hash
+
+    many = _pngs(tmp_path / "many", [views[0]] * 40, lambda v: v)
+    pol = SplitPolicy()
+    n_test = sum(split_for(unit_hash(pol.salt, f"subject{k}"), pol.fractions) == "test" for k in range(40))
+    assert 0 < n_test < 40
+    default = [a for a in argv if a not in ("--real-split", "all")]
+    g4 = json.loads(CliRunner().invoke(app, [*default, str(many)]).stdout.strip().splitlines()[-1])
+    assert g4["real_split"] == "test" and g4["n_real"] == n_test
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(many / "subject0" / "cxr.png", flat / "a.png")
+    bad = CliRunner().invoke(app, [*default, str(flat)])
+    assert bad.exit_code == 2 and "--real-split all" in bad.output and "Traceback" not in bad.output
 
 
 # ------------------------------------------------------------------------------------ validation during training

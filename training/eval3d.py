@@ -348,7 +348,7 @@ def run_domain_gap(
     real_root: str | Path,
     *,
     split: str | None = None,
-    real_split: str | None = None,
+    real_split: str | None = "test",
     volumes: list[str] | None = None,
     limit: int | None = None,
     yaws: tuple[float, ...] | None = None,
@@ -358,7 +358,9 @@ def run_domain_gap(
 ) -> dict:
     """``xwin eval domain-gap`` (paper Table 4): centres of pooled encoder features of held-out DRRs (views at
     ``yaws``, default the checkpoint's context yaws, of each volume) and of real radiographs under ``real_root``
-    (``real_split``: only the subjects of that split, docs/training-data.md)."""
+    (``real_split``: only the subjects of that split of the default policy, docs/training-data.md; by default the
+    held-out "test" subjects, which needs one folder per subject or a MIMIC-CXR-JPG root; "all" or None: every
+    image)."""
     from xwin.training.data import RealCXRStream
 
     if encoder not in ("ema", "online"):
@@ -383,7 +385,14 @@ def run_domain_gap(
     root = Path(real_root)
     if not root.is_dir():
         raise FileNotFoundError(f"real radiographs {root}: no such directory")
+    if real_split == "all":
+        real_split = None
     rs = RealCXRStream(root, image_size=world.image_size, split=real_split, seed=0, batch_size=32, shuffle=False)
+    if real_split is not None:
+        try:
+            rs.keys()
+        except ValueError as e:
+            raise ValueError(f"{e}; or pass --real-split all to compare every image") from None
     real_feats, n_real = [], 0
     for b in rs:
         imgs = b["image"].to(world.device)

@@ -141,7 +141,9 @@ def domain_gap_cmd(
     store: str = DatasetOpt,
     real: Path = typer.Option(..., "--real", help="directory of real radiographs (or a MIMIC-CXR-JPG root)"),
     split: str | None = typer.Option(None, "--split", help="split of the DRRs (default: test if assigned)"),
-    real_split: str | None = typer.Option(None, "--real-split", help="only the real images of this split"),
+    real_split: str = typer.Option(
+        "test", "--real-split", help="real images of this split's subjects (default: held-out test; all: every one)"
+    ),
     volumes: str | None = typer.Option(None, "--volumes", help="volume ids, comma separated (default: the split)"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many volumes"),
     yaws: str | None = typer.Option(None, "--yaws", help="DRR yaws in degrees (default: the training contexts)"),
@@ -150,7 +152,8 @@ def domain_gap_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Cosine similarity and L2 distance between the feature centres of held-out DRRs and real radiographs."""
+    """Cosine similarity and L2 distance between the feature centres of held-out DRRs and held-out real
+    radiographs (the test split of both, unless --split / --volumes / --real-split say otherwise)."""
     from xwin.training.eval3d import run_domain_gap
 
     _file(checkpoint, "--checkpoint")

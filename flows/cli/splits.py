@@ -44,8 +44,10 @@ def _show(doc, as_json: bool) -> None:
         "cohort": doc.cohort,
         "policy": doc.policy.model_dump(),
         "volumes": {vid: v.model_dump() for vid, v in doc.volumes.items()},
+        "subjects": doc.subjects,
         "counts": doc.counts(),
         "excluded": doc.excluded,
+        "bindings": [b.model_dump() for b in doc.bindings],
     }
     if as_json:
         typer.echo(json.dumps(body))
@@ -54,6 +56,53 @@ def _show(doc, as_json: bool) -> None:
     typer.echo(f"cohort {doc.cohort}: {len(doc.subjects)} subjects, {len(doc.volumes)} volumes")
     for name in sorted(set(c["subjects"]) | set(c["volumes"])):
         typer.echo(f"  {name:<10s} {c['subjects'].get(name, 0):>6d} subjects {c['volumes'].get(name, 0):>7d} volumes")
+    if doc.bindings:
+        n_subj = sum(len(b.subjects) for b in doc.bindings)
+        hows = {h: sum(1 for b in doc.bindings for x in b.links if x.how == h) for h in ("exact", "near")}
+        typer.echo(
+            f"bound by content: {len(doc.bindings)} group(s) bind {n_subj} subjects, one split each "
+            f"({hows['exact']} exact copies, {hows['near']} near-duplicates)"
+        )
+        for b in doc.bindings[:20]:
+            why = "; ".join(f"{x.volumes[0]} = {x.volumes[1]} ({x.how} {x.score:.4g})" for x in b.links[:3])
+            more = f"; +{len(b.links) - 3} more" if len(b.links) > 3 else ""
+            typer.echo(f"  {b.split:<10s} {', '.join(b.subjects)}: {why}{more}")
+            if b.conflict:
+                typer.echo(f"    conflict: {b.conflict}")
+        if len(doc.bindings) > 20:
+            typer.echo(f"  ... {len(doc.bindings) - 20} more (--json lists all)")
+
+
+def _facts(st, records):
+    """VolumeFacts of ``records`` with their content fingerprints; a record stored without one has it computed
+    from its voxels here. Returns (facts, how many were computed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xwin.pipeline.ingest.fingerprint import content_fingerprint, decode_near
+    from xwin.pipeline.splits import VolumeFacts
+
+    def fingerprint(r):
+        if r.fingerprint is not None:
+            return r.fingerprint
+        rec, hu = st.read_volume(r.volume_id)
+        return content_fingerprint(hu, np.asarray(rec.affine))
+
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        fps = list(ex.map(fingerprint, records))
+    facts = [
+        VolumeFacts(
+            volume_id=r.volume_id,
+            subject=r.subject_id,
+            study_uid=r.study_uid,
+            study_date=r.acquisition.study_date if r.acquisition else None,
+            manufacturer=r.acquisition.manufacturer if r.acquisition else None,
+            site=r.acquisition.site if r.acquisition else None,
+            exact=fp.exact,
+            near=decode_near(fp),
+        )
+        for r, fp in zip(records, fps)
+    ]
+    return facts, sum(1 for r in records if r.fingerprint is None)
 
 
 @splits_app.command("assign")
@@ -64,12 +113,19 @@ def assign_cmd(
     salt: str = typer.Option("xwin-splits-v1", "--salt", help="mixed into each subject's hash"),
     group_by: str = typer.Option("subject", "--group-by", help="subject | manufacturer | site"),
     exclude: Path | None = typer.Option(None, "--exclude", help="file of subject ids kept out of every split"),
+    allow_mixed: bool = typer.Option(
+        False,
+        "--allow-mixed-subject-ids",
+        help="assign a cohort holding both raw and de-identified (s-...) subject ids",
+    ),
     as_json: JsonOpt = False,
 ) -> None:
-    """Assign every volume's subject to a split (new subjects only; assigned subjects never move)."""
+    """Assign every volume's subject to a split (new subjects only; assigned subjects never move). Subjects whose
+    volumes hold one CT (the same voxels, or a near-duplicate reconstruction) are bound into one split."""
     from pydantic import ValidationError
 
-    from xwin.pipeline.splits import VolumeFacts, assign_splits, duplicate_scores, mark_duplicates
+    from xwin.pipeline.ingest.deid import is_hashed_subject
+    from xwin.pipeline.splits import assign_splits, content_links, duplicate_scores, mark_duplicates
     from xwin.schemas.cohort import SplitPolicy
 
     check_cohort(cohort)
@@ -87,17 +143,22 @@ def assign_cmd(
     records = or_exit(st.list_volumes, cohort)
     if not records:
         fail(f"cohort {cohort!r} has no committed volumes in {st.url}")
-    facts = [
-        VolumeFacts(
-            volume_id=r.volume_id,
-            subject=r.subject_id,
-            study_uid=r.study_uid,
-            study_date=r.acquisition.study_date if r.acquisition else None,
-            manufacturer=r.acquisition.manufacturer if r.acquisition else None,
-            site=r.acquisition.site if r.acquisition else None,
+    hashed = sorted({r.subject_id for r in records if r.subject_id and is_hashed_subject(r.subject_id)})
+    raw = sorted({r.subject_id for r in records if r.subject_id and not is_hashed_subject(r.subject_id)})
+    if hashed and raw and not allow_mixed:
+        fail(
+            f"cohort {cohort!r} mixes de-identified subject ids ({len(hashed)}, e.g. {hashed[0]}) with raw ones "
+            f"({len(raw)}, e.g. {raw[0]}): it was ingested both with and without XWIN_DEID_SALT, so one person may "
+            "be two subjects. Re-ingest it under one setting into a fresh cohort, or pass --allow-mixed-subject-ids "
+            "(copies of one CT are still bound into one split by their content)"
         )
-        for r in records
-    ]
+    facts, computed = _facts(st, records)
+    if computed:
+        typer.echo(
+            f"note: {computed} volume(s) of {cohort} were stored without a content fingerprint; it was computed "
+            "from their voxels (again at every assignment, until they are ingested again)",
+            err=True,
+        )
     moved: list[str] = []
 
     def load(vid: str):
@@ -112,8 +173,10 @@ def assign_cmd(
     known_subjects = {f.subject_key for f in facts} | set(before.subjects if before else {})
     unknown = sorted(set(excl) - known_subjects)
 
+    links = content_links(facts)  # once, outside the compare-and-swap (seconds at NLST scale)
+
     def update(cur):
-        doc, m = assign_splits(cohort, facts, policy, cur, excl)
+        doc, m = assign_splits(cohort, facts, policy, cur, excl, links=links)
         moved[:] = m
         return mark_duplicates(doc, scores)
 
@@ -126,6 +189,9 @@ def assign_cmd(
         )
     for s in moved:
         typer.echo(f"warning: subject {s} was assigned before and is now excluded", err=True)
+    for b in doc.bindings:
+        if b.conflict:
+            typer.echo(f"warning: subjects {', '.join(b.subjects)} hold one CT but were {b.conflict}", err=True)
     if unknown:
         typer.echo(
             f"warning: {len(unknown)} excluded id(s) match no subject of {cohort} (ids as stored; with "

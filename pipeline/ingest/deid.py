@@ -11,6 +11,7 @@ pids, shifted dates).
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime, timedelta
 
 from xwin.schemas.ingest import Acquisition
@@ -22,6 +23,14 @@ def _digest(salt: str, subject: str) -> bytes:
 
 def hashed_subject(subject: str, salt: str) -> str:
     return "s-" + _digest(salt, subject).hex()[:16]
+
+
+HASHED_SUBJECT = re.compile(r"^s-[0-9a-f]{16}$")
+
+
+def is_hashed_subject(subject: str) -> bool:
+    """True for a subject id as :func:`hashed_subject` stores it (a raw id of that form is not expected)."""
+    return bool(HASHED_SUBJECT.match(subject))
 
 
 def date_shift_days(subject: str, salt: str) -> int:

@@ -26,6 +26,7 @@ from xwin.pipeline.ingest.config import INGEST_VERSION
 from xwin.pipeline.ingest.deid import deidentify
 from xwin.pipeline.ingest.dicom_headers import SliceHeader, fast_header, header_from_dataset
 from xwin.pipeline.ingest.errors import IngestError, is_read_failure
+from xwin.pipeline.ingest.fingerprint import content_fingerprint
 from xwin.pipeline.ingest.kernels import KERNEL_LOCK, assemble_hu
 from xwin.pipeline.ingest.plan import Candidate
 from xwin.pipeline.ingest.qc import quality_checks
@@ -517,5 +518,6 @@ def _finish(
         excluded_images=list(c.excluded_images),
         acquisition=acq,
         qc=checks,
+        fingerprint=content_fingerprint(vol, aff),
     )
     return rec, vol
