@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from xwin.flows.cli.common import CohortOpt, SpecOpt, StoreOpt, load_spec, open_store_cli
+from xwin.flows.cli.common import CohortOpt, SpecOpt, StoreOpt, check_backend, load_spec, open_store_cli
 
 
 def render_cmd(
@@ -21,12 +21,11 @@ def render_cmd(
 ) -> None:
     """Render yaw rings of canonical volumes into the store (skips rings already present)."""
     from xwin.flows.render import render_volume_to_store
-    from xwin.pipeline.render import resolve_backend
 
     if bool(volume) == all_:
         raise typer.BadParameter("give --volume ID (repeatable) or --all")
     rs = load_spec(spec)
-    name = resolve_backend(backend)
+    name = check_backend(backend)  # unknown or not runnable here: one line, exit 2
     st = open_store_cli(store)
     ids = [r.volume_id for r in st.list_volumes(cohort)] if all_ else list(volume or [])
     counts = {"written": 0, "skipped": 0, "failed": 0}

@@ -9,10 +9,24 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from xwin.flows.cli.common import JsonOpt, StoreOpt, check_cohort, fail, open_store_cli, or_exit
+from xwin.flows.cli.common import (
+    HELP_OPTIONS,
+    JsonOpt,
+    StoreOpt,
+    XwinGroup,
+    check_cohort,
+    fail,
+    open_store_cli,
+    or_exit,
+)
 
 splits_app = typer.Typer(
-    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="subject-level splits of a cohort"
+    add_completion=False,
+    cls=XwinGroup,
+    context_settings=HELP_OPTIONS,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="subject-level splits of a cohort",
 )
 
 
