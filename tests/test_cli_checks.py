@@ -362,12 +362,12 @@ def test_split_errors_name_the_split_the_cohort_and_what_exists(tmp_path, small_
     )
     st.update_splits("c", lambda cur: doc)
     r = CliRunner().invoke(app, base)  # the default split of an assigned cohort: test
-    want = f"error: --split test: split 'test' of cohort 'c' holds no ring of dataset c/{TINY.spec_hash}; "
+    want = f"error: --split test: split 'test' of cohort 'c' holds no volume with a ring in dataset c/{TINY.spec_hash}; "
     assert one_line(r, want).endswith("rings per split: train 2, val 0, test 0, excluded 0")
     r = CliRunner().invoke(app, [*base, "--split", "tset"])
     one_line(r, "error: --split tset: cohort 'c' has no split 'tset'; rings per split: train 2, val 0, test 0")
     r = CliRunner().invoke(app, ["train", "--preset", "tiny", "--store", f"{url}#c", "--split", "val"])
-    one_line(r, "error: --split val: split 'val' of cohort 'c' holds no ring")
+    one_line(r, "error: --split val: split 'val' of cohort 'c' holds no volume with a ring")
 
 
 def test_train_config_takes_the_dataset_url():

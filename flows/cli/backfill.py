@@ -120,7 +120,7 @@ def backfill_cmd(
         for src in params.sources():
             params.label_source(src)  # a labels CSV that does not read: one line now, not per series later
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        fail(str(e))
     use_prefect = prefect if prefect is not None else prefect_api_url() is not None
     if runner == "dask" and use_prefect and prefect_api_url() is None:
         raise typer.BadParameter(

@@ -410,7 +410,7 @@ def check_split(st: Store, ds: ProjectionDataset, split: str | None, option: str
         fail(f"{option} {split}: cohort {ds.cohort!r} has no split {split!r}; rings per split: {counts}")
     if not doc.volumes_in(split) & rings:
         fail(
-            f"{option} {split}: split {split!r} of cohort {ds.cohort!r} holds no ring of dataset "
+            f"{option} {split}: split {split!r} of cohort {ds.cohort!r} holds no volume with a ring in dataset "
             f"{ds.cohort}/{ds.spec_hash}; rings per split: {counts}"
         )
 
