@@ -144,6 +144,13 @@ def test_deploy_refuses_without_a_server_that_answers(tmp_path):
     )  # fmt: skip
     one_line(r, f"error: PREFECT_API_URL {url}: no Prefect server answers (")
     assert not (home / "prefect.db").exists()
+    # a backfill in Prefect mode needs its configured server too: refused before the store is made
+    r = subprocess.run(
+        [sys.executable, "-m", "xwin.flows.cli", "backfill", "--cohort", "example", "--store", str(tmp_path / "st")],
+        env={**env, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert one_line(r, f"error: PREFECT_API_URL {url}: no Prefect server answers (").endswith("--no-prefect")
+    assert not (tmp_path / "st").exists() and not (tmp_path / "st-reports").exists()
 
 
 def test_require_prefect_server_accepts_a_real_server(prefect_api, monkeypatch):
@@ -362,7 +369,9 @@ def test_split_errors_name_the_split_the_cohort_and_what_exists(tmp_path, small_
     )
     st.update_splits("c", lambda cur: doc)
     r = CliRunner().invoke(app, base)  # the default split of an assigned cohort: test
-    want = f"error: --split test: split 'test' of cohort 'c' holds no volume with a ring in dataset c/{TINY.spec_hash}; "
+    want = (
+        f"error: --split test: split 'test' of cohort 'c' holds no volume with a ring in dataset c/{TINY.spec_hash}; "
+    )
     assert one_line(r, want).endswith("rings per split: train 2, val 0, test 0, excluded 0")
     r = CliRunner().invoke(app, [*base, "--split", "tset"])
     one_line(r, "error: --split tset: cohort 'c' has no split 'tset'; rings per split: train 2, val 0, test 0")

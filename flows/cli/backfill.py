@@ -26,10 +26,12 @@ from xwin.flows.cli.common import (
     check_manifest,
     check_sources,
     check_store_target,
+    configured_prefect_api,
     fail,
     load_spec,
     prefect_server_configured,
     quiet_prefect,
+    require_prefect_server,
 )
 from xwin.flows.cli.progress import show_progress
 
@@ -122,6 +124,8 @@ def backfill_cmd(
     except ValueError as e:
         fail(str(e))
     use_prefect = prefect if prefect is not None else prefect_api_url() is not None
+    if use_prefect and configured_prefect_api() is not None:  # a configured server must answer before anything
+        require_prefect_server("xwin backfill", hint=", or run without it: --no-prefect")
     if runner == "dask" and use_prefect and prefect_api_url() is None:
         raise typer.BadParameter(
             "--runner dask --prefect needs a Prefect API every Dask worker can reach (set PREFECT_API_URL); "

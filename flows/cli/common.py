@@ -1,6 +1,7 @@
 """What every ``xwin`` command shares: option types, the readers of user files (RenderSpec, any JSON/YAML mapping)
-with one-line errors, the store opener with one-line errors, quiet Prefect defaults, help that reads at 80
-columns, and the exit for bad input.
+with one-line errors, the checks made before anything is created (sources, render backend, store, Prefect server),
+the store opener with one-line errors, the one way to name a dataset (:func:`resolve_dataset`) and a volume
+(:func:`resolve_volumes`), quiet Prefect defaults, help that reads at 80 columns, and the exit for bad input.
 
 Errors a person can fix (a bad file, an unknown store, wrong credentials) end a command with one line per problem
 on stderr, ``error: <what>: <why>``, and exit status 2: no traceback. The lines never hold a secret.
@@ -325,9 +326,6 @@ DatasetStoreOpt = Annotated[
         "--store", help="store URL (local path or s3://bucket/prefix), or the dataset: <store url>#<cohort>[/<hash>]"
     ),
 ]
-DatasetCohortOpt = Annotated[
-    str | None, typer.Option("--cohort", help="cohort of the dataset (default: the store's only one)")
-]
 
 
 def dataset_options(
@@ -491,10 +489,11 @@ def prefect_server_configured() -> bool:
     return configured_prefect_api() is not None
 
 
-def require_prefect_server(command: str) -> str:
+def require_prefect_server(command: str, hint: str = "") -> str:
     """The URL of a Prefect server that answers (``GET <PREFECT_API_URL>/health``), for commands that register
     something with one (``xwin deploy``); without one the command ends with one line saying what to set: Prefect
-    would otherwise write into a throw-away local database that no worker ever reads."""
+    would otherwise write into a throw-away local database that no worker ever reads. ``hint`` ends the line of a
+    server that does not answer (another way to run the command)."""
     import urllib.error
     import urllib.request
 
@@ -518,7 +517,7 @@ def require_prefect_server(command: str) -> str:
         why = getattr(e, "reason", None) or e
         fail(
             f"PREFECT_API_URL {url}: no Prefect server answers ({why}): start one (`prefect server start`) or fix "
-            "PREFECT_API_URL"
+            f"PREFECT_API_URL{hint}"
         )
     return url
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from xwin.flows.cli.common import (
+    configured_prefect_api,
     dataset_options,
     fail,
     load_spec,
@@ -17,6 +18,7 @@ from xwin.flows.cli.common import (
     or_exit,
     prefect_server_configured,
     quiet_prefect,
+    require_prefect_server,
     resolve_dataset,
     resolve_volumes,
 )
@@ -55,6 +57,8 @@ def validate_cmd(
     from xwin.flows.validate import run_validation, validate_cohort
 
     use_prefect = prefect if prefect is not None else prefect_api_url() is not None
+    if use_prefect and configured_prefect_api() is not None:
+        require_prefect_server("xwin validate", hint=", or run without it: --no-prefect")
     if use_prefect:
         res = validate_cohort(store=store, cohort=cohort, spec_hash=sh, volume_ids=volume, limit=limit)
     else:
