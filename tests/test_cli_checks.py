@@ -457,3 +457,13 @@ def test_status_fits_80_columns_with_whole_hashes(two_datasets):
     assert sorted((x[1], x[2], x[3]) for x in rows) == sorted(
         [("a", two_datasets.h1, "3"), ("a", two_datasets.h2, "3"), ("b", two_datasets.h1, "3")]
     )
+
+
+def test_cohort_commands_take_the_dataset_url_too(two_datasets):
+    u = two_datasets.url
+    r = CliRunner().invoke(app, ["splits", "show", "--store", f"{u}#b"])
+    one_line(r, f"error: cohort 'b' has no split assignment in {u}: run `xwin splits assign`")
+    r = CliRunner().invoke(app, ["splits", "show", "--store", u])
+    one_line(r, f"error: --store {u}: name the cohort: --cohort NAME or --store {u}#NAME")
+    r = CliRunner().invoke(app, ["card", "--store", f"{u}#b", "--cohort", "a", "--out", "x"])
+    one_line(r, f"error: --store {u}#b names 'b' but --cohort is 'a': give one of them")
