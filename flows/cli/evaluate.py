@@ -119,7 +119,7 @@ def recon3d_cmd(
     _file(checkpoint, "--checkpoint")
     _file(decoder, "--decoder")
     st, ds, url = resolve_dataset(store, cohort, spec_hash)
-    ids = resolve_volumes(ds, _ids(volumes)) if volumes is not None else None
+    ids = resolve_volumes(ds, _ids(volumes) or []) if volumes is not None else None
     split = or_exit(eval_split, url, split, ids)
     if ids is None:
         check_split(st, ds, split)
@@ -173,7 +173,7 @@ def domain_gap_cmd(
 
     _file(checkpoint, "--checkpoint")
     st, ds, url = resolve_dataset(store, cohort, spec_hash)
-    ids = resolve_volumes(ds, _ids(volumes)) if volumes is not None else None
+    ids = resolve_volumes(ds, _ids(volumes) or []) if volumes is not None else None
     split = or_exit(eval_split, url, split, ids)
     if ids is None:
         check_split(st, ds, split)
