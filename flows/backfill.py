@@ -102,7 +102,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
             skipped.append(RunEntry(input=c.input, volume_id=c.volume_id, series_uid=c.series_uid, stage="render"))
         else:
             todo.append(c)
-    progress = Progress(params.cohort, len(todo), len(skipped), prefect_mode)
+    progress = Progress(params.cohort, len(todo), len(skipped), prefect_mode, len(rejected), len(failed))
 
     futures: dict[Any, Any] = {}
     for c in todo:
@@ -149,7 +149,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
                 rejected.append(o.rejection)
             for k, v in o.seconds.items():
                 seconds[k] = seconds.get(k, 0.0) + v
-        progress.advance(o)
+        progress.advance(o, c)
     summary = RunSummary(done=done, skipped=skipped, rejected=rejected, failed=failed, planned=planned)
 
     verify_msg = None

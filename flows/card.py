@@ -170,6 +170,12 @@ def card_markdown(card: dict[str, Any], preview: str | None) -> str:
     lines += table("Kernels", card["by_kernel"])
     qc = {k: f"{v['flagged']} flagged / {v['passed']} passed" for k, v in card["qc"].items()}
     lines += table("Quality checks", qc)
+    if "truncated" in qc:  # the same word means the views' field of view in a reconstruction's metrics.json
+        lines += [
+            "`truncated`: the body touches the border of the CT's own image (its field of view cuts the body); not "
+            "the `truncated` of a reconstruction's metrics.json, which says the rendered views cut the body.",
+            "",
+        ]
     lines += table("Rejections (latest run of each input)", card["rejections"])
     for d in card["datasets"]:
         lines += [f"**Dataset {d['spec_hash']}**: {d['rings']} rings", "", "```json", json.dumps(d["spec"]), "```", ""]

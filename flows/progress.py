@@ -58,7 +58,9 @@ def artifact_key(*parts: str) -> str:
 class Progress:
     """A Prefect progress artifact (when in a flow run) + the in-process listeners, throttled to ~2 updates/s."""
 
-    def __init__(self, cohort: str, total: int, skipped: int, prefect: bool) -> None:
+    def __init__(
+        self, cohort: str, total: int, skipped: int, prefect: bool, rejected: int = 0, failed: int = 0
+    ) -> None:
         self.total, self.n, self.prefect, self._last = total, 0, prefect, 0.0
         self.artifact: UUID | None = None
         if prefect:
@@ -71,17 +73,31 @@ class Progress:
             )
             assert isinstance(artifact, UUID)  # synchronous inside a flow run
             self.artifact = artifact
-        emit({"event": "start", "total": total, "skipped": skipped, "cohort": cohort})
+        # rejected / failed: series already accounted for while planning (never "to process")
+        emit(
+            {
+                "event": "start",
+                "total": total,
+                "skipped": skipped,
+                "cohort": cohort,
+                "rejected": rejected,
+                "failed": failed,
+            }
+        )
 
-    def advance(self, o: Outcome) -> None:
+    def advance(self, o: Outcome, candidate: object = None) -> None:
+        """One series finished with ``o``; ``candidate`` (the planned series) names it when ``o`` does not (a
+        series whose task raised)."""
         self.n += 1
-        vid = o.entry.volume_id if o.entry else None
+        vid = o.entry.volume_id if o.entry else getattr(candidate, "volume_id", None)
+        given = o.entry.input if o.entry else (o.rejection.input if o.rejection else None)
         emit(
             {
                 "event": "series",
                 "status": o.status,
                 "volume_id": vid,
-                "input": o.entry.input if o.entry else (o.rejection.input if o.rejection else None),
+                "input": given or getattr(candidate, "input", None),
+                "qc_flags": list(o.entry.qc_flags) if o.entry else [],
             }
         )
         now = time.monotonic()

@@ -163,6 +163,16 @@ def counts_by_reason(summary: RunSummary) -> dict[str, int]:
     return dict(sorted(Counter(r.reason.value for r in summary.rejected).items()))
 
 
+def qc_flag_counts(summary: RunSummary) -> dict[str, int]:
+    """Series this run made (done) that each quality check flagged: check name -> count (docs/ingest.md)."""
+    return dict(sorted(Counter(f for e in summary.done for f in e.qc_flags).items()))
+
+
+def qc_flagged(summary: RunSummary) -> list:
+    """The done entries that a quality check flagged (``RunEntry.qc_flags``), in run order."""
+    return [e for e in summary.done if e.qc_flags]
+
+
 def summary_markdown(
     summary: RunSummary,
     *,
@@ -185,14 +195,29 @@ def summary_markdown(
         "| outcome | series |",
         "| --- | ---: |",
         f"| done | {c['done']} |",
-        f"| skipped (already done) | {c['skipped']} |",
     ]
+    for check, n in qc_flag_counts(summary).items():
+        lines.append(f"| done, flagged by QC: {check} | {n} |")
+    lines.append(f"| skipped (already done) | {c['skipped']} |")
     for reason, n in counts_by_reason(summary).items():
         lines.append(f"| rejected: {reason} | {n} |")
     if failed:
         lines.append(f"| failed (after retries; a rerun retries them) | {len(failed)} |")
     if verify:
         lines += ["", f"verify: {verify}"]
+    flagged = qc_flagged(summary)
+    if flagged:
+        lines += [
+            "",
+            "## Flagged by quality checks",
+            "",
+            "Stored and rendered; `xwin card` shows each check's value and rule, `--qc reject:CHECK` rejects them.",
+            "",
+            "| input | volume | checks |",
+            "| --- | --- | --- |",
+        ]
+        for e in flagged:
+            lines.append(f"| `{e.input}` | `{e.volume_id}` | {', '.join(e.qc_flags)} |")
     if summary.rejected:
         lines += ["", "## Rejected", "", "| input | reason | detail |", "| --- | --- | --- |"]
         for r in summary.rejected:

@@ -290,6 +290,7 @@ def render_series(
                 return Outcome("skipped", entry=entry)
             t0 = time.perf_counter()
             record, hu = store_handle(store_url).read_volume(vid)
+            entry.qc_flags = [q.name for q in record.qc if q.flagged]  # said in the run's summary, not only the card
             t1 = time.perf_counter()
             name = resolve_backend(backend)
             sname, n = render_slot(name)

@@ -242,6 +242,8 @@ class RunEntry(_Model):
     volume_id: str
     series_uid: str | None = None
     stage: str = "ingest"  # last stage reached: ingest | render | ...
+    # the quality checks that flagged the volume this run made (QCCheck.flagged; docs/ingest.md, "Quality checks")
+    qc_flags: list[str] = Field(default_factory=list)
 
 
 class Failure(_Model):

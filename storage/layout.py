@@ -33,6 +33,20 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+def split_dataset_url(text: str) -> tuple[str, str | None, str | None]:
+    """A dataset as a person names it: ``<store url>[#<cohort>[/<spec hash or a unique prefix>]]`` -> (store url,
+    cohort or None, spec hash or None). ``"/data/xwin#nlst/0f50"`` -> ("/data/xwin", "nlst", "0f50")."""
+    url, sep, frag = text.partition("#")
+    if not url:
+        raise ValueError(f"dataset {text!r}: no store URL before '#' (use <store url>#<cohort>[/<spec hash>])")
+    if not sep:
+        return url, None, None
+    cohort, _, spec_hash = frag.partition("/")
+    if not cohort or "/" in spec_hash:
+        raise ValueError(f"dataset {text!r}: use <store url>#<cohort>[/<spec hash>]")
+    return url, cohort, spec_hash or None
+
+
 def volume_path(volume_id: str) -> str:
     return f"volumes/{check_id('volume_id', volume_id)}"
 

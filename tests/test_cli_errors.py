@@ -301,7 +301,7 @@ def test_backfill_outside_a_terminal_prints_one_line_per_stage(tmp_path, small_c
         rf"{v}: rendering 16 views",
         rf"{v}: rendered 16 views in \d+\.\d s \(\d+\.\d views/s\)",
         rf"{v}: committed in \d+\.\d s",
-        rf"\[1/1\] done {v}",
+        rf"\[1/1\] done {v}( \(QC flagged: [a-z_, ]+\))?",
         r"verify \(shallow\)",
     ]
     assert len(lines) == len(pattern), r.stderr

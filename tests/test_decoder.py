@@ -95,7 +95,7 @@ def test_cli_train_decoder(tmp_path, world_ckpt, rendered_dataset):
     # bad input: one line, exit 2
     for bad, why in (
         (["--checkpoint", str(tmp_path / "nope.pt")], "no such file"),
-        (["--store", rendered_dataset.url], "must be '<store url>#<cohort>"),
+        (["--store", rendered_dataset.url + "#nocohort"], "no dataset with cohort 'nocohort'"),
         (["--store", str(tmp_path / "nostore") + "#small"], "nostore"),
         (["--preset", "huge"], "unknown decoder preset"),
         (["--set", "codebook_size=1"], "codebook_size"),

@@ -113,8 +113,8 @@ def test_recon3d_needs_a_held_out_split_or_volumes(loop, tmp_path):
     assert r.exit_code == 2 and "no split assignment" in r.output and "--volumes" in r.output
     r = CliRunner().invoke(app, [*argv, loop.dataset_url, "--volumes", "nope", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "nope" in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(app, [*argv, loop.url, "--volumes", "small-a"])
-    assert r.exit_code == 2 and "#<cohort>" in r.output
+    r = CliRunner().invoke(app, [*argv, loop.url + "#zz", "--volumes", "small-a"])
+    assert r.exit_code == 2 and "no dataset with cohort 'zz'" in r.output and "c1/" in r.output
 
 
 # ------------------------------------------------------------------------------------------------- domain gap

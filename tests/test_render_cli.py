@@ -45,6 +45,8 @@ def test_render_describe_export_round_trip(store_with_volume, small_ct_path):
     assert f"written {vid}" in r.output and "1 written" in r.output
     r = runner.invoke(app, ["render", *base, "--all", "--backend", "joseph"])
     assert r.exit_code == 0 and "1 skipped" in r.output and "0 written" in r.output
+    r = runner.invoke(app, ["render", *base, "--volume", vid[:8], "--backend", "joseph"])  # a unique prefix
+    assert r.exit_code == 0 and f"skipped {vid}" in r.output, r.output
 
     r = runner.invoke(app, ["describe", *base, "--volume", vid, "--json"])
     assert r.exit_code == 0, r.output
@@ -84,8 +86,12 @@ def test_render_cli_errors(store_with_volume):
     runner = CliRunner()
     r = runner.invoke(app, ["render", "--store", url, "--spec", str(spec_file)])
     assert r.exit_code != 0  # neither --volume nor --all
+    # a volume that is not in the store is refused before anything is rendered (one line, exit 2)
     r = runner.invoke(app, ["render", "--store", url, "--spec", str(spec_file), "--volume", "no-such-volume"])
-    assert r.exit_code == 1 and "FAILED no-such-volume" in r.output
+    assert (
+        r.exit_code == 2
+        and r.stderr == f"error: --volume no-such-volume: no committed volume has this id or prefix in {url}\n"
+    )
 
 
 def test_describe_and_export_find_the_stores_own_dataset(store_with_volume, tmp_path):

@@ -124,8 +124,10 @@ class DataConfig(_Strict):
     """Where batches come from. ``store`` = an xwin store URL (projection dataset of ``cohort``); ``synthetic``
     uses the built-in procedural phantom stream (tests, benchmarks). ``real`` = an optional real-CXR source."""
 
+    # ``store`` may name the dataset whole: ``<store url>#<cohort>[/<spec hash>]`` (split into the three fields)
     store: str | None = None
     cohort: str | None = None
+    spec_hash: str | None = None  # the dataset's spec hash (a unique prefix is enough) when the cohort has several
     # the subject-level split to train on (``xwin splits assign``): the DRR stream reads only its volumes, the real
     # stream only the images of subjects its hash puts in the same split; None = everything (no split assigned)
     split: str | None = None
@@ -151,6 +153,23 @@ class DataConfig(_Strict):
     # autocast, bf16 images are exactly what the model sees anyway. "auto": bfloat16 when the trainer autocasts to
     # bf16 (precision bf16, or auto on CUDA), else float32.
     image_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_url(cls, data: Any) -> Any:
+        store = data.get("store") if isinstance(data, dict) else None
+        if isinstance(store, str) and "#" in store:
+            from xwin.storage.layout import split_dataset_url
+
+            url, cohort, spec_hash = split_dataset_url(store)
+            data = {**data, "store": url}
+            for name, given in (("cohort", cohort), ("spec_hash", spec_hash)):
+                mine = data.get(name)
+                if mine is not None and given is not None and mine != given:
+                    raise ValueError(f"store {store!r} names {name} {given!r} but data.{name} is {mine!r}")
+                if given is not None:
+                    data[name] = given
+        return data
 
 
 class TrainConfig(_Strict):

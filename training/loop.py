@@ -508,7 +508,7 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
         raise ValueError("config has no data source: set data.store (a store URL) or data.synthetic=true")
     from xwin.training.data import RealCXRStream, StoreSource, make_loader
 
-    cohort, spec = resolve_dataset(d.store, d.cohort)
+    cohort, spec = resolve_dataset(d.store, d.cohort, d.spec_hash)
     source = StoreSource(d.store, cohort, spec, split=d.split)
     if d.split is not None:
         source.open()  # a cohort without an assignment, or without that split: one clear error now, not in a worker
@@ -578,7 +578,7 @@ def build_val_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
         raise ValueError("validation needs data.store and data.val_split (or data.synthetic)")
     from xwin.training.data import RealCXRStream, StoreSource, make_loader
 
-    cohort, spec = resolve_dataset(d.store, d.cohort)
+    cohort, spec = resolve_dataset(d.store, d.cohort, d.spec_hash)
     held_out = StoreSource(d.store, cohort, spec, split=d.val_split)
     if not held_out.open().volume_ids():  # opened here so that a split that is missing or empty is said up front
         raise ValueError(f"validation split {d.val_split!r} of cohort {cohort!r} holds no volume")
@@ -593,11 +593,12 @@ def build_val_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     return sim, real
 
 
-def resolve_dataset(url: str, cohort: str | None):
-    """(cohort, RenderSpec) of the projection dataset to train on; cohort None = the store's only dataset."""
+def resolve_dataset(url: str, cohort: str | None, spec_hash: str | None = None):
+    """(cohort, RenderSpec) of the projection dataset to train on; cohort None = the store's only dataset (of the
+    spec hash, or its unique prefix, when given)."""
     from xwin.storage import open_store
 
     # a store that does not exist is an error (FileNotFoundError), never a new empty one; DatasetLookupError (a
     # ValueError) names the datasets when none or several match
-    ds = open_store(url, create=False).find_dataset(cohort)
+    ds = open_store(url, create=False).find_dataset(cohort, spec_hash)
     return ds.cohort, ds.spec

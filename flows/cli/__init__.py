@@ -17,7 +17,7 @@ from __future__ import annotations
 import typer
 
 from xwin.flows.cli import backfill, bench, deploy, ingest, render, splits, store, train, validate
-from xwin.flows.cli.common import XwinCommand, XwinGroup, cli_errors
+from xwin.flows.cli.common import HELP_OPTIONS, XwinCommand, XwinGroup, cli_errors
 
 # rich_markup_mode=None: plain help, one line per option at 80 columns (rich's table squeezes the help column);
 # XwinGroup: short value types (TEXT, PATH, INT) in every command's help, subcommands included
@@ -26,12 +26,25 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
+    context_settings=HELP_OPTIONS,
     help="xwin: CT -> DRR ring datasets -> X-WIN training",
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from xwin import __version__
+
+        typer.echo(f"xwin {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: bool = typer.Option(
+        False, "--version", "-V", is_eager=True, callback=_version, help="print the version and exit"
+    ),
+) -> None:
     """xwin command line."""
 
 

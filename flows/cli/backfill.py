@@ -13,6 +13,7 @@ functions, retries and slot sizes on Dask workers). docs/orchestration.md says w
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,19 +21,25 @@ from pathlib import Path
 import typer
 
 from xwin.flows.cli.common import (
+    check_backend,
     check_cohort,
     check_manifest,
+    check_sources,
+    check_store_target,
+    configured_prefect_api,
     fail,
     load_spec,
     prefect_server_configured,
-    probe_s3,
     quiet_prefect,
+    require_prefect_server,
 )
 from xwin.flows.cli.progress import show_progress
 
 
 def backfill_cmd(
-    cohort: str = typer.Option(..., "--cohort", help="cohort name ('example': the bundled chest CT by default)"),
+    cohort: str = typer.Option(
+        ..., "--cohort", help="cohort name; cohort 'example' without --source is the bundled chest CT"
+    ),
     store: str = typer.Option(..., "--store", help="store URL: a local path or s3://bucket/prefix"),
     source: list[str] | None = typer.Option(
         None, "--source", help="NIfTI file, DICOM folder or metadata.csv (repeatable)"
@@ -85,7 +92,12 @@ def backfill_cmd(
         fail(f"--qc: {e}")
     if manifest is not None:
         check_manifest(manifest)
-    probe_s3(store)  # an S3 store that cannot be reached: one line, exit 2
+    if manifest_root is not None and not manifest_root.is_dir():
+        fail(f"--manifest-root {manifest_root}: no such folder")
+    check_sources(source or [])  # a source that does not exist: one line each, exit 2, nothing created
+    remote = runner == "dask" and bool(dask_address or os.environ.get("XWIN_DASK_ADDRESS"))
+    check_backend(backend, here=not remote)  # unknown, or cannot run on this machine (workers elsewhere: name only)
+    check_store_target(store)  # an S3 store that cannot be reached, a local one that cannot be written: exit 2
     from xwin.flows.backfill import BackfillIncomplete, backfill_cohort_on, run_dask, run_local
     from xwin.flows.params import BackfillParams
     from xwin.flows.progress import add_listener
@@ -110,8 +122,10 @@ def backfill_cmd(
         for src in params.sources():
             params.label_source(src)  # a labels CSV that does not read: one line now, not per series later
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        fail(str(e))
     use_prefect = prefect if prefect is not None else prefect_api_url() is not None
+    if use_prefect and configured_prefect_api() is not None:  # a configured server must answer before anything
+        require_prefect_server("xwin backfill", hint=", or run without it: --no-prefect")
     if runner == "dask" and use_prefect and prefect_api_url() is None:
         raise typer.BadParameter(
             "--runner dask --prefect needs a Prefect API every Dask worker can reach (set PREFECT_API_URL); "
@@ -149,11 +163,7 @@ def backfill_cmd(
             f"backfill {cohort}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']}, "
             f"failed {c['failed']} of {summary.planned} planned in {wall:.1f} s ({mode} mode)"
         )
-        for r in summary.rejected:
-            typer.echo(f"  rejected {r.input}: {r.reason.value}: {r.detail}")
-        for f in summary.failed:
-            again = "a rerun retries it" if f.retryable else "fix the cause, then rerun"
-            typer.echo(f"  FAILED {f.input} ({f.stage}): {f.error} ({again})")
+        echo_outcomes(summary)
         if end.get("verify"):
             typer.echo(f"  verify {end['verify']}")
         for vid, url in sorted(end.get("previews", {}).items()):
@@ -163,6 +173,25 @@ def backfill_cmd(
         if validation:
             typer.echo(f"  validation: {validation}")
     raise typer.Exit(code)
+
+
+def echo_outcomes(summary) -> None:
+    """The lines under a run's counts: QC flags and rejections (counts, then each series), failures."""
+    from xwin.flows.reports import counts_by_reason, qc_flag_counts, qc_flagged
+
+    flags = qc_flag_counts(summary)
+    if flags:
+        n = len(qc_flagged(summary))
+        typer.echo(f"  QC flagged {n} of {len(summary.done)} done: " + ", ".join(f"{k} {v}" for k, v in flags.items()))
+        for e in qc_flagged(summary):
+            typer.echo(f"  flagged {e.input} ({e.volume_id[:12]}): {', '.join(e.qc_flags)} (xwin card shows why)")
+    if summary.rejected:
+        typer.echo("  rejected by reason: " + ", ".join(f"{k} {v}" for k, v in counts_by_reason(summary).items()))
+    for r in summary.rejected:
+        typer.echo(f"  rejected {r.input}: {r.reason.value}: {r.detail}")
+    for f in summary.failed:
+        again = "a rerun retries it" if f.retryable else "fix the cause, then rerun"
+        typer.echo(f"  FAILED {f.input} ({f.stage}): {f.error} ({again})")
 
 
 def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | None:
@@ -180,18 +209,21 @@ def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | N
 
 def scan_cmd(
     landing: str = typer.Option(..., "--landing", help="landing dir or s3://bucket/prefix"),
-    cohort: str = typer.Option(..., "--cohort"),
-    store: str = typer.Option(..., "--store"),
-    spec: Path | None = typer.Option(None, "--spec"),
-    backend: str | None = typer.Option(None, "--backend"),
-    as_json: bool = typer.Option(False, "--json"),
+    cohort: str = typer.Option(..., "--cohort", help="cohort the new series join"),
+    store: str = typer.Option(..., "--store", help="store URL: a local path or s3://bucket/prefix"),
+    spec: Path | None = typer.Option(None, "--spec", help="RenderSpec JSON/YAML (default: X-WIN 512x512, 120 views)"),
+    backend: str | None = typer.Option(None, "--backend", help="render backend (default: XWIN_RENDER_BACKEND or auto)"),
+    as_json: bool = typer.Option(False, "--json", help="print the RunSummary as JSON"),
 ) -> None:
     """One landing scan now (what the cron deployment does), without a server. Exit status 1 exactly when a series
     failed (those entries stay out of the ledger: the next scan retries them)."""
     check_cohort(cohort)
     quiet_prefect(False, server=False)  # the scan runs here, without a Prefect server
     spec_ = load_spec(spec)
-    probe_s3(store)
+    if "://" not in landing and not Path(landing).expanduser().is_dir():
+        fail(f"--landing {landing}: no such folder")
+    check_backend(backend)
+    check_store_target(store)
     from xwin.flows.landing import ScanIncomplete, scan_once
 
     code = 0
@@ -203,6 +235,5 @@ def scan_cmd(
         typer.echo(summary.model_dump_json(indent=1))
     else:
         typer.echo(f"{len(new)} new entries: {json.dumps(summary.counts())}")
-        for f in summary.failed:
-            typer.echo(f"  FAILED {f.input} ({f.stage}): {f.error}")
+        echo_outcomes(summary)
     raise typer.Exit(code)

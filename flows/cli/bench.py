@@ -9,10 +9,12 @@ import tempfile
 
 import typer
 
-from xwin.flows.cli.common import XwinCommand
+from xwin.flows.cli.common import HELP_OPTIONS, XwinCommand, XwinGroup, resolve_dataset
 
 bench_app = typer.Typer(
     add_completion=False,
+    cls=XwinGroup,
+    context_settings=HELP_OPTIONS,
     no_args_is_help=True,
     rich_markup_mode=None,
     help="Benchmarks (figures in docs/benchmarks.md)",
@@ -23,13 +25,13 @@ bench_app = typer.Typer(
 def consumer(
     store: str | None = typer.Option(
         None,
-        help="'<store>#<cohort>[/<spec hash>]' or a store URL + --cohort (default: a temporary store)",
+        help="store URL, or the dataset: <store url>#<cohort>[/<spec hash>] (default: a temporary store)",
     ),
-    cohort: str | None = typer.Option(None, help="cohort, when --store is a plain store URL"),
+    cohort: str | None = typer.Option(None, help="cohort of the dataset (default: the store's only one)"),
     workers: int = typer.Option(2, help="worker count reported at the top level of the JSON"),
     worker_counts: str = typer.Option("0,2,4", help="worker counts to measure"),
     samples: int = typer.Option(96, help="samples timed per configuration (after the first batch)"),
-    batch_size: int = typer.Option(12),
+    batch_size: int = typer.Option(12, help="samples per batch"),
     image_size: int | None = typer.Option(None, help="model resolution S (default: the detector size)"),
     appearance: str = typer.Option("minmax", help="minmax | neglog | none"),
     dtype: str = typer.Option("float32", help="output image dtype: float32 (default) | float16 | bfloat16"),
@@ -50,17 +52,9 @@ def consumer(
         tmp = tempfile.TemporaryDirectory(prefix="xwin-bench-")
         typer.echo(f"rendering {volumes} bench volumes ({size}² views) into {tmp.name}", err=True)
         src = make_bench_store(f"{tmp.name}/store", n_volumes=volumes, size=size)
-    elif "#" in store:
-        src = StoreSource.parse(store)
-    else:
-        if cohort is None:
-            from xwin.storage import open_store
-
-            try:
-                cohort = open_store(store, create=False).find_dataset().cohort
-            except LookupError as e:
-                raise typer.BadParameter(f"{e}; give --cohort or '<url>#<cohort>/<hash>'") from None
-        src = StoreSource(store, cohort)
+    else:  # the one way every command names a dataset (flows/cli/common.py)
+        url = resolve_dataset(store, cohort)[2]
+        src = StoreSource.parse(url)
     counts = tuple(int(x) for x in worker_counts.split(",") if x.strip())
     try:
         res = run_bench(

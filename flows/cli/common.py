@@ -1,6 +1,7 @@
 """What every ``xwin`` command shares: option types, the readers of user files (RenderSpec, any JSON/YAML mapping)
-with one-line errors, the store opener with one-line errors, quiet Prefect defaults, help that reads at 80
-columns, and the exit for bad input.
+with one-line errors, the checks made before anything is created (sources, render backend, store, Prefect server),
+the store opener with one-line errors, the one way to name a dataset (:func:`resolve_dataset`) and a volume
+(:func:`resolve_volumes`), quiet Prefect defaults, help that reads at 80 columns, and the exit for bad input.
 
 Errors a person can fix (a bad file, an unknown store, wrong credentials) end a command with one line per problem
 on stderr, ``error: <what>: <why>``, and exit status 2: no traceback. The lines never hold a secret.
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from pydantic import ValidationError
 
-    from xwin.storage import Store
+    from xwin.storage import ProjectionDataset, Store
 
 T = TypeVar("T")
 
@@ -175,6 +176,58 @@ def or_exit(
         fail(*(str(e).splitlines() or [type(e).__name__]))
 
 
+def check_sources(sources: Iterable[str], option: str = "--source") -> None:
+    """Every source named on the command line (a NIfTI file, DICOM folder or metadata.csv; ``example``) must
+    exist: a missing one is a typo to fix before anything is created, so the command ends with one line per
+    missing source and exit status 2."""
+    missing = [s for s in sources if s != "example" and "://" not in s and not Path(s).expanduser().exists()]
+    if missing:
+        fail(*(f"{option} {s}: no such file or directory" for s in missing))
+
+
+def check_backend(name: str | None, *, here: bool = True, option: str = "--backend") -> str:
+    """The render backend ``name`` (None: XWIN_RENDER_BACKEND, else ``auto``) resolved: an unknown name, or (with
+    ``here``: the rings are rendered on this machine) one that cannot run here (triton without CUDA, a library
+    that is not installed), ends the command with one line and exit status 2 before anything is created."""
+    from xwin.pipeline.render import BACKENDS, resolve_backend
+
+    given = name or os.environ.get("XWIN_RENDER_BACKEND") or "auto"
+    where = option if name else ("XWIN_RENDER_BACKEND" if os.environ.get("XWIN_RENDER_BACKEND") else option)
+    if given != "auto" and given not in BACKENDS:
+        fail(f"{where} {given}: unknown render backend; known: {', '.join(['auto', *sorted(BACKENDS)])}")
+    if not here:
+        return given
+    try:
+        return resolve_backend(given)
+    except (ValueError, RuntimeError) as e:
+        fail(f"{where} {given}: {e}")
+
+
+def check_store_target(url: str) -> None:
+    """A store a command may create (``backfill``, ``ingest``, ``scan``) must be one it can reach and write: an S3
+    store is probed (:func:`probe_s3`); a local one must be a folder (or not exist yet) under a folder this user
+    can write. Otherwise one line and exit status 2, before anything is created."""
+    if url.startswith("s3://"):
+        probe_s3(url)
+        return
+    if "://" in url and not url.startswith("file://"):
+        return  # another fsspec scheme: its own errors say what is wrong
+    p = Path(url.removeprefix("file://")).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            fail(f"store {url}: {p} is a file, not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            fail(f"store {url}: permission denied: this user cannot write {p}")
+        return
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"store {url}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"store {url}: permission denied: this user cannot create folders in {parent}")
+
+
 # ---- stores ----------------------------------------------------------------------------------------------------
 def _chain(exc: BaseException) -> Iterable[BaseException]:
     seen: set[int] = set()
@@ -266,6 +319,100 @@ def open_store_cli(url: str, *, create: bool = False) -> Store:
         fail(line)
 
 
+# ---- datasets: one way to name one --------------------------------------------------------------------------
+DatasetStoreOpt = Annotated[
+    str,
+    typer.Option(
+        "--store", help="store URL (local path or s3://bucket/prefix), or the dataset: <store url>#<cohort>[/<hash>]"
+    ),
+]
+
+
+def dataset_options(
+    store: str, cohort: str | None = None, spec_hash: str | None = None
+) -> tuple[str, str | None, str | None]:
+    """(store url, cohort, spec hash) from ``--store`` in either form -- a store URL, or the whole dataset
+    ``<store url>#<cohort>[/<spec hash>]`` -- and ``--cohort`` / ``--spec-hash``; a fragment that contradicts an
+    option, or an invalid cohort, ends the command with one line and exit status 2."""
+    from xwin.storage.layout import split_dataset_url
+
+    try:
+        url, f_cohort, f_hash = split_dataset_url(store)
+    except ValueError as e:
+        fail(f"--store {store}: {e}")
+    for option, given, frag in (("--cohort", cohort, f_cohort), ("--spec-hash", spec_hash, f_hash)):
+        if given is not None and frag is not None and given != frag:
+            fail(f"--store {store} names {frag!r} but {option} is {given!r}: give one of them")
+    cohort = cohort or f_cohort
+    if cohort is not None:
+        check_cohort(cohort)
+    return url, cohort, spec_hash or f_hash
+
+
+def resolve_dataset(
+    store: str, cohort: str | None = None, spec_hash: str | None = None
+) -> tuple[Store, ProjectionDataset, str]:
+    """The one projection dataset a command reads: (store, dataset, its dataset URL ``<store url>#<cohort>/<spec
+    hash>`` in full). ``--store`` is a store URL or the whole dataset URL (:func:`dataset_options`); ``--cohort``
+    and ``--spec-hash`` (a unique prefix is enough) narrow it down, and are needed only when the store holds
+    several datasets. None or several: one line naming the datasets the store holds, exit status 2."""
+    from xwin.storage import DatasetLookupError
+
+    url, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
+    st = open_store_cli(url)
+    try:
+        ds = st.find_dataset(cohort, spec_hash)
+    except DatasetLookupError as e:
+        fail(f"{e}; name one with --cohort/--spec-hash or --store <store url>#<cohort>/<spec hash>")
+    return st, ds, f"{url}#{ds.cohort}/{ds.spec_hash}"
+
+
+def resolve_volumes(ds: ProjectionDataset, given: Iterable[str], option: str = "--volumes") -> list[str]:
+    """Volume ids of the rings of ``ds``, each given whole or as a unique prefix (as ``describe`` takes them);
+    one that matches no ring, or several, ends the command with one line naming the dataset and the candidates."""
+    have = sorted(ds.volume_ids())
+    out: list[str] = []
+    lines: list[str] = []
+    for v in given:
+        hits = [v] if v in have else [h for h in have if h.startswith(v)]
+        if len(hits) == 1:
+            out.append(hits[0])
+        elif not hits:
+            some = ", ".join(h[:12] for h in have[:5]) + (", ..." if len(have) > 5 else "")
+            lines.append(
+                f"{option} {v}: no ring of dataset {ds.cohort}/{ds.spec_hash} has this id or prefix "
+                f"({len(have)} rings{': ' + some if have else ''})"
+            )
+        else:
+            lines.append(f"{option} {v}: ambiguous in dataset {ds.cohort}/{ds.spec_hash} ({', '.join(hits[:5])})")
+    if lines:
+        fail(*lines)
+    return out
+
+
+def check_split(st: Store, ds: ProjectionDataset, split: str | None, option: str = "--split") -> None:
+    """``split`` of the dataset's cohort must exist and hold at least one ring of ``ds``; else one line naming the
+    split, the cohort and the splits it has (with their ring counts), exit status 2."""
+    if split is None:
+        return
+    doc = st.read_splits(ds.cohort)
+    if doc is None:
+        fail(
+            f"{option} {split}: cohort {ds.cohort!r} has no split assignment in {st.url}: run "
+            f"`xwin splits assign --store {st.url} --cohort {ds.cohort}`"
+        )
+    rings = set(ds.volume_ids())
+    names = [*doc.policy.fractions, "excluded"]
+    counts = ", ".join(f"{n} {len(doc.volumes_in(n) & rings)}" for n in names)
+    if split not in names:
+        fail(f"{option} {split}: cohort {ds.cohort!r} has no split {split!r}; rings per split: {counts}")
+    if not doc.volumes_in(split) & rings:
+        fail(
+            f"{option} {split}: split {split!r} of cohort {ds.cohort!r} holds no volume with a ring in dataset "
+            f"{ds.cohort}/{ds.spec_hash}; rings per split: {counts}"
+        )
+
+
 def close_s3_sessions() -> None:
     """Close the aiohttp sessions of the asynchronous S3 filesystems zarr used in this process, so that none is left
     for the interpreter's exit to report ("Unclosed client session")."""
@@ -322,19 +469,57 @@ def cli_errors(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 # ---- Prefect ---------------------------------------------------------------------------------------------------
-def prefect_server_configured() -> bool:
-    """Whether a Prefect API is configured (PREFECT_API_URL in the environment or the active profile), read without
-    importing Prefect: the import itself is what shows Prefect's telemetry notice."""
+def configured_prefect_api() -> str | None:
+    """The Prefect API URL configured for this process (PREFECT_API_URL in the environment, else in the active
+    profile), read without importing Prefect: the import itself is what shows Prefect's telemetry notice."""
     if os.environ.get("PREFECT_API_URL"):
-        return True
+        return os.environ["PREFECT_API_URL"]
     home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
     path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
-        return False
+        return None
     name = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
-    return bool((data.get("profiles", {}).get(name) or {}).get("PREFECT_API_URL"))
+    return (data.get("profiles", {}).get(name) or {}).get("PREFECT_API_URL") or None
+
+
+def prefect_server_configured() -> bool:
+    """Whether a Prefect API is configured (:func:`configured_prefect_api`)."""
+    return configured_prefect_api() is not None
+
+
+def require_prefect_server(command: str, hint: str = "") -> str:
+    """The URL of a Prefect server that answers (``GET <PREFECT_API_URL>/health``), for commands that register
+    something with one (``xwin deploy``); without one the command ends with one line saying what to set: Prefect
+    would otherwise write into a throw-away local database that no worker ever reads. ``hint`` ends the line of a
+    server that does not answer (another way to run the command)."""
+    import urllib.error
+    import urllib.request
+
+    url = configured_prefect_api()
+    if url is None:
+        fail(
+            f"{command} needs a Prefect server: set PREFECT_API_URL to its API (e.g. http://127.0.0.1:4200/api after "
+            '`prefect server start`; docs/orchestration.md, "Your own servers")'
+        )
+    req = urllib.request.Request(url.rstrip("/") + "/health")
+    if os.environ.get("PREFECT_API_KEY"):
+        req.add_header("Authorization", f"Bearer {os.environ['PREFECT_API_KEY']}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:  # the user's own server URL
+            r.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            fail(f"PREFECT_API_URL {url}: the server refused the credentials (HTTP {e.code}): check PREFECT_API_KEY")
+        fail(f"PREFECT_API_URL {url}: no Prefect API there (HTTP {e.code} on /health): check the URL (it ends in /api)")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        why = getattr(e, "reason", None) or e
+        fail(
+            f"PREFECT_API_URL {url}: no Prefect server answers ({why}): start one (`prefect server start`) or fix "
+            f"PREFECT_API_URL{hint}"
+        )
+    return url
 
 
 def quiet_prefect(verbose: bool, server: bool = True) -> None:
@@ -372,11 +557,25 @@ class XwinCommand(TyperCommand):
 
 
 class XwinGroup(TyperGroup):
-    """The ``xwin`` group: every command under it, nested groups included, gets :func:`short_metavars`."""
+    """The ``xwin`` group: every command under it, nested groups included, gets :func:`short_metavars`; the list
+    of commands shows each one's first sentence whole, wrapped (click cuts it with "..." at 45 characters)."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         short_metavars(self)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # every command and group: -h is --help
 
 
 def _type_word(p: TyperOption, ctx: Any) -> str:

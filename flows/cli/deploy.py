@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from xwin.flows.cli.common import quiet_prefect
+from xwin.flows.cli.common import quiet_prefect, require_prefect_server
 from xwin.flows.deploy import REPO_ROOT
 
 
@@ -15,12 +15,14 @@ def deploy_cmd(
     landing: str | None = typer.Option(None, "--landing", help="landing dir or s3://bucket/prefix to scan"),
     cohort: str = typer.Option("landing", "--cohort", help="cohort of the landing scan"),
     cron: str = typer.Option("*/15 * * * *", "--cron", help="landing scan schedule"),
-    gpus: int = typer.Option(1, "--gpus", min=0, help="GPU workers: creates limits xwin-gpu:gpu-worker-<i>"),
+    gpus: int = typer.Option(1, "--gpus", min=0, help="GPU workers: one-slot limits xwin-gpu:gpu-worker-<i>"),
     code_dir: Path = typer.Option(REPO_ROOT, "--code-dir", help="where the workers find this code"),
     dask_address: str | None = typer.Option(None, "--dask-address", help="scheduler for backfill-cohort-dask"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Prefect INFO logs"),
 ) -> None:
-    """Register work pools, GPU concurrency limits and the deployments (incl. the cron landing scan)."""
+    """Register work pools, GPU concurrency limits and the deployments (the cron landing scan included) with the
+    Prefect server of PREFECT_API_URL (refused without one that answers)."""
+    require_prefect_server("xwin deploy")  # never into the throw-away local database no worker reads
     quiet_prefect(verbose)
     from xwin.flows.deploy import deployment_specs, register
 

@@ -9,29 +9,32 @@ from pathlib import Path
 
 import typer
 
-from xwin.flows.cli.common import XwinCommand, cli_errors, fail, open_store_cli, or_exit, problem_line
+from xwin.flows.cli.common import (
+    HELP_OPTIONS,
+    XwinCommand,
+    XwinGroup,
+    check_split,
+    cli_errors,
+    fail,
+    or_exit,
+    problem_line,
+    resolve_dataset,
+    resolve_volumes,
+)
 
 eval_app = typer.Typer(
     add_completion=False,
+    cls=XwinGroup,
+    context_settings=HELP_OPTIONS,
     no_args_is_help=True,
     rich_markup_mode=None,
     help="evaluate a trained world model (recon3d, domain-gap)",
 )
 
-DatasetOpt = typer.Option(..., "--store", help="dataset URL: <store url>#<cohort>[/<spec hash>]")
+DatasetOpt = typer.Option(..., "--store", help="store URL, or the dataset: <store url>#<cohort>[/<spec hash>]")
+CohortOpt = typer.Option(None, "--cohort", help="cohort of the dataset (default: the store's only one)")
+SpecHashOpt = typer.Option(None, "--spec-hash", help="spec hash (or a unique prefix) when the cohort has several")
 _ERRORS = (ValueError, FileNotFoundError, LookupError, RuntimeError)
-
-
-def _dataset(url: str) -> str:
-    """``url`` when it names a store that exists and a cohort (``<store>#<cohort>[/<spec hash>]``); else exit 2."""
-    from xwin.training.data import StoreSource
-
-    try:
-        src = StoreSource.parse(url)
-    except ValueError as e:
-        fail(f"--store {url}: {e}")
-    open_store_cli(src.url)
-    return url
 
 
 def _ids(text: str | None) -> list[str] | None:
@@ -52,6 +55,8 @@ def _file(path: Path, option: str) -> Path:
 def train_decoder_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="`xwin train` checkpoint (frozen f_theta, g_v)"),
     store: str = DatasetOpt,
+    cohort: str | None = CohortOpt,
+    spec_hash: str | None = SpecHashOpt,
     split: str | None = typer.Option(
         None, "--split", help="split of the stored views to train on (default: train if assigned, else all)"
     ),
@@ -69,7 +74,7 @@ def train_decoder_cmd(
     from xwin.training.decoder import decoder_config, default_split, train_decoder
 
     _file(checkpoint, "--checkpoint")
-    url = _dataset(store)
+    st, ds, url = resolve_dataset(store, cohort, spec_hash)
     values = {"device": device} if device else {}
     try:
         cfg = decoder_config(preset, list(overrides), values)
@@ -78,6 +83,7 @@ def train_decoder_cmd(
     except ValueError as e:  # unknown preset, a malformed --set
         fail(str(e))
     split = split if split is not None else or_exit(default_split, url, "train")
+    check_split(st, ds, split)  # a split that is missing or holds no ring: one line naming what exists
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     s = or_exit(train_decoder, checkpoint, url, cfg, out, split=split, max_steps=max_steps, echo=echo, errors=_ERRORS)
     if as_json:
@@ -95,8 +101,12 @@ def recon3d_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="`xwin train` checkpoint"),
     decoder: Path = typer.Option(..., "--decoder", help="`xwin train-decoder` checkpoint"),
     store: str = DatasetOpt,
+    cohort: str | None = CohortOpt,
+    spec_hash: str | None = SpecHashOpt,
     split: str | None = typer.Option(None, "--split", help="split to evaluate (default: test if assigned)"),
-    volumes: str | None = typer.Option(None, "--volumes", help="volume ids, comma separated (default: the split)"),
+    volumes: str | None = typer.Option(
+        None, "--volumes", help="volume ids or unique prefixes, comma separated (default: the split)"
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many volumes"),
     backend: str = typer.Option("auto", "--backend", help="FDK backend: auto | numba | rtk | astra"),
     out: Path | None = typer.Option(None, "--out", help="recon3d.json + <volume>_slices.png (default: beside DEC)"),
@@ -104,11 +114,15 @@ def recon3d_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the rows and means as JSON"),
 ) -> None:
     """From the frontal view alone: predicted views over +-90 deg, decoded, FDK; PSNR/SSIM vs stored views and CT."""
-    from xwin.training.eval3d import MEAN_KEYS, run_recon3d
+    from xwin.training.eval3d import MEAN_KEYS, eval_split, run_recon3d
 
     _file(checkpoint, "--checkpoint")
     _file(decoder, "--decoder")
-    url = _dataset(store)
+    st, ds, url = resolve_dataset(store, cohort, spec_hash)
+    ids = resolve_volumes(ds, _ids(volumes) or []) if volumes is not None else None
+    split = or_exit(eval_split, url, split, ids)
+    if ids is None:
+        check_split(st, ds, split)
     out_dir = out if out is not None else decoder.parent / "recon3d"
     s = or_exit(
         run_recon3d,
@@ -116,7 +130,7 @@ def recon3d_cmd(
         decoder,
         url,
         split=split,
-        volumes=_ids(volumes),
+        volumes=ids,
         limit=limit,
         backend=backend,
         out_dir=out_dir,
@@ -139,12 +153,16 @@ def recon3d_cmd(
 def domain_gap_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="`xwin train` checkpoint"),
     store: str = DatasetOpt,
+    cohort: str | None = CohortOpt,
+    spec_hash: str | None = SpecHashOpt,
     real: Path = typer.Option(..., "--real", help="directory of real radiographs (or a MIMIC-CXR-JPG root)"),
     split: str | None = typer.Option(None, "--split", help="split of the DRRs (default: test if assigned)"),
     real_split: str = typer.Option(
         "test", "--real-split", help="real images of this split's subjects (default: held-out test; all: every one)"
     ),
-    volumes: str | None = typer.Option(None, "--volumes", help="volume ids, comma separated (default: the split)"),
+    volumes: str | None = typer.Option(
+        None, "--volumes", help="volume ids or unique prefixes, comma separated (default: the split)"
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many volumes"),
     yaws: str | None = typer.Option(None, "--yaws", help="DRR yaws in degrees (default: the training contexts)"),
     max_real: int | None = typer.Option(None, "--max-real", min=1, help="at most this many real images"),
@@ -154,10 +172,14 @@ def domain_gap_cmd(
 ) -> None:
     """Cosine similarity and L2 distance between the feature centres of held-out DRRs and held-out real
     radiographs (the test split of both, unless --split / --volumes / --real-split say otherwise)."""
-    from xwin.training.eval3d import run_domain_gap
+    from xwin.training.eval3d import eval_split, run_domain_gap
 
     _file(checkpoint, "--checkpoint")
-    url = _dataset(store)
+    st, ds, url = resolve_dataset(store, cohort, spec_hash)
+    ids = resolve_volumes(ds, _ids(volumes) or []) if volumes is not None else None
+    split = or_exit(eval_split, url, split, ids)
+    if ids is None:
+        check_split(st, ds, split)
     yaw_list = None
     if yaws is not None:
         try:
@@ -173,7 +195,7 @@ def domain_gap_cmd(
         real,
         split=split,
         real_split=real_split,
-        volumes=_ids(volumes),
+        volumes=ids,
         limit=limit,
         yaws=yaw_list,
         max_real=max_real,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from xwin.flows.cli.common import check_cohort, check_manifest, probe_s3
+from xwin.flows.cli.common import check_cohort, check_manifest, check_sources, check_store_target
 from xwin.schemas.ingest import RunSummary
 
 
@@ -65,7 +65,8 @@ def ingest_cmd(
     check_cohort(cohort)  # before anything is created in the store
     for m in mans:
         check_manifest(m)  # a missing file or one without the NBIA header: one line, exit 2
-    probe_s3(store)  # an S3 store that cannot be reached: one line, exit 2
+    check_sources(srcs, option="source")  # a source that does not exist: one line each, exit 2
+    check_store_target(store)  # an S3 store that cannot be reached, a local one that cannot be written: exit 2
     try:
         from xwin.storage import ClaimHeld, is_transient, open_store
 

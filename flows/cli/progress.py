@@ -20,7 +20,18 @@ if TYPE_CHECKING:
 
 
 def _vid(ev: dict) -> str:
-    return str(ev.get("volume_id") or ev.get("input") or "?")[:12]
+    """A series as a line names it: the first 12 characters of its volume id (a unique prefix in practice), else
+    the input as given, whole."""
+    vid = ev.get("volume_id")
+    return str(vid)[:12] if vid else str(ev.get("input") or "a series")
+
+
+def _series(ev: dict) -> str:
+    """The series of a ``series`` event: volume id prefix and input (a failed or rejected one is named by both)."""
+    vid, given = ev.get("volume_id"), ev.get("input")
+    if vid and given and ev.get("status") in ("failed", "rejected"):
+        return f"{str(vid)[:12]} ({given})"
+    return _vid(ev)
 
 
 class ProgressLog:
@@ -40,7 +51,10 @@ class ProgressLog:
         e = ev.get("event")
         if e == "start":
             self.total = int(ev["total"])
-            self.line(f"backfill {ev['cohort']}: {ev['total']} series to process, {ev['skipped']} already done")
+            extra = "".join(
+                f", {ev[k]} {k} while planning" for k in ("rejected", "failed") if ev.get(k)
+            )  # so that "0 to process" never precedes "rejected 1 of 1 planned" unexplained
+            self.line(f"backfill {ev['cohort']}: {ev['total']} series to process, {ev['skipped']} already done{extra}")
         elif e == "step":
             step, s = ev.get("step"), float(ev.get("seconds") or 0.0)
             if step == "ingest":
@@ -56,7 +70,8 @@ class ProgressLog:
             self.line(f"{_vid(ev)}: rendering {ev['total']} views")
         elif e == "series":
             self.n += 1
-            self.line(f"[{self.n}/{self.total}] {ev.get('status')} {_vid(ev)}")
+            flags = f" (QC flagged: {', '.join(ev['qc_flags'])})" if ev.get("qc_flags") else ""
+            self.line(f"[{self.n}/{self.total}] {ev.get('status')} {_series(ev)}{flags}")
         elif e == "stage":
             self.line(str(ev.get("name")))
 

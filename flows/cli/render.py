@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from xwin.flows.cli.common import CohortOpt, SpecOpt, StoreOpt, load_spec, open_store_cli
+from xwin.flows.cli.common import CohortOpt, SpecOpt, StoreOpt, check_backend, load_spec, open_store_cli
 
 
 def render_cmd(
@@ -21,14 +21,13 @@ def render_cmd(
 ) -> None:
     """Render yaw rings of canonical volumes into the store (skips rings already present)."""
     from xwin.flows.render import render_volume_to_store
-    from xwin.pipeline.render import resolve_backend
 
     if bool(volume) == all_:
         raise typer.BadParameter("give --volume ID (repeatable) or --all")
     rs = load_spec(spec)
-    name = resolve_backend(backend)
+    name = check_backend(backend)  # unknown or not runnable here: one line, exit 2
     st = open_store_cli(store)
-    ids = [r.volume_id for r in st.list_volumes(cohort)] if all_ else list(volume or [])
+    ids = [r.volume_id for r in st.list_volumes(cohort)] if all_ else _volume_ids(st, volume or [])
     counts = {"written": 0, "skipped": 0, "failed": 0}
     for vid in ids:
         try:
@@ -45,3 +44,32 @@ def render_cmd(
     )
     if counts["failed"]:
         raise typer.Exit(code=1)
+
+
+def _volume_ids(st, given: list[str]) -> list[str]:
+    """Committed volume ids, each given whole or as a unique prefix (as every command takes them); one that names
+    no committed volume, or several, ends the command with one line."""
+    from xwin.flows.cli.common import fail
+
+    catalog: list[str] | None = None
+    out, bad = [], []
+    for v in given:
+        try:
+            whole = st.has_volume(v)
+        except ValueError:  # not an id at all
+            whole = False
+        if whole:
+            out.append(v)
+            continue
+        if catalog is None:
+            catalog = sorted(r.volume_id for r in st.volumes.catalog())
+        hits = [c for c in catalog if c.startswith(v)]
+        if len(hits) == 1:
+            out.append(hits[0])
+        elif not hits:
+            bad.append(f"--volume {v}: no committed volume has this id or prefix in {st.url}")
+        else:
+            bad.append(f"--volume {v}: ambiguous ({', '.join(hits[:5])}): give a longer prefix")
+    if bad:
+        fail(*bad)
+    return out

@@ -9,10 +9,24 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from xwin.flows.cli.common import JsonOpt, StoreOpt, check_cohort, fail, open_store_cli, or_exit
+from xwin.flows.cli.common import (
+    HELP_OPTIONS,
+    JsonOpt,
+    StoreOpt,
+    XwinGroup,
+    dataset_options,
+    fail,
+    open_store_cli,
+    or_exit,
+)
 
 splits_app = typer.Typer(
-    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="subject-level splits of a cohort"
+    add_completion=False,
+    cls=XwinGroup,
+    context_settings=HELP_OPTIONS,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="subject-level splits of a cohort",
 )
 
 
@@ -37,6 +51,15 @@ def read_exclusions(path: Path) -> list[str]:
     except OSError as e:
         fail(f"--exclude {path}: {e.strerror or e}")
     return [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+
+
+def _cohort(store: str, cohort: str | None) -> tuple[str, str]:
+    """(store url, cohort) from ``--store URL`` + ``--cohort`` or ``--store URL#COHORT`` (the way every command names
+    a dataset, flows/cli/common.py); no cohort: one line, exit 2."""
+    url, c, _ = dataset_options(store, cohort)
+    if c is None:
+        fail(f"--store {store}: name the cohort: --cohort NAME or --store {url}#NAME")
+    return url, c
 
 
 def _show(doc, as_json: bool) -> None:
@@ -108,7 +131,7 @@ def _facts(st, records):
 @splits_app.command("assign")
 def assign_cmd(
     store: StoreOpt,
-    cohort: str = typer.Option(..., "--cohort", help="cohort whose volumes are assigned"),
+    cohort: str | None = typer.Option(None, "--cohort", help="cohort to assign (or --store URL#COHORT)"),
     fractions: str = typer.Option("train=0.8,val=0.1,test=0.1", "--fractions", help="NAME=FRACTION,... (sum 1)"),
     salt: str = typer.Option("xwin-splits-v1", "--salt", help="mixed into each subject's hash"),
     group_by: str = typer.Option("subject", "--group-by", help="subject | manufacturer | site"),
@@ -128,7 +151,7 @@ def assign_cmd(
     from xwin.pipeline.splits import assign_splits, content_links, duplicate_scores, mark_duplicates
     from xwin.schemas.cohort import SplitPolicy
 
-    check_cohort(cohort)
+    store, cohort = _cohort(store, cohort)
     try:
         policy = SplitPolicy(fractions=parse_fractions(fractions), salt=salt, group_by=group_by)
     except ValidationError as e:
@@ -211,11 +234,11 @@ def assign_cmd(
 @splits_app.command("show")
 def show_cmd(
     store: StoreOpt,
-    cohort: str = typer.Option(..., "--cohort", help="cohort"),
+    cohort: str | None = typer.Option(None, "--cohort", help="the cohort (or --store URL#COHORT)"),
     as_json: JsonOpt = False,
 ) -> None:
     """Print a cohort's assignment: every volume's split and subject, and the counts."""
-    check_cohort(cohort)
+    store, cohort = _cohort(store, cohort)
     st = open_store_cli(store)
     doc = or_exit(st.read_splits, cohort)
     if doc is None:
@@ -225,7 +248,7 @@ def show_cmd(
 
 def card_cmd(
     store: StoreOpt,
-    cohort: str = typer.Option(..., "--cohort", help="cohort"),
+    cohort: str | None = typer.Option(None, "--cohort", help="the cohort (or --store URL#COHORT)"),
     out: Path = typer.Option(..., "--out", help="folder for card.md, card.json, preview.png"),
     licence: str | None = typer.Option(None, "--licence", help="the cohort's licence (known for nlst)"),
     source: str | None = typer.Option(None, "--source", help="where the cohort comes from (known for nlst)"),
@@ -234,7 +257,7 @@ def card_cmd(
     """Write the cohort's dataset card: counts by split, timepoint, vendor, kernel; QC; rejections; spec; licence."""
     from xwin.flows.card import write_card
 
-    check_cohort(cohort)
+    store, cohort = _cohort(store, cohort)
     st = open_store_cli(store)
     card = or_exit(write_card, st, cohort, out, licence=licence, source=source)
     if as_json:

@@ -3,6 +3,7 @@ JSON) and ``export`` (views or the volume as .npy; geometry and datasets for oth
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -12,9 +13,11 @@ import typer
 
 from xwin.flows.cli.common import (
     CohortOpt,
+    DatasetStoreOpt,
     JsonOpt,
     SpecHashOpt,
     StoreOpt,
+    dataset_options,
     fail,
     load_spec,
     open_store_cli,
@@ -27,18 +30,21 @@ def status_cmd(store: StoreOpt, as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(st.model_dump_json(indent=1))
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"xwin store {st.url}")
-    for col in ("scope", "cohort", "spec_hash", "committed", "in_progress", "stale_claim"):
-        t.add_column(col)
+    # fits 80 columns whole: the spec hash and the counts never wrap or get cut; a long cohort name folds
+    t = Table(title=f"xwin store {st.url}", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("scope", no_wrap=True)
+    t.add_column("cohort", overflow="fold")
+    t.add_column("spec hash", no_wrap=True, min_width=16)
+    for col in ("committed", "in progress", "stale claims"):
+        t.add_column(col, justify="right", no_wrap=True)
     v = st.volumes
     for cohort, n in sorted(v.per_cohort.items()) or [("-", 0)]:
         t.add_row("volumes", cohort, "-", str(n), "", "")
-    t.add_row(
-        "volumes (all)", "*", "-", *(str(v.counts.get(k, 0)) for k in ("committed", "in_progress", "stale_claim"))
-    )
+    t.add_row("volumes", "(all)", "-", *(str(v.counts.get(k, 0)) for k in ("committed", "in_progress", "stale_claim")))
     for d in st.datasets:
         t.add_row(
             "rings",
@@ -79,7 +85,7 @@ def verify_cmd(
 
 
 def inspect_cmd(
-    store: str = typer.Option(..., "--store", help="store URL"),
+    store: DatasetStoreOpt,
     volume: str = typer.Option(..., "--volume", help="volume id (a unique prefix is enough)"),
     out: Path = typer.Option(..., "--out", help="PNG to write"),
     cohort: str | None = typer.Option(None, "--cohort", help="dataset cohort (when several hold the volume)"),
@@ -90,6 +96,7 @@ def inspect_cmd(
     """Contact sheet of one stored ring: frontal and lateral views large, every view as a thumbnail."""
     from xwin.flows.reports import contact_sheet
 
+    store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
     try:
         ds, vid = open_store_cli(store).find_ring(volume, cohort, spec_hash)
     except LookupError as e:
@@ -108,31 +115,32 @@ def inspect_cmd(
 
 
 def describe_cmd(
-    store: StoreOpt,
+    store: DatasetStoreOpt,
     volume: Annotated[str, typer.Option("--volume", help="volume id (a unique prefix is enough)")],
     cohort: CohortOpt = None,
     spec: Annotated[
         Path | None, typer.Option("--spec", help="RenderSpec file (default: the store's dataset of the volume)")
     ] = None,
     spec_hash: SpecHashOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON (the only format)")] = True,
+    _json: Annotated[bool, typer.Option("--json", hidden=True)] = False,  # accepted: the output is always JSON
 ) -> None:
-    """Print a volume's geometry (affine, shape, frame, units) and its views' yaw and cone_vec as JSON.
+    """Print a volume's geometry (affine, shape, frame, units) and its views' yaw and cone_vec as JSON (always).
 
     Without --spec: the dataset of the store that holds the volume's ring (else the one dataset of its cohort)."""
     from xwin.flows.describe import describe_volume
 
+    store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
     rs = load_spec(spec) if spec is not None else None
     st = open_store_cli(store)
     try:
         d = describe_volume(st, volume, rs, cohort, spec_hash)
     except LookupError as e:
         fail(str(e))
-    typer.echo(json.dumps(d, indent=1 if as_json else None))
+    typer.echo(json.dumps(d, indent=1))
 
 
 def export_cmd(
-    store: StoreOpt,
+    store: DatasetStoreOpt,
     what: Annotated[
         str,
         typer.Option(
@@ -142,7 +150,9 @@ def export_cmd(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="output .npy file (geometry, dataset: a folder)")],
-    volume: Annotated[str | None, typer.Option("--volume", help="volume id (not for --what dataset)")] = None,
+    volume: Annotated[
+        str | None, typer.Option("--volume", help="volume id, a unique prefix is enough (not for --what dataset)")
+    ] = None,
     cohort: CohortOpt = None,
     spec: Annotated[
         Path | None, typer.Option("--spec", help="RenderSpec file (default: the store's dataset of the volume)")
@@ -157,6 +167,7 @@ def export_cmd(
     """Export a ring's views, its label thickness maps (channels as `describe` lists them) or the canonical HU
     volume as .npy (voxel order matches `describe`'s affine); a ring's geometry for RTK, ASTRA or DiffDRR, or a
     cohort's rings as WebDataset shards or a Hugging Face dataset, as a folder (docs/interop.md)."""
+    store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
     if what in ("geometry", "dataset"):  # files other tools read: flows/cli/interop.py
         from xwin.flows.cli import interop
 
@@ -174,6 +185,13 @@ def export_cmd(
     st = open_store_cli(store)
     try:
         if what == "volume":
+            from xwin.flows.describe import find_volume_dataset
+            from xwin.storage import DatasetLookupError
+
+            # a unique prefix of a volume with a ring names it, as for views; a whole id of a volume without a ring
+            # stays as given (read_volume says when there is none)
+            with contextlib.suppress(DatasetLookupError):
+                _, volume = find_volume_dataset(st, volume, cohort, spec_hash)
             _, hu = st.read_volume(volume)
             arr = np.asarray(hu)
         else:

@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from xwin.flows.cli.common import fail, open_store_cli, or_exit, problem_line, read_mapping
+from xwin.flows.cli.common import (
+    check_split,
+    dataset_options,
+    fail,
+    or_exit,
+    problem_line,
+    read_mapping,
+    resolve_dataset,
+)
 
 if TYPE_CHECKING:
     from xwin.training.config import TrainConfig
@@ -18,8 +26,13 @@ if TYPE_CHECKING:
 def train(
     config: Path | None = typer.Option(None, "--config", help="YAML/JSON config file (training/config.py)"),
     preset: str | None = typer.Option(None, "--preset", help="tiny (CPU) or base (the paper)"),
-    store: str | None = typer.Option(None, "--store", help="store URL holding the projection dataset"),
+    store: str | None = typer.Option(
+        None, "--store", help="store URL, or the dataset: <store url>#<cohort>[/<spec hash>]"
+    ),
     cohort: str | None = typer.Option(None, "--cohort", help="cohort of the dataset (default: the only one)"),
+    spec_hash: str | None = typer.Option(
+        None, "--spec-hash", help="spec hash (or a unique prefix) when the cohort has several"
+    ),
     real: str | None = typer.Option(None, "--real", help="directory of real radiographs (or 'synthetic')"),
     split: str | None = typer.Option(None, "--split", help="subject-level split to train on (xwin splits)"),
     synthetic: bool = typer.Option(False, "--synthetic", help="train on procedural phantoms (no store)"),
@@ -35,9 +48,12 @@ def train(
 ) -> None:
     """Train the X-WIN world model (CPU, one GPU, or torchrun/DDP)."""
     # the options' values are taken as given (``--cohort 2024`` is the cohort "2024"); only --set is parsed as YAML
+    if store is not None:  # the one way every command names a dataset (flows/cli/common.py)
+        store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
     given: dict[str, tuple[str, Any]] = {
         "data.store": ("--store", store),
         "data.cohort": ("--cohort", cohort),
+        "data.spec_hash": ("--spec-hash", spec_hash),
         "data.split": ("--split", split),
         "data.real": ("--real", real),
         "data.synthetic": ("--synthetic", True if synthetic else None),
@@ -50,7 +66,13 @@ def train(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if cfg.data.store and not cfg.data.synthetic:
-        open_store_cli(cfg.data.store)  # a store that does not exist is an error, never a new empty one
+        # a store that does not exist is an error, never a new empty one; no dataset, or several: one line naming them
+        st, ds, _ = resolve_dataset(cfg.data.store, cfg.data.cohort, cfg.data.spec_hash)
+        for option, sp in (
+            ("--split", cfg.data.split),
+            ("data.val_split", cfg.data.val_split if cfg.val_every else None),
+        ):
+            check_split(st, ds, sp, option)
     sim, real_stream = or_exit(build_streams, cfg)
     from xwin.training.loop import build_val_streams
 
@@ -143,12 +165,14 @@ def probe(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="training checkpoint (.pt)"),
     data: Path = typer.Option(..., "--data", help="labelled image folder: one subfolder per class"),
     test_frac: float = typer.Option(0.3, "--test-frac", help="held-out fraction per class"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seed of the train/test draw"),
     encoder: str = typer.Option("ema", "--encoder", help="ema (paper) or online"),
     group_by: str = typer.Option(
         "none", "--group-by", help="keep groups whole: dir (patient folders) | REGEX on the path | none"
     ),
-    split: str | None = typer.Option(None, "--split", help="only the subjects of this split (needs --group-by)"),
+    split: str | None = typer.Option(
+        None, "--split", help="only the subjects of this split (needs --group-by dir or REGEX)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Linear probe of a frozen encoder: AUROC per class on a held-out split (whole groups with --group-by)."""

@@ -9,31 +9,56 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from xwin.flows.cli.common import load_spec, open_store_cli, or_exit, prefect_server_configured, quiet_prefect
+from xwin.flows.cli.common import (
+    configured_prefect_api,
+    dataset_options,
+    fail,
+    load_spec,
+    open_store_cli,
+    or_exit,
+    prefect_server_configured,
+    quiet_prefect,
+    require_prefect_server,
+    resolve_dataset,
+    resolve_volumes,
+)
 
 if TYPE_CHECKING:
     from xwin.pipeline.reconstruct import ValidationResult
 
 
 def validate_cmd(
-    store: str = typer.Option(..., "--store", help="store URL"),
-    cohort: str = typer.Option(..., "--cohort"),
-    spec: Path | None = typer.Option(None, "--spec", help="RenderSpec of the dataset (default X-WIN)"),
-    spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash (instead of --spec)"),
-    volume: list[str] | None = typer.Option(None, "--volume", help="volume ids (default: every ring)"),
-    limit: int | None = typer.Option(None, "--limit", min=1),
-    prefect: bool | None = typer.Option(None, "--prefect/--no-prefect"),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    store: str = typer.Option(..., "--store", help="store URL, or the dataset: <store url>#<cohort>[/<spec hash>]"),
+    cohort: str | None = typer.Option(None, "--cohort", help="cohort of the dataset (default: the store's only one)"),
+    spec: Path | None = typer.Option(None, "--spec", help="RenderSpec file of the dataset (instead of --spec-hash)"),
+    spec_hash: str | None = typer.Option(
+        None, "--spec-hash", help="spec hash (or a unique prefix) when the cohort has several"
+    ),
+    volume: list[str] | None = typer.Option(
+        None, "--volume", help="volume id or unique prefix (repeatable; default: every ring)"
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many rings"),
+    prefect: bool | None = typer.Option(
+        None, "--prefect/--no-prefect", help="run as a Prefect flow (default: when PREFECT_API_URL is set)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Prefect INFO logs"),
 ) -> None:
     """FDK-reconstruct stored rings of a cohort and score PSNR/SSIM against their source volumes."""
     quiet_prefect(verbose, server=prefect if prefect is not None else prefect_server_configured())
-    sh = spec_hash or load_spec(spec).spec_hash
-    open_store_cli(store)  # exists and can be reached
+    if spec is not None:
+        if spec_hash is not None:
+            fail("give --spec or --spec-hash, not both")
+        spec_hash = load_spec(spec).spec_hash
+    _, ds, _ = resolve_dataset(store, cohort, spec_hash)  # exists, can be reached, names one dataset
+    store, cohort, sh = dataset_options(store)[0], ds.cohort, ds.spec_hash
+    volume = resolve_volumes(ds, volume, "--volume") if volume else None
     from xwin.flows.runtime import LocalStages, prefect_api_url
     from xwin.flows.validate import run_validation, validate_cohort
 
     use_prefect = prefect if prefect is not None else prefect_api_url() is not None
+    if use_prefect and configured_prefect_api() is not None:
+        require_prefect_server("xwin validate", hint=", or run without it: --no-prefect")
     if use_prefect:
         res = validate_cohort(store=store, cohort=cohort, spec_hash=sh, volume_ids=volume, limit=limit)
     else:
@@ -50,7 +75,7 @@ def validate_cmd(
 
 
 def reconstruct_cmd(
-    store: str = typer.Option(..., "--store", help="store URL (local path or s3://bucket/prefix)"),
+    store: str = typer.Option(..., "--store", help="store URL, or the dataset: <store url>#<cohort>[/<spec hash>]"),
     volume: str = typer.Option(..., "--volume", help="volume id (a unique prefix is enough)"),
     cohort: str | None = typer.Option(None, "--cohort", help="cohort (default: the one holding its ring)"),
     spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash when several exist"),
@@ -62,6 +87,7 @@ def reconstruct_cmd(
     quiet_prefect(False, server=False)  # runs here; the module imports Prefect for its flow
     from xwin.flows.validate import validate_stored_ring
 
+    store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
     st = open_store_cli(store)
 
     def run() -> ValidationResult:

@@ -151,7 +151,8 @@ def ingest_sources(
                 continue
             # record.volume_id is the study's next-ranked series when the chosen one failed to load: a rerun
             # tries the chosen series again (it may have been repaired) and skips a fallback it already has
-            entry = RunEntry(input=c.input, volume_id=record.volume_id, series_uid=record.series_uid)
+            flags = [q.name for q in record.qc if q.flagged]
+            entry = RunEntry(input=c.input, volume_id=record.volume_id, series_uid=record.series_uid, qc_flags=flags)
             fell_back = record.volume_id != c.volume_id
             if fell_back and (record.volume_id in seen or store.has_volume(record.volume_id)):
                 summary.skipped.append(entry)

@@ -98,11 +98,12 @@ class StoreSource:
     @staticmethod
     def parse(dataset_url: str, storage_options: dict | None = None) -> StoreSource:
         """``"s3://bucket/prefix#nlst/0123abcd"`` or ``"/data/xwin#nlst"`` -> StoreSource."""
-        url, sep, frag = dataset_url.partition("#")
-        if not sep or not frag:
+        from xwin.storage.layout import split_dataset_url
+
+        url, cohort, spec_hash = split_dataset_url(dataset_url)
+        if cohort is None:
             raise ValueError(f"dataset URL {dataset_url!r} must be '<store url>#<cohort>[/<spec hash>]'")
-        cohort, _, spec_hash = frag.partition("/")
-        return StoreSource(url, cohort, spec_hash or None, storage_options)
+        return StoreSource(url, cohort, spec_hash, storage_options)
 
     @property
     def dataset_url(self) -> str:
