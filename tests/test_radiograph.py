@@ -197,3 +197,56 @@ def test_look_validation_and_files(tmp_path):
     t = R.radiograph_view(soft, zero, lk.model_copy(update={"output": "transmission"}), 1.0)
     p0 = float(R.lut(lk)(soft[:1, :1], zero[:1, :1])[0, 0])
     np.testing.assert_allclose(t, p0 / (1 - 0.3), rtol=1e-4)
+
+
+def test_stream_draws_a_look_per_sample(tmp_path):
+    """XWinStream(looks=...): each sample's images are the radiographs of one look drawn from the ranges with the
+    sample's rng, made from the stored bases of exactly the views drawn, and the sample records the look."""
+    import json
+
+    from xwin.pipeline.materials import render_ring_materials
+    from xwin.pipeline.render import render_ring
+    from xwin.schemas.look import LOOK_VECTOR_FIELDS, LookRanges
+    from xwin.storage import open_store
+    from xwin.training.data import StoreSource, XWinSampling, XWinStream
+
+    hu = np.zeros((24, 20, 16), np.int16)
+    hu[6:18, 4:16, 4:12] = 700  # a block of bone-like tissue in water-like padding
+    A = np.diag([8.0, 8.0, 8.0, 1.0])
+    spec = RenderSpec(height=24, width=24, pixel_mm=12.0, n_views=12, yaw_step_deg=30.0, materials=True)
+    views, geom = render_ring(hu, A, spec, backend="joseph")
+    bases = render_ring_materials(hu, A, spec, geom, backend="joseph")
+    ds = open_store(tmp_path / "s").dataset("c1", spec)
+    ds.write_ring("v", views, geom.view_meta(), {}, materials=bases)
+    ranges = LookRanges(kvp=(60, 120), photons_per_pixel=(1e3, 1e5), output="transmission")
+
+    def stream(seed: int) -> XWinStream:
+        return XWinStream(
+            StoreSource(str(tmp_path / "s"), "c1", spec),
+            sampling=XWinSampling(n_targets=2, step_deg=30.0, max_abs_deg=90.0),
+            image_size=24,
+            seed=seed,
+            looks=ranges,
+            draws_per_volume=4,
+        )
+
+    samples = list(stream(0))
+    assert len(samples) == 4
+    kvps = {float(s["look"][LOOK_VECTOR_FIELDS.index("kvp")]) for s in samples}
+    assert len(kvps) >= 2 and all(60 <= k <= 120 for k in kvps)  # the look changes from sample to sample
+    stored = ds.read_materials("v")
+    for s in samples:
+        look = Look.model_validate_json(s["look_json"])
+        k0 = spec.view_index(float(s["context_yaw"]))
+        want = R.radiograph(stored[:, [k0]], look, pixel_mm=12.0, view_indices=[k0])[0]
+        np.testing.assert_allclose(s["context"][0].numpy(), want, rtol=1e-5, atol=1e-6)
+        assert json.loads(s["look_json"])["kvp"] == float(s["look"][0])
+    again = list(stream(0))  # the same seed draws the same looks and the same noise
+    np.testing.assert_array_equal(again[0]["targets"].numpy(), samples[0]["targets"].numpy())
+    # the training config carries the ranges (YAML lists), validated like a look
+    from xwin.training.config import TrainConfig
+
+    cfg = TrainConfig.model_validate({"data": {"looks": {"kvp": [70, 100], "blur_mm": [0, 0.3]}}})
+    assert cfg.data.looks is not None and cfg.data.looks.kvp == (70.0, 100.0)
+    with pytest.raises(ValidationError, match="kvp"):
+        TrainConfig.model_validate({"data": {"looks": {"kvp": [20, 100]}}})
