@@ -197,6 +197,13 @@ def test_look_validation_and_files(tmp_path):
     t = R.radiograph_view(soft, zero, lk.model_copy(update={"output": "transmission"}), 1.0)
     p0 = float(R.lut(lk)(soft[:1, :1], zero[:1, :1])[0, 0])
     np.testing.assert_allclose(t, p0 / (1 - 0.3), rtol=1e-4)
+    # the scatter kernel (blurred on blocks, brought back by interpolation) against scipy's full Gaussian
+    import scipy.ndimage as ndi
+
+    x = np.zeros((300, 260), np.float32)
+    x[60:200, 90:230] = 1.0
+    ref = ndi.gaussian_filter(x, 40.0, mode="nearest")
+    assert float(np.abs(R._wide_blur(x, 40.0) - ref).max()) < 0.02 * float(ref.max())
 
 
 def test_stream_draws_a_look_per_sample(tmp_path):
