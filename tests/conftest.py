@@ -33,11 +33,15 @@ CHECKED_MODULES = [
     "xwin.storage.entry",
     "xwin.pipeline.body",
     "xwin.pipeline.ingest.qc",
+    "xwin.pipeline.materials",
+    "xwin.pipeline.radiograph",
 ]
 with install_import_hook(CHECKED_MODULES, "typechecked.typechecker"):
     import xwin.pipeline.body
     import xwin.pipeline.geometry
     import xwin.pipeline.ingest.qc
+    import xwin.pipeline.materials
+    import xwin.pipeline.radiograph
     import xwin.pipeline.reconstruct
     import xwin.pipeline.render
     import xwin.storage  # noqa: F401
