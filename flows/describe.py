@@ -110,5 +110,9 @@ def _materials_entry(ds: ProjectionDataset | None, volume_id: str, spec: RenderS
         return None
     from xwin.pipeline.materials import MATERIAL_MODEL, MATERIALS, UNITS
 
-    names = ds.material_channels(volume_id) if ds is not None and rendered else list(MATERIALS)
-    return {"names": names, "units": UNITS, "shape": ["2", "V", "H", "W"], "stored": rendered, "model": MATERIAL_MODEL}
+    c = ds.scope.get_commit(volume_id) if ds is not None and rendered else None
+    if c is not None and c.material_channels:  # the stored ring's own bases and model
+        return {"names": list(c.material_channels), "units": UNITS, "shape": ["2", "V", "H", "W"], "stored": True,
+                "model": c.material_model}  # fmt: skip
+    return {"names": list(MATERIALS), "units": UNITS, "shape": ["2", "V", "H", "W"], "stored": False,
+            "model": MATERIAL_MODEL}  # fmt: skip

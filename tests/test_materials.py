@@ -118,6 +118,7 @@ def test_backfill_with_materials_describe_export_inspect(tmp_path):
     assert desc.exit_code == 0, desc.output
     m = json.loads(desc.stdout)["materials"]
     assert m["names"] == ["soft", "bone"] and m["units"] == "g/cm^2" and m["stored"] is True
+    assert m["model"]["hu_cortical"] == 1600.0 and "Schneider" in m["model"]["reference"]
     out = tmp_path / "m.npy"
     exp = CliRunner().invoke(app, ["export", "--store", store, "--volume", vid, "--what", "materials",
                                    "--out", str(out)])  # fmt: skip
