@@ -150,3 +150,17 @@ def test_backfill_with_materials_describe_export_inspect(tmp_path):
     res = CliRunner().invoke(app, ["export", "--store", store, "--volume", vid, "--what", "radiograph",
                                    "--look", str(bad), "--out", str(r)])  # fmt: skip
     assert res.exit_code == 2 and "kvp" in res.output and "bad.yaml" in res.output
+    # `xwin render` of the stored volume with another materials spec (no table removal) commits its bases too
+    spec2 = tmp_path / "spec2.json"
+    spec2.write_text(json.dumps({"height": 32, "width": 32, "pixel_mm": 16.0, "n_views": 4, "yaw_step_deg": 90.0,
+                                 "materials": True}))  # fmt: skip
+    ren = CliRunner().invoke(app, ["render", "--store", store, "--volume", vid, "--spec", str(spec2),
+                                   "--backend", "joseph"])  # fmt: skip
+    assert ren.exit_code == 0, ren.output
+    m2 = tmp_path / "m2.npy"
+    exp = CliRunner().invoke(app, ["export", "--store", store, "--volume", vid, "--what", "materials", "--spec",
+                                   str(spec2), "--out", str(m2)])  # fmt: skip
+    assert exp.exit_code == 0, exp.output
+    with_table = np.load(m2)
+    assert with_table.shape == bases.shape and float((with_table[0] - bases[0]).min()) > -0.01
+    assert float((with_table[0] - bases[0]).max()) > 0.5  # the scanner table and the air around the body are back
