@@ -32,6 +32,8 @@ class XWinStream(ResumableStream):
         actions_cumulative (N,) float32       -- target yaw - context yaw, degrees (== actions for "direct")
         context_yaw () float32, target_yaws (N,) float32 -- absolute yaws of the views read (from the store)
         volume_id str, position int, epoch int
+        look (K,) float32, look_json str      -- with ``looks``: the radiograph look the images were made with
+                                                 (``xwin.schemas.look.LOOK_VECTOR_FIELDS`` order; docs/appearance.md)
 
     dtype: output image dtype, ``None``/"float32" (default), or "float16"/"bfloat16" (half the bytes to move;
     the trainer autocasts to bf16 on GPU anyway). Values are computed in float32 and rounded once.
