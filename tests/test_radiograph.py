@@ -227,7 +227,7 @@ def test_stream_draws_a_look_per_sample(tmp_path):
     ds.write_ring("v", views, geom.view_meta(), {}, materials=bases)
     ranges = LookRanges(kvp=(60, 120), photons_per_pixel=(1e3, 1e5), output="transmission")
 
-    def stream(seed: int) -> XWinStream:
+    def stream(seed: int, batch_size: int | None = None) -> XWinStream:
         return XWinStream(
             StoreSource(str(tmp_path / "s"), "c1", spec),
             sampling=XWinSampling(n_targets=2, step_deg=30.0, max_abs_deg=90.0),
@@ -235,6 +235,7 @@ def test_stream_draws_a_look_per_sample(tmp_path):
             seed=seed,
             looks=ranges,
             draws_per_volume=4,
+            batch_size=batch_size,
         )
 
     samples = list(stream(0))
@@ -250,6 +251,13 @@ def test_stream_draws_a_look_per_sample(tmp_path):
         assert json.loads(s["look_json"])["kvp"] == float(s["look"][0])
     again = list(stream(0))  # the same seed draws the same looks and the same noise
     np.testing.assert_array_equal(again[0]["targets"].numpy(), samples[0]["targets"].numpy())
+    # batches from a DataLoader worker: the looks stacked (B, K), their JSON listed, the same images as in-process
+    from xwin.training.data import make_loader
+
+    batches = list(make_loader(stream(0, batch_size=2), num_workers=1))
+    assert [tuple(b["look"].shape) for b in batches] == [(2, len(LOOK_VECTOR_FIELDS))] * 2
+    assert batches[0]["look_json"] == [samples[0]["look_json"], samples[1]["look_json"]]
+    np.testing.assert_allclose(batches[0]["context"][1].numpy(), samples[1]["context"].numpy(), rtol=1e-6)
     # the training config carries the ranges (YAML lists), validated like a look
     from xwin.training.config import TrainConfig
 
