@@ -31,7 +31,7 @@ from xwin.storage.entry import (
     write_entry,
 )
 from xwin.storage.errors import ConflictError, NotCommitted, SpecMismatchError
-from xwin.storage.fastread import ShardReader, read_small_array, shard_reader
+from xwin.storage.fastread import ShardReader, channel_shard_reader, read_small_array, shard_reader
 from xwin.storage.layout import (
     DEFAULT_VIEW_CODEC,
     META_ARRAYS,
@@ -324,6 +324,7 @@ class ProjectionDataset:
             meta,
             shard_reader(b, f"{c.path}/{c.array}", zmeta),
         )
+        h.commit = c
         with self._cache_lock:  # two threads may have opened the same ring: the later handle replaces the earlier
             self._cache[vid] = h
             self._cache.move_to_end(vid)
@@ -390,16 +391,28 @@ class ProjectionDataset:
     ) -> Float32[np.ndarray, "M n H W"]:
         """Material bases (M, n, H, W) float32, areal densities [g/cm^2] (``material_channels`` order, soft and
         bone) of views ``indices`` (all views when None). Raises KeyError when the ring has none."""
-        c = self.scope.get_commit(check_id("volume_id", volume_id))
-        if c is None:
-            raise NotCommitted(f"ring {volume_id!r} is not committed in {self.path} of {self.store.url}")
-        if not c.material_channels:
+        h = self._handle(volume_id)  # the opened ring (cached): its commit record and, once read, the bases' index
+        c = h.commit
+        if c is None or not c.material_channels:
             raise KeyError(f"ring {volume_id!r} has no material bases (a spec with materials: true renders them)")
-        a = zarr.open_array(self.store.zstore, path=f"{c.path}/materials", mode="r", zarr_format=3)
+        V = h.shape[0]
         if indices is None:
-            return np.asarray(a[...], dtype=np.float32)
-        idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64) % a.shape[1]
-        return np.asarray(a.oindex[:, idx], dtype=np.float32)
+            idx = np.arange(V, dtype=np.int64)
+        else:
+            idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64) % V
+        if h.materials is None:  # our layout: direct chunk reads; anything else: zarr
+            path = f"{c.path}/materials"
+            zmeta = json.loads(self.store.backend.read_all(f"{path}/zarr.json"))
+            h.materials = channel_shard_reader(self.store.backend, path, zmeta) or zarr.open_array(
+                self.store.zstore, path=path, mode="r", zarr_format=3
+            )
+        m = h.materials
+        if isinstance(m, ShardReader):
+            n, C = len(idx), len(c.material_channels)
+            data = m.read(idx).reshape(n, C, m.shape[1] // C, m.shape[2]).transpose(1, 0, 2, 3)
+        else:
+            data = m.oindex[:, idx]
+        return cast(np.ascontiguousarray(data), np.dtype(np.float32), import_torch=False)
 
     def read_ring(self, volume_id: str) -> Float32[np.ndarray, "V H W"]:
         """All views (V, H, W) float32."""
@@ -440,6 +453,8 @@ class _RingHandle:
     ) -> None:
         self.store, self.array_path, self.shape, self.meta, self.fast = store, array_path, shape, meta, fast
         self._array: zarr.Array | None = None
+        self.commit: CommitRecord | None = None  # the ring's commit record (set by ProjectionDataset._handle)
+        self.materials: ShardReader | zarr.Array | None = None  # the material bases' reader, opened on first use
 
     @property
     def array(self) -> zarr.Array:

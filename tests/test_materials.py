@@ -79,6 +79,14 @@ def test_materials_stored_with_the_ring(small_ct, tmp_path):
     assert ds.material_channels("v") == list(MATERIALS)
     np.testing.assert_allclose(ds.read_materials("v", [3, 0]), bases[:, [3, 0]], rtol=1e-3, atol=1e-3)  # float16
     assert ds.read_materials("v").shape == (2, 4, 24, 24)
+    # the direct chunk reads return exactly what zarr-python decodes from the same array
+    import zarr
+
+    from xwin.storage.fastread import ShardReader
+
+    z = zarr.open_array(ds.store.zstore, path=f"{ds.scope.get_commit('v').path}/materials", mode="r", zarr_format=3)
+    np.testing.assert_array_equal(ds.read_materials("v", [2, 2, 1]), np.asarray(z.oindex[:, [2, 2, 1]], np.float32))
+    assert isinstance(ds._handle("v").materials, ShardReader)
     assert ds.scope.get_commit("v").material_model["hu_cortical"] == 1600.0
     assert ds.verify().clean
     c = ds.scope.get_commit("v")
