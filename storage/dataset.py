@@ -411,7 +411,7 @@ class ProjectionDataset:
             n, C = len(idx), len(c.material_channels)
             data = m.read(idx).reshape(n, C, m.shape[1] // C, m.shape[2]).transpose(1, 0, 2, 3)
         else:
-            data = m.oindex[:, idx]
+            data = np.asarray(m.oindex[:, idx])
         return cast(np.ascontiguousarray(data), np.dtype(np.float32), import_torch=False)
 
     def read_ring(self, volume_id: str) -> Float32[np.ndarray, "V H W"]:
