@@ -143,12 +143,7 @@ def export_cmd(
     store: StoreOpt,
     volume: Annotated[str, typer.Option("--volume", help="volume id")],
     what: Annotated[
-        str,
-        typer.Option(
-            "--what",
-            help="views (V,H,W) | labels (C,V,H,W) mm | materials (2,V,H,W) g/cm^2 | radiograph (V,H,W), needs "
-            "--look | volume (HU)",
-        ),
+        str, typer.Option("--what", help="views | labels | materials | radiograph (needs --look) | volume")
     ],
     out: Annotated[Path, typer.Option("--out", help="output .npy file")],
     cohort: CohortOpt = None,
@@ -158,9 +153,9 @@ def export_cmd(
     spec_hash: SpecHashOpt = None,
     look: Annotated[Path | None, typer.Option("--look", help="look file (YAML/JSON) for --what radiograph")] = None,
 ) -> None:
-    """Export a ring's views, its label thickness maps (channels as `describe` lists them), its material bases,
-    radiographs of a look made from them, or the canonical HU volume as .npy (voxel order matches `describe`'s
-    affine)."""
+    """Export a ring's views (V,H,W), its label thickness maps (C,V,H,W) mm (channels as `describe` lists them), its
+    material bases (2,V,H,W) g/cm^2, radiographs (V,H,W) of a look made from them, or the canonical HU volume as
+    .npy (voxel order matches `describe`'s affine); all float32 but the volume."""
     if what not in ("views", "labels", "materials", "radiograph", "volume"):
         raise typer.BadParameter("--what must be 'views', 'labels', 'materials', 'radiograph' or 'volume'")
     if what == "radiograph" and look is None:
