@@ -94,9 +94,25 @@ def describe_volume(
         "rendered": rendered,
         # the ring's label channels in order ([] without labels): `xwin export --what labels` (C, V, H, W) mm
         "labels": ds.label_channels(volume_id) if ds is not None and rendered else [],
+        # the material bases (spec.materials): `xwin export --what materials` (2, V, H, W) g/cm^2
+        "materials": _materials_entry(ds, volume_id, spec, rendered),
         "detector": {"height": g.height, "width": g.width},
         "views": [
             {"index": k, "yaw_deg": float(g.yaw_deg[k]), "cone_vec": [float(x) for x in g.cone_vecs[k]]}
             for k in range(len(g))
         ],
     }
+
+
+def _materials_entry(ds: ProjectionDataset | None, volume_id: str, spec: RenderSpec, rendered: bool) -> dict | None:
+    """``describe``'s ``materials``: the bases' names, units and model (None when the spec has no materials)."""
+    if not spec.materials:
+        return None
+    from xwin.pipeline.materials import MATERIAL_MODEL, MATERIALS, UNITS
+
+    c = ds.scope.get_commit(volume_id) if ds is not None and rendered else None
+    if c is not None and c.material_channels:  # the stored ring's own bases and model
+        return {"names": list(c.material_channels), "units": UNITS, "shape": ["2", "V", "H", "W"], "stored": True,
+                "model": c.material_model}  # fmt: skip
+    return {"names": list(MATERIALS), "units": UNITS, "shape": ["2", "V", "H", "W"], "stored": False,
+            "model": MATERIAL_MODEL}  # fmt: skip

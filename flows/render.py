@@ -57,6 +57,17 @@ def ring_provenance(
     return prov
 
 
+def material_bases(hu: Any, affine: Any, spec: RenderSpec, geom: Any, backend: str, **options: Any) -> dict[str, Any]:
+    """The write_ring keywords of a ring's material bases (``materials``, ``material_model``) when ``spec.materials``
+    (rendered through the backend and rays of the views, xwin.pipeline.materials), else {}."""
+    if not spec.materials:
+        return {}
+    from xwin.pipeline.materials import MATERIAL_MODEL, MATERIALS, render_ring_materials
+
+    bases = render_ring_materials(hu, np.asarray(affine, np.float64), spec, geom, backend=backend, **options)
+    return {"materials": bases, "material_channels": list(MATERIALS), "material_model": dict(MATERIAL_MODEL)}
+
+
 def render_volume_to_store(
     store: Store, volume_id: str, spec: RenderSpec, cohort: str | None = None, backend: str = "auto", **options
 ) -> str:
@@ -74,6 +85,7 @@ def render_volume_to_store(
     notes: list[str] = []
     t0 = time.perf_counter()
     views, geom = render_ring(hu, np.asarray(rec.affine, dtype=np.float64), spec, backend=name, notes=notes, **options)
+    mat_kw = material_bases(hu, rec.affine, spec, geom, name, notes=notes, **options)
     prov = ring_provenance(
         volume_id=volume_id,
         source=rec.source,
@@ -83,5 +95,5 @@ def render_volume_to_store(
         series_uid=rec.series_uid,
         notes=notes,
     )
-    ds.write_ring(volume_id, views, geom.view_meta(), prov)
+    ds.write_ring(volume_id, views, geom.view_meta(), prov, **mat_kw)
     return "written"

@@ -271,7 +271,7 @@ def render_series(
     that does not fit the volume is noted in the ring's provenance and the ring is committed without labels."""
     if isinstance(ingested, Rejection):
         return Outcome("rejected", rejection=ingested)
-    from xwin.flows.render import ring_provenance
+    from xwin.flows.render import material_bases, ring_provenance
     from xwin.pipeline.render import render_ring, resolve_backend
     from xwin.storage import ClaimHeld
 
@@ -303,6 +303,8 @@ def render_series(
                     views, geom = render_ring(
                         hu, np.asarray(record.affine), ds.spec, name, notes=notes, on_progress=on_views
                     )
+                    # the material bases (spec.materials): the same rays and backend, in the same commit
+                    mat_kw = material_bases(hu, record.affine, ds.spec, geom, name, notes=notes)
                     t3 = time.perf_counter()
                     progress.step(vid, "render", t3 - t2, views=len(geom))
             except Exception as e:  # classified: transient errors (incl. out of memory) retry, the rest reject
@@ -329,7 +331,7 @@ def render_series(
                 series_uid=ingested.series_uid,
                 notes=notes,
             )
-            ds.write_ring(vid, views, geom.view_meta(), prov, owner=owner, **label_kw)
+            ds.write_ring(vid, views, geom.view_meta(), prov, owner=owner, **label_kw, **mat_kw)
             t4 = time.perf_counter()
             progress.step(vid, "commit", t4 - t3)
     except ClaimHeld as e:  # another live worker is writing this ring right now

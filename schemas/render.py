@@ -55,6 +55,13 @@ class RenderSpec(BaseModel):
         "before projection (xwin.pipeline.body; a radiograph has no CT table). Off by default: docs/render.md.",
     )
 
+    materials: bool = Field(
+        False,
+        description="also render the material bases: per view the areal density [g/cm^2] of soft tissue (water) and "
+        "bone along every ray, through the same rays and backend as the views, stored with the ring as a "
+        "(2, V, H, W) float16 array (xwin.pipeline.materials; docs/appearance.md). Off by default.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> RenderSpec:
         if self.sdd_mm <= self.sid_mm:

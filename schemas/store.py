@@ -50,6 +50,11 @@ class CommitRecord(_Model):
     label_channels: list[str] | None = None
     labels_checksum: str | None = None
     label_spec: dict[str, Any] | None = None
+    # rings of a spec with ``materials``: the basis names (in order) of the ``materials`` array (2, V, H, W) of areal
+    # densities [g/cm^2], the sha256 of its stored float16 values and the HU -> material model they were made with
+    material_channels: list[str] | None = None
+    materials_checksum: str | None = None
+    material_model: dict[str, Any] | None = None
     writer: str  # claim owner that committed it
     committed_at: datetime = Field(default_factory=_now)
     versions: dict[str, str] = Field(default_factory=dict)

@@ -31,7 +31,7 @@ from xwin.storage.entry import (
     write_entry,
 )
 from xwin.storage.errors import ConflictError, NotCommitted, SpecMismatchError
-from xwin.storage.fastread import ShardReader, read_small_array, shard_reader
+from xwin.storage.fastread import ShardReader, channel_shard_reader, read_small_array, shard_reader
 from xwin.storage.layout import (
     DEFAULT_VIEW_CODEC,
     META_ARRAYS,
@@ -149,6 +149,9 @@ class ProjectionDataset:
         labels: Float[np.ndarray, "C V H W"] | None = None,
         label_channels: Sequence[str] | None = None,
         label_spec: dict | None = None,
+        materials: Float[np.ndarray, "2 V H W"] | None = None,
+        material_channels: Sequence[str] = ("soft", "bone"),
+        material_model: dict | None = None,
     ) -> bool:
         """Store the ring of ``volume_id``: views (V, H, W) float line integrals + their geometry (every view's
         :class:`ViewMeta`, ``ConeBeamViews.view_meta()``). Atomic, idempotent.
@@ -157,6 +160,11 @@ class ProjectionDataset:
         array ``labels`` (one chunk per view, all channels) in the same commit, with ``label_channels`` (C names)
         and ``label_spec`` (how the channels were grouped) in the commit record. A ring committed without labels is
         not changed by a later call with labels (returns False and logs it).
+
+        ``materials``: the material bases (2, V, H, W), areal densities [g/cm^2] of ``material_channels`` along the
+        same rays (``xwin.pipeline.materials``), stored as float16 array ``materials`` (one chunk per view) in the
+        same commit, checksummed and verified like the views, with ``material_model`` in the commit record. Given
+        exactly when the spec has ``materials: true``.
 
         Pixels are stored as ``spec.store_dtype`` (the checksum is over the stored bytes). Returns True when written,
         False when this ring was already committed with identical pixels.
@@ -182,6 +190,19 @@ class ProjectionDataset:
                 raise ValueError(f"ring {vid}: labels must be floating point thickness in mm, got {labels.dtype}")
         if views.dtype.kind != "f":
             raise ValueError(f"ring {vid}: views must be floating point line integrals, got {views.dtype}")
+        if (materials is not None) != self.spec.materials:
+            raise ValueError(
+                f"ring {vid}: the spec has materials={self.spec.materials} but material bases were "
+                f"{'given' if materials is not None else 'not given'}"
+            )
+        if materials is not None:
+            materials = np.asarray(materials)
+            mnames = list(material_channels)
+            if materials.shape != (len(mnames), V, H, W) or materials.dtype.kind != "f":
+                raise ValueError(
+                    f"ring {vid}: materials {materials.shape} {materials.dtype} must be floating point "
+                    f"({len(mnames)}, {V}, {H}, {W}) areal densities"
+                )
         # The stored values' sha256 is taken from the cast chunks as they are encoded (no extra pass); only a rerun
         # against an existing commit hashes the array by itself.
         hasher, done = hashlib.sha256(), {}
@@ -228,6 +249,19 @@ class ProjectionDataset:
                         finite_check(ldt, f"ring {vid} labels"),
                     )
                 )
+            if materials is not None:
+                mdt = np.dtype(np.float16)
+                arrays.append(
+                    ArrayWrite(
+                        "materials",
+                        materials,
+                        (materials.shape[0], 1, H, W),
+                        make_views_codec(mdt, self.views_codec),
+                        mdt,
+                        None,
+                        finite_check(mdt, f"ring {vid} materials"),
+                    )
+                )
             write_entry(self.store.backend, path, attrs, arrays)
             return CommitRecord(
                 volume_id=vid,
@@ -244,6 +278,9 @@ class ProjectionDataset:
                 label_channels=list(label_channels or []) if labels is not None else None,
                 labels_checksum=sha256_of(cast(labels, np.dtype(np.float16))) if labels is not None else None,
                 label_spec=label_spec if labels is not None else None,
+                material_channels=list(material_channels) if materials is not None else None,
+                materials_checksum=sha256_of(cast(materials, np.dtype(np.float16))) if materials is not None else None,
+                material_model=material_model if materials is not None else None,
                 writer=owner or default_owner(),
                 versions=library_versions(),
                 provenance=prov,
@@ -287,6 +324,7 @@ class ProjectionDataset:
             meta,
             shard_reader(b, f"{c.path}/{c.array}", zmeta),
         )
+        h.commit = c
         with self._cache_lock:  # two threads may have opened the same ring: the later handle replaces the earlier
             self._cache[vid] = h
             self._cache.move_to_end(vid)
@@ -341,6 +379,41 @@ class ProjectionDataset:
         idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64) % a.shape[1]
         return np.asarray(a.oindex[:, idx], dtype=np.float32)
 
+    def material_channels(self, volume_id: str) -> list[str]:
+        """The names of the ring's material bases, in order ([] when it has none)."""
+        c = self.scope.get_commit(check_id("volume_id", volume_id))
+        if c is None:
+            raise NotCommitted(f"ring {volume_id!r} is not committed in {self.path} of {self.store.url}")
+        return list(c.material_channels or [])
+
+    def read_materials(
+        self, volume_id: str, indices: Iterable[int] | Int[np.ndarray, " n"] | None = None
+    ) -> Float32[np.ndarray, "M n H W"]:
+        """Material bases (M, n, H, W) float32, areal densities [g/cm^2] (``material_channels`` order, soft and
+        bone) of views ``indices`` (all views when None). Raises KeyError when the ring has none."""
+        h = self._handle(volume_id)  # the opened ring (cached): its commit record and, once read, the bases' index
+        c = h.commit
+        if c is None or not c.material_channels:
+            raise KeyError(f"ring {volume_id!r} has no material bases (a spec with materials: true renders them)")
+        V = h.shape[0]
+        if indices is None:
+            idx = np.arange(V, dtype=np.int64)
+        else:
+            idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64) % V
+        if h.materials is None:  # our layout: direct chunk reads; anything else: zarr
+            path = f"{c.path}/materials"
+            zmeta = json.loads(self.store.backend.read_all(f"{path}/zarr.json"))
+            h.materials = channel_shard_reader(self.store.backend, path, zmeta) or zarr.open_array(
+                self.store.zstore, path=path, mode="r", zarr_format=3
+            )
+        m = h.materials
+        if isinstance(m, ShardReader):
+            n, C = len(idx), len(c.material_channels)
+            data = m.read(idx).reshape(n, C, m.shape[1] // C, m.shape[2]).transpose(1, 0, 2, 3)
+        else:
+            data = np.asarray(m.oindex[:, idx])
+        return cast(np.ascontiguousarray(data), np.dtype(np.float32), import_torch=False)
+
     def read_ring(self, volume_id: str) -> Float32[np.ndarray, "V H W"]:
         """All views (V, H, W) float32."""
         return cast(np.asarray(self._handle(volume_id).array[...]), np.dtype(np.float32), import_torch=False)
@@ -380,6 +453,8 @@ class _RingHandle:
     ) -> None:
         self.store, self.array_path, self.shape, self.meta, self.fast = store, array_path, shape, meta, fast
         self._array: zarr.Array | None = None
+        self.commit: CommitRecord | None = None  # the ring's commit record (set by ProjectionDataset._handle)
+        self.materials: ShardReader | zarr.Array | None = None  # the material bases' reader, opened on first use
 
     @property
     def array(self) -> zarr.Array:

@@ -132,3 +132,18 @@ def shard_reader(backend: Backend, array_path: str, meta: dict[str, Any]) -> Sha
         return None
     dtype, decode = found
     return ShardReader(backend, f"{array_path}/c/0/0/0", (shape[0], shape[1], shape[2]), dtype, decode)
+
+
+def channel_shard_reader(backend: Backend, array_path: str, meta: dict[str, Any]) -> ShardReader | None:
+    """A reader for a single-shard (C, V, H, W) float array stored one chunk (C, 1, H, W) per view (a ring's
+    ``materials``), or None if not that layout. Its "views" are the chunks as (C*H, W): ``read(idx)`` gives
+    (n, C*H, W), which reshapes to (n, C, H, W)."""
+    shape = tuple(meta.get("shape", ()))
+    if len(shape) != 4:
+        return None
+    C, V, H, W = shape
+    found = _single_shard(meta, [C, 1, H, W])
+    if found is None or found[0].kind != "f":
+        return None
+    dtype, decode = found
+    return ShardReader(backend, f"{array_path}/c/0/0/0/0", (V, C * H, W), dtype, decode)

@@ -85,6 +85,8 @@ def _verify_entry(store: Store, scope: Scope, c: CommitRecord, deep: bool) -> tu
     names = [c.array] + (list(META_ARRAYS) if c.kind == EntryKind.ring else [])
     if c.label_channels:
         names.append("labels")
+    if c.material_channels:
+        names.append("materials")
     arrays = {}
     for name in names:
         if not b.exists(f"{c.path}/{name}/zarr.json"):
@@ -121,4 +123,11 @@ def _verify_entry(store: Store, scope: Scope, c: CommitRecord, deep: bool) -> tu
             return "corrupt", f"labels undecodable: {type(e).__name__}: {e}"
         if lcs != c.labels_checksum:
             return "corrupt", f"labels checksum {lcs} != committed {c.labels_checksum}"
+    if c.material_channels:
+        try:
+            mts = sha256_of(np.asarray(arrays["materials"][...]))
+        except Exception as e:  # noqa: BLE001 - a decode error is corruption
+            return "corrupt", f"materials undecodable: {type(e).__name__}: {e}"
+        if mts != c.materials_checksum:
+            return "corrupt", f"materials checksum {mts} != committed {c.materials_checksum}"
     return None

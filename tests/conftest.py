@@ -33,6 +33,8 @@ CHECKED_MODULES = [
     "xwin.storage.entry",
     "xwin.pipeline.body",
     "xwin.pipeline.ingest.qc",
+    "xwin.pipeline.materials",
+    "xwin.pipeline.radiograph",
 ]
 # The hook stays installed for the whole session: a listed module imported later (lazily, by a test or by another
 # module's function) is instrumented too. tests/test_shape_checks.py fails on a listed module that is not.

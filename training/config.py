@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from xwin.schemas.look import LookRanges
+
 # standard ViT widths: (embed_dim, depth, num_heads)
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
@@ -144,6 +146,10 @@ class DataConfig(_Strict):
     max_abs_deg: float = 90.0
     context_yaws: tuple[float, ...] = (0.0, 90.0)
     appearance: str = "minmax"
+    # domain actions: per sample a radiograph look (spectrum, dose, blur, scatter) drawn from these ranges makes the
+    # images from the rings' material bases (a dataset rendered with materials: true; docs/appearance.md); the
+    # sample records it. None: the stored line integrals through ``appearance``.
+    looks: LookRanges | None = None
     num_workers: int = 2
     draws_per_volume: int = 1
     shuffle_window: int = 1024

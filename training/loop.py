@@ -533,6 +533,7 @@ def store_stream(cfg: TrainConfig, source: Any, **kw: Any) -> Any:
         sampling=sampling,
         image_size=cfg.model.img_size,
         appearance=d.appearance,
+        looks=d.looks,
         seed=cfg.seed,
         batch_size=d.batch_size,
         draws_per_volume=d.draws_per_volume,

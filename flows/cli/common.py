@@ -133,6 +133,20 @@ def load_spec(path: Path | str | None) -> RenderSpec:
         fail(*validation_lines(str(path), e))
 
 
+def load_look(path: Path | str):
+    """A radiograph look (xwin.schemas.look.Look) from a .json/.yaml/.yml file; a bad file ends the command with one
+    line per problem (file, field, value, rule) and exit status 2."""
+    from pydantic import ValidationError
+
+    from xwin.schemas.look import Look
+
+    data = read_mapping(path, "look")
+    try:
+        return Look.model_validate(data)
+    except ValidationError as e:
+        fail(*validation_lines(str(path), e))
+
+
 def check_manifest(path: Path | str) -> None:
     """An NBIA metadata.csv given on the command line must exist and have the NBIA header, else exit 2 with one line
     (rows that do not validate are the run's to reject, each with its line number)."""

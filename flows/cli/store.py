@@ -19,6 +19,7 @@ from xwin.flows.cli.common import (
     StoreOpt,
     dataset_options,
     fail,
+    load_look,
     load_spec,
     open_store_cli,
 )
@@ -92,8 +93,12 @@ def inspect_cmd(
     spec_hash: str | None = typer.Option(None, "--spec-hash", help="dataset spec hash (idem)"),
     thumb: int = typer.Option(96, "--thumb", help="thumbnail size (px)"),
     big: int = typer.Option(512, "--big", help="frontal/lateral size (px)"),
+    look: Path | None = typer.Option(
+        None, "--look", help="look file (YAML/JSON): show radiographs made from the ring's material bases"
+    ),
 ) -> None:
-    """Contact sheet of one stored ring: frontal and lateral views large, every view as a thumbnail."""
+    """Contact sheet of one stored ring: frontal and lateral views large, every view as a thumbnail. With --look,
+    the radiographs that look makes from the ring's material bases (docs/appearance.md)."""
     from xwin.flows.reports import contact_sheet
 
     store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
@@ -101,13 +106,16 @@ def inspect_cmd(
         ds, vid = open_store_cli(store).find_ring(volume, cohort, spec_hash)
     except LookupError as e:
         fail(str(e))
-    views = ds.read_ring(vid)
+    lk = load_look(look) if look is not None else None
+    views = ds.read_ring(vid) if lk is None else _radiographs(ds, vid, lk)
     yaws = [float(y) for y in ds.read_geometry(vid).yaw_deg]
     s = ds.spec
     title = (
         f"{ds.cohort} / {vid}  spec {ds.spec_hash}: {s.n_views} views x {s.yaw_step_deg:g} deg, "
         f"{s.height}x{s.width} @ {s.pixel_mm:g} mm"
     )
+    if lk is not None:
+        title += f"  look {lk.kvp:g} kVp {lk.output}"
     im = contact_sheet(views, yaws, title=title, big=big, thumb=thumb)
     out.parent.mkdir(parents=True, exist_ok=True)
     im.save(out)
@@ -145,8 +153,7 @@ def export_cmd(
         str,
         typer.Option(
             "--what",
-            help="views (V,H,W) | labels (C,V,H,W) mm | volume (HU): one .npy; geometry (--format rtk|astra|diffdrr) "
-            "| dataset (--format webdataset|hf): a folder",
+            help="views|labels|materials|radiograph|volume: a .npy; geometry|dataset: a folder (--format)",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="output .npy file (geometry, dataset: a folder)")],
@@ -163,10 +170,12 @@ def export_cmd(
     ] = None,
     per: Annotated[str, typer.Option("--per", help="dataset: one sample per ring or per view")] = "ring",
     rings_per_shard: Annotated[int, typer.Option("--rings-per-shard", help="dataset: rings in each shard")] = 8,
+    look: Annotated[Path | None, typer.Option("--look", help="look file (YAML/JSON) for --what radiograph")] = None,
 ) -> None:
-    """Export a ring's views, its label thickness maps (channels as `describe` lists them) or the canonical HU
-    volume as .npy (voxel order matches `describe`'s affine); a ring's geometry for RTK, ASTRA or DiffDRR, or a
-    cohort's rings as WebDataset shards or a Hugging Face dataset, as a folder (docs/interop.md)."""
+    """Export a ring's views (V,H,W), its label thickness maps (C,V,H,W) mm (channels as `describe` lists them), its
+    material bases (2,V,H,W) g/cm^2, radiographs (V,H,W) of a look made from them, or the canonical HU volume as
+    .npy (voxel order matches `describe`'s affine; all float32 but the volume); a ring's geometry for RTK, ASTRA or
+    DiffDRR, or a cohort's rings as WebDataset shards or a Hugging Face dataset, as a folder (docs/interop.md)."""
     store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
     if what in ("geometry", "dataset"):  # files other tools read: flows/cli/interop.py
         from xwin.flows.cli import interop
@@ -177,10 +186,15 @@ def export_cmd(
         else:
             interop.export_dataset(store, fmt, out, cohort, rs, spec_hash, per, rings_per_shard)
         return
-    if what not in ("views", "labels", "volume"):
-        raise typer.BadParameter("--what must be 'views', 'labels', 'volume', 'geometry' or 'dataset'")
+    if what not in ("views", "labels", "materials", "radiograph", "volume"):
+        raise typer.BadParameter(
+            "--what must be 'views', 'labels', 'materials', 'radiograph', 'volume', 'geometry' or 'dataset'"
+        )
     if not volume:
         fail(f"--volume: required with --what {what}")
+    if what == "radiograph" and look is None:
+        raise typer.BadParameter("--what radiograph needs --look LOOK (a look file, docs/appearance.md)")
+    lk = load_look(look) if look is not None else None
     rs = load_spec(spec) if spec is not None else None
     st = open_store_cli(store)
     try:
@@ -203,6 +217,10 @@ def export_cmd(
                 if not ds.label_channels(vid):
                     fail(f"ring {vid} has no labels (backfill with --labels projects them)")
                 arr = ds.read_labels(vid)
+            elif what in ("materials", "radiograph"):
+                if not ds.material_channels(vid):
+                    fail(f"ring {vid} has no material bases (render with a spec that has materials: true)")
+                arr = ds.read_materials(vid) if lk is None else _radiographs(ds, vid, lk)
             else:
                 arr = ds.read_ring(vid).astype(np.float32)
     except (LookupError, FileNotFoundError) as e:  # NotCommitted is a KeyError: no such volume or ring
@@ -210,3 +228,13 @@ def export_cmd(
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, arr)
     typer.echo(f"wrote {out} {arr.dtype} {arr.shape}")
+
+
+def _radiographs(ds, vid: str, look) -> np.ndarray:
+    """(V, H, W) float32 radiographs of ``look`` made from the ring's material bases (one line and exit 2 when the
+    ring has none)."""
+    from xwin.pipeline.radiograph import radiograph
+
+    if not ds.material_channels(vid):
+        fail(f"ring {vid} has no material bases (render with a spec that has materials: true)")
+    return radiograph(ds.read_materials(vid), look, pixel_mm=ds.spec.pixel_mm)

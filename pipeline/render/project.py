@@ -174,7 +174,15 @@ def render_ring(
 ) -> tuple[Float32[np.ndarray, "V H W"], ConeBeamViews]:
     """Render the yaw ring of ``spec`` around the volume centre. Returns ((V,H,W) float32, ConeBeamViews).
     ``options`` go to :func:`render_views` (``notes``, ``on_progress``, the backend's own options)."""
-    vol, A = _check_volume(hu, affine)
-    vol = projected_hu(vol, A, spec)
+    vol, A = ring_volume(hu, affine, spec)
     views = ring_for_volume(spec, A, vol.shape)
     return render_views(vol, A, views, spec.mu_water_per_mm, backend, **options), views
+
+
+def ring_volume(
+    hu: Real[np.ndarray, "X Y Z"], affine: Float[np.ndarray, "4 4"], spec: RenderSpec
+) -> tuple[Real[np.ndarray, "X Y Z"], Float64[np.ndarray, "4 4"]]:
+    """The volume ``render_ring`` projects for ``spec`` (checked) and its affine: with ``spec.body_mask`` the scanner
+    table and everything outside the patient's body become air (-1000 HU)."""
+    vol, A = _check_volume(hu, affine)
+    return projected_hu(vol, A, spec), A

@@ -161,3 +161,8 @@ class SplitReader:
         if volume_id not in self._volumes:
             raise KeyError(f"volume {volume_id!r} is not in this split")
         return self._ds.read_labels(volume_id, *a, **kw)
+
+    def read_materials(self, volume_id: str, *a: Any, **kw: Any) -> Any:
+        if volume_id not in self._volumes:
+            raise KeyError(f"volume {volume_id!r} is not in this split")
+        return self._ds.read_materials(volume_id, *a, **kw)

@@ -32,6 +32,8 @@ class XWinStream(ResumableStream):
         actions_cumulative (N,) float32       -- target yaw - context yaw, degrees (== actions for "direct")
         context_yaw () float32, target_yaws (N,) float32 -- absolute yaws of the views read (from the store)
         volume_id str, position int, epoch int
+        look (K,) float32, look_json str      -- with ``looks``: the radiograph look the images were made with
+                                                 (``xwin.schemas.look.LOOK_VECTOR_FIELDS`` order; docs/appearance.md)
 
     dtype: output image dtype, ``None``/"float32" (default), or "float16"/"bfloat16" (half the bytes to move;
     the trainer autocasts to bf16 on GPU anyway). Values are computed in float32 and rounded once.
@@ -52,6 +54,7 @@ class XWinStream(ResumableStream):
         appearance: str = "minmax",
         dtype: str | torch.dtype | None = None,
         labels: bool = False,
+        looks: Any = None,
         **kw: Any,
     ) -> None:
         kw.setdefault("draws_per_item", kw.pop("draws_per_volume", 1))
@@ -62,7 +65,10 @@ class XWinStream(ResumableStream):
         self.labels = bool(labels)
         self.sampling = sampling or XWinSampling()
         self.image_size = int(image_size)
-        self.appearance = appearance
+        # domain actions (xwin.schemas.look.LookRanges): per sample a look drawn with the sample's own rng makes the
+        # images from the ring's material bases (docs/appearance.md); the sample records it ("look", "look_json")
+        self.looks = looks
+        self.appearance = appearance if looks is None else "none"
         self.dtype = out_dtype(dtype)
         self._reader: ViewReader | None = None
         self._reader_pid: int | None = None
@@ -128,6 +134,12 @@ class XWinStream(ResumableStream):
             S = self.image_size
             lab = resize(lab.reshape(n * C, 1, H, W).contiguous(), S).reshape(n, C, S, S)
             extra = {"context_labels": lab[0].clone(), "target_labels": lab[1:].clone()}
+        if self.looks is not None:
+            try:
+                views, extra["look"], extra["look_json"] = self._radiographs(key, want, rng)
+            except (KeyError, FileNotFoundError, ValueError) as e:  # a ring without bases: skipped, as for views
+                log.warning("skipping volume %s: materials: %s: %s", key, type(e).__name__, e)
+                return None
         return {
             **extra,
             "_views": views,  # (1+N, H, W) stored dtype, consumed by _finalize / _collate
@@ -138,6 +150,20 @@ class XWinStream(ResumableStream):
             "target_yaws": torch.from_numpy(yaws[1:].astype(np.float32)),
             "volume_id": key,
         }
+
+    def _radiographs(self, key: str, want: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Any, str]:
+        """The 1 + N views as radiographs of one look drawn from ``self.looks`` (each view its own noise stream):
+        ((1+N, H, W) float32, the look's parameters (K,) float32 in ``LOOK_VECTOR_FIELDS`` order, the look as JSON)."""
+        from xwin.pipeline.radiograph import radiograph
+        from xwin.schemas.look import look_vector
+
+        read = getattr(self.reader, "read_materials", None)
+        if read is None:
+            raise KeyError(f"looks need a reader with read_materials, got {type(self.reader).__name__}")
+        look = self.looks.sample(rng)
+        bases = read(key, want)
+        imgs = radiograph(bases, look, pixel_mm=float(self.reader.spec.pixel_mm), view_indices=want)
+        return imgs, torch.tensor(look_vector(look), dtype=torch.float32), look.model_dump_json()
 
     def _finalize(self, sample: dict) -> dict:
         views = sample.pop("_views", None)

@@ -1,0 +1,174 @@
+"""Material bases (pipeline/materials.py): the HU -> (soft, bone) model, bases rendered through the views' rays,
+stored with the ring in one commit and verified like the views, listed by describe and written by export."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from xwin.pipeline.materials import MATERIAL_MODEL, MATERIALS, hu_to_densities, render_materials
+from xwin.schemas import RenderSpec
+
+
+@pytest.fixture(scope="module")
+def small_ct(small_ct_path):
+    from xwin.pipeline.ingest.volume import canonical_ras
+
+    img = nib.load(str(small_ct_path))
+    return canonical_ras(np.asarray(img.dataobj).astype(np.int16), img.affine)
+
+
+def test_hu_model_values():
+    hu = np.array([-2048, -1000, -800, 0, 100, 850, 1600, 2350], np.int16)
+    soft, bone = hu_to_densities(hu)
+    # water-like below 100 HU (the definition of HU for water's composition), a water/bone mixture above
+    np.testing.assert_allclose(soft, [0, 0, 0.2, 1.0, 1.1, 0.55, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(bone, [0, 0, 0, 0, 0, 0.96, 1.92, 2.88], atol=1e-6)
+    # continuous at the boundary, total density never decreasing with HU
+    s2, b2 = hu_to_densities(np.linspace(-1100, 2000, 3101).astype(np.float32))
+    assert np.all(np.diff(s2 + b2) >= -1e-6)
+    e, f = hu_to_densities(np.array([99.999, 100.001], np.float32))
+    assert abs(float((e + f)[1] - (e + f)[0])) < 1e-4
+
+
+def test_spec_hash_unchanged_without_materials():
+    # the golden hashes of specs written before the field: it enters the hash only when set
+    assert RenderSpec().spec_hash == "76448b4c8f1f2dc3"
+    assert RenderSpec(materials=False).spec_hash == "76448b4c8f1f2dc3"
+    assert RenderSpec(materials=True).spec_hash != "76448b4c8f1f2dc3"
+    assert '"materials":true' in RenderSpec(materials=True).canonical_json()
+
+
+def test_soft_basis_is_the_views_over_mu_water_where_there_is_no_bone(small_ct):
+    """Below 100 HU the soft basis and the views project the same density (1 + HU/1000): views = 10 mu_water soft,
+    through the same backend and rays, to float rounding; bone is zero there."""
+    from xwin.pipeline.render import render_ring
+
+    hu, A = small_ct
+    soft_only = np.minimum(hu, 100).astype(np.int16)
+    spec = RenderSpec(height=32, width=40, pixel_mm=10.0, n_views=3, yaw_step_deg=60.0)
+    views, geom = render_ring(soft_only, A, spec, backend="joseph")
+    bases = render_materials(soft_only, A, geom, backend="joseph")
+    assert bases.shape == (2, 3, 32, 40) and bases.dtype == np.float32
+    np.testing.assert_allclose(bases[0] * 10 * spec.mu_water_per_mm, views, rtol=1e-5, atol=1e-6)
+    assert float(np.abs(bases[1]).max()) == 0.0
+    # the real CT: bone where the spine is, and a chest is 10-40 g/cm^2 of soft tissue frontally
+    full = render_materials(hu, A, geom, backend="joseph")
+    assert 1.0 < float(full[1, 0].max()) < 20.0
+    assert 10.0 < float(full[0, 0].max()) < 45.0
+
+
+def test_materials_stored_with_the_ring(small_ct, tmp_path):
+    from xwin.pipeline.materials import render_ring_materials
+    from xwin.pipeline.render import render_ring
+    from xwin.storage import open_store
+
+    hu, A = small_ct
+    spec = RenderSpec(height=24, width=24, pixel_mm=18.0, n_views=4, yaw_step_deg=90.0, materials=True)
+    views, geom = render_ring(hu, A, spec, backend="joseph")
+    bases = render_ring_materials(hu, A, spec, geom, backend="joseph")
+    ds = open_store(tmp_path / "s").dataset("c1", spec)
+    with pytest.raises(ValueError, match="materials=True but material bases were not given"):
+        ds.write_ring("v", views, geom.view_meta(), {})
+    with pytest.raises(ValueError, match="areal densities"):
+        ds.write_ring("v", views, geom.view_meta(), {}, materials=bases[:, :3])
+    assert ds.write_ring("v", views, geom.view_meta(), {}, materials=bases, material_model=MATERIAL_MODEL) is True
+    assert ds.material_channels("v") == list(MATERIALS)
+    np.testing.assert_allclose(ds.read_materials("v", [3, 0]), bases[:, [3, 0]], rtol=1e-3, atol=1e-3)  # float16
+    assert ds.read_materials("v").shape == (2, 4, 24, 24)
+    # the direct chunk reads return exactly what zarr-python decodes from the same array
+    import zarr
+
+    from xwin.storage.fastread import ShardReader
+
+    z = zarr.open_array(ds.store.zstore, path=f"{ds.scope.get_commit('v').path}/materials", mode="r", zarr_format=3)
+    np.testing.assert_array_equal(ds.read_materials("v", [2, 2, 1]), np.asarray(z.oindex[:, [2, 2, 1]], np.float32))
+    assert isinstance(ds._handle("v").materials, ShardReader)
+    assert ds.scope.get_commit("v").material_model["hu_cortical"] == 1600.0
+    assert ds.verify().clean
+    c = ds.scope.get_commit("v")
+    key = next(k for k in ds.store.backend.list(f"{c.path}/materials") if not k.endswith("zarr.json"))
+    p = tmp_path / "s" / key
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+    rep = ds.verify()
+    assert [i.volume_id for i in rep.corrupt] == ["v"] and "materials" in rep.corrupt[0].reason
+    # a spec without materials refuses bases (they would be invisible to its readers)
+    plain = open_store(tmp_path / "s2").dataset("c1", spec.model_copy(update={"materials": False}))
+    with pytest.raises(ValueError, match="materials=False but material bases were given"):
+        plain.write_ring("v", views, geom.view_meta(), {}, materials=bases)
+    with pytest.raises(KeyError):
+        plain.write_ring("v", views, geom.view_meta(), {})
+        plain.read_materials("v")
+
+
+def test_backfill_with_materials_describe_export_inspect(tmp_path):
+    """The example cohort with a materials spec through the CLI: describe lists the bases, export writes them as
+    (2, V, H, W) float32 and a look's radiographs as (V, H, W) float32, inspect --look draws them; a bad look
+    file and a missing --look end the command with one line."""
+    from typer.testing import CliRunner
+
+    from xwin.flows.cli import app
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"height": 32, "width": 32, "pixel_mm": 16.0, "n_views": 4, "yaw_step_deg": 90.0,
+                                "materials": True, "body_mask": True}))  # fmt: skip
+    store = str(tmp_path / "s")
+    run = CliRunner().invoke(app, ["backfill", "--cohort", "example", "--store", store, "--spec", str(spec),
+                                   "--verify", "deep", "--json"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    vid = json.loads(run.stdout[run.stdout.index("{") :])["done"][0]["volume_id"]
+    desc = CliRunner().invoke(app, ["describe", "--store", store, "--volume", vid, "--json"])
+    assert desc.exit_code == 0, desc.output
+    m = json.loads(desc.stdout)["materials"]
+    assert m["names"] == ["soft", "bone"] and m["units"] == "g/cm^2" and m["stored"] is True
+    assert m["model"]["hu_cortical"] == 1600.0 and "Schneider" in m["model"]["reference"]
+    out = tmp_path / "m.npy"
+    exp = CliRunner().invoke(app, ["export", "--store", store, "--volume", vid, "--what", "materials",
+                                   "--out", str(out)])  # fmt: skip
+    assert exp.exit_code == 0, exp.output
+    bases = np.load(out)
+    assert bases.shape == (2, 4, 32, 32) and bases.dtype == np.float32
+    assert 10 < float(bases[0].max()) < 60 and 1 < float(bases[1].max()) < 30 and float(bases.min()) >= 0
+    look = tmp_path / "look.yaml"
+    look.write_text("kvp: 100\nfiltration_mm_al: 3\nphotons_per_pixel: 20000\nseed: 3\noutput: transmission\n")
+    r = tmp_path / "r.npy"
+    exp = CliRunner().invoke(app, ["export", "--store", store, "--volume", vid, "--what", "radiograph",
+                                   "--look", str(look), "--out", str(r)])  # fmt: skip
+    assert exp.exit_code == 0, exp.output
+    rad = np.load(r)
+    assert rad.shape == (4, 32, 32) and rad.dtype == np.float32
+    # air around the body transmits everything (up to the noise), the body much less
+    air = bases[0] < 0.05
+    assert air.sum() > 20 and abs(float(rad[air].mean()) - 1.0) < 0.02 and float(rad[~air].min()) < 0.2
+    png = tmp_path / "sheet.png"
+    ins = CliRunner().invoke(app, ["inspect", "--store", store, "--volume", vid, "--look", str(look),
+                                   "--out", str(png), "--big", "64", "--thumb", "32"])  # fmt: skip
+    assert ins.exit_code == 0, ins.output
+    assert png.stat().st_size > 500
+    no_look = CliRunner().invoke(app, ["export", "--store", store, "--volume", vid, "--what", "radiograph",
+                                       "--out", str(r)])  # fmt: skip
+    assert no_look.exit_code == 2 and "--look" in no_look.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kvp: 400\n")
+    res = CliRunner().invoke(app, ["export", "--store", store, "--volume", vid, "--what", "radiograph",
+                                   "--look", str(bad), "--out", str(r)])  # fmt: skip
+    assert res.exit_code == 2 and "kvp" in res.output and "bad.yaml" in res.output
+    # `xwin render` of the stored volume with another materials spec (no table removal) commits its bases too
+    spec2 = tmp_path / "spec2.json"
+    spec2.write_text(json.dumps({"height": 32, "width": 32, "pixel_mm": 16.0, "n_views": 4, "yaw_step_deg": 90.0,
+                                 "materials": True}))  # fmt: skip
+    ren = CliRunner().invoke(app, ["render", "--store", store, "--volume", vid, "--spec", str(spec2),
+                                   "--backend", "joseph"])  # fmt: skip
+    assert ren.exit_code == 0, ren.output
+    m2 = tmp_path / "m2.npy"
+    exp = CliRunner().invoke(app, ["export", "--store", store, "--volume", vid, "--what", "materials", "--spec",
+                                   str(spec2), "--out", str(m2)])  # fmt: skip
+    assert exp.exit_code == 0, exp.output
+    with_table = np.load(m2)
+    assert with_table.shape == bases.shape and float((with_table[0] - bases[0]).min()) > -0.01
+    assert float((with_table[0] - bases[0]).max()) > 0.5  # the scanner table and the air around the body are back
