@@ -162,6 +162,13 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
             f"{params.verify}: {rep_v.ok}/{rep_v.volumes} rings ok, {len(rep_v.corrupt)} corrupt, "
             f"{len(rep_v.missing)} missing"
         )
+    sheet, shown = None, rep.pick_evenly(previews, rep.SHEET_SERIES)
+    if previews:  # one image of a few series' previews, whatever the cohort's size (rep.SHEET_*)
+        try:
+            sheet, got = rep.sheet_of(previews)
+            shown = got or shown
+        except Exception as e:  # noqa: BLE001 - previews are a convenience
+            log.warning("preview sheet not made: %s", e)
     wall = time.perf_counter() - t_start
     md = rep.summary_markdown(
         summary,
@@ -171,6 +178,8 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         previews=previews,
         verify=verify_msg,
         wall_s=wall,
+        sheet=sheet,
+        shown=shown,
     )
     extra = {
         "run_id": run_id,
@@ -212,6 +221,8 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
     emit(
         {
             "event": "end",
+            "cohort": params.cohort,
+            "run_id": run_id,
             "summary": summary,
             "report": md_url,
             "json": json_url,
@@ -230,8 +241,18 @@ def _max_workers() -> int:
     return int(os.environ.get("XWIN_STAGE_THREADS") or 4)
 
 
+def _run_name() -> str:
+    """A backfill flow run's name: ``backfill-<cohort>`` (``-shard-i-of-n`` for a shard)."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    shard = p.get("shard")
+    return f"backfill-{p.get('cohort')}" + (f"-shard-{str(shard).replace('/', '-of-')}" if shard else "")
+
+
 @flow(
     name="backfill-cohort",
+    flow_run_name=_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=_max_workers()),  # type: ignore[arg-type]  # Prefect's runner generics are invariant
     persist_result=False,
 )

@@ -1,4 +1,6 @@
-"""Progress of a backfill: events for in-process listeners (the CLI's bar) and a Prefect progress artifact."""
+"""Progress of a backfill: events for in-process listeners (the CLI's bar), a Prefect progress artifact, and one
+stage line per event (:func:`stage_line`) on the logger ``xwin.stages``, which reaches the logs of the Prefect run
+the event happens in (``xwin.flows.runlogs``) and which ``xwin backfill`` prints outside a terminal."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ if TYPE_CHECKING:
     from xwin.flows.tasks import Outcome
 
 log = logging.getLogger(__name__)
+stage_log = logging.getLogger("xwin.stages")  # xwin.flows.runlogs.STAGE_LOGGER
 
 ProgressListener = Callable[[dict], None]
 
@@ -27,11 +30,77 @@ def add_listener(fn: ProgressListener) -> Callable[[], None]:
 
 
 def emit(ev: dict) -> None:
+    """Send ``ev`` to the listeners of this process and its stage line to ``xwin.stages``."""
+    line = stage_line(ev)
+    if line is not None and stage_log.isEnabledFor(logging.INFO):
+        stage_log.info(line)
     for fn in list(_listeners):
         try:
             fn(ev)
         except Exception:  # a broken progress bar must not break a run
             log.debug("progress listener failed", exc_info=True)
+
+
+def _vid(ev: dict) -> str:
+    """A series as a line names it: the first 12 characters of its volume id (a unique prefix in practice), else
+    the input as given, whole."""
+    vid = ev.get("volume_id")
+    return str(vid)[:12] if vid else str(ev.get("input") or "a series")
+
+
+def _series(ev: dict) -> str:
+    """The series of a ``series`` event: volume id prefix and input (a failed or rejected one is named by both)."""
+    vid, given = ev.get("volume_id"), ev.get("input")
+    if vid and given and ev.get("status") in ("failed", "rejected"):
+        return f"{str(vid)[:12]} ({given})"
+    return _vid(ev)
+
+
+def stage_line(ev: dict) -> str | None:
+    """The line that says what a progress event means, or None for events without one (views after the first)."""
+    e = ev.get("event")
+    if e == "start":  # series accounted for while planning are said, so "0 to process" is never unexplained
+        extra = "".join(f", {ev[k]} {k} while planning" for k in ("rejected", "failed") if ev.get(k))
+        return f"backfill {ev['cohort']}: {ev['total']} series to process, {ev['skipped']} already done{extra}"
+    if e == "step":
+        step, s = ev.get("step"), float(ev.get("seconds") or 0.0)
+        if step == "ingest":
+            what = "ingested" if ev.get("written", True) else "volume already in the store, checked"
+            return f"{_vid(ev)}: {what} in {s:.1f} s"
+        if step == "render":
+            v = int(ev.get("views") or 0)
+            rate = f" ({v / s:.1f} views/s)" if s > 0 and v else ""
+            return f"{_vid(ev)}: rendered {v} views in {s:.1f} s{rate}"
+        if step == "commit":
+            return f"{_vid(ev)}: committed in {s:.1f} s"
+        return None
+    if e == "views":
+        return f"{_vid(ev)}: rendering {ev['total']} views" if int(ev.get("done", -1)) == 0 else None
+    if e == "series":
+        flags = f" (QC flagged: {', '.join(ev['qc_flags'])})" if ev.get("qc_flags") else ""
+        return f"[{ev.get('n', '?')}/{ev.get('of', '?')}] {ev.get('status')} {_series(ev)}{flags}"
+    if e == "stage":
+        return str(ev.get("name"))
+    if e == "validated":
+        return (
+            f"{_vid(ev)}: FDK reconstruction ({ev.get('backend')}) PSNR {float(ev['psnr']):.1f} dB, "
+            f"SSIM {float(ev['ssim']):.3f} in {float(ev.get('seconds') or 0.0):.1f} s"
+        )
+    if e == "end" and ev.get("summary") is not None:
+        summary = ev["summary"]
+        c = summary.counts()
+        lines = [
+            f"backfill {ev.get('cohort', '?')}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']}, "
+            f"failed {c['failed']} of {summary.planned} planned in {float(ev.get('wall_s') or 0.0):.1f} s"
+        ]
+        lines += [f"  rejected {r.input}: {r.reason.value}: {r.detail}" for r in summary.rejected]
+        for f in summary.failed:
+            again = "a rerun retries it" if f.retryable else "fix the cause, then rerun"
+            lines.append(f"  FAILED {f.input} ({f.stage}): {f.error} ({again})")
+        if ev.get("verify"):
+            lines.append(f"  verify {ev['verify']}")
+        return "\n".join(lines)
+    return None
 
 
 def step(volume_id: str, name: str, seconds: float, **fields: object) -> None:
@@ -94,6 +163,8 @@ class Progress:
         emit(
             {
                 "event": "series",
+                "n": self.n,
+                "of": self.total,
                 "status": o.status,
                 "volume_id": vid,
                 "input": given or getattr(candidate, "input", None),

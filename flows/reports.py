@@ -10,6 +10,7 @@ Reports live *beside* the store, never among its objects (the store layout belon
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections import Counter
@@ -61,9 +62,14 @@ def write_bytes(url: str, data: bytes) -> str:
 
 
 def read_text(url: str) -> str | None:
+    data = read_bytes(url)
+    return None if data is None else data.decode()
+
+
+def read_bytes(url: str) -> bytes | None:
     try:
         with _fs_open(url, "rb") as f:
-            return f.read().decode()
+            return f.read()
     except FileNotFoundError:
         return None
 
@@ -117,6 +123,69 @@ def montage(views: np.ndarray, yaws: Sequence[float], indices: Sequence[int], si
         out.paste(t, (x, 0))
         x += t.width + 4
     return out
+
+
+# the preview sheet of a run summary: what the Prefect UI shows inline, bounded whatever the cohort's size
+SHEET_SERIES = 12  # series shown at most (evenly chosen by volume id)
+SHEET_WIDTH = 1024  # pixels, at most
+SHEET_BYTES = 200_000  # encoded (JPEG) bytes, at most; base64 in the markdown adds a third
+
+
+def pick_evenly(ids: Iterable[str], k: int) -> list[str]:
+    """At most ``k`` of ``ids`` (sorted), evenly spaced from the first to the last: the same ones for the same set."""
+    s = sorted(ids)
+    if len(s) <= k:
+        return s
+    if k <= 1:
+        return s[:k]
+    return [s[round(i * (len(s) - 1) / (k - 1))] for i in range(k)]
+
+
+def preview_sheet(
+    images: Sequence[tuple[str, Image.Image]], width: int = SHEET_WIDTH, max_bytes: int = SHEET_BYTES
+) -> bytes | None:
+    """One JPEG of the series' preview montages, each labelled with its volume id (12 characters): one column up to
+    3 series, else two; at most ``width`` pixels wide and ``max_bytes`` bytes (quality, then size, are lowered until
+    it fits). None when nothing is given or no encoding fits."""
+    if not images:
+        return None
+    cols = 1 if len(images) <= 3 else 2
+    rows = -(-len(images) // cols)
+    pad, head = 4, 14
+    for scale, quality in ((1.0, 85), (1.0, 65), (0.75, 65), (0.5, 60), (0.35, 50), (0.25, 40)):
+        tw = max(16, int((width - pad * (cols + 1)) / cols * scale))
+        tiles = []
+        for vid, im in images:
+            g = im.convert("L")
+            h = max(1, round(g.height * tw / g.width))
+            tiles.append((vid, g.resize((tw, h), Image.Resampling.LANCZOS)))
+        th = max(t.height for _, t in tiles)
+        out = Image.new("L", (pad + cols * (tw + pad), pad + rows * (head + th + pad)), 24)
+        d = ImageDraw.Draw(out)
+        for i, (vid, t) in enumerate(tiles):
+            r, c = divmod(i, cols)
+            x, y = pad + c * (tw + pad), pad + r * (head + th + pad)
+            d.text((x, y + 1), vid[:12], fill=255)
+            out.paste(t, (x, y + head))
+        b = io.BytesIO()
+        out.save(b, format="JPEG", quality=quality, optimize=True)
+        if b.tell() <= max_bytes:
+            return b.getvalue()
+    return None
+
+
+def sheet_of(previews: dict[str, str], k: int = SHEET_SERIES, **kw) -> tuple[str | None, list[str]]:
+    """(data: URL of the preview sheet of ``k`` evenly chosen series, their ids) from the run's preview PNGs
+    (volume id -> URL); previews that cannot be read are left out. (None, []) without any."""
+    shown: list[tuple[str, Image.Image]] = []
+    for vid in pick_evenly(previews, k):
+        data = read_bytes(previews[vid])
+        if data is not None:
+            shown.append((vid, Image.open(io.BytesIO(data))))
+    jpeg = preview_sheet(shown, **kw)
+    if jpeg is None:
+        return None, []
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode(), [v for v, _ in shown]
 
 
 def png_bytes(im: Image.Image) -> bytes:
@@ -183,8 +252,13 @@ def summary_markdown(
     verify: str | None = None,
     wall_s: float | None = None,
     title: str = "xwin backfill",
+    sheet: str | None = None,
+    shown: Sequence[str] | None = None,
 ) -> str:
-    """Markdown run summary: counts (done / skipped / rejected by reason / failed), rejections, failures, previews."""
+    """Markdown run summary: counts (done / skipped / rejected by reason / failed), rejections, failures, previews.
+
+    ``sheet``: the image of the previews (a data: URL, :func:`sheet_of`) of the series ``shown``, which are then the
+    only ones linked one by one (the rest: their folder), so the summary stays small for any cohort."""
     c = summary.counts()
     failed = summary.failed
     lines = [
@@ -229,7 +303,14 @@ def summary_markdown(
             lines.append(f"| `{f.input}` | {f.stage} | {f.error.replace('|', '/')} | {passes} |")
     if previews:
         lines += ["", "## Previews", ""]
-        lines += [f"- [{vid}]({link(u)})" for vid, u in sorted(previews.items())]
+        listed = sorted(previews) if shown is None else list(shown)
+        if sheet:
+            what = f"{len(listed)} of {len(previews)} series" if len(listed) < len(previews) else "every series"
+            lines += [f"![previews: {what}]({sheet})", ""]
+        lines += [f"- [{vid}]({link(previews[vid])})" for vid in listed]
+        if len(listed) < len(previews):
+            folder = previews[listed[0]].rsplit("/", 1)[0] if listed else ""
+            lines.append(f"- and {len(previews) - len(listed)} more in `{folder}`")
     return "\n".join(lines) + "\n"
 
 

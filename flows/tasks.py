@@ -30,12 +30,14 @@ from prefect.cache_policies import NO_CACHE
 from xwin.flows import progress
 from xwin.flows import reports as rep
 from xwin.flows.params import BackfillParams
+from xwin.flows.runlogs import install as install_run_logs
 from xwin.flows.runtime import backoff_delays, cpu_slot, render_slot, retry_transient, slot
 from xwin.schemas.ingest import Failure, Rejection, RejectReason, RunEntry
 from xwin.schemas.render import RenderSpec
 from xwin.storage import ProjectionDataset, Store, is_transient, open_store
 
 log = logging.getLogger(__name__)
+install_run_logs()  # xwin's loggers reach the Prefect run they are logged in (every process that runs these tasks)
 
 TASK_RETRIES = int(os.environ.get("XWIN_TASK_RETRIES", "3"))
 # the options of every stage task (validate.py's too): retried only when transient, never cached

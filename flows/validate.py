@@ -2,12 +2,15 @@
 
 :func:`validate_stored_ring` (storage -> ``xwin.pipeline.reconstruct.validate_volume``) over a cohort's dataset; one
 task per volume with the same retry policy as the backfill. Results go to
-``<store>-reports/validation/<cohort>/<spec_hash>/<id>.json`` and, in a flow run, to a table artifact.
+``<store>-reports/validation/<cohort>/<spec_hash>/<id>.json`` and, in a flow run, to a table artifact. A flow run
+is named ``validate-<cohort>``; given the backfill run it checks (``backfill_run``, what ``xwin backfill`` passes),
+each run gets a link artifact to the other, and each validated ring is a stage line in the run's logs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -16,13 +19,15 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from xwin.flows import reports as rep
-from xwin.flows.progress import artifact_key
+from xwin.flows.progress import artifact_key, emit
 from xwin.flows.runtime import LocalStages, PrefectStages, Stages, slot
 from xwin.flows.tasks import TASK_OPTS, store_handle
 from xwin.pipeline.geometry import ConeBeamViews
 from xwin.pipeline.reconstruct import ReconGrid, ValidationResult, validate_volume
 from xwin.schemas.render import RenderSpec
 from xwin.storage import ProjectionDataset, Store
+
+log = logging.getLogger(__name__)
 
 
 def recon_backend() -> str:
@@ -93,6 +98,7 @@ def validate_series(
             f"{reports}/validation/{cohort}/{spec_hash}/{volume_id}.json",
             json.dumps(out, indent=1, default=str).encode(),
         )
+    emit({"event": "validated", **{k: out[k] for k in ("volume_id", "psnr", "ssim", "backend", "seconds")}})
     return out
 
 
@@ -104,6 +110,7 @@ def run_validation(
     stages: Stages,
     limit: int | None = None,
     reports: str | None = None,
+    backfill_run: str | None = None,
 ) -> list[dict]:
     st = store_handle(store)
     ds = st.open_dataset(cohort, spec_hash)
@@ -111,6 +118,12 @@ def run_validation(
     ids = ids[:limit] if limit else ids
     reports = reports or rep.reports_url(store)
     backend = recon_backend()
+    emit({"event": "stage", "name": f"validate {cohort}/{spec_hash}: {len(ids)} rings, FDK ({backend})"})
+    if stages.mode == "prefect" and backfill_run:
+        try:
+            link_runs(backfill_run, cohort)
+        except Exception as e:  # noqa: BLE001 - a missing link never fails the validation
+            log.warning("validation not linked to backfill run %s: %s", backfill_run, e)
     futs = [stages.submit(validate_series, store, cohort, spec_hash, v, backend, reports) for v in ids]
     results = [stages.result(f) for f in futs]
     if stages.mode == "prefect":
@@ -124,8 +137,40 @@ def run_validation(
     return results
 
 
+def run_url(flow_run_id: str) -> str:
+    """The UI page of a flow run (``PREFECT_UI_URL``; a path on the same host when that is not set)."""
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=flow_run_id) or f"/runs/flow-run/{flow_run_id}"
+
+
+def link_runs(backfill_run: str, cohort: str) -> None:
+    """Link this validation flow run and the backfill run it checks: a link artifact in each, to the other."""
+    from uuid import UUID
+
+    from prefect.artifacts import LinkArtifact, create_link_artifact
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    create_link_artifact(
+        link=run_url(backfill_run),
+        link_text=f"backfill run of {cohort} that this validation checks",
+        key=artifact_key("validation", cohort, "backfill"),
+        description=f"the backfill run of {cohort}",
+    )
+    if ctx is not None and ctx.flow_run is not None:
+        LinkArtifact(
+            link=run_url(str(ctx.flow_run.id)),
+            link_text=f"FDK validation of {cohort}: {ctx.flow_run.name}",
+            key=artifact_key("backfill", cohort, "validation"),
+            description=f"the validation run of {cohort}",
+            flow_run_id=UUID(backfill_run),
+        ).create()
+
+
 @flow(
     name="validate-cohort",
+    flow_run_name="validate-{cohort}",
     task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]  # Prefect's runner generics are invariant
     persist_result=False,
 )
@@ -136,18 +181,31 @@ def validate_cohort(
     spec_hash: str | None = None,
     volume_ids: list[str] | None = None,
     limit: int | None = None,
+    backfill_run: str | None = None,
 ) -> list[dict]:
-    """FDK PSNR/SSIM of the stored rings of ``cohort`` (dataset by ``spec`` or ``spec_hash``)."""
+    """FDK PSNR/SSIM of the stored rings of ``cohort`` (dataset by ``spec`` or ``spec_hash``); ``backfill_run``: the
+    id of the backfill flow run that wrote them (the two runs are linked)."""
     return run_validation(
-        store, cohort, spec_hash or (spec or RenderSpec()).spec_hash, volume_ids, PrefectStages(), limit
+        store,
+        cohort,
+        spec_hash or (spec or RenderSpec()).spec_hash,
+        volume_ids,
+        PrefectStages(),
+        limit,
+        backfill_run=backfill_run,
     )
 
 
 def validate_volumes(
-    store: str, cohort: str, spec: RenderSpec, volume_ids: list[str], prefect: bool = False
+    store: str,
+    cohort: str,
+    spec: RenderSpec,
+    volume_ids: list[str],
+    prefect: bool = False,
+    backfill_run: str | None = None,
 ) -> list[dict[str, Any]]:
     """Validate ``volume_ids`` (the CLI after ``xwin backfill --cohort example``): flow or serverless."""
     if prefect:
-        return validate_cohort(store=store, cohort=cohort, spec=spec, volume_ids=volume_ids)
+        return validate_cohort(store=store, cohort=cohort, spec=spec, volume_ids=volume_ids, backfill_run=backfill_run)
     with LocalStages(max_workers=1) as stages:
         return run_validation(store, cohort, spec.spec_hash, volume_ids, stages)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -104,6 +105,17 @@ def test_deployment_runs_on_process_worker(prefect_api, tmp_path, small_ct_path)
             dep = client.read_deployment_by_name("scan-landing/landing")
             assert [s.schedule.cron for s in dep.schedules] == ["*/15 * * * *"]
             assert dep.concurrency_limit == 1 or dep.global_concurrency_limit is not None
+        # the run's stage lines reached the server from the worker's flow-run process (read while the worker runs:
+        # stopping it stops the flow-run process, which may still be sending its last lines)
+        deadline, msgs = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not any(m.startswith("backfill deployed: done") for m in msgs):
+            body = {"logs": {"flow_run_id": {"any_": [str(fr.id)]}}, "offset": 0, "limit": 200}
+            msgs = [lg["message"] for lg in httpx.post(f"{prefect_api}/logs/filter", json=body, timeout=10).json()]
+            time.sleep(0.5)
+        assert "backfill deployed: 1 series to process, 0 already done" in msgs, msgs
+        assert any(re.fullmatch(r"\w{12}: rendered 8 views in .*", m) for m in msgs), msgs
+        (end,) = [m for m in msgs if m.startswith("backfill deployed: done 1, skipped 0, rejected 1, failed 0 of 2")]
+        assert f"rejected {bad}: unreadable_file" in end
     finally:
         worker.terminate()
         try:

@@ -161,6 +161,57 @@ def endless(stream: Any) -> Iterator[Any]:
             )
 
 
+class DataShardError(ValueError):
+    """A data stream has fewer batches an epoch than there are ranks: some rank would get none."""
+
+
+def batches_per_epoch(units: int, batch_size: int, drop_last: bool = False) -> int:
+    return units // batch_size if drop_last else -(-units // batch_size)
+
+
+def shard_problem(what: str, stream: Any, batch_option: str, world: int) -> str | None:
+    """Why ``stream`` cannot feed ``world`` ranks, or None. The streams shard an epoch by batches (batch ``b`` goes to
+    rank ``b % world``, ``xwin.training.data.order.shard_batches``), so every rank needs ``world`` batches an epoch
+    at least; the line says how many there are and what would make enough."""
+    ds = getattr(stream, "dataset", stream)
+    if world <= 1 or ds is None or not hasattr(ds, "rank_world") or not hasattr(ds, "keys"):
+        return None
+    items, draws = len(ds.keys()), int(getattr(ds, "draws_per_item", 1) or 1)
+    units, bs, drop = len(ds), int(ds.batch_size or 1), bool(getattr(ds, "drop_last", False))
+    n = batches_per_epoch(units, bs, drop)
+    if n >= world:
+        return None
+    kind = "volume" if what in ("data", "validation") else "image"
+    fixes = [f"run on at most {n} rank{'s' if n != 1 else ''}" if n else f"give it {kind}s"]
+    need = world * bs if drop else (world - 1) * bs + 1  # samples an epoch that make `world` batches
+    bmax = units // world if drop else ((units - 1) // (world - 1) if units else 0)
+    if batch_option and bmax >= 1:
+        fixes.append(f"set {batch_option} to {bmax} or less")
+    if kind == "volume" and items:
+        fixes.append(f"set data.draws_per_volume to {-(-need // items)} or more")
+    return (
+        f"{what}: {items} {kind}{'s' if items != 1 else ''} x {draws} draw{'s' if draws != 1 else ''} = {units} "
+        f"samples an epoch make {n} batch{'es' if n != 1 else ''} of {bs}, fewer than the {world} ranks (each rank "
+        f"needs a batch every epoch): {', or '.join(fixes)}"
+    )
+
+
+def action_step_problem(step_deg: float | None, yaw_step_deg: float, where: str) -> str | None:
+    """Why the action step ``data.step_deg`` cannot be sampled from a dataset rendered every ``yaw_step_deg``, or
+    None: actions are whole numbers of dataset views apart (``xwin.training.data.sampling``)."""
+    if step_deg is None:
+        return None
+    ratio = step_deg / yaw_step_deg
+    if step_deg > 0 and abs(ratio - round(ratio)) <= 1e-6:
+        return None
+    fit = max(1, math.ceil(ratio - 1e-6)) * yaw_step_deg
+    return (
+        f"data.step_deg = {step_deg:g}: the action step must be a multiple of the yaw step {yaw_step_deg:g} of "
+        f"{where}: set data.step_deg to {fit:g} (or another multiple of {yaw_step_deg:g}, or null for the yaw step "
+        f"itself), or train on a dataset rendered with a yaw step that divides {step_deg:g}"
+    )
+
+
 def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -186,6 +237,15 @@ class Trainer:
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
             torch.distributed.init_process_group(backend)
+            # before anything is built or written: every rank needs a batch of every stream each epoch (the ranks
+            # agree on the item lists here, so they all reach the same verdict)
+            streams = [("data", stream, "data.batch_size"), ("real images", real_stream, "data.real_batch_size")]
+            if val is not None:
+                streams += [("validation", val[0], "data.batch_size"), ("validation real images", val[1], "")]
+            problem = next((p for p in (shard_problem(*x, self.world) for x in streams) if p), None)
+            if problem is not None:
+                torch.distributed.destroy_process_group()
+                raise DataShardError(problem)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", local_rank)
@@ -509,6 +569,9 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     from xwin.training.data import RealCXRStream, StoreSource, make_loader
 
     cohort, spec = resolve_dataset(d.store, d.cohort, d.spec_hash)
+    problem = action_step_problem(d.step_deg, spec.yaw_step_deg, f"dataset {cohort}/{spec.spec_hash}")
+    if problem is not None:
+        raise ValueError(problem)
     source = StoreSource(d.store, cohort, spec, split=d.split)
     if d.split is not None:
         source.open()  # a cohort without an assignment, or without that split: one clear error now, not in a worker
@@ -580,6 +643,9 @@ def build_val_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     from xwin.training.data import RealCXRStream, StoreSource, make_loader
 
     cohort, spec = resolve_dataset(d.store, d.cohort, d.spec_hash)
+    problem = action_step_problem(d.step_deg, spec.yaw_step_deg, f"dataset {cohort}/{spec.spec_hash}")
+    if problem is not None:
+        raise ValueError(problem)
     held_out = StoreSource(d.store, cohort, spec, split=d.val_split)
     if not held_out.open().volume_ids():  # opened here so that a split that is missing or empty is said up front
         raise ValueError(f"validation split {d.val_split!r} of cohort {cohort!r} holds no volume")

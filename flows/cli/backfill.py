@@ -153,7 +153,7 @@ def backfill_cmd(
     if code == 0 and validate and cohort == "example" and summary.done + summary.skipped:
         first = [e.volume_id for e in summary.done + summary.skipped][:1]
         say(f"validate: FDK reconstruction of {first[0][:12]} from its ring, PSNR/SSIM against the volume")
-        validation = _maybe_validate(params, first, use_prefect)
+        validation = _maybe_validate(params, first, use_prefect, end.get("run_id"))
     if as_json:
         typer.echo(summary.model_dump_json(indent=1))
     else:
@@ -194,13 +194,16 @@ def echo_outcomes(summary) -> None:
         typer.echo(f"  FAILED {f.input} ({f.stage}): {f.error} ({again})")
 
 
-def _maybe_validate(params, volume_ids: list[str], use_prefect: bool) -> str | None:
-    """FDK PSNR/SSIM of the stored ring vs its source volume (the validation flow in Prefect mode)."""
+def _maybe_validate(params, volume_ids: list[str], use_prefect: bool, backfill_run: str | None = None) -> str | None:
+    """FDK PSNR/SSIM of the stored ring vs its source volume (the validation flow in Prefect mode, linked to the
+    backfill run ``backfill_run``)."""
     try:
         from xwin.flows.validate import validate_volumes
     except ImportError:  # pragma: no cover - xwin.pipeline.reconstruct absent
         return None
-    res = validate_volumes(params.store, params.cohort, params.spec, volume_ids, prefect=use_prefect)
+    res = validate_volumes(
+        params.store, params.cohort, params.spec, volume_ids, prefect=use_prefect, backfill_run=backfill_run
+    )
     return ", ".join(
         f"{r['volume_id'][:12]} PSNR {r['psnr']:.1f} dB SSIM {r['ssim']:.3f} ({r['backend']} FDK, {r['seconds']:.0f} s)"
         for r in res

@@ -47,9 +47,11 @@ SpecHashOpt = Annotated[
 
 # ---- one-line errors -------------------------------------------------------------------------------------------
 def fail(*lines: str) -> NoReturn:
-    """Print each line as ``error: <line>`` on stderr (secrets masked) and end the command with exit status 2."""
-    for line in lines:
-        typer.echo(f"error: {mask_secrets(line)}", err=True)
+    """Print each line as ``error: <line>`` on stderr (secrets masked) and end the command with exit status 2. Under
+    torchrun every rank exits 2 and only rank 0 prints (each rank meets the same bad input)."""
+    if os.environ.get("RANK", "0").strip() in ("", "0"):
+        for line in lines:
+            typer.echo(f"error: {mask_secrets(line)}", err=True)
     raise typer.Exit(2)
 
 

@@ -19,61 +19,26 @@ if TYPE_CHECKING:
     from rich.progress import TaskID
 
 
-def _vid(ev: dict) -> str:
-    """A series as a line names it: the first 12 characters of its volume id (a unique prefix in practice), else
-    the input as given, whole."""
-    vid = ev.get("volume_id")
-    return str(vid)[:12] if vid else str(ev.get("input") or "a series")
-
-
-def _series(ev: dict) -> str:
-    """The series of a ``series`` event: volume id prefix and input (a failed or rejected one is named by both)."""
-    vid, given = ev.get("volume_id"), ev.get("input")
-    if vid and given and ev.get("status") in ("failed", "rejected"):
-        return f"{str(vid)[:12]} ({given})"
-    return _vid(ev)
-
-
 class ProgressLog:
-    """One line per stage on ``out`` (stderr by default): for logs and pipes."""
+    """One line per stage on ``out`` (stderr by default): for logs and pipes. The lines are the stage lines the run
+    also sends to its Prefect logs (``xwin.flows.progress.stage_line``); the summary at the end is the command's."""
 
     def __init__(self, out: IO[str] | None = None) -> None:
         self.out = out or sys.stderr
         self.lock = threading.Lock()
-        self.total = 0
-        self.n = 0
 
     def line(self, text: str) -> None:
         with self.lock:
             print(text, file=self.out, flush=True)
 
     def __call__(self, ev: dict) -> None:
-        e = ev.get("event")
-        if e == "start":
-            self.total = int(ev["total"])
-            extra = "".join(
-                f", {ev[k]} {k} while planning" for k in ("rejected", "failed") if ev.get(k)
-            )  # so that "0 to process" never precedes "rejected 1 of 1 planned" unexplained
-            self.line(f"backfill {ev['cohort']}: {ev['total']} series to process, {ev['skipped']} already done{extra}")
-        elif e == "step":
-            step, s = ev.get("step"), float(ev.get("seconds") or 0.0)
-            if step == "ingest":
-                what = "ingested" if ev.get("written", True) else "volume already in the store, checked"
-                self.line(f"{_vid(ev)}: {what} in {s:.1f} s")
-            elif step == "render":
-                v = int(ev.get("views") or 0)
-                rate = f" ({v / s:.1f} views/s)" if s > 0 and v else ""
-                self.line(f"{_vid(ev)}: rendered {v} views in {s:.1f} s{rate}")
-            elif step == "commit":
-                self.line(f"{_vid(ev)}: committed in {s:.1f} s")
-        elif e == "views" and int(ev.get("done", -1)) == 0:
-            self.line(f"{_vid(ev)}: rendering {ev['total']} views")
-        elif e == "series":
-            self.n += 1
-            flags = f" (QC flagged: {', '.join(ev['qc_flags'])})" if ev.get("qc_flags") else ""
-            self.line(f"[{self.n}/{self.total}] {ev.get('status')} {_series(ev)}{flags}")
-        elif e == "stage":
-            self.line(str(ev.get("name")))
+        from xwin.flows.progress import stage_line
+
+        if ev.get("event") == "end":  # the command prints its own summary on stdout
+            return
+        text = stage_line(ev)
+        if text is not None:
+            self.line(text)
 
 
 class ProgressBar:

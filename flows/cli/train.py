@@ -77,7 +77,10 @@ def train(
     from xwin.training.loop import build_val_streams
 
     val = or_exit(build_val_streams, cfg) if cfg.val_every > 0 else None
-    trainer = Trainer(cfg, sim, real_stream, echo=echo, val=val)
+    from xwin.training.loop import DataShardError
+
+    # under torchrun: a stream with fewer batches an epoch than ranks is one line (rank 0) and exit 2, before training
+    trainer = or_exit(Trainer, cfg, sim, real_stream, echo=echo, val=val, errors=(DataShardError,))
     if resume:
         path = Path(cfg.out_dir) / "checkpoints" / "latest.pt" if resume == "auto" else Path(resume)
         if path.exists():
