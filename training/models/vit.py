@@ -18,7 +18,7 @@ import math
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -49,7 +49,10 @@ def _import_timm() -> Any:
 
 _KEEP: list[Any] = []  # the operator library of _import_timm lives as long as the process
 _tvit = _import_timm()
-TimmViT = _tvit.VisionTransformer
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+else:
+    TimmViT = _tvit.VisionTransformer
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
 
@@ -195,6 +198,7 @@ def load_timm_weights(encoder: VisionTransformer, source: str | Path | dict) -> 
     """
     from timm.models._manipulate import adapt_input_conv
 
+    sd: dict[str, Any]
     if isinstance(source, dict):
         sd = dict(source)
         where = "state_dict"
@@ -210,8 +214,9 @@ def load_timm_weights(encoder: VisionTransformer, source: str | Path | dict) -> 
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
         for k in ("model", "state_dict"):
-            if isinstance(sd.get(k), dict):
-                sd = sd[k]
+            inner = sd.get(k)
+            if isinstance(inner, dict):
+                sd = inner
     ignored = sorted(k for k in sd if k.startswith(_TIMM_UNUSED))
     sd = {k: v for k, v in sd.items() if not k.startswith(_TIMM_UNUSED)}
     w = sd.get("patch_embed.proj.weight")
