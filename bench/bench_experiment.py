@@ -391,7 +391,7 @@ def _section(r: dict) -> list[str]:
             f"{g('decoder_ceiling', 'psnr_db')} | {g('model', 'ssim')} | {g('context', 'ssim')} | "
             f"{g('mirror', 'ssim')} | {_f(d)} | {e['model_wins']}/{e['samples']} |"
         )
-    out += ["", f"**The model beats the best baseline (by mean PSNR) at {wins} of {len(po)} offsets.**", ""]
+    out += ["", _view_verdict(po, wins), ""]
     pos, neg = smp["probes"]["positives"], smp["probes"]["negatives"]
     out += [
         "### (b) Linear probes of frozen features (held-out subjects)"
@@ -417,6 +417,9 @@ def _section(r: dict) -> list[str]:
     errs = sorted({e for v in s["probes"].values() for e in v.get("errors", [])})
     if errs:
         out += ["", "Probe splits that could not be made: " + "; ".join(errs)]
+    tests = sorted({r["test_subjects"] for v in smp["probes"]["runs"].values() for r in v if "test_subjects" in r})
+    if tests:
+        out += ["", f"Test subjects per probe split: {', '.join(map(str, tests))}."]
     out += ["", _probe_verdict(s["probes"]), ""]
     rc = s["recon3d"]
     out += [
@@ -438,17 +441,51 @@ def _section(r: dict) -> list[str]:
     return out
 
 
+def _view_verdict(po: dict, wins: int) -> str:
+    """One sentence per offset: won or lost against the best baseline, by how much, and whether the decoder's own
+    ceiling already lies below that baseline (then the decoder, not the predictor, bounds the figure)."""
+    parts = []
+    for o, e in sorted(po.items(), key=lambda kv: float(kv[0])):
+        d, base = e["model_minus_best_baseline_db"]["mean"], e["best_baseline"]
+        if d is None:
+            continue
+        won = "wins" if d > 0 else "loses"
+        txt = f"{o}°: {won} by {abs(d):.2f} dB against the {base} ({e['model_wins']}/{e['samples']})"
+        ceil = e.get("decoder_ceiling", {}).get("psnr_db", {}).get("mean")
+        best = e[base]["psnr_db"]["mean"]
+        if d <= 0 and ceil is not None and ceil < best:
+            txt += f", where even the decoder's ceiling ({ceil:.2f} dB) is below the {base} ({best:.2f} dB)"
+        parts.append(txt)
+    return (
+        f"**The model beats the best baseline (mean PSNR) at {wins} of {len(po)} offsets.** " + "; ".join(parts) + "."
+    )
+
+
 def _probe_verdict(pr: dict) -> str:
+    """Per label: the trained features against the better baseline, said to be a difference only when it exceeds
+    the spread over splits, and at chance when no feature set reaches 0.6."""
     parts = []
     for k in LABELS:
-        t, ri, px = (pr.get(f"{f}/{k}", {}).get("all", {}).get("mean") for f in FEATURES)
-        if None in (t, ri, px):
-            parts.append(f"{k}: not measured")
+        ms = {f: pr.get(f"{f}/{k}", {}).get("all", {}) for f in FEATURES}
+        if any(m.get("mean") is None for m in ms.values()):
+            parts.append(f"{k}: not measured (too few subjects of a class in the probe set)")
             continue
-        best = max(ri, px)
-        word = "above" if t > best else "not above"
-        parts.append(f"{k}: trained {t:.3f}, {word} the better baseline ({best:.3f}, Δ {t - best:+.3f})")
-    return "**Probes: " + "; ".join(parts) + ".**"
+        t = ms["trained"]
+        bname = max(("random_init", "pixels"), key=lambda f: ms[f]["mean"])
+        b = ms[bname]
+        d = t["mean"] - b["mean"]
+        spread = max(t["sd"], b["sd"])
+        txt = (
+            f"{k}: trained {t['mean']:.3f} ± {t['sd']:.3f} vs {bname.replace('_', ' ')} {b['mean']:.3f} ± {b['sd']:.3f}"
+        )
+        if max(m["mean"] for m in ms.values()) < 0.6:
+            txt += " (no feature set above chance)"
+        elif abs(d) <= spread:
+            txt += " (the difference is within the spread over splits)"
+        else:
+            txt += f" (trained {'above' if d > 0 else 'below'} by {abs(d):.3f}, more than the spread)"
+        parts.append(txt)
+    return "**Probes:** " + "; ".join(parts) + "."
 
 
 # --------------------------------------------------------------------------------------------------------- main
