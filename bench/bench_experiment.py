@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "train_steps": None, "decoder_steps": 1500, "recon_volumes": 6, "probe_split_seeds": 5,
              "probe_views": 8, "probe_on": "test"},
     "reduced": {"n": 24, "downsample": "4,4,2", "detector": 128, "pixel_mm": 4.0, "train_minutes": 4.0,
-                "train_steps": None, "decoder_steps": 300, "recon_volumes": 2, "probe_split_seeds": 5,
+                "train_steps": None, "decoder_steps": 1000, "recon_volumes": 2, "probe_split_seeds": 5,
                 "probe_views": 8, "probe_on": "test"},
     "ci": {"n": 8, "downsample": "8,8,4", "detector": 32, "pixel_mm": 16.0, "train_minutes": None,
            "train_steps": 3, "decoder_steps": 4, "recon_volumes": 1, "probe_split_seeds": 2, "probe_views": 4,
