@@ -289,3 +289,5 @@ def test_cli_probe_labels_csv(tmp_path):
     assert r.exit_code != 0 and "--shots" in r.output
     r = CliRunner().invoke(app, ["probe", "--checkpoint", str(ckpt)])
     assert r.exit_code != 0 and "--labels" in r.output
+    r = CliRunner().invoke(app, [*args[:5], "--split", "test"])
+    assert r.exit_code == 2 and "subject column" in r.output

@@ -173,6 +173,8 @@ def probe(
     """Linear probe of a frozen encoder: AUROC per class on a held-out split (whole groups with --group-by), or
     with --labels the paper's multi-label protocol (per-label AUROC, k-shot and label fractions, by subject)."""
     if labels is not None:
+        if split is not None or group_by != "none":
+            fail("--labels groups images by the CSV's subject column: --group-by and --split are for --data folders")
         return _probe_labels(checkpoint, labels, data, shots, fractions, seeds, test_frac, seed, encoder, as_json)
     if data is None:
         fail("give --data DIR (one subfolder per class) or --labels CSV")
