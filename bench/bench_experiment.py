@@ -315,11 +315,11 @@ def _f(m: dict | None, nd: int = 2) -> str:
 
 
 def results_markdown(results: list[dict]) -> str:
-    """docs/results.md from the newest experiment result of each preset (full first)."""
+    """docs/results.md from the newest experiment result of each preset and tag (full first)."""
     newest: dict[str, dict] = {}
     for r in sorted(results, key=lambda r: (r["started_at"], r.get("_file", ""))):
         if r["bench"] == "experiment":
-            newest[r["params"]["preset"]] = r
+            newest[r["params"]["preset"] + (f", tag `{r['tag']}`" if r.get("tag") else "")] = r
     lines = [
         "# Results: what a model learns from this pipeline's data",
         "",
@@ -338,7 +338,7 @@ def results_markdown(results: list[dict]) -> str:
     ]
     if not newest:
         lines.append("No experiment has been recorded yet: run `python bench/bench_experiment.py --preset reduced`.")
-    for preset in sorted(newest, key=lambda k: (k != "full", k)):
+    for preset in sorted(newest, key=lambda k: (not k.startswith("full"), k)):
         r = newest[preset]
         lines += _section(r)
     return "\n".join(lines).rstrip() + "\n"
@@ -353,7 +353,8 @@ def _section(r: dict) -> list[str]:
     else:
         budget = "a fixed step count, no budget"
     out = [
-        f"## Preset `{p['preset']}` ({r['date']}, commit `{r['git']['commit'][:10]}`)",
+        f"## Preset `{p['preset']}`{f', tag `{tag}`' if (tag := r.get('tag')) else ''} ({r['date']}, commit "
+        f"`{r['git']['commit'][:10]}`)",
         "",
         f"- Cohort: {p['n']} phantom subjects (seed {p['seed']}, `--downsample {p['downsample']}`), "
         f"{smp['with_nodule']} with a nodule; split by subject: {n_train} train / {n_test} test "
