@@ -204,3 +204,118 @@ def test_base_config_matches_paper():
     assert (m.img_size, m.patch_size, m.embed_dim, m.depth) == (512, 16, 768, 12)
     assert (m.view_pred_depth, m.view_pred_dim, m.domain_depth) == (3, 384, 2)
     assert ModelConfig.from_arch("vit_large").embed_dim == 1024
+
+
+# ------------------------------------------------------------------------------------------------ timm encoder
+def _timm():
+    from xwin.training.models.vit import TimmViT
+
+    return TimmViT
+
+
+def test_encoder_is_timm_vit_and_matches_timm_forward():
+    """Without token dropping the encoder is timm's own forward_features with the sin-cos PE as position embedding."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    assert isinstance(vit, _timm())
+    ref = _timm()(img_size=32, patch_size=8, in_chans=1, num_classes=0, global_pool="", embed_dim=32, depth=2,
+                  num_heads=4, class_token=False)  # fmt: skip
+    ref.load_state_dict(vit.state_dict(), strict=False)  # everything but the learned pos_embed
+    with torch.no_grad():
+        ref.pos_embed.copy_(sincos_2d(32, 4, 4)[None])
+    x = torch.rand(3, 1, 32, 32)
+    torch.testing.assert_close(vit(x), ref.forward_features(x))
+    # token dropping = running only the kept tokens (with their own PE) through the blocks
+    keep = torch.tensor([[0, 5, 9, 15], [1, 2, 3, 4], [12, 13, 14, 15]])
+    tokens = vit.embed(x)
+    manual = vit.norm(vit.blocks(torch.gather(tokens, 1, keep[..., None].expand(-1, -1, 32))))
+    torch.testing.assert_close(vit(x, keep), manual)
+    # the dropped tokens change nothing: perturbing the image where no kept token looks leaves the output alone
+    x2 = x.clone()
+    x2[0, :, :8, 8:16] += 1.0  # patch (0, 1) = token 1, not kept for image 0
+    torch.testing.assert_close(vit(x2, keep)[0], vit(x, keep)[0])
+    assert (vit(x2)[0] - vit(x)[0]).abs().max() > 1e-4
+
+
+def test_timm_checkpoint_loads(tmp_path):
+    """A state_dict saved from a timm ViT (RGB, class token, learned PE, head) starts the X-WIN encoder."""
+    from xwin.training.models.vit import load_timm_weights
+
+    torch.manual_seed(1)
+    src = _timm()(img_size=32, patch_size=8, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4)
+    path = tmp_path / "vit.pth"
+    torch.save(src.state_dict(), path)
+    vit = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=4)
+    rep = load_timm_weights(vit, path)
+    assert {"cls_token", "pos_embed", "head.weight", "head.bias"} <= set(rep["ignored"])
+    sd = src.state_dict()
+    for k, v in vit.state_dict().items():
+        if k != "patch_embed.proj.weight":
+            torch.testing.assert_close(v, sd[k], msg=k)
+    # RGB -> one channel: timm's adapt_input_conv sums the colour kernels
+    torch.testing.assert_close(vit.patch_embed.proj.weight, sd["patch_embed.proj.weight"].sum(1, keepdim=True))
+    # the loaded encoder computes what the timm model computes on a grey image (R = G = B) with the sin-cos PE
+    # and no class token: same patch tokens, same blocks
+    ref = _timm()(img_size=32, patch_size=8, in_chans=3, num_classes=0, global_pool="", embed_dim=32, depth=2,
+                  num_heads=4, class_token=False)  # fmt: skip
+    ref.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("cls_token", "head", "pos_embed"))},
+                        strict=False)  # fmt: skip
+    with torch.no_grad():
+        ref.pos_embed.copy_(sincos_2d(32, 4, 4)[None])
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(vit(x), ref.forward_features(x.expand(-1, 3, -1, -1)))
+    # safetensors and a {"model": state_dict} wrapper load too
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "vit.safetensors"))
+    other = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=4)
+    load_timm_weights(other, tmp_path / "vit.safetensors")
+    torch.testing.assert_close(other(x), vit(x))
+    torch.save({"model": sd}, tmp_path / "wrapped.pth")
+    load_timm_weights(other, tmp_path / "wrapped.pth")
+    # another depth or width is refused with the names of what does not fit
+    deeper = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=3, num_heads=4)
+    with pytest.raises(ValueError, match=r"missing \['blocks\.2"):
+        load_timm_weights(deeper, path)
+    wider = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=64, depth=2, num_heads=4)
+    with pytest.raises(ValueError, match="shapes"):
+        load_timm_weights(wider, path)
+
+
+def test_trainer_starts_from_timm_weights(tmp_path):
+    from xwin.training.loop import Trainer
+    from xwin.training.synthetic import SyntheticRingStream
+
+    t = TINY
+    torch.manual_seed(2)
+    src = _timm()(img_size=t.img_size, patch_size=t.patch_size, in_chans=1, embed_dim=t.embed_dim, depth=t.depth,
+                  num_heads=t.num_heads, num_classes=0)  # fmt: skip
+    torch.save(src.state_dict(), tmp_path / "vit.pth")
+    cfg = load_config(preset="tiny", overrides=[f"out_dir={tmp_path}", f"init_encoder={tmp_path / 'vit.pth'}"])
+    tr = Trainer(cfg, SyntheticRingStream(batch_size=2), None)
+    w = src.state_dict()["blocks.1.mlp.fc2.weight"]
+    torch.testing.assert_close(tr.model.encoder.blocks[1].mlp.fc2.weight, w)
+    torch.testing.assert_close(tr.ema.encoder.blocks[1].mlp.fc2.weight, w)  # the EMA copy starts there too
+    tr.close()
+
+
+def test_checkpoints_of_the_handwritten_blocks_still_load():
+    """State dicts with the former parameter names (mlp.0 / mlp.2, patch_embed.weight) load into the timm modules."""
+    torch.manual_seed(0)
+    model = XWin(TINY, LossConfig())
+    sd = model.state_dict()
+    old = {}
+    for k, v in sd.items():
+        k2 = (
+            k.replace(".mlp.fc1.", ".mlp.0.")
+            .replace(".mlp.fc2.", ".mlp.2.")
+            .replace("patch_embed.proj.", "patch_embed.")
+        )
+        old[k2] = v
+    assert "encoder.patch_embed.weight" in old and "view_predictor.blocks.0.mlp.0.weight" in old
+    fresh = XWin(TINY, LossConfig())
+    fresh.load_state_dict(old)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, sd[k], msg=k)
+    ema = EMAEncoder(fresh.encoder)
+    ema.load_state_dict({("encoder." + k[len("encoder.") :]): v for k, v in old.items() if k.startswith("encoder.")})

@@ -197,6 +197,9 @@ class TrainConfig(_Strict):
     # ("val" events): DRRs of ``data.val_split`` and held-out real images (docs/training.md, Validation)
     val_every: int = 0
     val_batches: int = 4
+    # the weights of a timm ViT of the same width, depth and patch size (a state_dict file, .pth or .safetensors) to
+    # start the encoder (and so its EMA copy) from; position embedding, class token and head are left out
+    init_encoder: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -245,14 +245,16 @@ def run_recon3d(
     backend: str = "auto",
     out_dir: str | Path | None = None,
     device: str = "auto",
+    arc_deg: float | None = None,
 ) -> dict:
     """``xwin eval recon3d``: one row per volume and the means (module docstring); writes ``recon3d.json`` and a
-    slices PNG per volume under ``out_dir`` when given."""
+    slices PNG per volume under ``out_dir`` when given. ``arc_deg``: the half-arc of the views (default the
+    checkpoint's ``data.max_abs_deg``; e.g. 90 evaluates a model trained on +-180 deg on the paper's arc)."""
     split = eval_split(dataset_url, split, volumes)
     world = WorldModel(checkpoint, resolve_device(device))
     dec, scale, meta = load_decoder(decoder, world)
     store, ds = _open(dataset_url, split)
-    arc = arc_for(ds.spec, world.cfg.data.max_abs_deg)
+    arc = arc_for(ds.spec, arc_deg if arc_deg is not None else world.cfg.data.max_abs_deg)
     if backend == "auto" and not torch.cuda.is_available():
         backend = "numba"  # no GPU: skip ASTRA's CUDA probe (a subprocess)
     renderer = ViewRenderer(world, dec, scale)

@@ -28,6 +28,7 @@ from torch import nn
 
 from xwin.training.config import TrainConfig
 from xwin.training.masks import MaskBatch, MultiBlockMasker
+from xwin.training.models.vit import load_timm_weights
 from xwin.training.models.xwin import EMAEncoder, XWin
 from xwin.training.runlog import RunLog
 
@@ -255,7 +256,10 @@ class Trainer:
         self.amp = uses_bf16_autocast(cfg, self.device)
 
         torch.manual_seed(cfg.seed)  # identical init on every rank
-        self.model = XWin(cfg.model, cfg.loss).to(self.device)
+        self.model = XWin(cfg.model, cfg.loss)
+        if cfg.init_encoder:
+            load_timm_weights(self.model.encoder, cfg.init_encoder)
+        self.model.to(self.device)
         self.ema = EMAEncoder(self.model.encoder).to(self.device)
         self.ddp: nn.Module = self.model
         if self.world > 1:

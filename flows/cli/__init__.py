@@ -10,6 +10,7 @@ train probe prepare-cxr     the X-WIN model                                     
 bench consumer              benchmarks                                                  cli/bench.py
 splits assign|show, card    subject-level splits of a cohort, its dataset card          cli/splits.py
 train-decoder, eval          the 3-D loop from predicted views, domain gap               cli/evaluate.py
+phantoms                    a phantom cohort from the bundled CT (experiments, tests)   cli/phantoms.py
 """
 
 from __future__ import annotations
@@ -71,5 +72,9 @@ from xwin.flows.cli import evaluate  # noqa: E402 - its own import: the import l
 
 app.command("train-decoder", cls=XwinCommand)(cli_errors(evaluate.train_decoder_cmd))
 app.add_typer(evaluate.eval_app, name="eval")
+
+from xwin.flows.cli import phantoms  # noqa: E402
+
+app.command("phantoms", cls=XwinCommand)(cli_errors(phantoms.phantoms_cmd))
 
 __all__ = ["app"]

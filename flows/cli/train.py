@@ -164,10 +164,29 @@ def _source(
     return f"preset {preset or file_d.get('preset') or 'base'}"
 
 
+def _numbers(text: str | None, kind: type, option: str) -> tuple:
+    if text is None:
+        return ()
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"{option} {text!r}: not a comma-separated list of {'integers' if kind is int else 'numbers'}")
+
+
 def probe(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="training checkpoint (.pt)"),
-    data: Path = typer.Option(..., "--data", help="labelled image folder: one subfolder per class"),
-    test_frac: float = typer.Option(0.3, "--test-frac", help="held-out fraction per class"),
+    data: Path | None = typer.Option(
+        None, "--data", help="labelled image folder (one subfolder per class); with --labels: the image root"
+    ),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="CSV: path, subject, one 1/0/empty column per label (multi-label protocol)"
+    ),
+    shots: str | None = typer.Option(None, "--shots", help="with --labels: k-shot rows, e.g. 4,8,16 (per class)"),
+    fractions: str | None = typer.Option(
+        None, "--fractions", help="with --labels: label-fraction rows, e.g. 0.01,0.1,1 (of the training subjects)"
+    ),
+    seeds: int = typer.Option(5, "--seeds", min=1, help="with --labels: draws per k-shot / fraction row"),
+    test_frac: float = typer.Option(0.3, "--test-frac", help="held-out fraction (per class, or of the subjects)"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/test draw"),
     encoder: str = typer.Option("ema", "--encoder", help="ema (paper) or online"),
     group_by: str = typer.Option(
@@ -178,7 +197,14 @@ def probe(
     ),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Linear probe of a frozen encoder: AUROC per class on a held-out split (whole groups with --group-by)."""
+    """Linear probe of a frozen encoder: AUROC per class on a held-out split (whole groups with --group-by), or
+    with --labels the paper's multi-label protocol (per-label AUROC, k-shot and label fractions, by subject)."""
+    if labels is not None:
+        if split is not None or group_by != "none":
+            fail("--labels groups images by the CSV's subject column: --group-by and --split are for --data folders")
+        return _probe_labels(checkpoint, labels, data, shots, fractions, seeds, test_frac, seed, encoder, as_json)
+    if data is None:
+        fail("give --data DIR (one subfolder per class) or --labels CSV")
     from xwin.training.probe import run_probe
 
     rep = or_exit(
@@ -191,6 +217,47 @@ def probe(
     for c, a in rep["auroc"].items():
         typer.echo(f"  {c:<24s} AUROC {a:.4f}")
     typer.echo(f"  macro AUROC {rep['macro_auroc']:.4f}, accuracy {rep['accuracy']:.4f}")
+
+
+def _probe_labels(
+    checkpoint: Path,
+    labels: Path,
+    root: Path | None,
+    shots: str | None,
+    fractions: str | None,
+    seeds: int,
+    test_frac: float,
+    seed: int,
+    encoder: str,
+    as_json: bool,
+) -> None:
+    from xwin.training.probe import run_probe_protocol
+
+    k = _numbers(shots, int, "--shots")
+    f = _numbers(fractions, float, "--fractions") or (1.0,)
+    if any(v < 1 for v in k):
+        fail(f"--shots {shots!r}: every k must be >= 1")
+    if any(not 0 < v <= 1 for v in f):
+        fail(f"--fractions {fractions!r}: every fraction must be in (0, 1]")
+    rep = or_exit(
+        run_probe_protocol, checkpoint, labels, root=root, shots=k, fractions=f, seeds=seeds, test_frac=test_frac,
+        seed=seed, which=encoder,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(rep))
+        return
+    names = rep["labels"]
+    typer.echo(
+        f"linear probe ({rep['encoder']} encoder), {len(names)} labels: {rep['n_train']} train images of "
+        f"{rep['subjects']['train']} subjects / {rep['n_test']} test images of {rep['subjects']['test']} subjects"
+    )
+    rows = [("all", rep["all"])] + [(f"{x} of subjects", r) for x, r in rep["fractions"].items() if x != "1"]
+    rows += [(f"{x}-shot", r) for x, r in rep["shots"].items()]
+    typer.echo(f"  {'row':<18s} {'mean AUROC':>16s}  " + "  ".join(f"{c[:14]:>14s}" for c in names))
+    for name, r in rows:
+        m = r["mean_auroc"]
+        cells = "  ".join(f"{r['auroc'][c]['mean']:>7.3f}+-{r['auroc'][c]['sd']:<5.3f}" for c in names)
+        typer.echo(f"  {name:<18s} {m['mean']:>8.3f}+-{m['sd']:<6.3f}  {cells}")
 
 
 def prepare_cxr(

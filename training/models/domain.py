@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xwin.training.models.vit import Block, init_weights
+from xwin.training.models.vit import block, init_weights
 
 
 class DomainClassifier(nn.Module):
@@ -18,7 +18,7 @@ class DomainClassifier(nn.Module):
         super().__init__()
         dim = dim or in_dim
         self.inp = nn.Identity() if dim == in_dim else nn.Linear(in_dim, dim)
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([block(dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, 1)
         init_weights(self)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xwin.training.models.vit import Block, gather_tokens, init_weights, rescale_residuals, sincos_2d
+from xwin.training.models.vit import block, gather_tokens, init_weights, rescale_residuals, sincos_2d
 
 
 class ViewPredictor(nn.Module):
@@ -37,7 +37,7 @@ class ViewPredictor(nn.Module):
         self.embed = nn.Linear(embed_dim, pred_dim)
         self.action_embed = nn.Linear(1, pred_dim)
         self.register_buffer("pos_embed", sincos_2d(pred_dim, grid, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList([Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([block(pred_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.proj = nn.Linear(pred_dim, embed_dim)
         init_weights(self)
@@ -81,7 +81,7 @@ class MaskPredictor(nn.Module):
         self.embed = nn.Linear(embed_dim, pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
         self.register_buffer("pos_embed", sincos_2d(pred_dim, grid, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList([Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([block(pred_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.proj = nn.Linear(pred_dim, embed_dim)
         init_weights(self)

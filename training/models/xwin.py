@@ -23,7 +23,7 @@ from xwin.training.config import LossConfig, ModelConfig
 from xwin.training.masks import MaskBatch
 from xwin.training.models.domain import DomainClassifier
 from xwin.training.models.predictors import MaskPredictor, ViewPredictor
-from xwin.training.models.vit import VisionTransformer, gather_tokens
+from xwin.training.models.vit import VisionTransformer, gather_tokens, rename_legacy_keys
 
 
 def build_encoder(cfg: ModelConfig) -> VisionTransformer:
@@ -54,6 +54,7 @@ class XWin(nn.Module):
         lc = self.loss_cfg
         self.tau = L.LearnableTemperature(lc.tau_init, lc.tau_min)
         self.tau_tilde = L.LearnableTemperature(lc.tau_tilde_init, lc.tau_min)
+        self.register_load_state_dict_pre_hook(rename_legacy_keys)  # checkpoints of the hand-written blocks
 
     # ------------------------------------------------------------------------------------------------- pieces
     def mim(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
