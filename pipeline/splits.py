@@ -135,7 +135,8 @@ def assign_splits(
     Subjects whose volumes hold one CT (``links``, default :func:`content_links` of ``volumes``, plus the links of
     ``previous``'s bindings) form one group with one split: an already-assigned member's split wins (members
     assigned to different splits before keep theirs, and the binding reports the conflict); a group of new subjects
-    takes the split of its first subject key. A group with an excluded member is excluded whole."""
+    takes the split of its first subject key. A group with an excluded member is excluded whole. A volume assigned
+    before under another subject key keeps its split, and its current subject counts as assigned to that split."""
     vols = sorted(volumes, key=lambda v: v.volume_id)
     explicit = set(exclude)
     pol = previous.policy if previous is not None else policy
@@ -167,10 +168,17 @@ def assign_splits(
     links_of: dict[str, list[ContentLink]] = {}
     for link in used:
         links_of.setdefault(uf.find(subject_of[link.volumes[0]]), []).append(link)
+    # a volume assigned before under another subject key (re-ingested under another de-identification) keeps its
+    # split (below): its new subject is placed by it, so that the subject's other volumes join it
+    carried: dict[str, str] = {}
+    for v in vols:
+        pv = previous.volumes.get(v.volume_id) if previous else None
+        if pv is not None and pv.subject != v.subject_key:
+            carried.setdefault(v.subject_key, subjects.get(pv.subject, pv.split))
     bindings: list[Binding] = []
     order = list(pol.fractions)
     for root, keys in sorted(members.items()):
-        fixed = {k: subjects[k] for k in keys if k in subjects}
+        fixed = {k: subjects[k] if k in subjects else carried[k] for k in keys if k in subjects or k in carried}
         conflict = None
         if any(x == EXCLUDED for x in fixed.values()):
             split = EXCLUDED

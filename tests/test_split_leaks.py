@@ -394,3 +394,24 @@ def test_a_thousand_subjects_reingested_under_a_salt_share_their_splits():
         a.subject for a, b in zip(raw, salted) if by_id.volumes[a.volume_id].split != by_id.volumes[b.volume_id].split
     }
     assert 280 < len(apart) < 400  # what binding prevents: 1 - (0.8^2 + 0.1^2 + 0.1^2) = 34% of the subjects
+
+
+def test_a_volume_stored_under_a_new_subject_id_brings_the_subject_into_its_split():
+    """A volume assigned under one subject id and stored again (same volume id) under another keeps its split; the
+    new subject's other volumes, arriving with it or later, join that split instead of the new id's own hash."""
+    first, _ = assign_splits("c", [VolumeFacts("v0", "A", exact="e0")], HALF)
+    # a new subject id whose own hash puts it in the other split
+    new = next(
+        f"B{i}" for i in range(100) if split_for(unit_hash(HALF.salt, f"B{i}"), HALF.fractions) != first.subjects["A"]
+    )
+    rekeyed = [VolumeFacts("v0", new, exact="e0"), VolumeFacts("v1", new, exact="e1")]
+    doc, moved = assign_splits("c", rekeyed, HALF, first)
+    assert moved == []
+    assert doc.volumes["v0"].split == first.subjects["A"] and doc.volumes["v0"].subject == "A"
+    assert doc.subjects[new] == first.subjects["A"] and doc.volumes["v1"].split == first.subjects["A"]
+    # and a later exam of that subject follows
+    later, _ = assign_splits("c", [*rekeyed, VolumeFacts("v2", new, exact="e2")], HALF, doc)
+    assert later.volumes["v2"].split == first.subjects["A"]
+    # without the earlier assignment the new id would have gone to the other split
+    alone, _ = assign_splits("c", rekeyed, HALF)
+    assert alone.volumes["v1"].split != first.subjects["A"]
