@@ -65,6 +65,18 @@ def test_lut_equals_per_energy_sum_on_stored_bases(stored_bases, look):
     np.testing.assert_array_equal(R.radiograph(bases, look, pixel_mm=8.0), got)
 
 
+@pytest.mark.parametrize("look", [Look(kvp=40, filtration_mm_al=0.0), Look(kvp=150, filtration_mm_al=0.0)])
+def test_lut_near_zero_density_with_an_unfiltered_spectrum(look):
+    """An unfiltered tube's lowest energies die within hundredths of a g/cm^2, where -ln T bends sharply: skin,
+    air gaps and the body's edge. The table against the per-energy sum on thin and thick paths of both bases."""
+    soft = np.r_[np.geomspace(1e-4, 1.0, 60), np.linspace(1.0, 60.0, 40)]
+    bone = np.r_[0.0, np.geomspace(1e-4, 0.5, 20), np.linspace(0.5, 20.0, 20)]
+    s, b = (x.ravel() for x in np.meshgrid(soft, bone, indexing="ij"))
+    want = -np.log(R.transmission_direct(s, b, R.beam(look)))
+    got = R.lut(look).neglog(s.astype(np.float32), b.astype(np.float32)).astype(np.float64)
+    assert float(np.abs(got - want).max()) <= 2e-3
+
+
 def test_two_material_bases_equal_a_per_energy_render_of_the_voxels(small_ct, stored_bases):
     """The radiograph from the stored (float16) bases against rendering, at every energy bin of the spectrum, the
     voxels' linear attenuation mu(E) [1/mm] (xraydb's material_mu of water and of cortical bone by its formula,
