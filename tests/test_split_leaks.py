@@ -248,6 +248,28 @@ def test_exact_fingerprint_is_sha256_of_shape_spacing_and_voxels(small_hu):
     assert content_fingerprint(np.zeros((8, 8, 6), np.int16), np.diag([2.0, 2, 3, 1])).near is None
 
 
+def test_exact_fingerprint_of_an_oblique_grid_is_the_same_from_a_float32_affine():
+    """One volume on an oblique grid of 0.78125 mm pixels (a 400 mm field of 512), its affine in float64 (as the
+    DICOM reader builds it) and rounded to float32 (as a NIfTI sform stores it): one exact fingerprint."""
+    from scipy.spatial.transform import Rotation
+
+    from xwin.pipeline.ingest.fingerprint import content_fingerprint
+
+    vol = np.random.default_rng(0).integers(-1000, 1500, (16, 16, 8)).astype(np.int16)
+    rng = np.random.default_rng(1)
+    differ = 0
+    for _ in range(40):
+        A = np.eye(4)
+        A[:3, :3] = Rotation.from_euler("xyz", rng.uniform(-0.2, 0.2, 3)).as_matrix() @ np.diag(
+            [0.78125, 0.78125, 1.25]
+        )
+        A32 = A.astype(np.float32).astype(np.float64)
+        s64, s32 = (np.sqrt((a[:3, :3] ** 2).sum(0)) for a in (A, A32))
+        differ += [round(float(x), 4) for x in s64] != [round(float(x), 4) for x in s32]
+        assert content_fingerprint(vol, A).exact == content_fingerprint(vol, A32).exact
+    assert differ > 10  # what a single rounding of the spacing to 1e-4 mm would have split
+
+
 def test_records_without_a_fingerprint_stay_valid():
     from test_storage import make_volume
 
