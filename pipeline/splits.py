@@ -134,7 +134,8 @@ def assign_splits(
 
     Subjects whose volumes hold one CT (``links``, default :func:`content_links` of ``volumes``, plus the links of
     ``previous``'s bindings) form one group with one split: an already-assigned member's split wins (members
-    assigned to different splits before keep theirs, and the binding reports the conflict); a group of new subjects
+    assigned to different splits before keep theirs, and the binding reports the conflict, as it reports new members
+    taken away from their ``group_by`` group's split); a group of new subjects
     takes the split of its first subject key. A group with an excluded member is excluded whole. A volume assigned
     before under another subject key keeps its split, and its current subject counts as assigned to that split."""
     vols = sorted(volumes, key=lambda v: v.volume_id)
@@ -194,6 +195,16 @@ def assign_splits(
                 conflict = "assigned to different splits before they were bound (they keep them): " + ", ".join(
                     f"{k} {x}" for k, x in sorted(fixed.items())
                 )
+            if pol.group_by != "subject":  # new members follow the group, away from their own group's split: say so
+                strays = []
+                for k in keys:
+                    gv = getattr(first_volume[k], pol.group_by) or "unknown"
+                    own = groups.get(gv) or split_for(unit_hash(pol.salt, f"{pol.group_by}={gv}"), pol.fractions)
+                    if k not in fixed and own != split:
+                        strays.append(f"{k} ({pol.group_by} {gv}: {own})")
+                if strays:
+                    why = f"bound away from their {pol.group_by} group's split: {', '.join(strays)}; all in {split}"
+                    conflict = f"{conflict}; {why}" if conflict else why
         elif pol.group_by == "subject":
             split = split_for(unit_hash(pol.salt, keys[0]), pol.fractions)
         else:

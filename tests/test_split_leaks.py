@@ -437,3 +437,28 @@ def test_a_volume_stored_under_a_new_subject_id_brings_the_subject_into_its_spli
     # without the earlier assignment the new id would have gone to the other split
     alone, _ = assign_splits("c", rekeyed, HALF)
     assert alone.volumes["v1"].split != first.subjects["A"]
+
+
+def test_a_bound_subject_taken_out_of_its_site_groups_split_is_reported():
+    """Grouped by site: a new subject whose volume copies an assigned subject's joins that subject's split, away
+    from its own site's split; the binding says so instead of breaking the site grouping silently."""
+    pol = SplitPolicy(fractions={"train": 0.5, "test": 0.5}, group_by="site")
+    first, _ = assign_splits("c", [VolumeFacts("v0", "A", site="S0", exact="e0")], pol)
+    other = next(
+        f"S{i}"
+        for i in range(1, 100)
+        if split_for(unit_hash(pol.salt, f"site=S{i}"), pol.fractions) != first.subjects["A"]
+    )
+    facts = [VolumeFacts("v0", "A", site="S0", exact="e0"), VolumeFacts("w0", "B", site=other, exact="e0")]
+    doc, _ = assign_splits("c", facts, pol, first)
+    assert doc.subjects["B"] == first.subjects["A"]
+    (bind,) = doc.bindings
+    assert bind.conflict is not None and "B" in bind.conflict and other in bind.conflict
+    # a copy from a site of the same split is no conflict
+    same = next(
+        f"S{i}"
+        for i in range(1, 100)
+        if split_for(unit_hash(pol.salt, f"site=S{i}"), pol.fractions) == first.subjects["A"]
+    )
+    doc2, _ = assign_splits("c", [facts[0], VolumeFacts("w0", "B", site=same, exact="e0")], pol, first)
+    assert doc2.bindings[0].conflict is None and doc2.subjects["B"] == first.subjects["A"]
