@@ -14,7 +14,7 @@ over the energy bins) and interpolated bilinearly: -ln T is smooth and nearly li
 spectrum-weighted variance of mu, the beam hardening), so a 0.25 x 0.1 g/cm^2 grid is exact to ~1e-4, refined
 near 0, where a little-filtered spectrum's lowest energies die within hundredths of a g/cm^2. Then:
 
-    scatter   S = f/(1-f) * G_wide * T                  (f = scatter_fraction; an approximation, see the docs)
+    scatter   S = f/(1-f) * G_wide * (T (1 - e^(-a/1 g/cm^2)))  (f = scatter_fraction; an approximation, the docs)
     noise     Poisson(N0 (T + S)) / N0 + Normal(0, sigma_e) / N0        (N0 = photons_per_pixel)
     blur      Gaussian point spread of std blur_mm on the detector (it blurs the noise too, as a scintillator does)
     output    transmission (signal / unattenuated signal), log (-ln), display (log windowed to [0, 1])
@@ -35,6 +35,7 @@ from xwin.schemas.look import Look
 RHO_CSI = 4.51  # g/cm^3
 SOFT_MAX, SOFT_STEP = 150.0, 0.25  # g/cm^2: 150 cm of water, far beyond any body path
 BONE_MAX, BONE_STEP = 40.0, 0.1
+SCATTER_A_G_CM2 = 1.0  # g/cm^2: a ray's scatter source is its primary x (1 - exp(-a / this)) (radiograph_view)
 WARP_A0, WARP_C = 0.01, 5.0  # g/cm^2, nodes per e-fold: the lookup table's finer grid near 0 (TransmissionLUT)
 
 
@@ -225,8 +226,11 @@ def radiograph_view(
 
     sig = lut(look)(soft, bone)
     if look.scatter_fraction > 0:
+        # scatter arises in matter: a ray through (nearly) nothing adds none, so the air beside the body stays at 1
+        # (up to the veil the body spreads into it) instead of 1 / (1 - f)
         f = look.scatter_fraction
-        sig = sig + np.float32(f / (1.0 - f)) * _wide_blur(sig, look.scatter_kernel_mm / pixel_mm).astype(np.float32)
+        src = sig * -np.expm1((np.maximum(soft, 0) + np.maximum(bone, 0)) * np.float32(-1.0 / SCATTER_A_G_CM2))
+        sig = sig + np.float32(f / (1.0 - f)) * _wide_blur(src, look.scatter_kernel_mm / pixel_mm).astype(np.float32)
     n0 = look.photons_per_pixel
     if n0 is not None:
         rng = np.random.default_rng([look.seed, int(view_index)])

@@ -218,6 +218,21 @@ def test_look_validation_and_files(tmp_path):
     assert float(np.abs(R._wide_blur(x, 40.0) - ref).max()) < 0.02 * float(ref.max())
 
 
+def test_scatter_comes_from_the_body_not_from_the_air_beside_it():
+    """A 200 mm square of 10 g/cm^2 water in a 400 mm open field (1 mm pixels, a 20 mm scatter kernel, f = 0.3):
+    at its centre S/(P+S) = f as on a flat field; in the far corner, air 5 kernel widths from the body, the
+    transmission is 1 (signal / unattenuated signal) and not 1 / (1 - f); just beside the body, a veil."""
+    soft = np.zeros((400, 400), np.float32)
+    soft[100:300, 100:300] = 10.0
+    zero = np.zeros_like(soft)
+    look = Look(kvp=80, scatter_fraction=0.3, scatter_kernel_mm=20.0)
+    t = R.radiograph_view(soft, zero, look, 1.0)
+    p0 = float(R.lut(look)(soft[200:201, 200:201], zero[:1, :1])[0, 0])
+    assert abs(float(t[200, 200]) / (p0 / 0.7) - 1) < 1e-3
+    assert abs(float(t[0, 0]) - 1.0) < 1e-3
+    assert 1.01 < float(t[200, 95]) < 1.0 + 0.3 / 0.7 * p0
+
+
 def test_stream_draws_a_look_per_sample(tmp_path):
     """XWinStream(looks=...): each sample's images are the radiographs of one look drawn from the ranges with the
     sample's rng, made from the stored bases of exactly the views drawn, and the sample records the look."""
