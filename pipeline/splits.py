@@ -243,6 +243,11 @@ def assign_splits(
     for vid, vs in list(out.items()):  # volumes assigned earlier follow their subject (an exclusion moves them)
         if subjects.get(vs.subject, vs.split) != vs.split:
             out[vid] = vs.model_copy(update={"split": subjects[vs.subject]})
+    for v in vols:  # a volume kept under its earlier subject key is excluded when its current subject is
+        if subjects.get(v.subject_key) == EXCLUDED and out[v.volume_id].split != EXCLUDED:
+            out[v.volume_id] = out[v.volume_id].model_copy(update={"split": EXCLUDED})
+            if v.subject_key not in moved:  # one of its volumes was assigned before: the caller warns
+                moved.append(v.subject_key)
     doc = SplitsDoc(
         cohort=cohort,
         policy=pol,

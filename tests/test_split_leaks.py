@@ -437,6 +437,9 @@ def test_a_volume_stored_under_a_new_subject_id_brings_the_subject_into_its_spli
     # without the earlier assignment the new id would have gone to the other split
     alone, _ = assign_splits("c", rekeyed, HALF)
     assert alone.volumes["v1"].split != first.subjects["A"]
+    # excluding the subject by its new id takes out the volume kept under the old one too
+    out, moved = assign_splits("c", rekeyed, HALF, first, exclude=[new])
+    assert out.volumes["v0"].split == "excluded" and out.volumes["v1"].split == "excluded" and moved == [new]
 
 
 def test_a_bound_subject_taken_out_of_its_site_groups_split_is_reported():
