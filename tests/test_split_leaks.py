@@ -465,3 +465,20 @@ def test_a_bound_subject_taken_out_of_its_site_groups_split_is_reported():
     )
     doc2, _ = assign_splits("c", [facts[0], VolumeFacts("w0", "B", site=same, exact="e0")], pol, first)
     assert doc2.bindings[0].conflict is None and doc2.subjects["B"] == first.subjects["A"]
+
+
+def test_near_duplicate_search_in_a_small_cohort():
+    """Two or a few descriptors: the pair is found (centring on the mean of two makes them opposite, which the
+    hashing alone never pairs), pairs within one group are not, and the scores are the correlations."""
+    from xwin.pipeline.neardup import near_pairs
+
+    rng = np.random.default_rng(5)
+    a = _unit(rng)
+    b = a + 0.05 * _unit(rng)
+    q = np.stack([_q(a), _q(b)])
+    (pair,) = near_pairs(q)
+    x, y = (v.astype(np.float64) - v.mean() for v in q)
+    assert pair[:2] == (0, 1) and abs(pair[2] - x @ y / np.linalg.norm(x) / np.linalg.norm(y)) < 1e-5
+    assert near_pairs(q, groups=np.array([7, 7])) == []
+    more = np.stack([_q(a), _q(_unit(rng)), _q(b), _q(_unit(rng))])
+    assert [p[:2] for p in near_pairs(more)] == [(0, 2)]
