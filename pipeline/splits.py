@@ -76,12 +76,14 @@ def content_links(vols: Iterable[VolumeFacts]) -> list[ContentLink]:
 
     by_exact: dict[str, list[str]] = {}
     reps: list[VolumeFacts] = []
+    searched: set[str] = set()
     for v in sorted(vols, key=lambda v: v.volume_id):
         if v.exact is None:
             if v.near is not None:
                 reps.append(v)
             continue
-        if v.exact not in by_exact and v.near is not None:
+        if v.near is not None and v.exact not in searched:  # the first copy that has a descriptor
+            searched.add(v.exact)
             reps.append(v)
         by_exact.setdefault(v.exact, []).append(v.volume_id)
     links = [

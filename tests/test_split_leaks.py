@@ -467,6 +467,24 @@ def test_a_bound_subject_taken_out_of_its_site_groups_split_is_reported():
     assert doc2.bindings[0].conflict is None and doc2.subjects["B"] == first.subjects["A"]
 
 
+def test_near_search_uses_a_copy_with_a_descriptor_when_the_first_has_none():
+    """Exact copies where only a later one (by id) carries a descriptor (the first fingerprinted on an older
+    descriptor grid): that copy stands for them in the near-duplicate search."""
+    from xwin.pipeline.splits import content_links
+
+    rng = np.random.default_rng(3)
+    base = _unit(rng)
+    facts = [
+        VolumeFacts("a0", "P", exact="e0", near=None),
+        VolumeFacts("a1", "Q", exact="e0", near=_q(base)),
+        VolumeFacts("b0", "R", exact="e1", near=_q(base + 0.05 * _unit(rng))),
+    ]
+    links = {(x.volumes, x.how) for x in content_links(facts)}
+    assert (("a0", "a1"), "exact") in links and (("a1", "b0"), "near") in links
+    doc, _ = assign_splits("c", facts, HALF)
+    assert len({doc.volumes[v].split for v in ("a0", "a1", "b0")}) == 1 and len(doc.bindings) == 1
+
+
 def test_near_duplicate_search_in_a_small_cohort():
     """Two or a few descriptors: the pair is found (centring on the mean of two makes them opposite, which the
     hashing alone never pairs), pairs within one group are not, and the scores are the correlations."""
