@@ -10,6 +10,10 @@ agrees with probability ``1 - acos(r) / pi``, so the chance that no band holds i
 ``(1 - (1 - acos(r)/pi) ** BITS) ** BANDS``: 3e-7 at r = 0.96, 1e-11 at r = 0.98; two unrelated volumes
 (r ~ 0) share a band with probability 48 / 2**14 ~ 0.3%. The projections come from a fixed seed: the same
 descriptors always give the same pairs.
+
+The cohort's mean is a fair stand-in for what unrelated volumes share only when it is the mean of many: with two
+descriptors, centring makes them exact opposites, and no band ever holds the pair. Up to ``ALL_PAIRS_MAX``
+descriptors every pair is scored instead.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ NEAR_MIN = 0.97  # descriptor correlation at or above which two volumes are near
 BITS = 14
 BANDS = 48
 SEED = 20240229
+ALL_PAIRS_MAX = 2048  # up to this many descriptors every pair is scored (one matrix product, well under a second)
 
 
 def unit_rows(q: np.ndarray) -> np.ndarray:
@@ -29,6 +34,17 @@ def unit_rows(q: np.ndarray) -> np.ndarray:
     norm = np.sqrt(np.einsum("ij,ij->i", u, u))[:, None]
     u /= np.where(norm > 0, norm, 1.0)  # a constant row is all 0 after centring: it stays 0
     return u
+
+
+def _all_pairs(u: np.ndarray, min_corr: float, groups: np.ndarray | None) -> list[tuple[int, int, float]]:
+    """Every pair (i < j) of unit rows ``u`` whose dot product is at least ``min_corr`` (and, with ``groups``, of
+    different groups), sorted by (i, j)."""
+    c = u @ u.T
+    i, j = np.triu_indices(len(u), 1)
+    keep = c[i, j] >= min_corr
+    if groups is not None:
+        keep &= groups[i] != groups[j]
+    return [(int(a), int(b), float(x)) for a, b, x in zip(i[keep], j[keep], c[i, j][keep])]
 
 
 def _band_pairs(keys: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
@@ -67,6 +83,8 @@ def near_pairs(
     if n < 2:
         return []
     u = unit_rows(q)
+    if n <= ALL_PAIRS_MAX:  # small cohorts: every pair (the hashing's centring is unreliable with few rows)
+        return _all_pairs(u, min_corr, groups)
     planes = np.random.default_rng(seed).standard_normal((u.shape[1], bits * bands), dtype=np.float32)
     weights = (2.0 ** np.arange(bits)).astype(np.float32)  # keys < 2**24: exact in float32
     centred = u - u.mean(axis=0, keepdims=True)

@@ -9,11 +9,12 @@ every ray (``xwin.pipeline.materials``). A :class:`~xwin.schemas.look.Look` turn
     phi   spekpy's tube spectrum (kVp, mm Al, anode angle); mu_m xraydb's NIST mass attenuation [cm^2/g]
     eta   1 (ideal) or 1 - exp(-mu_CsI(E) rho_CsI t) (a CsI layer of t mm)
 
-T is read from a lookup table of -ln T on a regular grid of (a_soft, a_bone), built once per spectrum (one matrix
-product over the energy bins) and interpolated bilinearly: -ln T is smooth and nearly linear in a (its curvature is
-the spectrum-weighted variance of mu, the beam hardening), so a 0.25 x 0.1 g/cm^2 grid is exact to ~1e-4. Then:
+T is read from a lookup table of -ln T on a grid of (a_soft, a_bone), built once per spectrum (one matrix product
+over the energy bins) and interpolated bilinearly: -ln T is smooth and nearly linear in a (its curvature is the
+spectrum-weighted variance of mu, the beam hardening), so a 0.25 x 0.1 g/cm^2 grid is exact to ~1e-4, refined
+near 0, where a little-filtered spectrum's lowest energies die within hundredths of a g/cm^2. Then:
 
-    scatter   S = f/(1-f) * G_wide * T                  (f = scatter_fraction; an approximation, see the docs)
+    scatter   S = f/(1-f) * G_wide * (T (1 - e^(-a/1 g/cm^2)))  (f = scatter_fraction; an approximation, the docs)
     noise     Poisson(N0 (T + S)) / N0 + Normal(0, sigma_e) / N0        (N0 = photons_per_pixel)
     blur      Gaussian point spread of std blur_mm on the detector (it blurs the noise too, as a scintillator does)
     output    transmission (signal / unattenuated signal), log (-ln), display (log windowed to [0, 1])
@@ -34,6 +35,27 @@ from xwin.schemas.look import Look
 RHO_CSI = 4.51  # g/cm^3
 SOFT_MAX, SOFT_STEP = 150.0, 0.25  # g/cm^2: 150 cm of water, far beyond any body path
 BONE_MAX, BONE_STEP = 40.0, 0.1
+SCATTER_A_G_CM2 = 1.0  # g/cm^2: a ray's scatter source is its primary x (1 - exp(-a / this)) (radiograph_view)
+WARP_A0, WARP_C = 0.01, 5.0  # g/cm^2, nodes per e-fold: the lookup table's finer grid near 0 (TransmissionLUT)
+
+
+def _warp(a: np.ndarray, step: float) -> np.ndarray:
+    """The table coordinate ``a / step + WARP_C ln(1 + a / WARP_A0)`` of areal densities ``a`` >= 0 (float32)."""
+    a32 = np.asarray(a, np.float32)
+    return a32 * np.float32(1.0 / step) + np.float32(WARP_C) * np.log1p(a32 * np.float32(1.0 / WARP_A0))
+
+
+def _warp_nodes(a_max: float, step: float) -> np.ndarray:
+    """The areal densities (float64) at the integer table coordinates 0, 1, ... up to the first at or past
+    ``a_max`` (bisection of the increasing map :func:`_warp`)."""
+    n = int(np.ceil(a_max / step + WARP_C * np.log1p(a_max / WARP_A0))) + 1
+    k = np.arange(n, dtype=np.float64)
+    lo, hi = np.zeros(n), k * step
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        below = mid / step + WARP_C * np.log1p(mid / WARP_A0) < k
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return (lo + hi) / 2
 
 
 def load_look(path: str | Path) -> Look:
@@ -108,15 +130,20 @@ def transmission_direct(
 
 
 class TransmissionLUT:
-    """-ln T on a regular (a_soft, a_bone) grid for one beam; ``__call__`` interpolates it bilinearly (float32).
-    Beyond the grid the last cell's plane is extrapolated (-ln T is nearly linear there); negative inputs are 0."""
+    """-ln T on a (a_soft, a_bone) grid for one beam; ``__call__`` interpolates it bilinearly (float32).
+
+    The grid is regular in ``u(a) = a / step + WARP_C ln(1 + a / WARP_A0)``: ``step`` apart at large a, about
+    ``WARP_A0 / WARP_C`` apart near 0, where a soft (little-filtered) spectrum loses its lowest energies within
+    hundredths of a g/cm^2 and -ln T bends sharply. Beyond the grid the last cell's plane is extrapolated (-ln T
+    is nearly linear there); negative inputs are 0."""
 
     def __init__(self, b: Beam, soft_max: float = SOFT_MAX, soft_step: float = SOFT_STEP,
                  bone_max: float = BONE_MAX, bone_step: float = BONE_STEP) -> None:  # fmt: skip
         self.beam = b
         self.soft_step, self.bone_step = float(soft_step), float(bone_step)
-        gs = np.arange(round(soft_max / soft_step) + 1, dtype=np.float64) * soft_step
-        gb = np.arange(round(bone_max / bone_step) + 1, dtype=np.float64) * bone_step
+        gs = _warp_nodes(soft_max, self.soft_step)
+        gb = _warp_nodes(bone_max, self.bone_step)
+        self.soft_nodes, self.bone_nodes = gs, gb
         es = np.exp(-np.outer(gs, b.mu[0])) * b.weights  # (Ns, E)
         eb = np.exp(-np.outer(gb, b.mu[1]))  # (Nb, E)
         t = es @ eb.T  # (Ns, Nb): sum_E w exp(-mu_s s - mu_b b)
@@ -128,8 +155,8 @@ class TransmissionLUT:
         self, soft: Float[np.ndarray, "*shape"], bone: Float[np.ndarray, "*shape"]
     ) -> Float32[np.ndarray, "*shape"]:
         """-ln T of every pixel (float32)."""
-        x = np.maximum(np.asarray(soft, np.float32), 0.0) * np.float32(1.0 / self.soft_step)
-        y = np.maximum(np.asarray(bone, np.float32), 0.0) * np.float32(1.0 / self.bone_step)
+        x = _warp(np.maximum(np.asarray(soft, np.float32), np.float32(0.0)), self.soft_step)
+        y = _warp(np.maximum(np.asarray(bone, np.float32), np.float32(0.0)), self.bone_step)
         i = np.minimum(x.astype(np.int32), self.ns - 2)
         j = np.minimum(y.astype(np.int32), self.nb - 2)
         x -= i
@@ -199,8 +226,11 @@ def radiograph_view(
 
     sig = lut(look)(soft, bone)
     if look.scatter_fraction > 0:
+        # scatter arises in matter: a ray through (nearly) nothing adds none, so the air beside the body stays at 1
+        # (up to the veil the body spreads into it) instead of 1 / (1 - f)
         f = look.scatter_fraction
-        sig = sig + np.float32(f / (1.0 - f)) * _wide_blur(sig, look.scatter_kernel_mm / pixel_mm).astype(np.float32)
+        src = sig * -np.expm1((np.maximum(soft, 0) + np.maximum(bone, 0)) * np.float32(-1.0 / SCATTER_A_G_CM2))
+        sig = sig + np.float32(f / (1.0 - f)) * _wide_blur(src, look.scatter_kernel_mm / pixel_mm).astype(np.float32)
     n0 = look.photons_per_pixel
     if n0 is not None:
         rng = np.random.default_rng([look.seed, int(view_index)])

@@ -76,12 +76,14 @@ def content_links(vols: Iterable[VolumeFacts]) -> list[ContentLink]:
 
     by_exact: dict[str, list[str]] = {}
     reps: list[VolumeFacts] = []
+    searched: set[str] = set()
     for v in sorted(vols, key=lambda v: v.volume_id):
         if v.exact is None:
             if v.near is not None:
                 reps.append(v)
             continue
-        if v.exact not in by_exact and v.near is not None:
+        if v.near is not None and v.exact not in searched:  # the first copy that has a descriptor
+            searched.add(v.exact)
             reps.append(v)
         by_exact.setdefault(v.exact, []).append(v.volume_id)
     links = [
@@ -134,8 +136,10 @@ def assign_splits(
 
     Subjects whose volumes hold one CT (``links``, default :func:`content_links` of ``volumes``, plus the links of
     ``previous``'s bindings) form one group with one split: an already-assigned member's split wins (members
-    assigned to different splits before keep theirs, and the binding reports the conflict); a group of new subjects
-    takes the split of its first subject key. A group with an excluded member is excluded whole."""
+    assigned to different splits before keep theirs, and the binding reports the conflict, as it reports new members
+    taken away from their ``group_by`` group's split); a group of new subjects
+    takes the split of its first subject key. A group with an excluded member is excluded whole. A volume assigned
+    before under another subject key keeps its split, and its current subject counts as assigned to that split."""
     vols = sorted(volumes, key=lambda v: v.volume_id)
     explicit = set(exclude)
     pol = previous.policy if previous is not None else policy
@@ -167,10 +171,17 @@ def assign_splits(
     links_of: dict[str, list[ContentLink]] = {}
     for link in used:
         links_of.setdefault(uf.find(subject_of[link.volumes[0]]), []).append(link)
+    # a volume assigned before under another subject key (re-ingested under another de-identification) keeps its
+    # split (below): its new subject is placed by it, so that the subject's other volumes join it
+    carried: dict[str, str] = {}
+    for v in vols:
+        pv = previous.volumes.get(v.volume_id) if previous else None
+        if pv is not None and pv.subject != v.subject_key:
+            carried.setdefault(v.subject_key, subjects.get(pv.subject, pv.split))
     bindings: list[Binding] = []
     order = list(pol.fractions)
     for root, keys in sorted(members.items()):
-        fixed = {k: subjects[k] for k in keys if k in subjects}
+        fixed = {k: subjects[k] if k in subjects else carried[k] for k in keys if k in subjects or k in carried}
         conflict = None
         if any(x == EXCLUDED for x in fixed.values()):
             split = EXCLUDED
@@ -186,6 +197,16 @@ def assign_splits(
                 conflict = "assigned to different splits before they were bound (they keep them): " + ", ".join(
                     f"{k} {x}" for k, x in sorted(fixed.items())
                 )
+            if pol.group_by != "subject":  # new members follow the group, away from their own group's split: say so
+                strays = []
+                for k in keys:
+                    gv = getattr(first_volume[k], pol.group_by) or "unknown"
+                    own = groups.get(gv) or split_for(unit_hash(pol.salt, f"{pol.group_by}={gv}"), pol.fractions)
+                    if k not in fixed and own != split:
+                        strays.append(f"{k} ({pol.group_by} {gv}: {own})")
+                if strays:
+                    why = f"bound away from their {pol.group_by} group's split: {', '.join(strays)}; all in {split}"
+                    conflict = f"{conflict}; {why}" if conflict else why
         elif pol.group_by == "subject":
             split = split_for(unit_hash(pol.salt, keys[0]), pol.fractions)
         else:
@@ -224,6 +245,11 @@ def assign_splits(
     for vid, vs in list(out.items()):  # volumes assigned earlier follow their subject (an exclusion moves them)
         if subjects.get(vs.subject, vs.split) != vs.split:
             out[vid] = vs.model_copy(update={"split": subjects[vs.subject]})
+    for v in vols:  # a volume kept under its earlier subject key is excluded when its current subject is
+        if subjects.get(v.subject_key) == EXCLUDED and out[v.volume_id].split != EXCLUDED:
+            out[v.volume_id] = out[v.volume_id].model_copy(update={"split": EXCLUDED})
+            if v.subject_key not in moved:  # one of its volumes was assigned before: the caller warns
+                moved.append(v.subject_key)
     doc = SplitsDoc(
         cohort=cohort,
         policy=pol,

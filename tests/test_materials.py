@@ -34,6 +34,30 @@ def test_hu_model_values():
     assert abs(float((e + f)[1] - (e + f)[0])) < 1e-4
 
 
+def test_hu_model_memory_and_input_untouched():
+    """A CT volume's densities take about three float32 copies of it at the peak (a 512^2 x 600 CT: ~2 GB, not
+    ~4.4 GB), equal the model's piecewise formula, and leave a float32 input unchanged."""
+    import tracemalloc
+
+    hu = np.random.default_rng(0).integers(-1100, 2500, (64, 64, 50)).astype(np.int16)
+    tracemalloc.start()
+    soft, bone = hu_to_densities(hu)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4.0 * hu.size * 4
+    h = hu.astype(np.float64)
+    frac = np.maximum((h - 100) / 1500, 0)
+    np.testing.assert_allclose(
+        soft, np.where(h <= 100, np.maximum(1 + h / 1000, 0), np.maximum(1 - frac, 0) * 1.1), atol=1e-6
+    )
+    np.testing.assert_allclose(bone, frac * 1.92, atol=1e-6)
+    f32 = hu.astype(np.float32)
+    s32, b32 = hu_to_densities(f32)
+    np.testing.assert_array_equal(f32, hu.astype(np.float32))
+    np.testing.assert_array_equal(s32, soft)
+    np.testing.assert_array_equal(b32, bone)
+
+
 def test_spec_hash_unchanged_without_materials():
     # the golden hashes of specs written before the field: it enters the hash only when set
     assert RenderSpec().spec_hash == "76448b4c8f1f2dc3"

@@ -65,6 +65,18 @@ def test_lut_equals_per_energy_sum_on_stored_bases(stored_bases, look):
     np.testing.assert_array_equal(R.radiograph(bases, look, pixel_mm=8.0), got)
 
 
+@pytest.mark.parametrize("look", [Look(kvp=40, filtration_mm_al=0.0), Look(kvp=150, filtration_mm_al=0.0)])
+def test_lut_near_zero_density_with_an_unfiltered_spectrum(look):
+    """An unfiltered tube's lowest energies die within hundredths of a g/cm^2, where -ln T bends sharply: skin,
+    air gaps and the body's edge. The table against the per-energy sum on thin and thick paths of both bases."""
+    soft = np.r_[np.geomspace(1e-4, 1.0, 60), np.linspace(1.0, 60.0, 40)]
+    bone = np.r_[0.0, np.geomspace(1e-4, 0.5, 20), np.linspace(0.5, 20.0, 20)]
+    s, b = (x.ravel() for x in np.meshgrid(soft, bone, indexing="ij"))
+    want = -np.log(R.transmission_direct(s, b, R.beam(look)))
+    got = R.lut(look).neglog(s.astype(np.float32), b.astype(np.float32)).astype(np.float64)
+    assert float(np.abs(got - want).max()) <= 2e-3
+
+
 def test_two_material_bases_equal_a_per_energy_render_of_the_voxels(small_ct, stored_bases):
     """The radiograph from the stored (float16) bases against rendering, at every energy bin of the spectrum, the
     voxels' linear attenuation mu(E) [1/mm] (xraydb's material_mu of water and of cortical bone by its formula,
@@ -204,6 +216,21 @@ def test_look_validation_and_files(tmp_path):
     x[60:200, 90:230] = 1.0
     ref = ndi.gaussian_filter(x, 40.0, mode="nearest")
     assert float(np.abs(R._wide_blur(x, 40.0) - ref).max()) < 0.02 * float(ref.max())
+
+
+def test_scatter_comes_from_the_body_not_from_the_air_beside_it():
+    """A 200 mm square of 10 g/cm^2 water in a 400 mm open field (1 mm pixels, a 20 mm scatter kernel, f = 0.3):
+    at its centre S/(P+S) = f as on a flat field; in the far corner, air 5 kernel widths from the body, the
+    transmission is 1 (signal / unattenuated signal) and not 1 / (1 - f); just beside the body, a veil."""
+    soft = np.zeros((400, 400), np.float32)
+    soft[100:300, 100:300] = 10.0
+    zero = np.zeros_like(soft)
+    look = Look(kvp=80, scatter_fraction=0.3, scatter_kernel_mm=20.0)
+    t = R.radiograph_view(soft, zero, look, 1.0)
+    p0 = float(R.lut(look)(soft[200:201, 200:201], zero[:1, :1])[0, 0])
+    assert abs(float(t[200, 200]) / (p0 / 0.7) - 1) < 1e-3
+    assert abs(float(t[0, 0]) - 1.0) < 1e-3
+    assert 1.01 < float(t[200, 95]) < 1.0 + 0.3 / 0.7 * p0
 
 
 def test_stream_draws_a_look_per_sample(tmp_path):

@@ -248,6 +248,28 @@ def test_exact_fingerprint_is_sha256_of_shape_spacing_and_voxels(small_hu):
     assert content_fingerprint(np.zeros((8, 8, 6), np.int16), np.diag([2.0, 2, 3, 1])).near is None
 
 
+def test_exact_fingerprint_of_an_oblique_grid_is_the_same_from_a_float32_affine():
+    """One volume on an oblique grid of 0.78125 mm pixels (a 400 mm field of 512), its affine in float64 (as the
+    DICOM reader builds it) and rounded to float32 (as a NIfTI sform stores it): one exact fingerprint."""
+    from scipy.spatial.transform import Rotation
+
+    from xwin.pipeline.ingest.fingerprint import content_fingerprint
+
+    vol = np.random.default_rng(0).integers(-1000, 1500, (16, 16, 8)).astype(np.int16)
+    rng = np.random.default_rng(1)
+    differ = 0
+    for _ in range(40):
+        A = np.eye(4)
+        A[:3, :3] = Rotation.from_euler("xyz", rng.uniform(-0.2, 0.2, 3)).as_matrix() @ np.diag(
+            [0.78125, 0.78125, 1.25]
+        )
+        A32 = A.astype(np.float32).astype(np.float64)
+        s64, s32 = (np.sqrt((a[:3, :3] ** 2).sum(0)) for a in (A, A32))
+        differ += [round(float(x), 4) for x in s64] != [round(float(x), 4) for x in s32]
+        assert content_fingerprint(vol, A).exact == content_fingerprint(vol, A32).exact
+    assert differ > 10  # what a single rounding of the spacing to 1e-4 mm would have split
+
+
 def test_records_without_a_fingerprint_stay_valid():
     from test_storage import make_volume
 
@@ -394,3 +416,87 @@ def test_a_thousand_subjects_reingested_under_a_salt_share_their_splits():
         a.subject for a, b in zip(raw, salted) if by_id.volumes[a.volume_id].split != by_id.volumes[b.volume_id].split
     }
     assert 280 < len(apart) < 400  # what binding prevents: 1 - (0.8^2 + 0.1^2 + 0.1^2) = 34% of the subjects
+
+
+def test_a_volume_stored_under_a_new_subject_id_brings_the_subject_into_its_split():
+    """A volume assigned under one subject id and stored again (same volume id) under another keeps its split; the
+    new subject's other volumes, arriving with it or later, join that split instead of the new id's own hash."""
+    first, _ = assign_splits("c", [VolumeFacts("v0", "A", exact="e0")], HALF)
+    # a new subject id whose own hash puts it in the other split
+    new = next(
+        f"B{i}" for i in range(100) if split_for(unit_hash(HALF.salt, f"B{i}"), HALF.fractions) != first.subjects["A"]
+    )
+    rekeyed = [VolumeFacts("v0", new, exact="e0"), VolumeFacts("v1", new, exact="e1")]
+    doc, moved = assign_splits("c", rekeyed, HALF, first)
+    assert moved == []
+    assert doc.volumes["v0"].split == first.subjects["A"] and doc.volumes["v0"].subject == "A"
+    assert doc.subjects[new] == first.subjects["A"] and doc.volumes["v1"].split == first.subjects["A"]
+    # and a later exam of that subject follows
+    later, _ = assign_splits("c", [*rekeyed, VolumeFacts("v2", new, exact="e2")], HALF, doc)
+    assert later.volumes["v2"].split == first.subjects["A"]
+    # without the earlier assignment the new id would have gone to the other split
+    alone, _ = assign_splits("c", rekeyed, HALF)
+    assert alone.volumes["v1"].split != first.subjects["A"]
+    # excluding the subject by its new id takes out the volume kept under the old one too
+    out, moved = assign_splits("c", rekeyed, HALF, first, exclude=[new])
+    assert out.volumes["v0"].split == "excluded" and out.volumes["v1"].split == "excluded" and moved == [new]
+
+
+def test_a_bound_subject_taken_out_of_its_site_groups_split_is_reported():
+    """Grouped by site: a new subject whose volume copies an assigned subject's joins that subject's split, away
+    from its own site's split; the binding says so instead of breaking the site grouping silently."""
+    pol = SplitPolicy(fractions={"train": 0.5, "test": 0.5}, group_by="site")
+    first, _ = assign_splits("c", [VolumeFacts("v0", "A", site="S0", exact="e0")], pol)
+    other = next(
+        f"S{i}"
+        for i in range(1, 100)
+        if split_for(unit_hash(pol.salt, f"site=S{i}"), pol.fractions) != first.subjects["A"]
+    )
+    facts = [VolumeFacts("v0", "A", site="S0", exact="e0"), VolumeFacts("w0", "B", site=other, exact="e0")]
+    doc, _ = assign_splits("c", facts, pol, first)
+    assert doc.subjects["B"] == first.subjects["A"]
+    (bind,) = doc.bindings
+    assert bind.conflict is not None and "B" in bind.conflict and other in bind.conflict
+    # a copy from a site of the same split is no conflict
+    same = next(
+        f"S{i}"
+        for i in range(1, 100)
+        if split_for(unit_hash(pol.salt, f"site=S{i}"), pol.fractions) == first.subjects["A"]
+    )
+    doc2, _ = assign_splits("c", [facts[0], VolumeFacts("w0", "B", site=same, exact="e0")], pol, first)
+    assert doc2.bindings[0].conflict is None and doc2.subjects["B"] == first.subjects["A"]
+
+
+def test_near_search_uses_a_copy_with_a_descriptor_when_the_first_has_none():
+    """Exact copies where only a later one (by id) carries a descriptor (the first fingerprinted on an older
+    descriptor grid): that copy stands for them in the near-duplicate search."""
+    from xwin.pipeline.splits import content_links
+
+    rng = np.random.default_rng(3)
+    base = _unit(rng)
+    facts = [
+        VolumeFacts("a0", "P", exact="e0", near=None),
+        VolumeFacts("a1", "Q", exact="e0", near=_q(base)),
+        VolumeFacts("b0", "R", exact="e1", near=_q(base + 0.05 * _unit(rng))),
+    ]
+    links = {(x.volumes, x.how) for x in content_links(facts)}
+    assert (("a0", "a1"), "exact") in links and (("a1", "b0"), "near") in links
+    doc, _ = assign_splits("c", facts, HALF)
+    assert len({doc.volumes[v].split for v in ("a0", "a1", "b0")}) == 1 and len(doc.bindings) == 1
+
+
+def test_near_duplicate_search_in_a_small_cohort():
+    """Two or a few descriptors: the pair is found (centring on the mean of two makes them opposite, which the
+    hashing alone never pairs), pairs within one group are not, and the scores are the correlations."""
+    from xwin.pipeline.neardup import near_pairs
+
+    rng = np.random.default_rng(5)
+    a = _unit(rng)
+    b = a + 0.05 * _unit(rng)
+    q = np.stack([_q(a), _q(b)])
+    (pair,) = near_pairs(q)
+    x, y = (v.astype(np.float64) - v.mean() for v in q)
+    assert pair[:2] == (0, 1) and abs(pair[2] - x @ y / np.linalg.norm(x) / np.linalg.norm(y)) < 1e-5
+    assert near_pairs(q, groups=np.array([7, 7])) == []
+    more = np.stack([_q(a), _q(_unit(rng)), _q(b), _q(_unit(rng))])
+    assert [p[:2] for p in near_pairs(more)] == [(0, 2)]

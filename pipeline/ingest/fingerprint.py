@@ -28,9 +28,13 @@ SCALE = 32.0  # int8 units per standard deviation
 
 
 def exact_hash(hu: np.ndarray, spacing: tuple[float, ...]) -> str:
-    """``sha256:`` of JSON [shape, spacing rounded to 1e-4 mm] followed by the int16 little-endian C-order voxels."""
+    """``sha256:`` of JSON [shape, spacing rounded to 1e-4 mm] followed by the int16 little-endian C-order voxels.
+
+    The spacing is rounded to 1e-6 mm first: a float32 affine (NIfTI) and a float64 one (DICOM) of one oblique
+    grid differ by ~1e-8 mm, and common pixel spacings (400 mm / 512 = 0.78125) lie exactly half-way between two
+    1e-4 steps, where a single rounding would split the two copies about as often as not."""
     vol = np.ascontiguousarray(hu, dtype="<i2")
-    h = hashlib.sha256(json.dumps([list(vol.shape), [round(float(s), 4) for s in spacing]]).encode())
+    h = hashlib.sha256(json.dumps([list(vol.shape), [round(round(float(s), 6), 4) for s in spacing]]).encode())
     h.update(vol.data.cast("B"))
     return "sha256:" + h.hexdigest()
 
