@@ -112,7 +112,7 @@ def test_deployment_runs_on_process_worker(prefect_api, tmp_path, small_ct_path)
             body = {"logs": {"flow_run_id": {"any_": [str(fr.id)]}}, "offset": 0, "limit": 200}
             msgs = [lg["message"] for lg in httpx.post(f"{prefect_api}/logs/filter", json=body, timeout=10).json()]
             time.sleep(0.5)
-        assert "backfill deployed: 1 series to process, 0 already done" in msgs, msgs
+        assert "backfill deployed: 1 series to process, 0 already done, 1 rejected while planning" in msgs, msgs
         assert any(re.fullmatch(r"\w{12}: rendered 8 views in .*", m) for m in msgs), msgs
         (end,) = [m for m in msgs if m.startswith("backfill deployed: done 1, skipped 0, rejected 1, failed 0 of 2")]
         assert f"rejected {bad}: unreadable_file" in end
