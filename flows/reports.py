@@ -174,7 +174,8 @@ def summary_markdown(
     wall_s: float | None = None,
     title: str = "xwin backfill",
 ) -> str:
-    """Markdown run summary: counts (done / skipped / rejected by reason / failed), rejections, failures, previews."""
+    """Markdown run summary: counts (done / skipped / rejected by reason / failed / cancelled), rejections,
+    failures, what a stop cancelled, previews."""
     c = summary.counts()
     failed = summary.failed
     lines = [
@@ -191,6 +192,10 @@ def summary_markdown(
         lines.append(f"| rejected: {reason} | {n} |")
     if failed:
         lines.append(f"| failed (after retries; a rerun retries them) | {len(failed)} |")
+    stopped = sum(1 for x in summary.cancelled if x.started)
+    if summary.cancelled:
+        lines.append(f"| cancelled, not started (the run was stopped) | {len(summary.cancelled) - stopped} |")
+        lines.append(f"| cancelled, stopped part-way (nothing of it committed) | {stopped} |")
     if verify:
         lines += ["", f"verify: {verify}"]
     if summary.rejected:
@@ -202,6 +207,11 @@ def summary_markdown(
         for f in failed:
             passes = "yes" if f.retryable else "no: fix the cause"
             lines.append(f"| `{f.input}` | {f.stage} | {f.error.replace('|', '/')} | {passes} |")
+    if summary.cancelled:
+        lines += ["", "## Cancelled (run the same command again to continue)", "", "| input | stage | state |"]
+        lines.append("| --- | --- | --- |")
+        for x in summary.cancelled:
+            lines.append(f"| `{x.input}` | {x.stage} | {'stopped part-way' if x.started else 'not started'} |")
     if previews:
         lines += ["", "## Previews", ""]
         lines += [f"- [{vid}]({link(u)})" for vid, u in sorted(previews.items())]

@@ -6,8 +6,11 @@ for the run and stopped with it; the Prefect flow on Dask needs a configured API
 body without a server: ``xwin.flows.backfill.run_local`` (threads) or ``run_dask`` (``--runner dask``: the same task
 functions, retries and slot sizes on Dask workers). docs/orchestration.md says which mode needs what.
 
-``--json`` prints the RunSummary: every planned series in exactly one of done, skipped, rejected or failed, and
-``planned``. The exit status is 1 exactly when ``failed`` is not empty (or a verification found damage).
+``--json`` prints the RunSummary: every planned series in exactly one of done, skipped, rejected, failed or
+cancelled, and ``planned``. The exit status is 1 exactly when ``failed`` is not empty (or a verification found
+damage). Ctrl-C or SIGTERM stops the run (``xwin.flows.stop``): no new series starts, renders in progress stop,
+the summary is printed with the ``cancelled`` series and one line says so; exit status 130 (SIGINT) or 143
+(SIGTERM). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def backfill_cmd(
     if manifest is not None:
         check_manifest(manifest)
     probe_s3(store)  # an S3 store that cannot be reached: one line, exit 2
-    from xwin.flows.backfill import BackfillIncomplete, backfill_cohort_on, run_dask, run_local
+    from xwin.flows import stop
+    from xwin.flows.backfill import BackfillCancelled, BackfillIncomplete, backfill_cohort_on, run_dask, run_local
     from xwin.flows.params import BackfillParams
     from xwin.flows.progress import add_listener
     from xwin.flows.runtime import prefect_api_url
@@ -122,7 +126,7 @@ def backfill_cmd(
     t0 = time.perf_counter()
     code = 0
     try:
-        with show_progress(terminal=sys.stderr.isatty() and not as_json) as say:
+        with stop.handle_signals(), show_progress(terminal=sys.stderr.isatty() and not as_json) as say:
             if use_prefect:
                 f = backfill_cohort_on(runner, dask_address)
                 summary = f(**params.model_dump(exclude={"spec"}), spec=params.spec)
@@ -130,6 +134,8 @@ def backfill_cmd(
                 summary = run_dask(params, dask_address)
             else:
                 summary = run_local(params)
+    except BackfillCancelled as e:
+        summary, code = e.summary, stop.exit_code()
     except BackfillIncomplete as e:
         summary, code = e.summary, 1
     finally:
@@ -145,9 +151,10 @@ def backfill_cmd(
     else:
         c = summary.counts()
         mode = "prefect" if use_prefect else ("dask" if runner == "dask" else "local")
+        stopped = f", cancelled {len(summary.cancelled)}" if summary.cancelled else ""
         typer.echo(
             f"backfill {cohort}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']}, "
-            f"failed {c['failed']} of {summary.planned} planned in {wall:.1f} s ({mode} mode)"
+            f"failed {c['failed']}{stopped} of {summary.planned} planned in {wall:.1f} s ({mode} mode)"
         )
         for r in summary.rejected:
             typer.echo(f"  rejected {r.input}: {r.reason.value}: {r.detail}")
@@ -162,6 +169,8 @@ def backfill_cmd(
             typer.echo(f"  summary: {end['report']}")
         if validation:
             typer.echo(f"  validation: {validation}")
+    if summary.cancelled:
+        typer.echo(summary.cancel_line(), err=True)
     raise typer.Exit(code)
 
 

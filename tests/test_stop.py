@@ -1,0 +1,328 @@
+"""Stopping a run: Ctrl-C in a terminal, SIGTERM, a second signal, the Dask runner, a cancelled Prefect flow run.
+
+The backfill runs as a user runs it (``python -m xwin.flows.cli`` in a subprocess, a real pseudo-terminal for
+Ctrl-C) on 6 small CTs (the bundled CT block-averaged 8x8x4) with a 64-view 32x32 spec. The renders are slowed down
+(each progress callback sleeps first; ``slow_xwin.py`` below, written by the test) so that the signal lands while a
+render is in progress. Every assertion on time is a loose bound; the figures measured are printed (``-s``).
+
+What a stopped run must show: exit 130 (SIGINT) / 143 (SIGTERM), one ``cancelled: N series not started, M stopped``
+line, a summary in which every planned series is done, skipped, rejected, failed or cancelled, whose ``done`` is
+exactly the set of committed rings (never a ring that is not committed), no claim left behind, and a rerun of the
+same command that finishes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import psutil
+import pytest
+
+from xwin.schemas.render import RenderSpec
+from xwin.storage import open_store
+
+SPEC = RenderSpec(height=32, width=32, pixel_mm=12.0, n_views=64, yaw_step_deg=360.0 / 64)
+N = 6
+
+SLOW_PATCH = '''
+"""Slow renders: each render progress callback sleeps XWIN_TEST_SLOW_S first (also a Dask worker preload)."""
+import os
+import time
+
+from xwin.flows import progress
+
+
+def _slow(vid, real=progress.views_callback):  # bound now: a Dask preload may run this file twice
+    cb = real(vid)
+
+    def on_progress(done, total):
+        time.sleep(float(os.environ.get("XWIN_TEST_SLOW_S", "0")))
+        cb(done, total)
+
+    return on_progress
+
+
+if not hasattr(progress.views_callback, "slow"):
+    _slow.slow = True
+    progress.views_callback = _slow
+'''
+
+SLOW_XWIN = '''
+"""The xwin command line with slow renders."""
+import slow_patch  # noqa: F401 - patches the render progress callback (this script's folder is on sys.path)
+from xwin.flows.cli import app
+
+if __name__ == "__main__":  # not when a Dask worker (spawned) imports the main module
+    app(prog_name="xwin")
+'''
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, bundled_ct_path):
+    """6 small CTs with distinct content, the spec file and the slow command line."""
+    from conftest import downsample_nifti
+
+    d = tmp_path_factory.mktemp("stop")
+    base = downsample_nifti(bundled_ct_path, d / "base.nii.gz", factors=(8, 8, 4))
+    img = nib.load(str(base))
+    a = np.asarray(img.dataobj).astype(np.int16)
+    cts = []
+    for k in range(N):
+        p = d / f"ct{k}.nii.gz"
+        nib.save(nib.Nifti1Image(np.where(a > -500, a + 5 * k, a).astype(np.int16), img.affine), str(p))
+        cts.append(p)
+    spec = d / "spec.json"
+    spec.write_text(SPEC.model_dump_json())
+    script = d / "slow_xwin.py"
+    script.write_text(SLOW_XWIN)
+    (d / "slow_patch.py").write_text(SLOW_PATCH)
+    return cts, spec, script
+
+
+def _argv(cohort, store: Path, *extra: str, slow: bool = True) -> list[str]:
+    cts, spec, script = cohort
+    head = [sys.executable, str(script)] if slow else [sys.executable, "-m", "xwin.flows.cli"]
+    cmd = [*head, "backfill", "--cohort", "test", "--store", str(store), "--spec", str(spec)]
+    cmd += ["--backend", "joseph", "--verify", "none", *extra]
+    for c in cts:
+        cmd += ["--source", str(c)]
+    return cmd
+
+
+def _env(**kw: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"OMP_NUM_THREADS": "1", "XWIN_TEST_SLOW_S": "0.4", "PREFECT_LOGGING_LEVEL": "WARNING", **kw})
+    return env
+
+
+def _committed(store: Path) -> set[str]:
+    if not (store / "zarr.json").exists() and not store.exists():
+        return set()
+    try:
+        return set(open_store(str(store)).dataset("test", SPEC).volume_ids())
+    except Exception:  # noqa: BLE001 - the store is being created by the run under test
+        return set()
+
+
+def _claims(store: Path) -> list:
+    return open_store(str(store)).dataset("test", SPEC).scope.list_claims()
+
+
+def _wait_first_commit(store: Path, proc_alive, timeout: float = 240, said=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not _committed(store):
+        assert proc_alive(), f"the run ended before its first commit: {said()[-3000:]}"
+        assert time.monotonic() < deadline, "no ring committed in time"
+        time.sleep(0.1)
+
+
+class Reader(threading.Thread):
+    """Drains a file descriptor (a pipe or a pty master) into ``data``, noting when each chunk arrived."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.data, self.chunks = fd, b"", []
+
+    def run(self) -> None:
+        while True:
+            try:
+                b = os.read(self.fd, 65536)
+            except OSError:
+                return
+            if not b:
+                return
+            self.chunks.append((time.monotonic(), b))
+            self.data += b
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+
+def _summary_checks(summary: dict, store: Path) -> None:
+    """Every planned series in exactly one list; ``done`` is exactly what is committed; no claim left."""
+    lists = ("done", "skipped", "rejected", "failed", "cancelled")
+    assert summary["planned"] == N == sum(len(summary[k]) for k in lists), summary
+    assert summary["cancelled"], "the signal came after the first commit: something was left"
+    assert {e["volume_id"] for e in summary["done"]} == _committed(store)
+    assert not {c["volume_id"] for c in summary["cancelled"]} & _committed(store)
+    assert not _claims(store), _claims(store)
+
+
+def _rerun_finishes(cohort, store: Path, done_before: int) -> None:
+    r = subprocess.run(_argv(cohort, store, "--json", slow=False), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout[r.stdout.index("{") :])
+    assert (len(s["done"]), len(s["skipped"]), s["cancelled"]) == (N - done_before, done_before, [])
+    assert len(_committed(store)) == N
+
+
+def test_ctrl_c_in_a_terminal(tmp_path, cohort):
+    """Ctrl-C (the terminal's interrupt character) during a backfill with the live display: the display stops,
+    no series starts, the render in progress stops, the summary and the one `cancelled:` line are printed, exit
+    130 within seconds; the rerun finishes the rest."""
+    store = tmp_path / "s"
+    pid, master = pty.fork()
+    if pid == 0:  # the child: a session whose controlling terminal is the pty (as a shell would start it)
+        os.execve(sys.executable, _argv(cohort, store), _env(COLUMNS="100", TERM="xterm"))
+    reader = Reader(master)
+    reader.start()
+    status: list[int] = []
+
+    def alive() -> bool:
+        if status:
+            return False
+        p, st = os.waitpid(pid, os.WNOHANG)
+        if p:
+            status.append(st)
+        return not p
+
+    _wait_first_commit(store, alive)
+    t_sig = time.monotonic()
+    os.write(master, b"\x03")  # Ctrl-C: the line discipline sends SIGINT to the foreground process group
+    while alive():
+        assert time.monotonic() - t_sig < 60, "no exit within 60 s of Ctrl-C"
+        time.sleep(0.05)
+    dt = time.monotonic() - t_sig
+    reader.join(5)
+    out = reader.text()
+    print(f"\nCtrl-C -> exit: {dt:.2f} s")
+    assert os.WIFEXITED(status[0]) and os.WEXITSTATUS(status[0]) == 130, (status, out[-2000:])
+    assert dt < 30, dt  # a few seconds plus one commit, on a loaded machine
+    m = re.search(r"cancelled: (\d+) series not started, (\d+) stopped; run the same command again to continue", out)
+    assert m, out[-2000:]
+    done = re.search(r"backfill test: done (\d+), skipped 0, rejected 0, failed 0, cancelled (\d+) of 6 planned", out)
+    assert done, out[-2000:]
+    assert int(done.group(1)) == len(_committed(store)) >= 1
+    assert int(done.group(2)) == int(m.group(1)) + int(m.group(2)) == N - int(done.group(1))
+    # the live display stopped: no redraw (cursor up / erase line) after the stop notice
+    i = reader.data.index(b"stopping: ")
+    assert b"\x1b[2K" not in reader.data[i:] and b"\x1b[1A" not in reader.data[i:], reader.data[i:][:500]
+    assert b"\x1b[2K" in reader.data[:i]  # it was live before
+    assert not _claims(store)
+    _rerun_finishes(cohort, store, int(done.group(1)))
+
+
+def test_sigterm_without_a_terminal_prints_the_json_summary(tmp_path, cohort):
+    """SIGTERM (docker stop, Kubernetes, a Prefect worker shutting down) off a terminal with --json: exit 143, the
+    JSON summary with the cancelled series, the run report written; the rerun finishes the rest."""
+    store = tmp_path / "s"
+    proc = subprocess.Popen(_argv(cohort, store, "--json"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
+    out.start()
+    err.start()
+    _wait_first_commit(store, lambda: proc.poll() is None)
+    t_sig = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(60)
+    dt = time.monotonic() - t_sig
+    out.join(5)
+    err.join(5)
+    print(f"\nSIGTERM -> exit: {dt:.2f} s")
+    assert rc == 143, err.text()[-3000:]
+    assert dt < 30, dt
+    summary = json.loads(out.text())
+    _summary_checks(summary, store)
+    assert "stopping: no new work starts" in err.text()
+    line = [x for x in err.text().splitlines() if x.startswith("cancelled: ")]
+    stopped = sum(c["started"] for c in summary["cancelled"])
+    assert line == [
+        f"cancelled: {len(summary['cancelled']) - stopped} series not started, {stopped} stopped; "
+        "run the same command again to continue"
+    ]
+    (report,) = (tmp_path / "s-reports" / "runs").glob("*.json")
+    assert json.loads(report.read_text())["summary"] == summary
+    md = report.with_suffix(".md").read_text()
+    assert "## Cancelled" in md and all(c["input"] in md for c in summary["cancelled"])
+    _rerun_finishes(cohort, store, len(summary["done"]))
+
+
+def test_a_second_signal_exits_at_once(tmp_path, cohort):
+    """Two SIGINTs: the second ends the process at once with one line and no summary; the claims it held are
+    recovered by the rerun (their holder is dead), which finishes every series."""
+    store = tmp_path / "s"
+    env = _env(XWIN_TEST_SLOW_S="2")  # a render in progress reaches its next stop point within 2 s
+    proc = subprocess.Popen(_argv(cohort, store, "--json"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
+    out.start()
+    err.start()
+    _wait_first_commit(store, lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert proc.poll() is None  # the first signal waits for the render in progress to reach its next step
+    t_sig = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(30)
+    dt = time.monotonic() - t_sig
+    out.join(5)
+    err.join(5)
+    print(f"\nsecond SIGINT -> exit: {dt:.2f} s")
+    assert rc == 130 and dt < 3, (rc, dt)
+    assert out.text() == ""  # no summary
+    assert err.text().rstrip().splitlines()[-1] == "stopped at once (SIGINT); run the same command again to continue"
+    _rerun_finishes(cohort, store, len(_committed(store)))
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("XWIN_TEST_MARK") == mark and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def test_sigterm_stops_the_dask_runner_and_leaves_no_process(tmp_path, cohort):
+    """`--runner dask` (no Prefect): SIGTERM after the first commit cancels the futures, closes the LocalCluster,
+    exits 143 with the summary; no worker process is left."""
+    store = tmp_path / "s"
+    mark = uuid.uuid4().hex
+    preload = json.dumps([str(cohort[2].with_name("slow_patch.py"))])  # the workers' renders are slow too
+    env = _env(XWIN_TEST_MARK=mark, XWIN_DASK_WORKERS="2", DASK_DISTRIBUTED__WORKER__PRELOAD=preload)
+    proc = subprocess.Popen(
+        _argv(cohort, store, "--json", "--runner", "dask"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
+    out.start()
+    err.start()
+    seen: set[int] = set()
+
+    def alive() -> bool:
+        seen.update(p.pid for p in _marked(mark))
+        return proc.poll() is None
+
+    _wait_first_commit(store, alive, said=err.text)
+    t_sig = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(90)
+    dt = time.monotonic() - t_sig
+    out.join(5)
+    err.join(5)
+    print(f"\nSIGTERM (dask) -> exit: {dt:.2f} s")
+    assert rc == 143, err.text()[-3000:]
+    assert dt < 45, dt
+    summary = json.loads(out.text())
+    assert (
+        summary["planned"] == N == sum(len(summary[k]) for k in ("done", "skipped", "rejected", "failed", "cancelled"))
+    )
+    assert {e["volume_id"] for e in summary["done"]} == _committed(store)
+    assert not summary["failed"]
+    assert len(seen) >= 3, seen  # the command and its two workers
+    deadline = time.monotonic() + 15
+    while (left := _marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [(p.pid, p.cmdline()) for p in left]
+    _rerun_finishes(cohort, store, len(summary["done"]))
