@@ -326,3 +326,153 @@ def test_sigterm_stops_the_dask_runner_and_leaves_no_process(tmp_path, cohort):
         time.sleep(0.5)
     assert not left, [(p.pid, p.cmdline()) for p in left]
     _rerun_finishes(cohort, store, len(summary["done"]))
+
+
+# ---- Prefect -------------------------------------------------------------------------------------------------
+def _flow_run(client, flow_run_id):
+    return client.read_flow_run(flow_run_id)
+
+
+def test_a_flow_run_cancelled_through_the_api_ends_cancelled_with_its_summary(
+    prefect_api, tmp_path, cohort, monkeypatch
+):
+    """The backfill flow run cancelled from the API (as the UI does: state Cancelling): no new series starts, the
+    render in progress stops, the flow run ends Cancelled and its summary artifact lists the cancelled series."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelling
+
+    from xwin.flows import progress, stop
+    from xwin.flows.backfill import backfill_cohort
+    from xwin.flows.progress import artifact_key
+
+    real = progress.views_callback
+
+    def slow(vid):
+        cb = real(vid)
+
+        def on_progress(done, total):
+            time.sleep(0.4)
+            cb(done, total)
+
+        return on_progress
+
+    monkeypatch.setattr(progress, "views_callback", slow)
+    store = tmp_path / "s"
+    cts = [str(c) for c in cohort[0]]
+    got: dict = {}
+
+    def run() -> None:
+        try:
+            got["state"] = backfill_cohort(
+                cohort="test",
+                store=str(store),
+                source=cts,
+                spec=SPEC,
+                backend="joseph",
+                verify="none",
+                previews=0,
+                return_state=True,
+            )
+        except BaseException as e:  # noqa: BLE001 - reported by the assertions below
+            got["error"] = e
+
+    stop.reset()
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        _wait_first_commit(store, t.is_alive)
+        with get_client(sync_client=True) as client:
+            running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+            (fr,) = [r for r in client.read_flow_runs(flow_run_filter=running) if r.name and r.flow_id]
+            t_cancel = time.monotonic()
+            client.set_flow_run_state(fr.id, Cancelling(), force=True)
+            t.join(90)
+            dt = time.monotonic() - t_cancel
+            print(f"\nflow run cancelled through the API -> flow returned: {dt:.2f} s")
+            assert not t.is_alive() and "error" not in got, got
+            assert got["state"].is_cancelled(), got["state"]
+            assert dt < 40, dt
+            assert client.read_flow_run(fr.id).state.type == StateType.CANCELLED
+            art = client.read_latest_artifacts()
+            md = next(a for a in art if a.key == artifact_key("backfill", "test")).data
+    finally:
+        t.join(90)
+        stop.reset()
+    assert "## Cancelled" in md and "cancelled, not started" in md
+    assert len(_committed(store)) < N
+    assert not _claims(store)
+
+
+def test_sigterm_to_a_prefect_flow_run_ends_it_cancelled(prefect_api, tmp_path, cohort):
+    """SIGTERM to the process running the backfill flow (a Prefect worker shutting down, docker stop): the flow run
+    ends Cancelled -- never left Running -- and the command exits 143 with its summary."""
+    from prefect.client.orchestration import get_client
+
+    store = tmp_path / "s"
+    env = _env(PREFECT_API_URL=prefect_api)
+    proc = subprocess.Popen(
+        _argv(cohort, store, "--json", "--prefect"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
+    out.start()
+    err.start()
+    _wait_first_commit(store, lambda: proc.poll() is None, said=err.text)
+    t_sig = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(90)
+    dt = time.monotonic() - t_sig
+    out.join(5)
+    err.join(5)
+    print(f"\nSIGTERM (prefect) -> exit: {dt:.2f} s")
+    assert rc == 143, err.text()[-3000:]
+    summary = json.loads(out.text())
+    _summary_checks(summary, store)
+    (report,) = (tmp_path / "s-reports" / "runs").glob("*.json")
+    run_id = report.stem  # the flow run id
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.is_cancelled()
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+def test_train_stopped_saves_a_checkpoint_and_resume_continues(tmp_path):
+    """`xwin train` stopped with Ctrl-C (SIGINT): the step in progress finishes, a checkpoint of that step is saved,
+    exit 130; `--resume auto` continues from that step."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "xwin.flows.cli", "train", "--preset", "tiny", "--synthetic", "--out", str(out)]
+    cmd += ["--set", "log_every=1", "--json"]
+    proc = subprocess.Popen([*cmd, "--max-steps", "100000"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    o, e = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
+    o.start()
+    e.start()
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and sum('"event": "step"' in x for x in log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, e.text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    t_sig = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(120)
+    dt = time.monotonic() - t_sig
+    o.join(5)
+    e.join(5)
+    print(f"\nSIGINT (train) -> exit: {dt:.2f} s")
+    assert rc == 130, e.text()[-3000:]
+    assert dt < 60, dt
+    summary = json.loads(o.text().strip().splitlines()[-1])
+    k = summary["steps"]
+    assert summary["stopped"] is True and 2 <= k < 100000
+    assert summary["checkpoint"].endswith(f"step_{k:08d}.pt") and (out / "checkpoints" / "latest.pt").exists()
+    assert f"cancelled: stopped at step {k}; run it again with --resume auto to continue" in e.text()
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    assert {"event": "stopped", "step": k}.items() <= next(x for x in events if x["event"] == "stopped").items()
+    r = subprocess.run(
+        [*cmd, "--max-steps", str(k + 1), "--resume", "auto"], env=_env(), capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert again["steps"] == k + 1 and "stopped" not in again
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["step"] for x in events if x["event"] == "resume"] == [k]

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -426,9 +426,10 @@ class Trainer:
         self.log_event({"event": "resume", "step": self.step, "path": str(path)})
 
     # ---------------------------------------------------------------------------------------------------- run
-    def run(self, max_steps: int | None = None) -> dict:
-        """Train until ``max_steps`` (default cfg.max_steps, else the schedule's total). Returns a summary with the
-        logged values of the first and last step of this call."""
+    def run(self, max_steps: int | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+        """Train until ``max_steps`` (default cfg.max_steps, else the schedule's total), or until ``should_stop()``
+        says so after a step (a stopped command: the caller saves the checkpoint; ``"stopped": True`` then).
+        Returns a summary with the logged values of the first and last step of this call."""
         cfg = self.cfg
         stop = min(x for x in (max_steps, cfg.max_steps, cfg.optim.total_steps) if x is not None)
         has_real = self.real_stream is not None
@@ -475,7 +476,12 @@ class Trainer:
                 val = self.validate()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
+            if should_stop is not None and self.step < stop and should_stop():
+                self.log_event({"event": "stopped", "step": self.step})
+                break
         out = {"steps": self.step, "first": first, "last": last, "real_stream": has_real}
+        if self.step < stop:
+            out["stopped"] = True
         if val is not None:
             out["val"] = val
         return out
