@@ -328,24 +328,11 @@ def test_sigterm_stops_the_dask_runner_and_leaves_no_process(tmp_path, cohort):
     _rerun_finishes(cohort, store, len(summary["done"]))
 
 
-# ---- Prefect -------------------------------------------------------------------------------------------------
-def _flow_run(client, flow_run_id):
-    return client.read_flow_run(flow_run_id)
-
-
-def test_a_flow_run_cancelled_through_the_api_ends_cancelled_with_its_summary(
-    prefect_api, tmp_path, cohort, monkeypatch
-):
-    """The backfill flow run cancelled from the API (as the UI does: state Cancelling): no new series starts, the
-    render in progress stops, the flow run ends Cancelled and its summary artifact lists the cancelled series."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Cancelling
-
-    from xwin.flows import progress, stop
-    from xwin.flows.backfill import backfill_cohort
-    from xwin.flows.progress import artifact_key
+# ---- in this process ------------------------------------------------------------------------------------------
+@pytest.fixture
+def slow_renders(monkeypatch):
+    """Renders in this process sleep 0.4 s before each progress callback."""
+    from xwin.flows import progress
 
     real = progress.views_callback
 
@@ -359,6 +346,27 @@ def test_a_flow_run_cancelled_through_the_api_ends_cancelled_with_its_summary(
         return on_progress
 
     monkeypatch.setattr(progress, "views_callback", slow)
+
+
+# ---- Prefect -------------------------------------------------------------------------------------------------
+def _flow_run(client, flow_run_id):
+    return client.read_flow_run(flow_run_id)
+
+
+def test_a_flow_run_cancelled_through_the_api_ends_cancelled_with_its_summary(
+    prefect_api, tmp_path, cohort, slow_renders
+):
+    """The backfill flow run cancelled from the API (as the UI does: state Cancelling): no new series starts, the
+    render in progress stops, the flow run ends Cancelled and its summary artifact lists the cancelled series."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelling
+
+    from xwin.flows import stop
+    from xwin.flows.backfill import backfill_cohort
+    from xwin.flows.progress import artifact_key
+
     store = tmp_path / "s"
     cts = [str(c) for c in cohort[0]]
     got: dict = {}
@@ -476,3 +484,119 @@ def test_train_stopped_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert again["steps"] == k + 1 and "stopped" not in again
     events = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["step"] for x in events if x["event"] == "resume"] == [k]
+
+
+# ---- the other long commands (in-process: the signal is sent to this process from inside the work) ----------
+@pytest.fixture
+def restore_stop():
+    from xwin.flows import stop
+
+    yield stop
+    stop.reset()
+
+
+def test_ingest_stopped_by_sigterm_accounts_for_every_input(tmp_path, cohort, monkeypatch, restore_stop):
+    """`xwin ingest`: SIGTERM while the first volume loads: it is written, no other input starts; --json lists the
+    rest as cancelled, exit 143; the rerun skips the first and ingests the rest."""
+    from typer.testing import CliRunner
+
+    from xwin.flows.cli import app
+    from xwin.pipeline.ingest import run as run_mod
+
+    real = run_mod.load_candidate
+    calls: list[str] = []
+
+    def load_and_signal(c):
+        calls.append(c.input)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the command's handler: a stop request
+        return real(c)
+
+    monkeypatch.setattr(run_mod, "load_candidate", load_and_signal)
+    args = ["ingest", *map(str, cohort[0]), "--store", str(tmp_path / "s"), "--cohort", "test", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 143, res.output
+    s = json.loads(res.stdout)
+    assert (len(s["done"]), len(s["cancelled"]), s["planned"]) == (1, N - 1, N)
+    assert all(not c["started"] and c["stage"] == "ingest" for c in s["cancelled"])
+    assert len(calls) == 1 and open_store(str(tmp_path / "s")).has_volume(s["done"][0]["volume_id"])
+    assert f"cancelled: {N - 1} series not started, 0 stopped" in res.stderr
+    monkeypatch.setattr(run_mod, "load_candidate", real)
+    res = CliRunner().invoke(app, args)
+    s = json.loads(res.stdout)
+    assert res.exit_code == 0 and (len(s["done"]), len(s["skipped"]), s["cancelled"]) == (N - 1, 1, [])
+
+
+def test_render_stopped_mid_ring_commits_nothing_of_it(tmp_path, cohort, monkeypatch, restore_stop):
+    """`xwin render --all`: SIGINT during the first ring's views stops that render at its next chunk (nothing of
+    it committed), no other ring starts, exit 130; the rerun renders every ring."""
+    from typer.testing import CliRunner
+
+    from xwin.flows import render as render_mod
+    from xwin.flows.cli import app
+    from xwin.pipeline.ingest import ingest_sources
+
+    st = open_store(str(tmp_path / "s"), create=True)
+    assert len(ingest_sources(cohort[0][:3], "test", st).done) == 3
+    real = render_mod.render_volume_to_store
+    started: list[str] = []
+
+    def render_and_signal(store, vid, spec, cohort_, name, on_progress):
+        started.append(vid)
+
+        def cb(done, total):
+            if done == 16:
+                os.kill(os.getpid(), signal.SIGINT)
+            on_progress(done, total)
+
+        return real(store, vid, spec, cohort_, name, on_progress=cb)
+
+    monkeypatch.setattr(render_mod, "render_volume_to_store", render_and_signal)
+    args = ["render", "--store", str(tmp_path / "s"), "--all", "--spec", str(cohort[1]), "--backend", "joseph"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 130, res.output
+    assert len(started) == 1
+    assert "0 written, 0 skipped, 0 failed, 3 cancelled" in res.stdout
+    assert "cancelled: 2 series not started, 1 stopped" in res.stderr
+    assert open_store(str(tmp_path / "s")).dataset("test", SPEC).volume_ids() == []
+    monkeypatch.setattr(render_mod, "render_volume_to_store", real)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "3 written, 0 skipped, 0 failed" in res.stdout, res.output
+
+
+def test_a_stopped_landing_scan_keeps_unfinished_entries_out_of_its_ledger(
+    tmp_path, cohort, restore_stop, slow_renders
+):
+    """A landing scan stopped after its first ring: the entries not finished stay out of the ledger (the next scan
+    takes them up), the finished one is in it."""
+    import shutil
+
+    from xwin.flows.landing import ScanIncomplete, read_ledger, scan_once
+    from xwin.flows.progress import add_listener
+    from xwin.flows.reports import reports_url
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for c in cohort[0][:4]:
+        shutil.copy(c, landing / c.name)
+    store = str(tmp_path / "s")
+    stop = restore_stop
+
+    def first_done(ev):
+        if ev.get("event") == "series" and ev.get("status") == "done":
+            stop.request()
+
+    remove = add_listener(first_done)
+    try:
+        with pytest.raises(ScanIncomplete) as ei:
+            scan_once(str(landing), "test", store, SPEC, "joseph")
+    finally:
+        remove()
+    s = ei.value.summary
+    assert s.cancelled and not s.failed and s.planned == 4 == len(s.done) + len(s.cancelled)
+    ledger = read_ledger(reports_url(store), "test")
+    assert sorted(ledger) == sorted(e.input for e in s.done)
+    stop.reset()
+    s2, new = scan_once(str(landing), "test", store, SPEC, "joseph")
+    assert sorted(new) == sorted(c.input for c in s.cancelled) and len(s2.done) == len(s.cancelled)
+    assert len(read_ledger(reports_url(store), "test")) == 4

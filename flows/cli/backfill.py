@@ -201,17 +201,21 @@ def scan_cmd(
     quiet_prefect(False, server=False)  # the scan runs here, without a Prefect server
     spec_ = load_spec(spec)
     probe_s3(store)
+    from xwin.flows import stop
     from xwin.flows.landing import ScanIncomplete, scan_once
 
     code = 0
     try:
-        summary, new = scan_once(landing, cohort, store, spec_, backend)
+        with stop.handle_signals():  # Ctrl-C / SIGTERM: the entries not finished stay out of the ledger
+            summary, new = scan_once(landing, cohort, store, spec_, backend)
     except ScanIncomplete as e:
-        summary, new, code = e.summary, e.entries, 1
+        summary, new, code = e.summary, e.entries, stop.exit_code() if e.summary.cancelled else 1
     if as_json:
         typer.echo(summary.model_dump_json(indent=1))
     else:
         typer.echo(f"{len(new)} new entries: {json.dumps(summary.counts())}")
         for f in summary.failed:
             typer.echo(f"  FAILED {f.input} ({f.stage}): {f.error}")
+    if summary.cancelled:
+        typer.echo(summary.cancel_line(), err=True)
     raise typer.Exit(code)
