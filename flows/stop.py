@@ -14,7 +14,9 @@ SIGTERM), by a Prefect flow run cancelled from the UI or the API (:func:`watch_p
 
 The driver then accounts for every planned item (``RunSummary.cancelled``), writes its summary and ends with
 :func:`exit_code` (130 after SIGINT, 143 after SIGTERM). A *second* signal ends the process at once
-(``os._exit``) with one line; claims are then left to expire and a rerun recovers.
+(``os._exit``) with one line; claims are then left to expire and a rerun recovers. A command without stop points
+(:func:`interrupt_on_signal`, every ``xwin`` command's default) is interrupted where it is, like SIGINT's
+KeyboardInterrupt but for SIGTERM too, and ends with one line and the same exit status.
 
 In a Dask worker the request is not in the process: the runner sets a token reader for the task
 (:func:`task_token`, a context variable), which :func:`requested` consults too.
@@ -191,6 +193,29 @@ def handle_signals(notice: bool = True, fresh: bool = True) -> Iterator[None]:
         yield
     finally:
         unhook()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _interrupt(sig: int, frame: Any) -> None:
+    """The handler of a command without stop points: the first signal raises :class:`Cancelled` where the main
+    thread is (as SIGINT's KeyboardInterrupt would, for SIGTERM too); ``with`` blocks release what they hold."""
+    _handler(sig, frame)  # the second signal: out at once
+    raise Cancelled(started=True)
+
+
+@contextlib.contextmanager
+def interrupt_on_signal() -> Iterator[None]:
+    """For the block (a whole command): the first SIGINT or SIGTERM raises :class:`Cancelled` in the main thread, a
+    second one ends the process at once. Commands with stop points install :func:`handle_signals` inside it."""
+    reset()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
         for s, h in old.items():
             signal.signal(s, h)
 

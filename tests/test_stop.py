@@ -600,3 +600,30 @@ def test_a_stopped_landing_scan_keeps_unfinished_entries_out_of_its_ledger(
     s2, new = scan_once(str(landing), "test", store, SPEC, "joseph")
     assert sorted(new) == sorted(c.input for c in s.cancelled) and len(s2.done) == len(s.cancelled)
     assert len(read_ledger(reports_url(store), "test")) == 4
+
+
+def test_a_command_without_stop_points_is_interrupted_with_one_line(tmp_path, monkeypatch, restore_stop):
+    """`xwin reconstruct` (one FDK, no stop point inside): SIGTERM interrupts it where it is -- as Ctrl-C does --
+    with one line and exit 143, not a traceback or a silent death."""
+    from typer.testing import CliRunner
+
+    from xwin.flows import validate as validate_mod
+    from xwin.flows.cli import app
+
+    open_store(str(tmp_path / "s"), create=True)
+    reached: list[float] = []
+
+    def long_fdk(*a, **kw):
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # half a second into the work
+        t0 = time.monotonic()
+        try:
+            time.sleep(60)
+        finally:
+            reached.append(time.monotonic() - t0)
+
+    monkeypatch.setattr(validate_mod, "validate_stored_ring", long_fdk)
+    monkeypatch.setattr("xwin.storage.Store.find_ring", lambda self, *a: (None, "v"), raising=False)
+    res = CliRunner().invoke(app, ["reconstruct", "--store", str(tmp_path / "s"), "--volume", "v"])
+    assert res.exit_code == 143, res.output
+    assert res.stderr.strip() == "cancelled: stopped before it finished; run the same command again to continue"
+    assert reached and 0.4 < reached[0] < 5  # interrupted, not waited for

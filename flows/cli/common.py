@@ -300,13 +300,20 @@ def _session_loop(fs: Any) -> asyncio.AbstractEventLoop | None:
 
 
 def cli_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a command: an error of reaching its store (``--store``) becomes one line and exit status 2, and the S3
-    sessions the command opened are closed before it returns."""
+    """Wrap a command: an error of reaching its store (``--store``) becomes one line and exit status 2, Ctrl-C or
+    SIGTERM one line and exit status 130 / 143 (``xwin.flows.stop``), and the S3 sessions the command opened are
+    closed before it returns."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kw: Any) -> None:
+        from xwin.flows import stop
+
         try:
-            fn(*args, **kw)
+            with stop.interrupt_on_signal():  # Ctrl-C / SIGTERM: commands with stop points install their own
+                fn(*args, **kw)
+        except stop.Cancelled:
+            typer.echo("cancelled: stopped before it finished; run the same command again to continue", err=True)
+            raise typer.Exit(stop.exit_code()) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # classified: store errors become one line, everything else propagates
