@@ -157,49 +157,47 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
     unhook = stop.on_stop(lambda: stages.cancel_pending(pending))  # runs at once if the stop came already
     previews: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    try:
-        for fr in stages.as_completed(futures):
-            c, fi = futures[fr]
+    for fr in stages.as_completed(futures):
+        c, fi = futures[fr]
+        try:
+            o: Outcome = stages.result(fr)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a failure that outlived its retries (or was not retried)
+            err, stage = e, "render"
             try:
-                o: Outcome = stages.result(fr)
+                stages.result(fi)  # waits for an ingest still committing
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except BaseException as e:  # noqa: BLE001 - a failure that outlived its retries (or was not retried)
-                err, stage = e, "render"
-                try:
-                    stages.result(fi)  # waits for an ingest still committing
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as ei:  # noqa: BLE001 - the ingest stage is the one that failed
-                    err, stage = ei, "ingest"
-                if is_cancel(err):
-                    cancelled.append(_cancelled(c, stage, err))
-                    o = Outcome("cancelled")
-                else:
-                    failed.append(_failure(c, stage, err))
-                    log.error("series %s failed in %s after retries: %s", c.input, stage, error_text(err))
-                    o = Outcome("failed")
+            except BaseException as ei:  # noqa: BLE001 - the ingest stage is the one that failed
+                err, stage = ei, "ingest"
+            if is_cancel(err):
+                cancelled.append(_cancelled(c, stage, err))
+                o = Outcome("cancelled")
             else:
-                if o.status == "done" and o.entry is not None:
-                    done.append(o.entry)
-                    if o.preview:
-                        previews[o.entry.volume_id] = o.preview
-                elif o.status == "skipped" and o.entry is not None:
-                    skipped.append(o.entry)
-                elif o.status == "rejected" and o.rejection is not None:
-                    rejected.append(o.rejection)
-                for k, v in o.seconds.items():
-                    seconds[k] = seconds.get(k, 0.0) + v
-            progress.advance(o)
-    finally:
-        unhook()
+                failed.append(_failure(c, stage, err))
+                log.error("series %s failed in %s after retries: %s", c.input, stage, error_text(err))
+                o = Outcome("failed")
+        else:
+            if o.status == "done" and o.entry is not None:
+                done.append(o.entry)
+                if o.preview:
+                    previews[o.entry.volume_id] = o.preview
+            elif o.status == "skipped" and o.entry is not None:
+                skipped.append(o.entry)
+            elif o.status == "rejected" and o.rejection is not None:
+                rejected.append(o.rejection)
+            for k, v in o.seconds.items():
+                seconds[k] = seconds.get(k, 0.0) + v
+        progress.advance(o)
+    unhook()
     summary = RunSummary(
         done=done, skipped=skipped, rejected=rejected, failed=failed, cancelled=cancelled, planned=planned
     )
 
     verify_msg = None
     verify_ok = True
-    if cancelled:
+    if cancelled or stop.requested():
         verify_msg = "not run (the run was stopped)"
     elif params.verify != "none":
         emit({"event": "stage", "name": f"verify ({params.verify})"})

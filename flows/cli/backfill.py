@@ -142,7 +142,7 @@ def backfill_cmd(
         remove_end()
     wall = time.perf_counter() - t0
     validation = None
-    if code == 0 and validate and cohort == "example" and summary.done + summary.skipped:
+    if code == 0 and validate and cohort == "example" and summary.done + summary.skipped and not stop.requested():
         first = [e.volume_id for e in summary.done + summary.skipped][:1]
         say(f"validate: FDK reconstruction of {first[0][:12]} from its ring, PSNR/SSIM against the volume")
         validation = _maybe_validate(params, first, use_prefect)
