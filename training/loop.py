@@ -476,7 +476,7 @@ class Trainer:
                 val = self.validate()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
-            if should_stop is not None and self.step < stop and should_stop():
+            if should_stop is not None and self.step < stop and self._all_agree(should_stop()):
                 self.log_event({"event": "stopped", "step": self.step})
                 break
         out = {"steps": self.step, "first": first, "last": last, "real_stream": has_real}
@@ -485,6 +485,14 @@ class Trainer:
         if val is not None:
             out["val"] = val
         return out
+
+    def _all_agree(self, flag: bool) -> bool:
+        """``flag`` of any rank (DDP): every rank stops after the same step, none is left waiting in a collective."""
+        if self.world <= 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
 
     def close(self) -> None:
         self._log.close()
