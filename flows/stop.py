@@ -224,9 +224,9 @@ def install_in_flow() -> Callable[[], None]:
     """Inside a Prefect flow run on the main thread: this module's handlers instead of Prefect's SIGTERM bridge
     (which would end the run Crashed, without its summary), for the rest of the run; a request made before (by the
     command that runs the flow) is kept. Returns the undo."""
-    cm = handle_signals(notice=False, fresh=False)
-    cm.__enter__()
-    return lambda: cm.__exit__(None, None, None)
+    stack = contextlib.ExitStack()
+    stack.enter_context(handle_signals(notice=False, fresh=False))
+    return stack.close
 
 
 def watch_prefect_cancel(flow_run_id: Any, every_s: float = 2.0) -> Callable[[], None]:
