@@ -8,6 +8,7 @@ on stderr, ``error: <what>: <why>``, and exit status 2: no traceback. The lines 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import gc
@@ -300,6 +301,11 @@ def _session_loop(fs: Any) -> asyncio.AbstractEventLoop | None:
     return None
 
 
+# at exit (after the command's own atexit work): the interpreter's last garbage collection over every object a run
+# made takes seconds after a backfill and would only delay the exit, after a Ctrl-C too
+atexit.register(gc.freeze)
+
+
 def cli_errors(fn: Callable[..., None]) -> Callable[..., None]:
     """Wrap a command: an error of reaching its store (``--store``) becomes one line and exit status 2, Ctrl-C or
     SIGTERM one line and exit status 130 / 143 (``xwin.flows.stop``), and the S3 sessions the command opened are
@@ -325,9 +331,6 @@ def cli_errors(fn: Callable[..., None]) -> Callable[..., None]:
             fail(line)
         finally:
             close_s3_sessions()
-            # the work is done and written: the interpreter's last garbage collection over every object the run
-            # made (seconds for a backfill) would only delay the exit, after a Ctrl-C too
-            gc.freeze()
 
     return run
 
