@@ -393,7 +393,8 @@ def test_a_flow_run_cancelled_through_the_api_ends_cancelled_with_its_summary(
         _wait_first_commit(store, t.is_alive)
         with get_client(sync_client=True) as client:
             running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
-            (fr,) = [r for r in client.read_flow_runs(flow_run_filter=running) if r.name and r.flow_id]
+            runs = client.read_flow_runs(flow_run_filter=running)
+            (fr,) = [r for r in runs if r.parameters.get("store") == str(store)]  # other tests' runs may be running
             t_cancel = time.monotonic()
             client.set_flow_run_state(fr.id, Cancelling(), force=True)
             t.join(90)
