@@ -118,7 +118,10 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         from xwin.pipeline.render import resolve_backend
 
         ensure_limits_once(cpu_slot(), render_slot(resolve_backend(backend)))
-    cands, rejections, plan_failures = stages.result(stages.submit(plan_series, params))
+    try:
+        cands, rejections, plan_failures = stages.result(stages.submit(plan_series, params))
+    except stop.Cancelled as e:  # stopped before planning: nothing was planned, nothing started
+        raise BackfillCancelled(RunSummary()) from e
     planned = len(cands) + len(rejections) + len(plan_failures)
     ds = dataset_handle(params.store, params.cohort, spec_json)  # creates the dataset / refuses another spec
     committed = set(ds.volume_ids())
@@ -138,7 +141,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
     futures: dict[Any, Any] = {}
     for c in todo:
         if stop.requested():  # stopped while submitting: the rest never starts
-            cancelled.append(CancelledEntry(input=c.input, stage="ingest", started=False, volume_id=c.volume_id))
+            cancelled.append(_cancelled(c, "ingest", stop.Cancelled(started=False)))
             continue
         fi = stages.submit(ingest_series, c, params.store)
         fr = stages.submit(

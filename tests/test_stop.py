@@ -628,3 +628,38 @@ def test_a_command_without_stop_points_is_interrupted_with_one_line(tmp_path, mo
     assert res.exit_code == 143, res.output
     assert res.stderr.strip() == "cancelled: stopped before it finished; run the same command again to continue"
     assert reached and 0.4 < reached[0] < 5  # interrupted, not waited for
+
+
+def test_a_stop_before_or_right_after_planning_starts_nothing(tmp_path, cohort, restore_stop):
+    """The same flow body (threads): stopped before planning, the run ends cancelled with nothing planned; stopped
+    when the plan is made, every series is cancelled as not started and nothing is written."""
+    from xwin.flows.backfill import BackfillCancelled, run_local
+    from xwin.flows.params import BackfillParams
+    from xwin.flows.progress import add_listener
+
+    stop = restore_stop
+    store = tmp_path / "s"
+    p = BackfillParams(
+        cohort="test",
+        store=str(store),
+        source=[str(c) for c in cohort[0][:3]],
+        spec=SPEC,
+        backend="joseph",
+        verify="none",
+        previews=0,
+    )
+    stop.request()
+    with pytest.raises(BackfillCancelled) as ei:
+        run_local(p)
+    assert ei.value.summary.planned == 0
+    stop.reset()
+    remove = add_listener(lambda ev: stop.request() if ev.get("event") == "start" else None)
+    try:
+        with pytest.raises(BackfillCancelled) as ei:
+            run_local(p)
+    finally:
+        remove()
+    s = ei.value.summary
+    assert s.planned == 3 == len(s.cancelled) and not s.done
+    assert [(c.stage, c.started) for c in s.cancelled] == [("ingest", False)] * 3
+    assert not _committed(store) and not any(open_store(str(store)).has_volume(c.volume_id) for c in s.cancelled)
