@@ -255,10 +255,17 @@ class PrefectStages:
         return future.result()
 
     def cancel_pending(self, futures: Iterable[Any]) -> None:
+        on_dask = []
         for f in futures:  # a task of this process that has not started (threads); started ones check the stop
             wrapped = getattr(f, "wrapped_future", None)
             if isinstance(wrapped, Future):
                 wrapped.cancel()
+            elif wrapped is not None and hasattr(wrapped, "client") and hasattr(wrapped, "key"):
+                on_dask.append(wrapped)  # the flow's DaskTaskRunner: cancel what no worker has started
+        if on_dask:
+            client = on_dask[0].client
+            running = {k for keys in client.processing().values() for k in keys}
+            client.cancel([w for w in on_dask if w.key not in running and not w.done()])
 
 
 class LocalStages:

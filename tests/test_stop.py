@@ -663,3 +663,47 @@ def test_a_stop_before_or_right_after_planning_starts_nothing(tmp_path, cohort, 
     assert s.planned == 3 == len(s.cancelled) and not s.done
     assert [(c.stage, c.started) for c in s.cancelled] == [("ingest", False)] * 3
     assert not _committed(store) and not any(open_store(str(store)).has_volume(c.volume_id) for c in s.cancelled)
+
+
+def test_sigterm_to_the_prefect_flow_on_dask(prefect_api, tmp_path, cohort):
+    """`--runner dask --prefect` (the flow's DaskTaskRunner): SIGTERM after the first commit: the tasks no worker
+    has started are cancelled (a render in progress on a worker finishes and commits), the flow run ends
+    Cancelled, exit 143 with the summary; no process is left."""
+    from prefect.client.orchestration import get_client
+
+    store = tmp_path / "s"
+    mark = uuid.uuid4().hex
+    preload = json.dumps([str(cohort[2].with_name("slow_patch.py"))])
+    env = _env(
+        PREFECT_API_URL=prefect_api,
+        XWIN_TEST_MARK=mark,
+        XWIN_DASK_WORKERS="2",
+        DASK_DISTRIBUTED__WORKER__PRELOAD=preload,
+    )
+    argv = _argv(cohort, store, "--json", "--prefect", "--runner", "dask")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
+    out.start()
+    err.start()
+    _wait_first_commit(store, lambda: proc.poll() is None, said=err.text)
+    t_sig = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(120)
+    dt = time.monotonic() - t_sig
+    out.join(5)
+    err.join(5)
+    print(f"\nSIGTERM (prefect on dask) -> exit: {dt:.2f} s")
+    assert rc == 143, err.text()[-3000:]
+    summary = json.loads(out.text())
+    assert (
+        summary["planned"] == N == sum(len(summary[k]) for k in ("done", "skipped", "rejected", "failed", "cancelled"))
+    )
+    assert summary["cancelled"] and not summary["failed"]
+    assert {e["volume_id"] for e in summary["done"]} == _committed(store)
+    (report,) = (tmp_path / "s-reports" / "runs").glob("*.json")
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(report.stem).state.is_cancelled()
+    deadline = time.monotonic() + 15
+    while (left := _marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [(p.pid, p.cmdline()) for p in left]
