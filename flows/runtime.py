@@ -243,6 +243,12 @@ class PrefectStages:
 
     mode = "prefect"
 
+    def __init__(self) -> None:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        self.flow_run_id = ctx.flow_run.id if ctx is not None and ctx.flow_run is not None else None
+
     def submit(self, task: Any, *args: Any) -> Any:
         return task.submit(*args)
 
@@ -262,8 +268,11 @@ class PrefectStages:
                 wrapped.cancel()
             elif wrapped is not None and hasattr(wrapped, "client") and hasattr(wrapped, "key"):
                 on_dask.append(wrapped)  # the flow's DaskTaskRunner: cancel what no worker has started
-        if on_dask:
+        if on_dask:  # task runs on the workers see the stop through the flow run's Dask event (xwin.flows.stop)
+            from distributed import Event
+
             client = on_dask[0].client
+            Event(stop.event_name(self.flow_run_id), client=client).set()
             running = {k for keys in client.processing().values() for k in keys}
             client.cancel([w for w in on_dask if w.key not in running and not w.done()])
 

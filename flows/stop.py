@@ -60,13 +60,35 @@ def requested() -> bool:
     """Has this run been asked to stop (in this process, or -- in a Dask worker -- by the driver)?"""
     if _event.is_set():
         return True
-    token = _token.get()
+    token = _token.get() or _prefect_dask_token()
     if token is None:
         return False
     try:
         return bool(token())
     except Exception:  # noqa: BLE001 - an unreachable token (scheduler gone) says nothing: keep working
         return False
+
+
+def event_name(flow_run_id: Any) -> str:
+    """The Dask event by which a Prefect flow run on Dask tells its task runs on the workers to stop."""
+    return f"xwin-stop-{flow_run_id}"
+
+
+def _prefect_dask_token() -> Callable[[], bool] | None:
+    """In a Prefect task run on a Dask worker (the flow's DaskTaskRunner): its flow run's Dask event."""
+    if "distributed" not in sys.modules or "prefect" not in sys.modules:
+        return None
+    from distributed import Event, get_worker
+    from prefect.context import TaskRunContext
+
+    try:
+        get_worker()
+    except ValueError:
+        return None
+    ctx = TaskRunContext.get()
+    if ctx is None or ctx.task_run.flow_run_id is None:
+        return None
+    return Event(event_name(ctx.task_run.flow_run_id)).is_set
 
 
 def check(what: str = "", started: bool = True) -> None:
