@@ -9,6 +9,11 @@ run leaves no partial volume visible. A series whose failure outlived its retrie
 list and ends the run ``Failed`` (:class:`BackfillIncomplete`, carrying the summary) after the summary is written;
 the rerun picks it up.
 
+Stopping (``xwin.flows.stop``: Ctrl-C, SIGTERM, a cancelled flow run): no series starts after the request, a
+render in progress stops at its next chunk of views and releases its claim, a commit already deciding finishes;
+every planned series not finished is in the summary's ``cancelled`` list, the summary is written as usual (report,
+artifact, ``end`` event) and the run ends with :class:`BackfillCancelled` (the Prefect flow: state ``Cancelled``).
+
 One flow body, three drivers (see ``xwin.flows.runtime``): :func:`backfill_cohort` (the Prefect flow, any task
 runner), :func:`run_local` (no Prefect server: the same tasks' functions on a thread pool) and :func:`run_dask` (no
 Prefect server: the same functions on Dask workers).
@@ -27,6 +32,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from xwin.flows import reports as rep
+from xwin.flows import stop
 from xwin.flows.params import BackfillParams, VerifyMode
 from xwin.flows.progress import Progress, artifact_key, emit
 from xwin.flows.runtime import (
@@ -39,7 +45,7 @@ from xwin.flows.runtime import (
     render_slot,
 )
 from xwin.flows.tasks import Outcome, dataset_handle, error_text, ingest_series, plan_series, render_series
-from xwin.schemas.ingest import Failure, Rejection, RunEntry, RunSummary
+from xwin.schemas.ingest import CancelledEntry, Failure, Rejection, RunEntry, RunSummary
 from xwin.schemas.render import RenderSpec
 from xwin.storage import is_transient
 
@@ -61,6 +67,29 @@ class BackfillIncomplete(RuntimeError):
         return self.summary.failed
 
 
+class BackfillCancelled(BackfillIncomplete):
+    """The run was asked to stop (``xwin.flows.stop``): ``summary.cancelled`` lists what it did not finish; what it
+    finished is committed. Running it again continues."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        self.summary, self.verify = summary, None
+        RuntimeError.__init__(self, summary.cancel_line())
+
+
+def is_cancel(e: BaseException) -> bool:
+    """Did a stage end because the run was stopped: it raised ``stop.Cancelled``, or its future was cancelled
+    before it started (threads, Dask and Prefect futures all raise a ``CancelledError``)?"""
+    import asyncio
+    import concurrent.futures
+
+    return isinstance(e, (stop.Cancelled, concurrent.futures.CancelledError, asyncio.CancelledError))
+
+
+def _cancelled(c: Any, stage: str, err: BaseException) -> CancelledEntry:
+    started = isinstance(err, stop.Cancelled) and err.started
+    return CancelledEntry(input=c.input, stage=stage, started=started, volume_id=c.volume_id, series_uid=c.series_uid)
+
+
 def _failure(c: Any, stage: str, err: BaseException) -> Failure:
     return Failure(
         input=c.input,
@@ -75,8 +104,9 @@ def _failure(c: Any, stage: str, err: BaseException) -> Failure:
 def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = None) -> RunSummary:
     """Plan, skip what is committed, run ingest -> render for the rest, verify, report. Same code in every mode.
 
-    The summary accounts for every planned series: done, skipped, rejected (bad input) or failed (an error that
-    outlived its retries, with whether it can pass: ``Failure.retryable``); ``planned`` is their number."""
+    The summary accounts for every planned series: done, skipped, rejected (bad input), failed (an error that
+    outlived its retries, with whether it can pass: ``Failure.retryable``) or cancelled (the run was stopped);
+    ``planned`` is their number."""
     t_start = time.perf_counter()
     prefect_mode = stages.mode == "prefect"
     run_id = run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -88,7 +118,10 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         from xwin.pipeline.render import resolve_backend
 
         ensure_limits_once(cpu_slot(), render_slot(resolve_backend(backend)))
-    cands, rejections, plan_failures = stages.result(stages.submit(plan_series, params))
+    try:
+        cands, rejections, plan_failures = stages.result(stages.submit(plan_series, params))
+    except stop.Cancelled as e:  # stopped before planning: nothing was planned, nothing started
+        raise BackfillCancelled(RunSummary()) from e
     planned = len(cands) + len(rejections) + len(plan_failures)
     ds = dataset_handle(params.store, params.cohort, spec_json)  # creates the dataset / refuses another spec
     committed = set(ds.volume_ids())
@@ -104,8 +137,12 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
             todo.append(c)
     progress = Progress(params.cohort, len(todo), len(skipped), prefect_mode, len(rejected), len(failed))
 
+    cancelled: list[CancelledEntry] = []
     futures: dict[Any, Any] = {}
     for c in todo:
+        if stop.requested():  # stopped while submitting: the rest never starts
+            cancelled.append(_cancelled(c, "ingest", stop.Cancelled(started=False)))
+            continue
         fi = stages.submit(ingest_series, c, params.store)
         fr = stages.submit(
             render_series,
@@ -119,6 +156,8 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
             params.label_source(c.input),
         )
         futures[fr] = (c, fi)
+    pending = [f for fr, (_, fi) in futures.items() for f in (fi, fr)]
+    unhook = stop.on_stop(lambda: stages.cancel_pending(pending))  # runs at once if the stop came already
     previews: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for fr in stages.as_completed(futures):
@@ -130,14 +169,18 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         except BaseException as e:  # noqa: BLE001 - a failure that outlived its retries (or was not retried)
             err, stage = e, "render"
             try:
-                stages.result(fi)
+                stages.result(fi)  # waits for an ingest still committing
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as ei:  # noqa: BLE001 - the ingest stage is the one that failed
                 err, stage = ei, "ingest"
-            failed.append(_failure(c, stage, err))
-            log.error("series %s failed in %s after retries: %s", c.input, stage, error_text(err))
-            o = Outcome("failed")
+            if is_cancel(err):
+                cancelled.append(_cancelled(c, stage, err))
+                o = Outcome("cancelled")
+            else:
+                failed.append(_failure(c, stage, err))
+                log.error("series %s failed in %s after retries: %s", c.input, stage, error_text(err))
+                o = Outcome("failed")
         else:
             if o.status == "done" and o.entry is not None:
                 done.append(o.entry)
@@ -150,11 +193,16 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
             for k, v in o.seconds.items():
                 seconds[k] = seconds.get(k, 0.0) + v
         progress.advance(o, c)
-    summary = RunSummary(done=done, skipped=skipped, rejected=rejected, failed=failed, planned=planned)
+    unhook()
+    summary = RunSummary(
+        done=done, skipped=skipped, rejected=rejected, failed=failed, cancelled=cancelled, planned=planned
+    )
 
     verify_msg = None
     verify_ok = True
-    if params.verify != "none":
+    if cancelled or stop.requested():
+        verify_msg = "not run (the run was stopped)"
+    elif params.verify != "none":
         emit({"event": "stage", "name": f"verify ({params.verify})"})
         rep_v = ds.verify(deep=params.verify == "deep")
         verify_ok = rep_v.clean
@@ -217,6 +265,8 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         rows += [{"outcome": f"rejected: {k}", "series": v} for k, v in rep.counts_by_reason(summary).items()]
         if failed:
             rows.append({"outcome": "failed (rerun resumes)", "series": len(failed)})
+        if cancelled:
+            rows.append({"outcome": "cancelled (rerun continues)", "series": len(cancelled)})
         create_table_artifact(table=rows, key=key + "-counts", description="done / skipped / rejected by reason")
     emit(
         {
@@ -232,6 +282,8 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
             "stage_seconds": seconds,
         }
     )
+    if cancelled:
+        raise BackfillCancelled(summary)
     if failed or not verify_ok:
         raise BackfillIncomplete(summary, verify_msg)
     return summary
@@ -293,7 +345,24 @@ def backfill_cohort(
     )
     ctx = FlowRunContext.get()
     run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
-    return run_backfill(params, PrefectStages(), run_id=run_id)
+    return run_in_flow(lambda: run_backfill(params, PrefectStages(), run_id=run_id), run_id)
+
+
+def run_in_flow(body: Any, flow_run_id: str | None) -> Any:
+    """``body()`` inside a Prefect flow run, stoppable like every other run (``xwin.flows.stop``): a SIGTERM or
+    SIGINT (a worker shutting down, ``docker stop``) or the flow run cancelled from the UI or the API stops it
+    the same way; it then ends ``Cancelled`` (its summary artifact written), never ``Running`` or ``Crashed``."""
+    from prefect.states import Cancelled
+
+    undo = stop.install_in_flow()
+    unwatch = stop.watch_prefect_cancel(flow_run_id) if flow_run_id else (lambda: None)
+    try:
+        return body()
+    except BackfillCancelled as e:  # the state's data is the exception: calling the flow raises it
+        return Cancelled(message=str(e), data=e)
+    finally:
+        unwatch()
+        undo()
 
 
 def backfill_cohort_on(runner: str = "threads", dask_address: str | None = None, n_workers: int | None = None):

@@ -4,7 +4,8 @@
 pick the entries not seen before (ledger of name -> size/mtime/etag beside the store), stage S3 entries to a local
 directory, and backfill only those. Entries whose series were all done, skipped or rejected go into the ledger;
 entries with a failed series (an I/O error, a timeout, a full disk ... that outlived its retries: never a
-rejection) or a failed copy from S3 do not, so the next tick retries them.
+rejection) or a failed copy from S3 do not, so the next tick retries them; nor do entries a stopped scan
+(``xwin.flows.stop``) did not finish.
 
 ``backfill_sharded``: split one cohort over N worker flow runs (``run_deployment`` of ``backfill-cohort`` with
 ``shard="i/N"``); each series hashes to exactly one shard, and the storage claim makes a duplicate run harmless.
@@ -28,10 +29,11 @@ from uuid import UUID
 from prefect import flow
 
 from xwin.flows import reports as rep
+from xwin.flows import stop
 from xwin.flows.backfill import BackfillIncomplete, backfill_cohort, run_local
 from xwin.flows.params import BackfillParams
 from xwin.flows.tasks import error_text
-from xwin.schemas.ingest import Failure, RunSummary
+from xwin.schemas.ingest import CancelledEntry, Failure, RunSummary
 from xwin.schemas.render import RenderSpec
 from xwin.storage import is_transient, s3_filesystem
 from xwin.storage.retry import retry
@@ -95,11 +97,16 @@ def _stage(entry: str, staging: Path) -> str:
 
 
 class ScanIncomplete(BackfillIncomplete):
-    """A landing scan in which some series failed (``summary.failed``); ``entries`` are the landing entries the
-    scan took up. The failed ones stay out of the ledger, so the next scan retries them."""
+    """A landing scan in which some series failed (``summary.failed``) or that was stopped (``summary.cancelled``);
+    ``entries`` are the landing entries the scan took up. Those not finished stay out of the ledger, so the next
+    scan takes them up again."""
 
     def __init__(self, summary: RunSummary, entries: list[str]) -> None:
-        super().__init__(summary)
+        if summary.failed:
+            super().__init__(summary)
+        else:
+            self.summary, self.verify = summary, None
+            RuntimeError.__init__(self, summary.cancel_line())
         self.entries = entries
 
 
@@ -120,7 +127,8 @@ def scan_once(
     else the local driver). The summary accounts for every series of the new entries (done, skipped, rejected,
     failed), inputs named by their landing names. An entry goes into the ledger when none of its series failed;
     a copy from S3 that fails (after retries) fails the entry (stage "stage"). Raises :class:`ScanIncomplete`
-    (after writing the ledger) when a series failed.
+    (after writing the ledger) when a series failed or the scan was stopped (``summary.cancelled``: those entries
+    stay out of the ledger).
     """
     reports = reports or rep.reports_url(store)
     seen = read_ledger(reports, cohort)
@@ -131,9 +139,13 @@ def scan_once(
     if not new:
         return RunSummary(), []
     stage_failures: list[Failure] = []
+    stage_cancelled: list[CancelledEntry] = []
     with _staging_dir(staging, any(e.startswith("s3://") for e in new)) as stage_dir:
         local: dict[str, str] = {}
         for e in new:
+            if stop.requested():  # a stopped scan stages nothing more: the entry stays new
+                stage_cancelled.append(CancelledEntry(input=e, stage="stage", started=False))
+                continue
             try:
                 local[retry(partial(_stage, e, stage_dir), what=f"staging {e}")] = e
             except Exception as err:  # noqa: BLE001 - one entry that cannot be copied must not stop the scan
@@ -159,13 +171,13 @@ def scan_once(
             for path, entry in local.items():
                 if path != entry:
                     _remove(Path(path))
-    summary = _name_landing_entries(summary, local).merge(RunSummary(failed=stage_failures))
-    failed_inputs = {f.input for f in summary.failed}
-    for entry in new:  # an entry is finished unless one of its series failed
-        if not any(i == entry or i.startswith((entry + "#", entry + "/")) for i in failed_inputs):
+    summary = _name_landing_entries(summary, local).merge(RunSummary(failed=stage_failures, cancelled=stage_cancelled))
+    unfinished = {f.input for f in summary.failed} | {c.input for c in summary.cancelled}
+    for entry in new:  # an entry is finished unless one of its series failed or was cancelled
+        if not any(i == entry or i.startswith((entry + "#", entry + "/")) for i in unfinished):
             seen[entry] = current[entry]
     rep.write_bytes(_ledger_url(reports, cohort), json.dumps(seen, indent=1, sort_keys=True).encode())
-    if summary.failed:
+    if summary.failed or summary.cancelled:
         raise ScanIncomplete(summary, new)
     return summary, new
 
@@ -206,6 +218,7 @@ def _name_landing_entries(summary: RunSummary, local: dict[str, str]) -> RunSumm
         skipped=[e.model_copy(update={"input": orig(e.input)}) for e in summary.skipped],
         rejected=[r.model_copy(update={"input": orig(r.input)}) for r in summary.rejected],
         failed=[f.model_copy(update={"input": orig(f.input)}) for f in summary.failed],
+        cancelled=[c.model_copy(update={"input": orig(c.input)}) for c in summary.cancelled],
         planned=summary.planned,
     )
 

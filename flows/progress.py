@@ -77,6 +77,8 @@ def stage_line(ev: dict) -> str | None:
     if e == "views":
         return f"{_vid(ev)}: rendering {ev['total']} views" if int(ev.get("done", -1)) == 0 else None
     if e == "series":
+        if ev.get("status") == "cancelled":  # said once, in the run's "cancelled: ..." line
+            return None
         flags = f" (QC flagged: {', '.join(ev['qc_flags'])})" if ev.get("qc_flags") else ""
         return f"[{ev.get('n', '?')}/{ev.get('of', '?')}] {ev.get('status')} {_series(ev)}{flags}"
     if e == "stage":

@@ -255,7 +255,8 @@ def summary_markdown(
     sheet: str | None = None,
     shown: Sequence[str] | None = None,
 ) -> str:
-    """Markdown run summary: counts (done / skipped / rejected by reason / failed), rejections, failures, previews.
+    """Markdown run summary: counts (done / skipped / rejected by reason / failed / cancelled), rejections,
+    failures, what a stop cancelled, previews.
 
     ``sheet``: the image of the previews (a data: URL, :func:`sheet_of`) of the series ``shown``, which are then the
     only ones linked one by one (the rest: their folder), so the summary stays small for any cohort."""
@@ -277,6 +278,10 @@ def summary_markdown(
         lines.append(f"| rejected: {reason} | {n} |")
     if failed:
         lines.append(f"| failed (after retries; a rerun retries them) | {len(failed)} |")
+    stopped = sum(1 for x in summary.cancelled if x.started)
+    if summary.cancelled:
+        lines.append(f"| cancelled, not started (the run was stopped) | {len(summary.cancelled) - stopped} |")
+        lines.append(f"| cancelled, stopped part-way (nothing of it committed) | {stopped} |")
     if verify:
         lines += ["", f"verify: {verify}"]
     flagged = qc_flagged(summary)
@@ -301,6 +306,11 @@ def summary_markdown(
         for f in failed:
             passes = "yes" if f.retryable else "no: fix the cause"
             lines.append(f"| `{f.input}` | {f.stage} | {f.error.replace('|', '/')} | {passes} |")
+    if summary.cancelled:
+        lines += ["", "## Cancelled (run the same command again to continue)", "", "| input | stage | state |"]
+        lines.append("| --- | --- | --- |")
+        for x in summary.cancelled:
+            lines.append(f"| `{x.input}` | {x.stage} | {'stopped part-way' if x.started else 'not started'} |")
     if previews:
         lines += ["", "## Previews", ""]
         listed = sorted(previews) if shown is None else list(shown)

@@ -36,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import as_completed as _cf_as_completed
 from typing import Any, Protocol
 
+from xwin.flows import stop
 from xwin.storage import is_transient
 
 log = logging.getLogger("xwin.flows")
@@ -226,11 +227,27 @@ class Stages(Protocol):
 
     def result(self, future: Any) -> Any: ...
 
+    def cancel_pending(self, futures: Iterable[Any]) -> None:
+        """A stop was requested: cancel what has not started (each such future then ends cancelled); work that
+        has started stops at its next :func:`xwin.flows.stop.check` and is waited for."""
+        ...
+
+
+def _stop_sleep(seconds: float) -> None:
+    """A retry's backoff that a stop cuts short (the next attempt then does not start)."""
+    stop.wait(seconds)
+
 
 class PrefectStages:
     """Stages as Prefect tasks of the current flow run (its task runner: threads, Dask, ...)."""
 
     mode = "prefect"
+
+    def __init__(self) -> None:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        self.flow_run_id = ctx.flow_run.id if ctx is not None and ctx.flow_run is not None else None
 
     def submit(self, task: Any, *args: Any) -> Any:
         return task.submit(*args)
@@ -243,6 +260,22 @@ class PrefectStages:
     def result(self, future: Any) -> Any:
         return future.result()
 
+    def cancel_pending(self, futures: Iterable[Any]) -> None:
+        on_dask = []
+        for f in futures:  # a task of this process that has not started (threads); started ones check the stop
+            wrapped = getattr(f, "wrapped_future", None)
+            if isinstance(wrapped, Future):
+                wrapped.cancel()
+            elif wrapped is not None and hasattr(wrapped, "client") and hasattr(wrapped, "key"):
+                on_dask.append(wrapped)  # the flow's DaskTaskRunner: cancel what no worker has started
+        if on_dask:  # task runs on the workers see the stop through the flow run's Dask event (xwin.flows.stop)
+            from distributed import Event
+
+            client = on_dask[0].client
+            Event(stop.event_name(self.flow_run_id), client=client).set()
+            running = {k for keys in client.processing().values() for k in keys}
+            client.cancel([w for w in on_dask if w.key not in running and not w.done()])
+
 
 class LocalStages:
     """Stages as plain function calls (``task.fn``) on a thread pool with the task's own retry policy.
@@ -252,7 +285,7 @@ class LocalStages:
 
     mode = "local"
 
-    def __init__(self, max_workers: int = 4, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, max_workers: int = 4, sleep: Callable[[float], None] = _stop_sleep) -> None:
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="xwin-stage")
         self.sleep = sleep
         self.attempts: dict[str, int] = {}
@@ -281,18 +314,24 @@ class LocalStages:
     def result(self, future: Future) -> Any:
         return future.result()
 
+    def cancel_pending(self, futures: Iterable[Future]) -> None:
+        for f in futures:
+            f.cancel()  # False for a running one: it stops at its next stop check
+
 
 def call_with_retries(
     task: Any,
     args: tuple[Any, ...],
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] = _stop_sleep,
     on_attempt: Callable[[str], None] | None = None,
 ) -> Any:
     """``task.fn(*args)`` with the task's own retry policy (``retries``, ``retry_delay_seconds``,
-    ``retry_condition_fn``), as the Prefect engine would apply it, without Prefect."""
+    ``retry_condition_fn``), as the Prefect engine would apply it, without Prefect. No attempt starts once a stop
+    was requested (:class:`xwin.flows.stop.Cancelled`, never retried)."""
     delays = task.retry_delay_seconds
     retries = int(task.retries or 0)
     for attempt in range(retries + 1):
+        stop.check(task.name, started=attempt > 0)
         if on_attempt is not None:
             on_attempt(task.name)
         try:
@@ -310,9 +349,14 @@ def call_with_retries(
     raise AssertionError("unreachable")
 
 
-def _run_on_worker(task: Any, *args: Any) -> Any:
-    """What :class:`DaskStages` submits: one task with its retry policy, inside a Dask worker."""
-    return call_with_retries(task, args)
+def _run_on_worker(task: Any, stop_event: str, *args: Any) -> Any:
+    """What :class:`DaskStages` submits: one task with its retry policy, inside a Dask worker; a stop of the
+    driver reaches it through the Dask event ``stop_event`` (:func:`xwin.flows.stop.task_token`)."""
+    from distributed import Event
+
+    ev = Event(stop_event)
+    with stop.task_token(ev.is_set):
+        return call_with_retries(task, args)
 
 
 class DaskStages:
@@ -322,6 +366,9 @@ class DaskStages:
     The scheduler: ``address`` / XWIN_DASK_ADDRESS (an existing cluster), else a LocalCluster of ``n_workers`` /
     XWIN_DASK_WORKERS (default 2) processes with ``threads_per_worker`` threads each, started for the run and shut
     down with it (``with DaskStages() as stages:``): no process it started outlives the block.
+
+    A stop (:meth:`cancel_pending`) sets the run's Dask event, which the tasks on the workers check (at their start
+    and at each progress callback), and cancels the tasks no worker has started.
     """
 
     mode = "dask"
@@ -345,6 +392,7 @@ class DaskStages:
             except BaseException:
                 self.cluster.close()
                 raise
+        self.stop_event = f"xwin-stop-{uuid.uuid4().hex}"
 
     def __enter__(self) -> DaskStages:
         return self
@@ -361,7 +409,8 @@ class DaskStages:
                 self.cluster = None
 
     def submit(self, task: Any, *args: Any) -> Any:
-        return self.client.submit(_run_on_worker, task, *args, pure=False, key=f"{task.name}-{uuid.uuid4().hex}")
+        key = f"{task.name}-{uuid.uuid4().hex}"
+        return self.client.submit(_run_on_worker, task, self.stop_event, *args, pure=False, key=key)
 
     def as_completed(self, futures: Iterable[Any]) -> Iterator[Any]:
         from distributed import as_completed
@@ -370,6 +419,13 @@ class DaskStages:
 
     def result(self, future: Any) -> Any:
         return future.result()
+
+    def cancel_pending(self, futures: Iterable[Any]) -> None:
+        from distributed import Event
+
+        Event(self.stop_event, client=self.client).set()
+        running = {k for keys in self.client.processing().values() for k in keys}
+        self.client.cancel([f for f in futures if f.key not in running and not f.done()])
 
 
 class _Failed:

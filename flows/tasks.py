@@ -27,7 +27,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from xwin.flows import progress
+from xwin.flows import progress, stop
 from xwin.flows import reports as rep
 from xwin.flows.params import BackfillParams
 from xwin.flows.runlogs import install as install_run_logs
@@ -65,10 +65,10 @@ class Ingested:
 
 @dataclass
 class Outcome:
-    """Result of one series: exactly one of done / skipped / rejected ("failed": the driver's mark for progress
-    events of a series whose task raised; the summary's Failure carries the error)."""
+    """Result of one series: exactly one of done / skipped / rejected ("failed", "cancelled": the driver's marks
+    for progress events of a series whose task raised or was stopped; the summary carries the details)."""
 
-    status: Literal["done", "skipped", "rejected", "failed"]
+    status: Literal["done", "skipped", "rejected", "failed", "cancelled"]
     entry: RunEntry | None = None
     rejection: Rejection | None = None
     preview: str | None = None
@@ -193,6 +193,7 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
     from xwin.pipeline.ingest import IngestError, load_candidate
     from xwin.storage import ClaimHeld
 
+    stop.check("ingest", started=False)  # a stopped run starts no new series
     store = store_handle(store_url)
     if store.has_volume(candidate.volume_id):
         return Ingested(candidate.input, candidate.volume_id, candidate.series_uid, written=False)
@@ -201,6 +202,7 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
     io_error: BaseException | None = None
     try:
         with slot(name, n):
+            stop.check("ingest", started=False)  # stopped while waiting for the slot
             record, hu = load_candidate(candidate)
     except IngestError as e:
         io_error = no_verdict(e)
@@ -223,6 +225,7 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
     if io_error is not None:  # e.g. EIO reading a slice: retried, then failed -- never rejected unreadable_file
         raise io_error  # raised outside the handler, so its context is not the IngestError that wraps it
     t1 = time.perf_counter()
+    stop.check("ingest")  # loaded but not written: stop here (the commit below, once begun, finishes)
     try:
         written = store.write_volume(record, hu, owner=task_owner())
     except ClaimHeld as e:  # another live writer (a concurrent run of this cohort) is committing this volume
@@ -257,6 +260,18 @@ def project_labels(source: str, record: Any, geom: Any, backend: str, notes: lis
     return {"labels": maps, "label_channels": spec.channels, "label_spec": spec.model_dump()}
 
 
+def _stoppable(on_views: Any) -> Any:
+    """The render's progress callback, which is also its stop point: a requested stop raises ``stop.Cancelled``
+    out of the render at its next chunk of views."""
+
+    def on_progress(done: int, total: int) -> None:
+        on_views(done, total)
+        if done < total:  # the last chunk is rendered: commit it rather than throw it away
+            stop.check("render")
+
+    return on_progress
+
+
 @task(name="render-series", **TASK_OPTS)
 def render_series(
     ingested: Ingested | Rejection,
@@ -273,6 +288,7 @@ def render_series(
     that does not fit the volume is noted in the ring's provenance and the ring is committed without labels."""
     if isinstance(ingested, Rejection):
         return Outcome("rejected", rejection=ingested)
+    stop.check("render", started=False)
     from xwin.flows.render import material_bases, ring_provenance
     from xwin.pipeline.render import render_ring, resolve_backend
     from xwin.storage import ClaimHeld
@@ -299,9 +315,10 @@ def render_series(
             notes: list[str] = []
             try:
                 with slot(sname, n):
+                    stop.check("render", started=False)  # stopped while waiting for the slot: the claim is released
                     t2 = time.perf_counter()
                     # a CUDA out-of-memory error retries with smaller chunks, then on the CPU (render_views)
-                    on_views = progress.views_callback(vid)
+                    on_views = _stoppable(progress.views_callback(vid))
                     views, geom = render_ring(
                         hu, np.asarray(record.affine), ds.spec, name, notes=notes, on_progress=on_views
                     )
@@ -310,7 +327,7 @@ def render_series(
                     t3 = time.perf_counter()
                     progress.step(vid, "render", t3 - t2, views=len(geom))
             except Exception as e:  # classified: transient errors (incl. out of memory) retry, the rest reject
-                if is_transient(e):
+                if is_transient(e) or isinstance(e, stop.Cancelled):  # a stop leaves the claim's block: released
                     raise
                 return Outcome(
                     "rejected",

@@ -1,6 +1,7 @@
 """Pydantic v2 contracts shared by every stage. No I/O lives here."""
 
 from xwin.schemas.ingest import (
+    CancelledEntry,
     ExcludedImage,
     Failure,
     HUStats,
@@ -19,6 +20,7 @@ from xwin.schemas.ingest import (
 from xwin.schemas.render import RenderSpec, ViewMeta
 
 __all__ = [
+    "CancelledEntry",
     "ExcludedImage",
     "Failure",
     "HUStats",

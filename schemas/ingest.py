@@ -263,11 +263,26 @@ class Failure(_Model):
     series_uid: str | None = None
 
 
-class RunSummary(_Model):
-    """What one run did. Every planned input ends in exactly one of done, skipped, rejected or failed, and
-    ``planned`` counts them: ``len(done) + len(skipped) + len(rejected) + len(failed) == planned``.
+class CancelledEntry(_Model):
+    """A planned input the run did not finish because it was asked to stop (Ctrl-C, SIGTERM, a cancelled flow run).
 
-    ``planned`` left out is the sum of the four lists; given, it must equal that sum (a run that lost track of an
+    ``started`` False: no work had begun on it (or only work that is committed, such as its volume); True: its work
+    was stopped part-way (``stage``) and what it held (its claim) was released. Nothing of it is recorded as
+    finished, so running the same command again continues with it."""
+
+    input: str
+    stage: str  # the stage it was stopped in, or would have started: ingest | render | ...
+    started: bool
+    volume_id: str | None = None
+    series_uid: str | None = None
+
+
+class RunSummary(_Model):
+    """What one run did. Every planned input ends in exactly one of done, skipped, rejected, failed or cancelled,
+    and ``planned`` counts them: ``len(done) + len(skipped) + len(rejected) + len(failed) + len(cancelled) ==
+    planned``.
+
+    ``planned`` left out is the sum of the five lists; given, it must equal that sum (a run that lost track of an
     input is an error, never a silently short summary).
     """
 
@@ -275,17 +290,19 @@ class RunSummary(_Model):
     skipped: list[RunEntry] = Field(default_factory=list)
     rejected: list[Rejection] = Field(default_factory=list)
     failed: list[Failure] = Field(default_factory=list)
+    cancelled: list[CancelledEntry] = Field(default_factory=list)
     planned: int | None = None
 
     @model_validator(mode="after")
     def _accounted(self) -> RunSummary:
-        n = len(self.done) + len(self.skipped) + len(self.rejected) + len(self.failed)
+        n = len(self.done) + len(self.skipped) + len(self.rejected) + len(self.failed) + len(self.cancelled)
         if self.planned is None:
             self.planned = n
         elif self.planned != n:
             raise ValueError(
                 f"RunSummary: {self.planned} planned but {n} accounted for (done {len(self.done)}, skipped "
-                f"{len(self.skipped)}, rejected {len(self.rejected)}, failed {len(self.failed)})"
+                f"{len(self.skipped)}, rejected {len(self.rejected)}, failed {len(self.failed)}, cancelled "
+                f"{len(self.cancelled)})"
             )
         return self
 
@@ -295,12 +312,25 @@ class RunSummary(_Model):
             skipped=self.skipped + other.skipped,
             rejected=self.rejected + other.rejected,
             failed=self.failed + other.failed,
+            cancelled=self.cancelled + other.cancelled,
         )
 
     def counts(self) -> dict[str, int]:
-        return {
+        """Counts per outcome; ``cancelled`` only when the run was stopped (then it is in the summary)."""
+        c = {
             "done": len(self.done),
             "skipped": len(self.skipped),
             "rejected": len(self.rejected),
             "failed": len(self.failed),
         }
+        if self.cancelled:
+            c["cancelled"] = len(self.cancelled)
+        return c
+
+    def cancel_line(self) -> str:
+        """The one line a stopped run ends with."""
+        stopped = sum(1 for c in self.cancelled if c.started)
+        return (
+            f"cancelled: {len(self.cancelled) - stopped} series not started, {stopped} stopped; "
+            "run the same command again to continue"
+        )

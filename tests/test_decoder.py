@@ -114,3 +114,36 @@ def test_cli_train_decoder(tmp_path, world_ckpt, rendered_dataset):
     torch.save({"x": np.zeros(2)}, junk)
     r = CliRunner().invoke(app, [*args[:2], str(junk), *args[3:], "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "not an `xwin train` checkpoint" in r.output
+
+
+def test_cli_train_decoder_stopped_by_ctrl_c_saves_its_step(tmp_path, world_ckpt, rendered_dataset, monkeypatch):
+    """Ctrl-C (SIGINT) during `xwin train-decoder`: the step in progress ends, the decoder of that step is saved and
+    evaluated, exit 130 with one line."""
+    import os
+    import signal
+
+    from typer.testing import CliRunner
+
+    from xwin.flows import stop
+    from xwin.flows.cli import app
+    from xwin.training import decoder as dec
+
+    real = dec.DecoderTrainer.train_step
+
+    def step_then_signal(self, batch):
+        rec = real(self, batch)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return rec
+
+    monkeypatch.setattr(dec.DecoderTrainer, "train_step", step_then_signal)
+    args = ["train-decoder", "--checkpoint", str(world_ckpt), "--store", f"{rendered_dataset.url}#small"]
+    try:
+        res = CliRunner().invoke(app, [*args, "--preset", "tiny", "--out", str(tmp_path / "d"), "--max-steps", "50"])
+    finally:
+        stop.reset()
+    assert res.exit_code == 130, res.output
+    assert "decoder trained to step 2:" in res.stdout
+    assert "cancelled: stopped at step 2; the decoder so far is in" in res.stderr
+    ckpt = torch.load(tmp_path / "d" / "checkpoints" / "decoder_latest.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 2

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -448,7 +449,9 @@ class DecoderTrainer:
         return next(self._it)
 
     # -------------------------------------------------------------------------------------------------- run
-    def run(self, max_steps: int | None = None) -> dict:
+    def run(self, max_steps: int | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+        """Train until ``max_steps`` (default cfg.max_steps), or until ``should_stop()`` says so after a step (then
+        ``"stopped": True``; the caller saves the checkpoint)."""
         cfg = self.cfg
         stop = max_steps if max_steps is not None else cfg.max_steps
         self.log_event(
@@ -477,7 +480,13 @@ class DecoderTrainer:
                 t0, imgs = time.perf_counter(), 0.0
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
-        return {"steps": self.step, "first": first, "last": last, "value_scale": self.value_scale}
+            if should_stop is not None and self.step < stop and should_stop():
+                self.log_event({"event": "stopped", "step": self.step})
+                break
+        out = {"steps": self.step, "first": first, "last": last, "value_scale": self.value_scale}
+        if self.step < stop:
+            out["stopped"] = True
+        return out
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -583,9 +592,11 @@ def train_decoder(
     max_steps: int | None = None,
     eval_batches: int = 4,
     echo: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Train a decoder on the frozen world model of ``checkpoint`` from the views of ``dataset_url``
-    (``<store>#<cohort>[/<spec hash>]``); returns the summary ``xwin train-decoder --json`` prints."""
+    (``<store>#<cohort>[/<spec hash>]``); returns the summary ``xwin train-decoder --json`` prints. ``should_stop``:
+    asked after each step; when it says so, training ends there (evaluated and saved as at the end)."""
     from importlib.metadata import version
 
     device = resolve_device(cfg.device)
@@ -596,7 +607,7 @@ def train_decoder(
         held = [tr.next_batch() for _ in range(eval_batches)]
         held = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in held]
         before = tr.evaluate(held)
-        summary = tr.run(max_steps)
+        summary = tr.run(max_steps, should_stop)
         after = tr.evaluate(held)
         ckpt = tr.save()
         tr.log_event({"event": "evaluation", "before": before, "after": after})

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -490,9 +490,10 @@ class Trainer:
         self.log_event({"event": "resume", "step": self.step, "path": str(path)})
 
     # ---------------------------------------------------------------------------------------------------- run
-    def run(self, max_steps: int | None = None) -> dict:
-        """Train until ``max_steps`` (default cfg.max_steps, else the schedule's total). Returns a summary with the
-        logged values of the first and last step of this call."""
+    def run(self, max_steps: int | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+        """Train until ``max_steps`` (default cfg.max_steps, else the schedule's total), or until ``should_stop()``
+        says so after a step (a stopped command: the caller saves the checkpoint; ``"stopped": True`` then).
+        Returns a summary with the logged values of the first and last step of this call."""
         cfg = self.cfg
         stop = min(x for x in (max_steps, cfg.max_steps, cfg.optim.total_steps) if x is not None)
         has_real = self.real_stream is not None
@@ -539,10 +540,23 @@ class Trainer:
                 val = self.validate()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
+            if should_stop is not None and self.step < stop and self._all_agree(should_stop()):
+                self.log_event({"event": "stopped", "step": self.step})
+                break
         out = {"steps": self.step, "first": first, "last": last, "real_stream": has_real}
+        if self.step < stop:
+            out["stopped"] = True
         if val is not None:
             out["val"] = val
         return out
+
+    def _all_agree(self, flag: bool) -> bool:
+        """``flag`` of any rank (DDP): every rank stops after the same step, none is left waiting in a collective."""
+        if self.world <= 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
 
     def close(self) -> None:
         self._log.close()

@@ -6,8 +6,11 @@ for the run and stopped with it; the Prefect flow on Dask needs a configured API
 body without a server: ``xwin.flows.backfill.run_local`` (threads) or ``run_dask`` (``--runner dask``: the same task
 functions, retries and slot sizes on Dask workers). docs/orchestration.md says which mode needs what.
 
-``--json`` prints the RunSummary: every planned series in exactly one of done, skipped, rejected or failed, and
-``planned``. The exit status is 1 exactly when ``failed`` is not empty (or a verification found damage).
+``--json`` prints the RunSummary: every planned series in exactly one of done, skipped, rejected, failed or
+cancelled, and ``planned``. The exit status is 1 exactly when ``failed`` is not empty (or a verification found
+damage). Ctrl-C or SIGTERM stops the run (``xwin.flows.stop``): no new series starts, renders in progress stop,
+the summary is printed with the ``cancelled`` series and one line says so; exit status 130 (SIGINT) or 143
+(SIGTERM). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def backfill_cmd(
     remote = runner == "dask" and bool(dask_address or os.environ.get("XWIN_DASK_ADDRESS"))
     check_backend(backend, here=not remote)  # unknown, or cannot run on this machine (workers elsewhere: name only)
     check_store_target(store)  # an S3 store that cannot be reached, a local one that cannot be written: exit 2
-    from xwin.flows.backfill import BackfillIncomplete, backfill_cohort_on, run_dask, run_local
+    from xwin.flows import stop
+    from xwin.flows.backfill import BackfillCancelled, BackfillIncomplete, backfill_cohort_on, run_dask, run_local
     from xwin.flows.params import BackfillParams
     from xwin.flows.progress import add_listener
     from xwin.flows.runtime import prefect_api_url
@@ -136,7 +140,7 @@ def backfill_cmd(
     t0 = time.perf_counter()
     code = 0
     try:
-        with show_progress(terminal=sys.stderr.isatty() and not as_json) as say:
+        with stop.handle_signals(), show_progress(terminal=sys.stderr.isatty() and not as_json) as say:
             if use_prefect:
                 f = backfill_cohort_on(runner, dask_address)
                 summary = f(**params.model_dump(exclude={"spec"}), spec=params.spec)
@@ -144,13 +148,15 @@ def backfill_cmd(
                 summary = run_dask(params, dask_address)
             else:
                 summary = run_local(params)
+    except BackfillCancelled as e:
+        summary, code = e.summary, stop.exit_code()
     except BackfillIncomplete as e:
         summary, code = e.summary, 1
     finally:
         remove_end()
     wall = time.perf_counter() - t0
     validation = None
-    if code == 0 and validate and cohort == "example" and summary.done + summary.skipped:
+    if code == 0 and validate and cohort == "example" and summary.done + summary.skipped and not stop.requested():
         first = [e.volume_id for e in summary.done + summary.skipped][:1]
         say(f"validate: FDK reconstruction of {first[0][:12]} from its ring, PSNR/SSIM against the volume")
         validation = _maybe_validate(params, first, use_prefect, end.get("run_id"))
@@ -159,9 +165,10 @@ def backfill_cmd(
     else:
         c = summary.counts()
         mode = "prefect" if use_prefect else ("dask" if runner == "dask" else "local")
+        stopped = f", cancelled {len(summary.cancelled)}" if summary.cancelled else ""
         typer.echo(
             f"backfill {cohort}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']}, "
-            f"failed {c['failed']} of {summary.planned} planned in {wall:.1f} s ({mode} mode)"
+            f"failed {c['failed']}{stopped} of {summary.planned} planned in {wall:.1f} s ({mode} mode)"
         )
         echo_outcomes(summary)
         if end.get("verify"):
@@ -172,6 +179,8 @@ def backfill_cmd(
             typer.echo(f"  summary: {end['report']}")
         if validation:
             typer.echo(f"  validation: {validation}")
+    if summary.cancelled:
+        typer.echo(summary.cancel_line(), err=True)
     raise typer.Exit(code)
 
 
@@ -227,16 +236,20 @@ def scan_cmd(
         fail(f"--landing {landing}: no such folder")
     check_backend(backend)
     check_store_target(store)
+    from xwin.flows import stop
     from xwin.flows.landing import ScanIncomplete, scan_once
 
     code = 0
     try:
-        summary, new = scan_once(landing, cohort, store, spec_, backend)
+        with stop.handle_signals():  # Ctrl-C / SIGTERM: the entries not finished stay out of the ledger
+            summary, new = scan_once(landing, cohort, store, spec_, backend)
     except ScanIncomplete as e:
-        summary, new, code = e.summary, e.entries, 1
+        summary, new, code = e.summary, e.entries, stop.exit_code() if e.summary.cancelled else 1
     if as_json:
         typer.echo(summary.model_dump_json(indent=1))
     else:
         typer.echo(f"{len(new)} new entries: {json.dumps(summary.counts())}")
         echo_outcomes(summary)
+    if summary.cancelled:
+        typer.echo(summary.cancel_line(), err=True)
     raise typer.Exit(code)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from xwin.flows import stop
 from xwin.flows.cli.common import (
     HELP_OPTIONS,
     XwinCommand,
@@ -85,9 +86,25 @@ def train_decoder_cmd(
     split = split if split is not None else or_exit(default_split, url, "train")
     check_split(st, ds, split)  # a split that is missing or holds no ring: one line naming what exists
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    s = or_exit(train_decoder, checkpoint, url, cfg, out, split=split, max_steps=max_steps, echo=echo, errors=_ERRORS)
+    with stop.handle_signals():  # Ctrl-C / SIGTERM: the step in progress ends, the decoder is saved, exit 130/143
+        s = or_exit(
+            train_decoder,
+            checkpoint,
+            url,
+            cfg,
+            out,
+            split=split,
+            max_steps=max_steps,
+            echo=echo,
+            should_stop=stop.requested,
+            errors=_ERRORS,
+        )
+    if s.get("stopped"):
+        typer.echo(f"cancelled: stopped at step {s['steps']}; the decoder so far is in {s['checkpoint']}", err=True)
     if as_json:
         typer.echo(json.dumps(s, default=float))
+        if s.get("stopped"):
+            raise typer.Exit(stop.exit_code())
         return
     ev = s["eval"]
     typer.echo(
@@ -95,6 +112,8 @@ def train_decoder_cmd(
         f"(units of {s['value_scale']:.3g} mu*mm), codebook usage {100 * s['codebook_usage']:.1f}%, "
         f"checkpoint {s['checkpoint']}"
     )
+    if s.get("stopped"):
+        raise typer.Exit(stop.exit_code())
 
 
 def recon3d_cmd(

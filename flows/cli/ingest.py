@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from xwin.flows import stop
 from xwin.flows.cli.common import check_cohort, check_manifest, check_sources, check_store_target
 from xwin.schemas.ingest import RunSummary
 
@@ -71,15 +72,17 @@ def ingest_cmd(
         from xwin.storage import ClaimHeld, is_transient, open_store
 
         st = open_store(store)
-        summary = ingest_sources(
-            srcs,
-            cohort,
-            st,
-            cfg,
-            manifests=mans,
-            transient=is_transient,
-            held=lambda e: isinstance(e, ClaimHeld),  # another `xwin ingest` writes it now: skipped, not an error
-        )
+        with stop.handle_signals():  # Ctrl-C / SIGTERM: the volume being written finishes, no other one starts
+            summary = ingest_sources(
+                srcs,
+                cohort,
+                st,
+                cfg,
+                manifests=mans,
+                transient=is_transient,
+                held=lambda e: isinstance(e, ClaimHeld),  # another `xwin ingest` writes it now: skipped, not an error
+                should_stop=stop.requested,
+            )
     except Exception as e:  # noqa: BLE001 - the run itself could not complete (store unreachable, bad cohort, ...)
         print(f"xwin ingest: run failed: {type(e).__name__}: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -87,6 +90,9 @@ def ingest_cmd(
         sys.stdout.write(summary.model_dump_json() + "\n")
     else:
         _print_human(summary)
+    if summary.cancelled:
+        typer.echo(summary.cancel_line(), err=True)
+        raise typer.Exit(stop.exit_code())
     if summary.failed:  # non-zero exactly when an input failed (rejections are answers, not failures)
         raise typer.Exit(1)
 
@@ -99,7 +105,9 @@ def _print_human(summary: RunSummary) -> None:
     c = summary.counts()
     con.print(
         f"[bold]ingest[/bold]: {c['done']} done, {c['skipped']} skipped, {c['rejected']} rejected, "
-        f"{c['failed']} failed of {summary.planned} planned"
+        f"{c['failed']} failed"
+        + (f", {len(summary.cancelled)} cancelled" if summary.cancelled else "")
+        + f" of {summary.planned} planned"
     )
     if summary.done or summary.skipped:
         t = Table("status", "input", "volume_id")

@@ -3,7 +3,8 @@
 In a terminal: a live display (rich) with the series bar of the cohort and, for each series being rendered, a bar
 of its views with views/s and the time left, then its commit; then the verify step. Elsewhere (a log file, a pipe,
 CI): one plain line per stage -- start, each series' ingest, render (views and views/s) and commit, each series
-done, verify -- and never a redraw.
+done, verify -- and never a redraw. When the run is asked to stop (``xwin.flows.stop``) the live display stops at
+once (its last frame stays) and neither shows the series the stop cancels.
 """
 
 from __future__ import annotations
@@ -71,17 +72,25 @@ class ProgressBar:
         self.task: TaskID | None = None
         self.renders: dict[str, tuple[TaskID, float]] = {}
         self.tally = {"done": 0, "skipped": 0, "rejected": 0}
+        self.halted = False
 
     def __enter__(self) -> ProgressBar:
         self.p.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.p.stop()
+        self.halt()
+
+    def halt(self) -> None:
+        """Stop the display for good: no more redraws, later events are ignored."""
+        with self.lock:
+            self.halted = True
+            self.p.stop()
 
     def __call__(self, ev: dict) -> None:
         with self.lock:
-            self._on(ev)
+            if not self.halted:
+                self._on(ev)
 
     def _on(self, ev: dict) -> None:
         e = ev.get("event")
@@ -121,15 +130,18 @@ class ProgressBar:
 def show_progress(terminal: bool) -> Iterator[Callable[[str], None]]:
     """Listen to the progress events of this process for the block: a live display when ``terminal``, else one
     line per stage on stderr. Yields a function that prints one more stage line (the commands' own steps)."""
+    from xwin.flows import stop
     from xwin.flows.progress import add_listener
 
     if terminal:
         bar = ProgressBar()
         remove = add_listener(bar)
+        unhook = stop.on_stop(bar.halt, first=True)  # before the stop's notice is printed
         try:
             with bar:
                 yield lambda text: bar.console.print(text)
         finally:
+            unhook()
             remove()
     else:
         log = ProgressLog()

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from xwin.flows import stop
 from xwin.flows.cli.common import CohortOpt, SpecOpt, StoreOpt, check_backend, load_spec, open_store_cli
 
 
@@ -29,19 +30,33 @@ def render_cmd(
     st = open_store_cli(store)
     ids = [r.volume_id for r in st.list_volumes(cohort)] if all_ else _volume_ids(st, volume or [])
     counts = {"written": 0, "skipped": 0, "failed": 0}
-    for vid in ids:
-        try:
-            status = render_volume_to_store(st, vid, rs, cohort, name)
-        except Exception as e:  # noqa: BLE001 - one bad volume never stops the batch
-            status = "failed"
-            typer.echo(f"FAILED {vid}: {type(e).__name__}: {e}", err=True)
-        counts[status] += 1
-        if status != "failed":
-            typer.echo(f"{status} {vid}")
+    not_started = stopped = 0
+    with stop.handle_signals():  # Ctrl-C / SIGTERM: the render in progress stops at its next chunk of views
+        for k, vid in enumerate(ids):
+            if stop.requested():
+                not_started = len(ids) - k
+                break
+            try:
+                status = render_volume_to_store(st, vid, rs, cohort, name, on_progress=stop.callback("render"))
+            except stop.Cancelled:
+                stopped, not_started = 1, len(ids) - k - 1
+                break
+            except Exception as e:  # noqa: BLE001 - one bad volume never stops the batch
+                status = "failed"
+                typer.echo(f"FAILED {vid}: {type(e).__name__}: {e}", err=True)
+            counts[status] += 1
+            if status != "failed":
+                typer.echo(f"{status} {vid}")
     typer.echo(
         f"spec {rs.spec_hash} backend {name}: {counts['written']} written, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed"
+        f"{counts['failed']} failed" + (f", {not_started + stopped} cancelled" if stop.requested() else "")
     )
+    if stop.requested():
+        typer.echo(
+            f"cancelled: {not_started} series not started, {stopped} stopped; run the same command again to continue",
+            err=True,
+        )
+        raise typer.Exit(stop.exit_code())
     if counts["failed"]:
         raise typer.Exit(code=1)
 

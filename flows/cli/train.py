@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from xwin.flows import stop
 from xwin.flows.cli.common import (
     check_split,
     dataset_options,
@@ -88,8 +89,9 @@ def train(
         elif resume != "auto":
             typer.echo(f"error: no checkpoint {path}", err=True)
             raise typer.Exit(2)
-    summary = trainer.run()
-    ckpt = trainer.save()
+    with stop.handle_signals():  # Ctrl-C / SIGTERM: the step in progress ends, a checkpoint is saved, exit 130/143
+        summary = trainer.run(should_stop=stop.requested)
+        ckpt = trainer.save()
     trainer.close()
     if not trainer.is_main:  # under torchrun only rank 0 reports
         return
@@ -101,6 +103,11 @@ def train(
         typer.echo(
             f"trained to step {summary['steps']}: total {last.get('total', float('nan')):.4f}, checkpoint {ckpt}"
         )
+    if summary.get("stopped"):
+        typer.echo(
+            f"cancelled: stopped at step {summary['steps']}; run it again with --resume auto to continue", err=True
+        )
+        raise typer.Exit(stop.exit_code())
 
 
 def _config(path: Path | None, preset: str | None, sets: list[str], given: dict[str, tuple[str, Any]]) -> TrainConfig:

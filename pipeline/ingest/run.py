@@ -14,7 +14,7 @@ from xwin.pipeline.ingest.config import IngestConfig
 from xwin.pipeline.ingest.errors import IngestError, no_verdict
 from xwin.pipeline.ingest.load import load_candidate
 from xwin.pipeline.ingest.plan import plan_inputs, plan_manifest
-from xwin.schemas.ingest import Failure, Rejection, RunEntry, RunSummary, VolumeRecord
+from xwin.schemas.ingest import CancelledEntry, Failure, Rejection, RunEntry, RunSummary, VolumeRecord
 
 T = TypeVar("T")
 RETRY_DELAYS_S = (1.0, 2.0, 4.0)  # backoff of an error that can pass (``transient``), then the input fails
@@ -81,6 +81,7 @@ def ingest_sources(
     retry_delays: Sequence[float] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     held: Callable[[BaseException], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RunSummary:
     """Ingest sources (and NBIA manifests) into ``store``; return the RunSummary.
 
@@ -96,6 +97,9 @@ def ingest_sources(
     ``RETRY_DELAYS_S``) while it can pass, then the input is ``failed`` (never rejected); the others go on. Without
     ``transient`` nothing is retried.
     Every planned input is in exactly one list and ``planned`` counts them.
+
+    ``should_stop()``: asked before each candidate (a stopped command); once True, the candidates not begun are
+    ``cancelled`` (not started) and the run returns. A volume being written is always finished.
 
     ``held(error)``: True for the store's "another live writer is writing this volume" (callers pass
     ``lambda e: isinstance(e, xwin.storage.ClaimHeld)``): such an input is ``skipped`` (stage
@@ -127,7 +131,12 @@ def ingest_sources(
         for rej in rejs:
             on_entry("rejected", rej)
     seen: dict[str, tuple[str, str | None]] = {}  # planned volume_id -> (stored volume_id, its series_uid)
-    for c in cands:
+    for i, c in enumerate(cands):
+        if should_stop is not None and should_stop():
+            summary.cancelled.extend(
+                CancelledEntry(input=x.input, stage="ingest", started=False, volume_id=x.volume_id) for x in cands[i:]
+            )
+            break
         if c.volume_id in seen or store.has_volume(c.volume_id):
             vid, uid = seen.get(c.volume_id, (c.volume_id, c.series_uid))
             entry = RunEntry(input=c.input, volume_id=vid, series_uid=uid)
@@ -187,5 +196,6 @@ def ingest_sources(
         skipped=summary.skipped,
         rejected=summary.rejected,
         failed=summary.failed,
+        cancelled=summary.cancelled,
         planned=len(cands) + len(rejs) + len(failed),
     )

@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -62,6 +63,10 @@ def _prepare_one(src: str, dst: str, size: int, min_size: int, fmt: str) -> str 
     return None
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _prepare_chunk(
     jobs: list[tuple[str, str, str]], size: int, min_size: int, fmt: str
 ) -> list[tuple[str, str | None]]:
@@ -103,9 +108,14 @@ def prepare_real_cxr(
         n = max(1, min(64, len(jobs) // (4 * workers)))
         chunks = [jobs[i : i + n] for i in range(0, len(jobs), n)]
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        # the workers leave Ctrl-C to this process; interrupted here, the chunks not started are dropped (each
+        # image is written under a temporary name and renamed, so a rerun finds only whole images)
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint)
+        try:
             for part in pool.map(partial(_prepare_chunk, size=size, min_size=min_size, fmt=fmt), chunks):
                 results += part
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     else:
         results = _prepare_chunk(jobs, size, min_size, fmt)
     skipped = {k: why for k, why in results if why is not None}
