@@ -223,6 +223,7 @@ class RunEntry(_Model):
     volume_id: str
     series_uid: str | None = None
     stage: str = "ingest"  # last stage reached: ingest | render | ...
+    reason: str | None = None  # why a skipped input was skipped, when not simply "already in the store"
 
 
 class Failure(_Model):

@@ -33,8 +33,11 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+VOLUMES = "volumes"  # the canonical volumes' scope: its control objects and one folder per volume
+
+
 def volume_path(volume_id: str) -> str:
-    return f"volumes/{check_id('volume_id', volume_id)}"
+    return f"{VOLUMES}/{check_id('volume_id', volume_id)}"
 
 
 def dataset_path(cohort: str, spec_hash: str) -> str:

@@ -65,7 +65,7 @@ def _failure(label: str, stage: str, f: _Failed, volume_id: str | None = None, u
 class VolumeStore(Protocol):
     """The part of ``xwin.storage.open_store(url)`` that ingest uses."""
 
-    def has_volume(self, volume_id: str) -> bool: ...
+    def volume_settled(self, volume_id: str) -> bool: ...  # committed (and catalogued: a missing row is re-added)
 
     def write_volume(self, record: VolumeRecord, hu: np.ndarray) -> bool: ...
 
@@ -127,10 +127,13 @@ def ingest_sources(
         for rej in rejs:
             on_entry("rejected", rej)
     seen: dict[str, tuple[str, str | None]] = {}  # planned volume_id -> (stored volume_id, its series_uid)
+    first_input: dict[str, str] = {}  # planned volume_id -> the input of this run that produced it first
     for c in cands:
-        if c.volume_id in seen or store.has_volume(c.volume_id):
+        if c.volume_id in seen or store.volume_settled(c.volume_id):
             vid, uid = seen.get(c.volume_id, (c.volume_id, c.series_uid))
-            entry = RunEntry(input=c.input, volume_id=vid, series_uid=uid)
+            first = first_input.get(c.volume_id)
+            why = f"duplicate of {first}: the same series given twice" if first is not None else None
+            entry = RunEntry(input=c.input, volume_id=vid, series_uid=uid, reason=why)
             summary.skipped.append(entry)
             kind = "skipped"
         else:
@@ -153,7 +156,7 @@ def ingest_sources(
             # tries the chosen series again (it may have been repaired) and skips a fallback it already has
             entry = RunEntry(input=c.input, volume_id=record.volume_id, series_uid=record.series_uid)
             fell_back = record.volume_id != c.volume_id
-            if fell_back and (record.volume_id in seen or store.has_volume(record.volume_id)):
+            if fell_back and (record.volume_id in seen or store.volume_settled(record.volume_id)):
                 summary.skipped.append(entry)
                 kind = "skipped"
             else:
@@ -179,6 +182,7 @@ def ingest_sources(
             del hu
             seen[record.volume_id] = (record.volume_id, record.series_uid)
         seen.setdefault(c.volume_id, (entry.volume_id, entry.series_uid))
+        first_input.setdefault(c.volume_id, c.input)
         if on_entry:
             on_entry(kind, entry)
     return RunSummary(
