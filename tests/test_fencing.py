@@ -443,3 +443,28 @@ def test_the_skip_check_of_a_rerun_repairs_a_missing_catalog_row(tmp_path):
     assert ds.volume_ids() == [] and ds.has_ring("r0") and not ds.verify().clean
     assert ds.settled("r0") and ds.volume_ids() == ["r0"] and ds.verify().clean
     assert not ds.settled("r1")
+
+
+def test_a_renewal_that_landed_but_raised_keeps_the_claim(tmp_path, monkeypatch):
+    """A renewal lands but its answer is lost (the call raises): the holder's ETag is stale. Ownership is the token:
+    the next renewal finds our token on the server and goes on, and the commit still goes through."""
+    ds = open_store(tmp_path / "s").dataset("c1", SPEC)
+    claim = ds.scope.acquire_claim("r0", "A", ttl_s=30, heartbeat=False)
+    B = type(ds.store.backend)
+    real_put = B.put
+    lost = []
+
+    def put(self, key, data, **kw):
+        etag = real_put(self, key, data, **kw)
+        if key.endswith("_claims/r0.json") and not lost:
+            lost.append(key)
+            raise TimeoutError("the answer of a PUT that landed")
+        return etag
+
+    monkeypatch.setattr(B, "put", put)
+    with pytest.raises(TimeoutError):
+        claim.renew()
+    claim.renew()  # not ClaimLost: the claim on the server carries our token
+    assert not claim.lost and ds.scope.get_claim("r0")[0].token == claim.token
+    claim.decide(_a_commit(ds))
+    assert ds.scope.get_claim("r0")[0].state == "committing"

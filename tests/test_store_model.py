@@ -165,3 +165,34 @@ def test_protocol_model_seaweedfs(seaweed_url) -> None:
     OnSeaweed.TestCase().runTest()
     print(f"store model, SeaweedFS: {_explored(OnSeaweed)}")
     assert OnSeaweed.examples >= 8 and len(OnSeaweed.interleavings) >= 6, _explored(OnSeaweed)
+
+
+def test_a_racing_roll_forward_never_deletes_the_decided_attempt(tmp_path) -> None:
+    """Writer A's decide lands but its answer is lost; before A resends it, B rolls A's decision forward (commit
+    record, catalog row) and removes the claim. A's resend is refused and its claim is gone, but the commit record
+    names A's attempt: A keeps it, finishes the commit and reports it written; B reports it skipped."""
+    from store_model import entry_base
+
+    with VirtualClock():
+        m = StoreModel(LocalBackend(tmp_path), ("v0",), settled=StoreMachine.settled, repair=StoreMachine.repair)
+        m.start_writer("A", "v0")
+        a = m.actors["A"]
+        while not (
+            a.pending[0] == "put"
+            and "_claims" in a.pending[1]
+            and m.check_scope.get_claim("v0")
+            and any(k.startswith(entry_base("v0") + "/attempt-") for k in m.raw.list(entry_base("v0") + "/"))
+            and m.raw.get(f"{entry_base('v0')}/{m.check_scope.get_claim('v0')[0].attempt}/zarr.json")
+        ):
+            m.step("A", "ok")
+        m.step("A", "lost")  # the decide lands, its answer is lost
+        assert m.check_scope.get_claim("v0")[0].state == "committing"
+        m.start_writer("B", "v0")
+        m.run_to_end(m.actors["B"])
+        assert m.actors["B"].result == ("v0", "skipped") and m.check_scope.get_claim("v0") is None
+        m.run_to_end(a)
+        m.check()
+        assert a.error is None and a.result == ("v0", "done"), (a.result, a.error)
+        c = m.check_scope.get_commit("v0")
+        assert m.check_scope.catalog_row("v0").path == c.path and c.path.endswith(next(iter(a.tokens)))
+        m.close()
