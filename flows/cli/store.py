@@ -60,8 +60,8 @@ def verify_cmd(
         bool,
         typer.Option(
             "--repair",
-            help="first make every catalog equal its commit records, complete decided commits and remove orphan "
-            "attempt folders and stale claims (idempotent; safe while writers run)",
+            help="first repair: catalog = commit records, orphan attempts and stale claims removed (safe while "
+            "writers run)",
         ),
     ] = False,
 ) -> None:
