@@ -101,6 +101,46 @@ def _failure(c: Any, stage: str, err: BaseException) -> Failure:
     )
 
 
+def _account_duplicates(
+    duplicates: list[RunEntry],
+    first_input: dict[str, str],
+    done: list[RunEntry],
+    skipped: list[RunEntry],
+    rejected: list[Rejection],
+    failed: list[Failure],
+    cancelled: list[CancelledEntry],
+) -> None:
+    """A second copy of a planned series (``first_input``: volume id -> the input planned first) shares the fate of
+    the first: skipped, with its reason, when the series is committed; cancelled when a stop cancelled the first;
+    else rejected or failed as the first was."""
+    ok = {e.volume_id for e in done + skipped}
+    stopped = {x.volume_id: x for x in cancelled if x.volume_id}
+    for d in duplicates:
+        if d.volume_id in ok:
+            skipped.append(d)
+            continue
+        if d.volume_id in stopped:
+            x = stopped[d.volume_id]
+            cancelled.append(CancelledEntry(input=d.input, stage=x.stage, started=False, volume_id=d.volume_id))
+            continue
+        first = first_input.get(d.volume_id)
+        rej = next((r for r in rejected if r.input == first), None)
+        fail = next((f for f in failed if f.volume_id == d.volume_id), None)
+        if rej is not None:
+            rejected.append(rej.model_copy(update={"input": d.input, "detail": f"{d.reason}; {rej.detail}"}))
+        else:
+            failed.append(
+                Failure(
+                    input=d.input,
+                    stage=fail.stage if fail is not None else "plan",
+                    error=f"{d.reason}; {fail.error if fail is not None else 'the series was not committed'}",
+                    retryable=fail.retryable if fail is not None else True,
+                    volume_id=d.volume_id,
+                    series_uid=d.series_uid,
+                )
+            )
+
+
 def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = None) -> RunSummary:
     """Plan, skip what is committed, run ingest -> render for the rest, verify, report. Same code in every mode.
 
@@ -119,12 +159,12 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
 
         ensure_limits_once(cpu_slot(), render_slot(resolve_backend(backend)))
     try:
-        cands, rejections, plan_failures = stages.result(stages.submit(plan_series, params))
+        cands, rejections, plan_failures, duplicates = stages.result(stages.submit(plan_series, params))
     except stop.Cancelled as e:  # stopped before planning: nothing was planned, nothing started
         raise BackfillCancelled(RunSummary()) from e
-    planned = len(cands) + len(rejections) + len(plan_failures)
+    planned = len(cands) + len(rejections) + len(plan_failures) + len(duplicates)
     ds = dataset_handle(params.store, params.cohort, spec_json)  # creates the dataset / refuses another spec
-    committed = set(ds.volume_ids())
+    committed = ds.settled_ids()  # committed and catalogued: the rest go to the tasks (whose skip check repairs)
     done: list[RunEntry] = []
     skipped: list[RunEntry] = []
     rejected: list[Rejection] = list(rejections)
@@ -194,6 +234,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
                 seconds[k] = seconds.get(k, 0.0) + v
         progress.advance(o, c)
     unhook()
+    _account_duplicates(duplicates, {c.volume_id: c.input for c in cands}, done, skipped, rejected, failed, cancelled)
     summary = RunSummary(
         done=done, skipped=skipped, rejected=rejected, failed=failed, cancelled=cancelled, planned=planned
     )
@@ -208,7 +249,7 @@ def run_backfill(params: BackfillParams, stages: Stages, run_id: str | None = No
         verify_ok = rep_v.clean
         verify_msg = (
             f"{params.verify}: {rep_v.ok}/{rep_v.volumes} rings ok, {len(rep_v.corrupt)} corrupt, "
-            f"{len(rep_v.missing)} missing"
+            f"{len(rep_v.missing)} missing, {len(rep_v.uncataloged)} uncatalogued"
         )
     sheet, shown = None, rep.pick_evenly(previews, rep.SHEET_SERIES)
     if previews:  # one image of a few series' previews, whatever the cohort's size (rep.SHEET_*)

@@ -78,7 +78,7 @@ def render_volume_to_store(
     """
     rec = store.volume_record(volume_id)
     ds = store.dataset(cohort or rec.cohort, spec)
-    if ds.has_ring(volume_id):
+    if ds.settled(volume_id):  # committed and catalogued (a missing catalog row is re-added)
         return "skipped"
     rec, hu = store.read_volume(volume_id)
     name = resolve_backend(backend)

@@ -142,8 +142,9 @@ def plan_one(label: str, plan: Any, sleep: Any = time.sleep) -> tuple[list[Any],
 
 
 @task(name="plan-series", **TASK_OPTS)
-def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection], list[Failure]]:
-    """Sources/manifest -> (candidates in this shard, rejections, failures). Cheap: headers and checksums only.
+def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection], list[Failure], list[RunEntry]]:
+    """Sources/manifest -> (candidates in this shard, rejections, failures, duplicates: inputs that are a second
+    copy of a planned series, as skipped entries with their reason). Cheap: headers and checksums only.
 
     Each source is planned by itself, so a source the file system fails to read (after retries) is one
     ``Failure`` and the other sources plan as usual."""
@@ -175,15 +176,29 @@ def plan_series(params: BackfillParams) -> tuple[list[Any], list[Rejection], lis
         cands += more
         rejs += more_rejs
         fails += more_fails
-    seen: set[str] = set()
-    uniq = []
-    for cand in cands:  # the same series given twice is one series
-        if cand.volume_id not in seen:
-            seen.add(cand.volume_id)
+    first: dict[str, Any] = {}
+    uniq, twice = [], []
+    for cand in cands:  # the same series given twice is one series; the second copy is reported as a duplicate
+        if cand.volume_id in first:
+            twice.append(cand)
+        else:
+            first[cand.volume_id] = cand
             uniq.append(cand)
     if params.limit is not None:
         uniq = uniq[: params.limit]
-    return uniq, rejs, fails
+    kept = {c.volume_id for c in uniq}
+    dups = [
+        RunEntry(
+            input=c.input,
+            volume_id=c.volume_id,
+            series_uid=c.series_uid,
+            stage="plan",
+            reason=f"duplicate of {first[c.volume_id].input}: the same series given twice",
+        )
+        for c in twice
+        if c.volume_id in kept
+    ]
+    return uniq, rejs, fails, dups
 
 
 @task(name="ingest-series", **TASK_OPTS)
@@ -195,7 +210,7 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
 
     stop.check("ingest", started=False)  # a stopped run starts no new series
     store = store_handle(store_url)
-    if store.has_volume(candidate.volume_id):
+    if store.volume_settled(candidate.volume_id):  # committed; a missing catalog row is re-added (I3)
         return Ingested(candidate.input, candidate.volume_id, candidate.series_uid, written=False)
     t0 = time.perf_counter()
     name, n = cpu_slot()
@@ -298,13 +313,13 @@ def render_series(
     if ingested.held_by is not None:  # the concurrent run that commits the volume renders its ring too
         return Outcome("skipped", entry=entry.model_copy(update={"stage": "claimed-elsewhere"}))
     ds = dataset_handle(store_url, cohort, spec_json)
-    if ds.has_ring(vid):
+    if ds.settled(vid):  # skipped only when committed and catalogued (a missing catalog row is re-added here)
         return Outcome("skipped", entry=entry)
     owner = task_owner()
     secs = dict(ingested.seconds)
     try:
         with ds.claim(vid, owner):
-            if ds.has_ring(vid):
+            if ds.settled(vid):
                 return Outcome("skipped", entry=entry)
             t0 = time.perf_counter()
             record, hu = store_handle(store_url).read_volume(vid)

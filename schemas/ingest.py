@@ -244,6 +244,7 @@ class RunEntry(_Model):
     stage: str = "ingest"  # last stage reached: ingest | render | ...
     # the quality checks that flagged the volume this run made (QCCheck.flagged; docs/ingest.md, "Quality checks")
     qc_flags: list[str] = Field(default_factory=list)
+    reason: str | None = None  # why a skipped input was skipped, when not simply "already in the store"
 
 
 class Failure(_Model):

@@ -136,10 +136,14 @@ class VerifyReport(_Model):
     # attempt folders of a committed entry that its commit does not name (writers killed or fenced off after another
     # writer committed): garbage, not damage; deep verify finds them, ``remove_orphans`` deletes them
     orphans: list[VerifyIssue] = Field(default_factory=list)
+    # what a repair did before the checks (verify --repair): rows added or dropped, decided commits completed,
+    # orphan attempt folders and stale claims removed
+    repaired: list[VerifyIssue] = Field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not self.corrupt and not self.missing
+        """No corrupt or missing data, no catalog row without a commit, no commit missing from the catalog."""
+        return not self.corrupt and not self.missing and not self.uncataloged
 
     def merge(self, other: VerifyReport) -> VerifyReport:
         return VerifyReport(
@@ -149,6 +153,7 @@ class VerifyReport(_Model):
             missing=self.missing + other.missing,
             uncataloged=self.uncataloged + other.uncataloged,
             orphans=self.orphans + other.orphans,
+            repaired=self.repaired + other.repaired,
         )
 
 

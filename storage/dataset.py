@@ -73,7 +73,7 @@ class ProjectionDataset:
         self.path = dataset_path(cohort, self.spec_hash)
         make_views_codec(spec.store_dtype, views_codec)  # an unknown codec name fails here, not at the first write
         self.views_codec = views_codec
-        self.scope = Scope(store.backend, self.path, store.bucket_hex)
+        self.scope = Scope(store.backend, self.path, store.bucket_hex, entries=rings_path(self.path))
         self._cache: OrderedDict[str, _RingHandle] = OrderedDict()
         self._cache_lock = threading.Lock()  # reader threads (the training stream's read-ahead) share the cache
         self._cache_size = cache
@@ -121,6 +121,16 @@ class ProjectionDataset:
     def has_ring(self, volume_id: str) -> bool:
         return self.scope.has_commit(check_id("volume_id", volume_id))
 
+    def settled(self, volume_id: str) -> bool:
+        """Whether a rerun may skip this ring: it is committed, and its catalog row is written now if it was missing
+        (a writer that died between its commit record and its catalog row; :meth:`Scope.settled`)."""
+        return self.scope.settled(check_id("volume_id", volume_id)) is not None
+
+    def settled_ids(self) -> set[str]:
+        """Ids of the rings that are committed and catalogued (the catalog, checked against one listing of the commit
+        records): what a run may report as skipped without looking further."""
+        return set(self.volume_ids()) & set(self.scope.list_commits())
+
     def volume_ids(self) -> list[str]:
         return [r.volume_id for r in self.scope.catalog()]
 
@@ -134,8 +144,8 @@ class ProjectionDataset:
     def rebuild_catalog(self) -> int:
         return self.scope.rebuild_catalog()
 
-    def verify(self, *, deep: bool = True) -> VerifyReport:
-        return verify_scope(self.store, self.scope, deep=deep)
+    def verify(self, *, deep: bool = True, repair: bool = False) -> VerifyReport:
+        return verify_scope(self.store, self.scope, deep=deep, repair=repair)
 
     # ---- write --------------------------------------------------------------------------------------------------
     def write_ring(

@@ -198,9 +198,10 @@ def commit_entry(
                     rec = write(path)
                     claim.decide(rec)  # the fence: refused when the claim is no longer ours
                 except BaseException as e:
-                    # a decide whose answer was lost may have landed: the claim on the server says. Only an attempt
-                    # that is provably not the decided one is removed (a decided one is what the commit points at)
-                    if rec is None or not claim.decided_on_server():
+                    # a decide whose answer was lost may have landed, and another writer may have rolled it forward
+                    # and removed the claim since: the claim or the commit record on the server says. Only an attempt
+                    # that is provably not the decided one is removed (I2, I5: a decided one is what the commit names)
+                    if rec is None or not claim.decided_on_server(path):
                         backend_cleanup(scope.b, path)
                     elif isinstance(e, Exception):
                         log.warning("commit of %s/%s decided, finishing it after: %s", scope.prefix, vid, e)
@@ -225,8 +226,7 @@ def commit_entry(
         raise ChecksumMismatch(
             f"{scope.prefix}/{vid}: already committed with checksum {existing.checksum}, new data has {checksum()}"
         )
-    if scope.catalog_row(vid) is None:  # writer died between commit and catalog update
-        scope.catalog_add(row_of(existing))
+    scope.settled(vid)  # a writer that died between its commit record and its catalog row: the row is added
     return False
 
 

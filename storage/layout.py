@@ -33,6 +33,9 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+VOLUMES = "volumes"  # the canonical volumes' scope: its control objects and one folder per volume
+
+
 def split_dataset_url(text: str) -> tuple[str, str | None, str | None]:
     """A dataset as a person names it: ``<store url>[#<cohort>[/<spec hash or a unique prefix>]]`` -> (store url,
     cohort or None, spec hash or None). ``"/data/xwin#nlst/0f50"`` -> ("/data/xwin", "nlst", "0f50")."""
@@ -48,7 +51,7 @@ def split_dataset_url(text: str) -> tuple[str, str | None, str | None]:
 
 
 def volume_path(volume_id: str) -> str:
-    return f"volumes/{check_id('volume_id', volume_id)}"
+    return f"{VOLUMES}/{check_id('volume_id', volume_id)}"
 
 
 def dataset_path(cohort: str, spec_hash: str) -> str:

@@ -131,29 +131,39 @@ class Claim:
         """The path segment this holder's data goes under (``attempt-<token>``)."""
         return self.record.attempt
 
+    def owns(self, rec: ClaimRecord) -> bool:
+        """Whether ``rec`` (a claim read from the server) is this holder's: same token and generation. Ownership is
+        decided by the token alone, never by the rest of the record (expiry, state), which our own writes change."""
+        return bool(rec.token) and rec.token == self.token and rec.generation == self.record.generation
+
     def _swap(self, update: Callable[[ClaimRecord], ClaimRecord]) -> ClaimRecord:
         """Replace the claim with ``update(current record)`` if it is still the one we hold (If-Match our ETag). The
         new record is built under the lock, so a heartbeat never writes back a copy older than a decision.
 
-        A refused swap is checked against the server before the claim counts as lost: a PUT that landed but whose
-        answer was lost (a timeout, a 5xx) is resent by the retries and refused by its own success; the claim on the
-        server is then exactly the record we sent (same token, same contents), and the swap stands."""
+        A refused swap is checked against the server before the claim counts as lost: a write of ours that landed
+        but whose answer was lost (a timeout, a 5xx; this swap's own resend, or an earlier renewal that raised) left
+        our ETag stale. If the claim on the server still carries our token and generation it is still ours: we take
+        its ETag and record and apply ``update`` to that. Any other claim, or none, means it was taken over (or
+        rolled forward and removed): ClaimLost."""
         with self._lock:
             if self.lost:
                 raise self._lost_error()
-            rec = update(self.record)
-            data = rec.model_dump_json().encode()
             key = self.scope.claim_key(self.volume_id)
-            try:
-                self.etag = self.scope.b.put(key, data, if_match=self.etag)
-            except ConflictError:
-                landed = self.scope.get_claim(self.volume_id)
-                if landed is None or landed[0] != rec:
-                    self.lost = True
-                    raise self._lost_error() from None
-                self.etag = landed[1]
-            self.record = rec
-            return rec
+            for _ in range(5):
+                rec = update(self.record)
+                try:
+                    self.etag = self.scope.b.put(key, rec.model_dump_json().encode(), if_match=self.etag)
+                    self.record = rec
+                    return rec
+                except ConflictError:
+                    landed = self.scope.get_claim(self.volume_id)
+                    if landed is None or not self.owns(landed[0]):
+                        self.lost = True
+                        raise self._lost_error() from None
+                    self.record, self.etag = landed
+                    if landed[0] == rec:  # this very write landed, its answer was lost
+                        return rec
+            raise RuntimeError(f"claim on {self.volume_id!r} in {self.scope.prefix} kept changing under its holder")
 
     def _lost_error(self) -> ClaimLost:
         cur = self.scope.get_claim(self.volume_id)
@@ -196,17 +206,22 @@ class Claim:
         self._swap(committing)
         self.decided = True
 
-    def decided_on_server(self) -> bool:
-        """Whether the claim on the server is our decided one (our token, ``committing``): what counts when a decide
-        raised without an answer (a lost response, an interrupt between the swap and ``decided``)."""
+    def decided_on_server(self, path: str | None = None) -> bool:
+        """Whether our commit is decided, asked of the server after a decide that raised without a clear answer (a
+        lost response, an interrupt between the swap and ``decided``): the claim is ours and ``committing``, or the
+        commit record names our attempt ``path`` (another writer rolled our decision forward and removed the claim).
+        Unknown (the server does not answer) counts as decided: nothing a commit may point at is deleted."""
         if self.decided:
             return True
         try:
             cur = self.scope.get_claim(self.volume_id)
+            if cur is not None and self.owns(cur[0]) and cur[0].state == "committing":
+                self.decided = True
+            elif path is not None:
+                c = self.scope.get_commit(self.volume_id)
+                self.decided = c is not None and c.path == path
         except Exception:  # noqa: BLE001 - unknown: assume decided, so nothing it may point at is deleted
             return True
-        if cur is not None and cur[0].token == self.token and cur[0].state == "committing":
-            self.decided = True
         return self.decided
 
     def stop(self) -> None:
@@ -215,28 +230,40 @@ class Claim:
             self._thread.join(timeout=5)
 
     def release(self) -> None:
-        """Stop renewing and delete the claim if (and only if) it is still the one we hold. A decided claim whose
-        commit record does not exist yet (the writer failed between the decision and the record) stays: the next
-        writer rolls it forward (:meth:`Scope.roll_forward`)."""
+        """Stop renewing and delete the claim if (and only if) it is still the one we hold. A decided claim stays
+        unless its commit record exists and its catalog row names the same data: the next writer, the skip check or
+        a repair rolls it forward (:meth:`Scope.roll_forward`), so a commit whose catalog write failed is never left
+        without a trace."""
         self.stop()
         with self._lock:
             if self.lost:
                 return
-            if self.decided and not self.scope.has_commit(self.volume_id):
-                self.lost = True
-                return
+            if self.decided:
+                try:
+                    c = self.scope.get_commit(self.volume_id)
+                    row = self.scope.catalog_row(self.volume_id) if c is not None else None
+                except Exception:  # noqa: BLE001 - unknown: the decided claim stays for a roll-forward
+                    row = c = None
+                if c is None or row is None or row.path != c.path:
+                    self.lost = True
+                    return
             with contextlib.suppress(ConflictError):  # taken over meanwhile: it is not ours to delete
                 self.scope.b.delete(self.scope.claim_key(self.volume_id), if_match=self.etag)
             self.lost = True  # released: nothing more may be done in its name
 
 
 class Scope:
-    def __init__(self, backend: Backend, prefix: str, bucket_hex: int = DEFAULT_BUCKET_HEX) -> None:
+    def __init__(
+        self, backend: Backend, prefix: str, bucket_hex: int = DEFAULT_BUCKET_HEX, entries: str | None = None
+    ) -> None:
         if bucket_hex not in (1, 2, 3):
             raise ValueError(f"catalog bucket width must be 1-3 hex digits, got {bucket_hex}")
         self.b = backend
         self.prefix = prefix.strip("/")
         self.bucket_hex = bucket_hex
+        # the folder that holds one folder per entry (``<entries>/<volume_id>/attempt-<token>/``): where repairs look
+        # for attempt folders no commit names (None: not known, no such search)
+        self.entries = entries.strip("/") if entries else None
 
     def buckets(self) -> list[str]:
         return [f"{i:0{self.bucket_hex}x}" for i in range(16**self.bucket_hex)]
@@ -339,6 +366,36 @@ class Scope:
 
             self._cas_bucket(b, mutate)
 
+    def repair_catalog(self) -> tuple[list[str], list[str]]:
+        """Make the catalog say what the commit records hold: add (or correct) the row of every commit record and
+        drop every row whose entry has no commit record. Safe while writers run: each bucket is rewritten by
+        compare-and-swap, and a row is dropped only if its commit record is still absent at that moment (a row is
+        only ever added after its commit record). Returns (volume ids added, volume ids dropped)."""
+        want: dict[str, CatalogRow] = {}
+        for vid in self.list_commits():
+            c = self.get_commit(vid)
+            if c is not None:
+                want[vid] = row_of(c)
+        have = {r.volume_id: r for r in self.catalog()}
+        added = sorted(v for v, r in want.items() if have.get(v) != r)
+        dropped: list[str] = []
+        for b in sorted({self.bucket_of(v) for v in added} | {self.bucket_of(v) for v in have if v not in want}):
+            gone: list[str] = []
+
+            def mutate(rows: dict[str, CatalogRow], b: str = b, gone: list[str] = gone) -> dict[str, CatalogRow] | None:
+                gone.clear()
+                new = dict(rows)
+                new.update({v: r for v, r in want.items() if self.bucket_of(v) == b})
+                for v in [v for v in new if v not in want]:
+                    if not self.has_commit(v):
+                        del new[v]
+                        gone.append(v)
+                return None if new == rows else new
+
+            self._cas_bucket(b, mutate)
+            dropped += gone
+        return added, sorted(dropped)
+
     def bucket_nbytes(self) -> dict[str, int]:
         """Size in bytes of each catalog bucket object that exists."""
         keys = self.b.list(f"{self.prefix}/_catalog")
@@ -379,6 +436,20 @@ class Scope:
     def claim_is_stale(self, c: ClaimRecord) -> bool:
         """Whether ``c`` may be taken over: its lease expired, or its holder is provably dead (``holder_is_dead``)."""
         return c.expired() or holder_is_dead(c)
+
+    def settled(self, vid: str) -> CommitRecord | None:
+        """The check a rerun skips an entry by: its commit record, once the catalog row is known to name it (a
+        missing or stale row is written first), so whatever is skipped is committed and catalogued. A decided
+        commit not completed yet (a ``committing`` claim whose writer died) is completed here. None: not committed."""
+        c = self.get_commit(vid)
+        if c is None:
+            got = self.get_claim(vid)
+            if got is None or got[0].state != "committing":
+                return None
+            return self.roll_forward(vid, *got)
+        if self.catalog_row(vid) != row_of(c):
+            self.catalog_add(row_of(c))
+        return c
 
     def roll_forward(self, vid: str, claim: ClaimRecord, etag: str) -> CommitRecord | None:
         """Complete a decided commit (a claim in ``state="committing"``): create its commit record if absent, add
@@ -433,6 +504,35 @@ class Scope:
                 continue
             return Claim(self, rec, new_etag, heartbeat=heartbeat)
         raise RuntimeError(f"could not settle the claim on {vid!r} in {self.prefix}")
+
+    def attempt_folders(self, vid: str | None = None) -> dict[str, dict[str, int]]:
+        """Entry id -> {path of an attempt folder under it: its object count}, from one listing of the entries'
+        folder (or of one entry's). Temporary objects of unfinished local writes count."""
+        if self.entries is None:
+            return {}
+        root = self.entries + "/" + (f"{vid}/" if vid else "")
+        n = len(self.entries) + 1
+        out: dict[str, dict[str, int]] = {}
+        for k in self.b.list(root, include_partial=True):
+            parts = k[n:].split("/")
+            if len(parts) >= 3 and parts[1].startswith("attempt-"):
+                folders = out.setdefault(parts[0], {})
+                f = f"{self.entries}/{parts[0]}/{parts[1]}"
+                folders[f] = folders.get(f, 0) + 1
+        return out
+
+    def remove_orphans(self, vid: str, owner: str = "repair") -> list[str]:
+        """Delete the attempt folders of ``vid`` that its commit record does not name, fenced: the claim on ``vid`` is
+        taken first (only when it is absent or stale, else ClaimHeld; a decided claim is rolled forward first), so
+        no writer can decide an attempt while its folder goes, and a stalled writer that resumes is refused. The
+        claim is released after (a stale claim left by a dead writer goes with it). Returns the folders removed."""
+        with self.claim(vid, owner, heartbeat=False):
+            c = self.get_commit(vid)
+            keep = c.path if c is not None else None
+            gone = sorted(f for f in self.attempt_folders(vid).get(vid, {}) if f != keep)
+            for f in gone:
+                self.b.delete_prefix(f)
+        return gone
 
     def list_claims(self) -> list[ClaimRecord]:
         out = []

@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import zarr
@@ -40,6 +41,7 @@ from xwin.storage.layout import (
     FORMAT_VERSION,
     HU_CHUNK_Z,
     INDEX_KEY,
+    VOLUMES,
     check_id,
     dataset_path,
     hu_codec,
@@ -65,7 +67,7 @@ class Store:
         self._zstore: RetryingStore | None = None
         self._lock = threading.Lock()
         self.bucket_hex = self._check_or_init(create)
-        self.volumes = Scope(self.backend, "volumes", self.bucket_hex)
+        self.volumes = Scope(self.backend, VOLUMES, self.bucket_hex, entries=VOLUMES)
 
     def __reduce__(self):
         return (Store, (self._url_arg, self._opts))
@@ -132,6 +134,11 @@ class Store:
     def has_volume(self, volume_id: str) -> bool:
         """True only for committed volumes (one existence check of the commit record)."""
         return self.volumes.has_commit(check_id("volume_id", volume_id))
+
+    def volume_settled(self, volume_id: str) -> bool:
+        """Whether a rerun may skip this volume: it is committed, and its catalog row is written now if it was
+        missing (:meth:`Scope.settled`)."""
+        return self.volumes.settled(check_id("volume_id", volume_id)) is not None
 
     def write_volume(self, record: VolumeRecord, hu: Integer[np.ndarray, "X Y Z"], *, owner: str | None = None) -> bool:
         """Store a canonical HU volume (int16, shape == record.shape). Atomic and idempotent.
@@ -314,13 +321,15 @@ class Store:
             )
         return StoreStatus(url=self.url, volumes=vols, datasets=out)
 
-    def verify(self, *, deep: bool = True, remove_orphans: bool = False) -> VerifyReport:
-        """Recompute every committed checksum (volumes and all datasets); ``deep`` also lists leftover attempt
-        folders (``orphans``), which ``remove_orphans`` deletes (docs/format.md)."""
-        rep = verify_scope(self, self.volumes, deep=deep, remove_orphans=remove_orphans)
+    def verify(self, *, deep: bool = True, remove_orphans: bool = False, repair: bool = False) -> VerifyReport:
+        """Recompute every committed checksum (volumes and all datasets) and compare each catalog with its commit
+        records; ``deep`` also lists leftover attempt folders (``orphans``), which ``remove_orphans`` deletes.
+        ``repair`` first makes every scope say what it holds (``verify.repair_scope``; docs/format.md)."""
+        kw: dict[str, Any] = {"deep": deep, "remove_orphans": remove_orphans, "repair": repair}
+        rep = verify_scope(self, self.volumes, **kw)
         for d in self.datasets():
             scope = self.open_dataset(d.cohort, d.spec_hash).scope
-            rep = rep.merge(verify_scope(self, scope, deep=deep, remove_orphans=remove_orphans))
+            rep = rep.merge(verify_scope(self, scope, **kw))
         return rep
 
     def rebuild_catalogs(self) -> dict[str, int]:

@@ -672,3 +672,31 @@ def test_host_slots_are_shared_by_processes_and_freed_by_a_dead_holder(tmp_path,
     # two slots: two holders at once
     with host_slot("xwin-cpu:h", 2), host_slot("xwin-cpu:h", 2):
         pass
+
+
+def test_two_copies_of_one_input_are_planned_and_the_second_skipped_with_its_reason(tmp_path, tiny):
+    """The same series given twice (a second copy of the file): both inputs are planned; the first is done, the
+    copy is skipped with the reason, in the backfill and in `xwin ingest` alike; a rerun skips both."""
+    import shutil
+
+    from xwin.pipeline.ingest import ingest_sources
+
+    good, _ = tiny
+    copy = tmp_path / "copy" / good[0].name
+    copy.parent.mkdir()
+    shutil.copy(good[0], copy)
+    store = tmp_path / "store"
+    s = bf.run_local(_params(store, [good[0], copy, good[1]]))
+    _accounted(s)
+    assert s.planned == 3 and len(s.done) == 2 and not s.failed and not s.rejected
+    (dup,) = s.skipped
+    assert dup.input == str(copy) and dup.reason == f"duplicate of {good[0]}: the same series given twice"
+    assert dup.volume_id == next(e.volume_id for e in s.done if e.input == str(good[0]))
+    s2 = bf.run_local(_params(store, [good[0], copy]))
+    assert s2.planned == 2 and len(s2.skipped) == 2 and not s2.done
+    assert [e.reason for e in s2.skipped] == [None, dup.reason]
+
+    si = ingest_sources([str(good[2]), str(copy), str(good[2])], "test", open_store(tmp_path / "store2"))
+    assert si.planned == 3 and [e.input for e in si.done] == [str(good[2]), str(copy)]
+    (again,) = si.skipped
+    assert again.input == str(good[2]) and again.reason == f"duplicate of {good[2]}: the same series given twice"

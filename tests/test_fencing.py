@@ -375,3 +375,96 @@ def test_verify_lists_and_removes_leftover_attempt_folders(store_url):
     assert out.exit_code == 0 and "ORPHAN" in out.output and "removed attempt folder" in out.output, out.output
     assert not store.verify().orphans and not store.backend.list(f"{base}/attempt-0123456789abcdef/")
     np.testing.assert_array_equal(ds.read_ring("r0"), views)
+
+
+def test_verify_repair_makes_the_store_say_what_it_holds(store_url):
+    """A commit missing from the catalog and a catalog row without a commit are damage (exit 1); --repair adds the
+    row, drops the dangling one, removes the orphan attempt folders of a committed entry and of an entry that never
+    committed (with its stale claim), leaves a live writer's folder alone, and a second --repair has nothing to do."""
+    from typer.testing import CliRunner
+
+    from xwin.flows.cli import app
+    from xwin.storage.layout import ring_path
+
+    store = open_store(store_url)
+    ds = store.dataset("c1", SPEC)
+    rings = {v: make_ring(i) for i, v in enumerate(("r0", "r1"))}
+    for v, (views, geom) in rings.items():
+        ds.write_ring(v, views, geom, {})
+    scope = ds.scope
+    scope._cas_bucket(scope.bucket_of("r1"), lambda rows: {k: r for k, r in rows.items() if k != "r1"})
+    scope.catalog_add(scope.catalog_row("r0").model_copy(update={"volume_id": "r9"}))  # a row without a commit
+    orphan = f"{ring_path(ds.path, 'r0')}/attempt-0123456789abcdef"
+    never = f"{ring_path(ds.path, 'r5')}/attempt-fedcba9876543210"
+    live = f"{ring_path(ds.path, 'r6')}/attempt-00000000000000aa"
+    for folder in (orphan, never, live):
+        store.backend.put(f"{folder}/views/zarr.json", b"{}")
+    stale = scope.acquire_claim("r5", "killed-writer", ttl_s=0.3, heartbeat=False)
+    holder = scope.acquire_claim("r6", "live-writer", ttl_s=60, heartbeat=False)
+    time.sleep(0.4)
+    assert scope.claim_is_stale(stale.record)
+
+    rep = store.verify()
+    assert not rep.clean
+    assert [(i.volume_id, i.reason) for i in rep.uncataloged] == [("r1", "commit record not in catalog")]
+    assert [(i.volume_id, i.reason) for i in rep.missing] == [("r9", "catalog row without commit record")]
+    assert sorted(i.volume_id for i in rep.orphans) == ["r0", "r5"]  # r6's writer is live: its own business
+    cli = CliRunner()
+    out = cli.invoke(app, ["verify", "--store", store_url])
+    assert out.exit_code == 1 and "UNCATALOGED" in out.output, out.output
+
+    out = cli.invoke(app, ["verify", "--store", store_url, "--repair"])
+    assert out.exit_code == 0, out.output
+    repaired = sorted(line.split("REPAIRED ", 1)[1] for line in out.output.splitlines() if "REPAIRED" in line)
+    assert repaired == [
+        f"{ds.path}/r0: removed attempt folder attempt-0123456789abcdef (1 objects)",
+        f"{ds.path}/r1: catalog row added for its commit record",
+        f"{ds.path}/r5: removed attempt folder attempt-fedcba9876543210 (1 objects)",
+        f"{ds.path}/r5: stale claim removed",
+        f"{ds.path}/r9: catalog row without a commit record dropped",
+    ], out.output
+    assert sorted(ds.volume_ids()) == scope.list_commits() == ["r0", "r1"]
+    assert not store.backend.list(orphan + "/") and not store.backend.list(never + "/")
+    assert store.backend.list(live + "/") and scope.get_claim("r6")[0] == holder.record
+    assert scope.get_claim("r5") is None
+    out = cli.invoke(app, ["verify", "--store", store_url, "--repair"])  # idempotent: nothing left to do
+    assert out.exit_code == 0 and "REPAIRED" not in out.output, out.output
+    for v, (views, _) in rings.items():
+        np.testing.assert_array_equal(ds.read_ring(v), views)
+    holder.release()
+
+
+def test_the_skip_check_of_a_rerun_repairs_a_missing_catalog_row(tmp_path):
+    """A writer that died between its commit record and its catalog row: the rerun's skip check (what the backfill,
+    ingest and render use) re-adds the row before it reports the ring skipped."""
+    ds = open_store(tmp_path / "s").dataset("c1", SPEC)
+    ds.write_ring("r0", *make_ring(0), {})
+    ds.scope._cas_bucket(ds.scope.bucket_of("r0"), lambda rows: {})
+    assert ds.volume_ids() == [] and ds.has_ring("r0") and not ds.verify().clean
+    assert ds.settled("r0") and ds.volume_ids() == ["r0"] and ds.verify().clean
+    assert not ds.settled("r1")
+
+
+def test_a_renewal_that_landed_but_raised_keeps_the_claim(tmp_path, monkeypatch):
+    """A renewal lands but its answer is lost (the call raises): the holder's ETag is stale. Ownership is the token:
+    the next renewal finds our token on the server and goes on, and the commit still goes through."""
+    ds = open_store(tmp_path / "s").dataset("c1", SPEC)
+    claim = ds.scope.acquire_claim("r0", "A", ttl_s=30, heartbeat=False)
+    B = type(ds.store.backend)
+    real_put = B.put
+    lost = []
+
+    def put(self, key, data, **kw):
+        etag = real_put(self, key, data, **kw)
+        if key.endswith("_claims/r0.json") and not lost:
+            lost.append(key)
+            raise TimeoutError("the answer of a PUT that landed")
+        return etag
+
+    monkeypatch.setattr(B, "put", put)
+    with pytest.raises(TimeoutError):
+        claim.renew()
+    claim.renew()  # not ClaimLost: the claim on the server carries our token
+    assert not claim.lost and ds.scope.get_claim("r0")[0].token == claim.token
+    claim.decide(_a_commit(ds))
+    assert ds.scope.get_claim("r0")[0].state == "committing"

@@ -63,16 +63,30 @@ def verify_cmd(
     remove_orphans: Annotated[
         bool, typer.Option("--remove-orphans", help="delete attempt folders no commit names")
     ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="first repair: catalog = commit records, orphan attempts and stale claims removed (safe while "
+            "writers run)",
+        ),
+    ] = False,
 ) -> None:
-    """Recompute checksums of every committed volume and ring; exit 1 if anything is corrupt or missing. Leftover
-    attempt folders of writers that were killed or fenced off are listed (ORPHAN), and deleted with
-    --remove-orphans; they are garbage, not damage, and do not change the exit status."""
-    rep = open_store_cli(store).verify(deep=not shallow, remove_orphans=remove_orphans)
+    """Recompute checksums of every committed volume and ring and compare each catalog with its commit records;
+    exit 1 if anything is corrupt or missing, a commit is missing from its catalog (UNCATALOGED) or a catalog row
+    has no commit. Leftover attempt folders of writers that were killed or fenced off are listed (ORPHAN), and
+    deleted with --remove-orphans; they are garbage, not damage, and do not change the exit status. --repair first
+    repairs what can be repaired without the data (REPAIRED lines), then checks."""
+    rep = open_store_cli(store).verify(deep=not shallow, remove_orphans=remove_orphans, repair=repair)
     if as_json:
         typer.echo(json.dumps(rep.model_dump(mode="json"), indent=1))
     else:
-        typer.echo(f"{rep.volumes} entries: {rep.ok} ok, {len(rep.corrupt)} corrupt, {len(rep.missing)} missing")
+        typer.echo(
+            f"{rep.volumes} entries: {rep.ok} ok, {len(rep.corrupt)} corrupt, {len(rep.missing)} missing, "
+            f"{len(rep.uncataloged)} uncatalogued"
+        )
         groups = (
+            ("REPAIRED", rep.repaired),
             ("CORRUPT", rep.corrupt),
             ("MISSING", rep.missing),
             ("UNCATALOGED", rep.uncataloged),

@@ -65,7 +65,7 @@ def _failure(label: str, stage: str, f: _Failed, volume_id: str | None = None, u
 class VolumeStore(Protocol):
     """The part of ``xwin.storage.open_store(url)`` that ingest uses."""
 
-    def has_volume(self, volume_id: str) -> bool: ...
+    def volume_settled(self, volume_id: str) -> bool: ...  # committed (and catalogued: a missing row is re-added)
 
     def write_volume(self, record: VolumeRecord, hu: np.ndarray) -> bool: ...
 
@@ -131,15 +131,18 @@ def ingest_sources(
         for rej in rejs:
             on_entry("rejected", rej)
     seen: dict[str, tuple[str, str | None]] = {}  # planned volume_id -> (stored volume_id, its series_uid)
+    first_input: dict[str, str] = {}  # planned volume_id -> the input of this run that produced it first
     for i, c in enumerate(cands):
         if should_stop is not None and should_stop():
             summary.cancelled.extend(
                 CancelledEntry(input=x.input, stage="ingest", started=False, volume_id=x.volume_id) for x in cands[i:]
             )
             break
-        if c.volume_id in seen or store.has_volume(c.volume_id):
+        if c.volume_id in seen or store.volume_settled(c.volume_id):
             vid, uid = seen.get(c.volume_id, (c.volume_id, c.series_uid))
-            entry = RunEntry(input=c.input, volume_id=vid, series_uid=uid)
+            first = first_input.get(c.volume_id)
+            why = f"duplicate of {first}: the same series given twice" if first is not None else None
+            entry = RunEntry(input=c.input, volume_id=vid, series_uid=uid, reason=why)
             summary.skipped.append(entry)
             kind = "skipped"
         else:
@@ -163,7 +166,7 @@ def ingest_sources(
             flags = [q.name for q in record.qc if q.flagged]
             entry = RunEntry(input=c.input, volume_id=record.volume_id, series_uid=record.series_uid, qc_flags=flags)
             fell_back = record.volume_id != c.volume_id
-            if fell_back and (record.volume_id in seen or store.has_volume(record.volume_id)):
+            if fell_back and (record.volume_id in seen or store.volume_settled(record.volume_id)):
                 summary.skipped.append(entry)
                 kind = "skipped"
             else:
@@ -189,6 +192,7 @@ def ingest_sources(
             del hu
             seen[record.volume_id] = (record.volume_id, record.series_uid)
         seen.setdefault(c.volume_id, (entry.volume_id, entry.series_uid))
+        first_input.setdefault(c.volume_id, c.input)
         if on_entry:
             on_entry(kind, entry)
     return RunSummary(
