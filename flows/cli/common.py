@@ -219,6 +219,29 @@ def check_backend(name: str | None, *, here: bool = True, option: str = "--backe
         fail(f"{where} {given}: {e}")
 
 
+def check_output(path: Path, *, folder: bool, option: str = "--out") -> None:
+    """``path`` must be writable as a file (``folder`` False) or a folder (True): an existing one of the other
+    kind, a file where a folder above it must be, or a folder this user cannot write ends the command with one
+    line and exit status 2, before the store is read or anything is created."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if folder and not p.is_dir():
+            fail(f"{option} {path}: is a file, not a folder")
+        if not folder and p.is_dir():
+            fail(f"{option} {path}: is a folder: give the file to write")
+        target = p if folder else p.parent
+        if not os.access(target, os.W_OK | os.X_OK):
+            fail(f"{option} {path}: permission denied: this user cannot write {target}")
+        return
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: permission denied: this user cannot create {path} in {parent}")
+
+
 def check_store_target(url: str) -> None:
     """A store a command may create (``backfill``, ``ingest``, ``scan``) must be one it can reach and write: an S3
     store is probed (:func:`probe_s3`); a local one must be a folder (or not exist yet) under a folder this user
