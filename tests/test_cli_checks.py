@@ -467,3 +467,19 @@ def test_cohort_commands_take_the_dataset_url_too(two_datasets):
     one_line(r, f"error: --store {u}: name the cohort: --cohort NAME or --store {u}#NAME")
     r = CliRunner().invoke(app, ["card", "--store", f"{u}#b", "--cohort", "a", "--out", "x"])
     one_line(r, f"error: --store {u}#b names 'b' but --cohort is 'a': give one of them")
+
+
+def test_card_of_an_unknown_cohort_or_onto_a_file_is_refused_and_writes_nothing(rendered_dataset, tmp_path):
+    """A cohort the store knows nothing of is a typo, not an empty card; --out must be a folder."""
+    out = tmp_path / "card"
+    r = CliRunner().invoke(app, ["card", "--store", rendered_dataset.url, "--cohort", "smal", "--out", str(out)])
+    line = one_line(r, "error: cohort 'smal': no volume, ring or rejected series of it in")
+    assert line.endswith("(cohorts there: small)") and not out.exists()
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    r = CliRunner().invoke(app, ["card", "--store", f"{rendered_dataset.url}#small", "--out", str(a_file)])
+    one_line(r, f"error: --out {a_file}: is a file, not a folder")
+    r = CliRunner().invoke(app, ["card", "--store", f"{rendered_dataset.url}#small", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    card = json.loads((out / "card.json").read_text())
+    assert card["cohort"] == "small" and [d["rings"] for d in card["datasets"]] == [3]
