@@ -483,3 +483,15 @@ def test_card_of_an_unknown_cohort_or_onto_a_file_is_refused_and_writes_nothing(
     assert r.exit_code == 0, r.output
     card = json.loads((out / "card.json").read_text())
     assert card["cohort"] == "small" and [d["rings"] for d in card["datasets"]] == [3]
+
+
+@pytest.mark.parametrize("url", ["localhost:4200/api", "notaurl", "ftp://host/api"])
+def test_deploy_refuses_an_api_url_that_is_not_http(tmp_path, url):
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": url}
+    r = subprocess.run(
+        [sys.executable, "-m", "xwin.flows.cli", "deploy", "--store", str(tmp_path / "st")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    one_line(r, f"error: PREFECT_API_URL {url}: not an http(s) URL of a Prefect API")
+    assert not (tmp_path / "st").exists() and not (tmp_path / "prefect-home" / "prefect.db").exists()

@@ -542,6 +542,8 @@ def require_prefect_server(command: str, hint: str = "") -> str:
             f"{command} needs a Prefect server: set PREFECT_API_URL to its API (e.g. http://127.0.0.1:4200/api after "
             '`prefect server start`; docs/orchestration.md, "Your own servers")'
         )
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        fail(f"PREFECT_API_URL {url}: not an http(s) URL of a Prefect API (e.g. http://127.0.0.1:4200/api)")
     req = urllib.request.Request(url.rstrip("/") + "/health")
     if os.environ.get("PREFECT_API_KEY"):
         req.add_header("Authorization", f"Bearer {os.environ['PREFECT_API_KEY']}")
