@@ -495,3 +495,18 @@ def test_deploy_refuses_an_api_url_that_is_not_http(tmp_path, url):
     )  # fmt: skip
     one_line(r, f"error: PREFECT_API_URL {url}: not an http(s) URL of a Prefect API")
     assert not (tmp_path / "st").exists() and not (tmp_path / "prefect-home" / "prefect.db").exists()
+
+
+@pytest.mark.parametrize(("shard", "why"), [("3/2", "need 0 <= i < n"), ("a/b", "use i/n"), ("2", "use i/n")])
+def test_backfill_bad_shard_is_one_line_before_the_store(tmp_path, shard, why):
+    from pydantic import ValidationError
+
+    from xwin.flows.params import BackfillParams
+
+    store = tmp_path / "st"
+    r = CliRunner().invoke(app, ["backfill", "--cohort", "example", "--store", str(store), "--shard", shard])
+    assert why in one_line(r, f"error: --shard: shard '{shard}': ")
+    assert not store.exists() and not (tmp_path / "st-reports").exists()
+    with pytest.raises(ValidationError, match=why):  # the deployment's parameters are checked the same way
+        BackfillParams(cohort="c", store=str(store), shard=shard)
+    assert BackfillParams(cohort="c", store=str(store), shard="1/2").shard == "1/2"
