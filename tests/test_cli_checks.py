@@ -510,3 +510,25 @@ def test_backfill_bad_shard_is_one_line_before_the_store(tmp_path, shard, why):
     with pytest.raises(ValidationError, match=why):  # the deployment's parameters are checked the same way
         BackfillParams(cohort="c", store=str(store), shard=shard)
     assert BackfillParams(cohort="c", store=str(store), shard="1/2").shard == "1/2"
+
+
+def test_train_refuses_what_cannot_run_before_the_run_folder(rendered_dataset, tmp_path, monkeypatch):
+    """A run folder that is a file, a sampling the dataset's ring cannot give, a missing folder of radiographs, a
+    CUDA device without CUDA: one line each, exit 2, and no run folder."""
+    import torch
+
+    base = ["train", "--store", f"{rendered_dataset.url}#small", "--preset", "tiny", "--max-steps", "1"]
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    r = CliRunner().invoke(app, [*base, "--out", str(a_file)])
+    one_line(r, f"error: --out {a_file}: is a file, not a folder")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, [*base, "--out", str(out), "--set", "data.max_abs_deg=6", "--set", "data.n_targets=8"])
+    line = one_line(r, "error: data sampling (data.n_targets, data.step_deg, data.max_abs_deg, ...) on dataset small/")
+    assert line.endswith("(120 views every 3 deg): only 4 target offsets available around yaw 0.0 for n_targets=8")
+    r = CliRunner().invoke(app, [*base, "--out", str(out), "--real", str(tmp_path / "no-cxr")])
+    one_line(r, f"error: --real {tmp_path / 'no-cxr'}: no such folder of radiographs")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(app, [*base, "--out", str(out), "--device", "cuda"])
+    one_line(r, "error: device cuda: this machine has no CUDA GPU that torch can use: train with --device cpu")
+    assert not out.exists()
