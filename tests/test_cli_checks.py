@@ -532,3 +532,25 @@ def test_train_refuses_what_cannot_run_before_the_run_folder(rendered_dataset, t
     r = CliRunner().invoke(app, [*base, "--out", str(out), "--device", "cuda"])
     one_line(r, "error: device cuda: this machine has no CUDA GPU that torch can use: train with --device cpu")
     assert not out.exists()
+
+
+def test_report_and_run_folders_that_are_files_are_refused_before_the_work(rendered_dataset, tmp_path):
+    """--report of reconstruct, --out of train-decoder and eval recon3d: a file where the folder must go is one
+    line before minutes of work (it was a traceback once the work was done)."""
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"")  # only its existence is checked before the folder
+    url = f"{rendered_dataset.url}#small"
+    r = CliRunner().invoke(app, ["reconstruct", "--store", url, "--volume", "small-a", "--report", str(a_file)])
+    one_line(r, f"error: --report {a_file}: is a file, not a folder")
+    r = CliRunner().invoke(app, ["reconstruct", "--store", url, "--volume", "small-a", "--report", str(a_file / "rep")])
+    one_line(r, f"error: --report {a_file / 'rep'}: {a_file} is a file, not a folder")
+    r = CliRunner().invoke(app, ["train-decoder", "--checkpoint", str(ckpt), "--store", url, "--out", str(a_file)])
+    one_line(r, f"error: --out {a_file}: is a file, not a folder")
+    r = CliRunner().invoke(
+        app,
+        ["eval", "recon3d", "--checkpoint", str(ckpt), "--decoder", str(ckpt), "--store", url, "--out", str(a_file)],
+    )
+    one_line(r, f"error: --out {a_file}: is a file, not a folder")
+    assert a_file.read_text() == "x"
