@@ -554,3 +554,15 @@ def test_report_and_run_folders_that_are_files_are_refused_before_the_work(rende
     )
     one_line(r, f"error: --out {a_file}: is a file, not a folder")
     assert a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["backfill", "ingest"])
+def test_a_dataset_name_is_not_a_store_to_create(tmp_path, command):
+    """``<store>#<cohort>`` names a dataset; given to a command that creates the store it is one line saying how to
+    write it, and no folder named ``store#cohort`` appears."""
+    url = f"{tmp_path / 'data'}#nlst"
+    args = ["--cohort", "example"] if command == "backfill" else ["example"]
+    r = CliRunner().invoke(app, [command, "--store", url, *args])
+    line = one_line(r, f"error: store {url}: '#' names a dataset (<store url>#<cohort>), not a store to write")
+    assert line.endswith(f"give --store {tmp_path / 'data'} --cohort nlst")
+    assert sorted(tmp_path.iterdir()) == []

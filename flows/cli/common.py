@@ -245,7 +245,15 @@ def check_output(path: Path, *, folder: bool, option: str = "--out") -> None:
 def check_store_target(url: str) -> None:
     """A store a command may create (``backfill``, ``ingest``, ``scan``) must be one it can reach and write: an S3
     store is probed (:func:`probe_s3`); a local one must be a folder (or not exist yet) under a folder this user
-    can write. Otherwise one line and exit status 2, before anything is created."""
+    can write. A new store's URL holds no ``#``: ``<store url>#<cohort>`` names a dataset of a store, and as a store
+    URL it would make a folder or prefix of that name. Otherwise one line and exit status 2, before anything is
+    created."""
+    if "#" in url and (url.startswith("s3://") or not Path(url.removeprefix("file://")).expanduser().exists()):
+        base, _, frag = url.partition("#")
+        fail(
+            f"store {url}: '#' names a dataset (<store url>#<cohort>), not a store to write: "
+            f"give --store {base} --cohort {frag.split('/')[0] or 'NAME'}"
+        )
     if url.startswith("s3://"):
         probe_s3(url)
         return
