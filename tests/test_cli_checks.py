@@ -566,3 +566,9 @@ def test_a_dataset_name_is_not_a_store_to_create(tmp_path, command):
     line = one_line(r, f"error: store {url}: '#' names a dataset (<store url>#<cohort>), not a store to write")
     assert line.endswith(f"give --store {tmp_path / 'data'} --cohort nlst")
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_bench_consumer_takes_the_spec_hash_as_every_reader_does(rendered_dataset):
+    r = CliRunner().invoke(app, ["bench", "consumer", "--store", rendered_dataset.url, "--spec-hash", "zzz"])
+    line = one_line(r, f"error: no dataset with spec hash 'zzz' in {rendered_dataset.url} (datasets: small/")
+    assert line.endswith("name one with --cohort/--spec-hash or --store <store url>#<cohort>/<spec hash>")
