@@ -241,3 +241,11 @@ def test_export_out_must_be_a_folder_and_npy_goes_where_asked(rendered_dataset, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "views"]  # not views.npy: the path as given
     got = np.load(tmp_path / "views")
     assert got.shape == (120, 64, 64) and np.array_equal(got, rendered_dataset.rings["small-b"].astype(np.float16))
+
+
+@pytest.mark.parametrize(("what", "formats"), [("dataset", "webdataset, hf"), ("geometry", "rtk, astra, diffdrr")])
+def test_export_without_format_says_it_is_required(rendered_dataset, tmp_path, what, formats):
+    args = ["export", "--store", f"{rendered_dataset.url}#small", "--what", what, "--volume", "small-a"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and f"error: --format: required with --what {what}: one of {formats}" in r.output
+    assert not (tmp_path / "x").exists()
