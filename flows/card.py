@@ -185,10 +185,17 @@ def card_markdown(card: dict[str, Any], preview: str | None) -> str:
 
 
 def write_card(store: Store, cohort: str, out: str | Path, **kw: Any) -> dict[str, Any]:
-    """Write card.json, card.md and (when the cohort has rings) preview.png under ``out``; returns the card."""
+    """Write card.json, card.md and (when the cohort has rings) preview.png under ``out``; returns the card. A cohort
+    the store knows nothing of (no volume, ring or rejected series) raises ValueError before ``out`` is created."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     card = build_card(store, cohort, **kw)
+    if not (card["volumes"] or card["datasets"] or card["rejections"]):  # a typo: say so, write nothing
+        known = sorted({r.cohort for r in store.list_volumes()} | {d.cohort for d in store.datasets()})
+        raise ValueError(
+            f"cohort {cohort!r}: no volume, ring or rejected series of it in {store.url}"
+            + (f" (cohorts there: {', '.join(known)})" if known else "")
+        )
+    out.mkdir(parents=True, exist_ok=True)
     preview = None
     if card["datasets"]:
         ds = store.open_dataset(cohort, card["datasets"][0]["spec_hash"])

@@ -47,6 +47,22 @@ def label_map(csv_path: str) -> dict[str, str]:
     return {r["input"]: str((p.parent / r["labels"]).resolve()) for r in rows if r.get("labels")}
 
 
+def check_shard(shard: str | None) -> str | None:
+    """``shard`` as "i/n" with integers 0 <= i < n (None: no sharding); anything else raises ValueError."""
+    if shard is None:
+        return None
+    i, sep, n = shard.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        a, b = int(i), int(n)
+    except ValueError:
+        raise ValueError(f"shard {shard!r}: use i/n, e.g. 0/4 for the first of 4 shards") from None
+    if not 0 <= a < b:
+        raise ValueError(f"shard {shard!r}: need 0 <= i < n")
+    return shard
+
+
 class BackfillParams(BaseModel):
     """Everything one backfill run needs (all JSON-able: these are the deployment parameters too)."""
 
@@ -69,6 +85,11 @@ class BackfillParams(BaseModel):
     # labels projected with each ring (docs/render.md, "Labels"): "example" (the bundled labelmap, for the example
     # source), or a CSV with columns input,labels mapping each source as given to a labelmap file or folder
     labels: str | None = None
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        return check_shard(v)
 
     @field_validator("qc")
     @classmethod

@@ -12,7 +12,8 @@ the flows are imported (:func:`install`):
 A record goes to the flow or task run of the context it is logged in (a task on a thread pool or a Dask worker
 included); outside a Prefect run the handler drops it silently (``run_local``, ``run_dask``, scripts), so nothing
 warns about logs without a run. Prefect's own ``PREFECT_LOGGING_EXTRA_LOGGERS=xwin`` attaches its API handler too,
-but warns for every record outside a run and only takes effect where the variable is set before Prefect starts.
+but warns for every record outside a run and only takes effect where the variable is set before Prefect starts;
+where it is set, Prefect's handler sends the records it receives and this one leaves them alone (never twice).
 """
 
 from __future__ import annotations
@@ -38,11 +39,25 @@ def in_prefect_run() -> bool:
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
+def _prefect_handler_sends(name: str) -> bool:
+    """Does one of Prefect's own API log handlers (``PREFECT_LOGGING_EXTRA_LOGGERS``) already receive a record of
+    the logger ``name`` (on it or on an ancestor it propagates to)?"""
+    lg: logging.Logger | None = logging.getLogger(name)
+    while lg is not None:
+        if any(isinstance(h, APILogHandler) and not isinstance(h, RunLogHandler) for h in lg.handlers):
+            return True
+        if not lg.propagate:
+            return False
+        lg = lg.parent
+    return False
+
+
 class RunLogHandler(APILogHandler):
-    """Prefect's API log handler for xwin's loggers, active only inside a flow or task run."""
+    """Prefect's API log handler for xwin's loggers, active only inside a flow or task run, and only for records
+    no Prefect API handler of its own sends (each record reaches the run once)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if in_prefect_run():
+        if in_prefect_run() and not _prefect_handler_sends(record.name):
             super().emit(record)
 
 

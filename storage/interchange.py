@@ -6,7 +6,9 @@ next is read, so memory holds one ring whatever the cohort's size. The rings are
 deterministically (per split, sorted volume ids, ``rings_per_shard`` rings each); a shard is written to a
 ``.partial`` file, renamed when complete, and then described by a ``<shard>.json`` manifest (its rings, samples,
 bytes, sha256). A rerun skips every shard whose manifest names the same rings, spec and layout: an interrupted
-export resumes where it stopped. ``index.json`` (every shard) and ``README.md`` (the dataset card) are written last.
+export resumes where it stopped. ``index.json`` (every shard) and ``README.md`` (the dataset card) are removed when a
+run is about to change the folder and written (atomically) last, ``index.json`` after everything else: a folder with
+an ``index.json`` holds exactly the export it lists.
 
 Samples (``per="ring"``: one per ring; ``per="view"``: one per view):
     WebDataset key ``<volume_id>/ring`` or ``<volume_id>/<view index, 3 digits>`` (the volume id is the key's
@@ -301,18 +303,25 @@ def _complete(out: Path, shard: Shard, want: dict[str, Any]) -> dict[str, Any] |
     return m if same and m.get("bytes") == path.stat().st_size else None
 
 
-def _remove_unplanned(root: Path, fmt: str, planned: set[str]) -> None:
-    """Delete the shards (and manifests, partial files) of an earlier plan that this plan does not name: a reader
-    globbing the folder must see each ring once."""
+def _unplanned(root: Path, fmt: str, planned: set[str]) -> list[Path]:
+    """The shards (and manifests, partial files) of an earlier plan that this plan does not name."""
     ext = ".tar" if fmt == "webdataset" else ".parquet"
     folder = root if fmt == "webdataset" else root / "data"
     if not folder.is_dir():
-        return
+        return []
+    out = []
     for p in folder.iterdir():
         name = str(p.relative_to(root))
         shard = name.removesuffix(".partial").removesuffix(".json")
         if shard.endswith(ext) and shard not in planned:
-            p.unlink()
+            out.append(p)
+    return out
+
+
+def _remove_unplanned(root: Path, fmt: str, planned: set[str]) -> None:
+    """Delete the files of :func:`_unplanned`: a reader globbing the folder must see each ring once."""
+    for p in _unplanned(root, fmt, planned):
+        p.unlink()
 
 
 def export_rings(
@@ -340,13 +349,19 @@ def export_rings(
     splits = ring_splits(ds, ids)
     shards = plan_shards(splits, fmt, rings_per_shard)
     want = {"format": fmt, "per": per, "cohort": ds.cohort, "spec_hash": ds.spec_hash}
-    _remove_unplanned(root, fmt, {s.name for s in shards})
+    complete = {s.name: _complete(root, s, want) for s in shards}
+    if any(m is None for m in complete.values()) or _unplanned(root, fmt, set(complete)):
+        # the folder is about to change: its index (the mark of a complete export) goes first, and comes back
+        # last, so an interrupted run never leaves an index naming shards that are gone or being rewritten
+        for name in ("index.json", "README.md"):
+            (root / name).unlink(missing_ok=True)
+    _remove_unplanned(root, fmt, set(complete))
     features = hf_features(ds, per) if fmt == "hf" else None
     rep = ExportReport(out=str(root), format=fmt, per=per)
     t0 = time.perf_counter()
     manifests = []
     for i, shard in enumerate(shards):
-        done = _complete(root, shard, want)
+        done = complete[shard.name]
         if done is not None:
             rep.skipped.append(shard.name)
             manifests.append(done)
@@ -386,9 +401,15 @@ def export_rings(
         "shards": [{k: m[k] for k in ("shard", "split", "ids", "samples", "bytes", "sha256")} for m in manifests],
         "action_definition": ACTION_DEFINITION,
     }
-    (root / "index.json").write_text(json.dumps(index, indent=1))
-    (root / "README.md").write_text(_readme(index, card_markdown))
+    _write_atomic(root / "README.md", _readme(index, card_markdown))
+    _write_atomic(root / "index.json", json.dumps(index, indent=1))  # last: the export is complete
     return rep
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _readme(index: dict[str, Any], card_markdown: str | None) -> str:

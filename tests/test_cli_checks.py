@@ -467,3 +467,108 @@ def test_cohort_commands_take_the_dataset_url_too(two_datasets):
     one_line(r, f"error: --store {u}: name the cohort: --cohort NAME or --store {u}#NAME")
     r = CliRunner().invoke(app, ["card", "--store", f"{u}#b", "--cohort", "a", "--out", "x"])
     one_line(r, f"error: --store {u}#b names 'b' but --cohort is 'a': give one of them")
+
+
+def test_card_of_an_unknown_cohort_or_onto_a_file_is_refused_and_writes_nothing(rendered_dataset, tmp_path):
+    """A cohort the store knows nothing of is a typo, not an empty card; --out must be a folder."""
+    out = tmp_path / "card"
+    r = CliRunner().invoke(app, ["card", "--store", rendered_dataset.url, "--cohort", "smal", "--out", str(out)])
+    line = one_line(r, "error: cohort 'smal': no volume, ring or rejected series of it in")
+    assert line.endswith("(cohorts there: small)") and not out.exists()
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    r = CliRunner().invoke(app, ["card", "--store", f"{rendered_dataset.url}#small", "--out", str(a_file)])
+    one_line(r, f"error: --out {a_file}: is a file, not a folder")
+    r = CliRunner().invoke(app, ["card", "--store", f"{rendered_dataset.url}#small", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    card = json.loads((out / "card.json").read_text())
+    assert card["cohort"] == "small" and [d["rings"] for d in card["datasets"]] == [3]
+
+
+@pytest.mark.parametrize("url", ["localhost:4200/api", "notaurl", "ftp://host/api"])
+def test_deploy_refuses_an_api_url_that_is_not_http(tmp_path, url):
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": url}
+    r = subprocess.run(
+        [sys.executable, "-m", "xwin.flows.cli", "deploy", "--store", str(tmp_path / "st")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    one_line(r, f"error: PREFECT_API_URL {url}: not an http(s) URL of a Prefect API")
+    assert not (tmp_path / "st").exists() and not (tmp_path / "prefect-home" / "prefect.db").exists()
+
+
+@pytest.mark.parametrize(("shard", "why"), [("3/2", "need 0 <= i < n"), ("a/b", "use i/n"), ("2", "use i/n")])
+def test_backfill_bad_shard_is_one_line_before_the_store(tmp_path, shard, why):
+    from pydantic import ValidationError
+
+    from xwin.flows.params import BackfillParams
+
+    store = tmp_path / "st"
+    r = CliRunner().invoke(app, ["backfill", "--cohort", "example", "--store", str(store), "--shard", shard])
+    assert why in one_line(r, f"error: --shard: shard '{shard}': ")
+    assert not store.exists() and not (tmp_path / "st-reports").exists()
+    with pytest.raises(ValidationError, match=why):  # the deployment's parameters are checked the same way
+        BackfillParams(cohort="c", store=str(store), shard=shard)
+    assert BackfillParams(cohort="c", store=str(store), shard="1/2").shard == "1/2"
+
+
+def test_train_refuses_what_cannot_run_before_the_run_folder(rendered_dataset, tmp_path, monkeypatch):
+    """A run folder that is a file, a sampling the dataset's ring cannot give, a missing folder of radiographs, a
+    CUDA device without CUDA: one line each, exit 2, and no run folder."""
+    import torch
+
+    base = ["train", "--store", f"{rendered_dataset.url}#small", "--preset", "tiny", "--max-steps", "1"]
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    r = CliRunner().invoke(app, [*base, "--out", str(a_file)])
+    one_line(r, f"error: --out {a_file}: is a file, not a folder")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, [*base, "--out", str(out), "--set", "data.max_abs_deg=6", "--set", "data.n_targets=8"])
+    line = one_line(r, "error: data sampling (data.n_targets, data.step_deg, data.max_abs_deg, ...) on dataset small/")
+    assert line.endswith("(120 views every 3 deg): only 4 target offsets available around yaw 0.0 for n_targets=8")
+    r = CliRunner().invoke(app, [*base, "--out", str(out), "--real", str(tmp_path / "no-cxr")])
+    one_line(r, f"error: --real {tmp_path / 'no-cxr'}: no such folder of radiographs")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(app, [*base, "--out", str(out), "--device", "cuda"])
+    one_line(r, "error: device cuda: this machine has no CUDA GPU that torch can use: train with --device cpu")
+    assert not out.exists()
+
+
+def test_report_and_run_folders_that_are_files_are_refused_before_the_work(rendered_dataset, tmp_path):
+    """--report of reconstruct, --out of train-decoder and eval recon3d: a file where the folder must go is one
+    line before minutes of work (it was a traceback once the work was done)."""
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"")  # only its existence is checked before the folder
+    url = f"{rendered_dataset.url}#small"
+    r = CliRunner().invoke(app, ["reconstruct", "--store", url, "--volume", "small-a", "--report", str(a_file)])
+    one_line(r, f"error: --report {a_file}: is a file, not a folder")
+    r = CliRunner().invoke(app, ["reconstruct", "--store", url, "--volume", "small-a", "--report", str(a_file / "rep")])
+    one_line(r, f"error: --report {a_file / 'rep'}: {a_file} is a file, not a folder")
+    r = CliRunner().invoke(app, ["train-decoder", "--checkpoint", str(ckpt), "--store", url, "--out", str(a_file)])
+    one_line(r, f"error: --out {a_file}: is a file, not a folder")
+    r = CliRunner().invoke(
+        app,
+        ["eval", "recon3d", "--checkpoint", str(ckpt), "--decoder", str(ckpt), "--store", url, "--out", str(a_file)],
+    )
+    one_line(r, f"error: --out {a_file}: is a file, not a folder")
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["backfill", "ingest"])
+def test_a_dataset_name_is_not_a_store_to_create(tmp_path, command):
+    """``<store>#<cohort>`` names a dataset; given to a command that creates the store it is one line saying how to
+    write it, and no folder named ``store#cohort`` appears."""
+    url = f"{tmp_path / 'data'}#nlst"
+    args = ["--cohort", "example"] if command == "backfill" else ["example"]
+    r = CliRunner().invoke(app, [command, "--store", url, *args])
+    line = one_line(r, f"error: store {url}: '#' names a dataset (<store url>#<cohort>), not a store to write")
+    assert line.endswith(f"give --store {tmp_path / 'data'} --cohort nlst")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_bench_consumer_takes_the_spec_hash_as_every_reader_does(rendered_dataset):
+    r = CliRunner().invoke(app, ["bench", "consumer", "--store", rendered_dataset.url, "--spec-hash", "zzz"])
+    line = one_line(r, f"error: no dataset with spec hash 'zzz' in {rendered_dataset.url} (datasets: small/")
+    assert line.endswith("name one with --cohort/--spec-hash or --store <store url>#<cohort>/<spec hash>")

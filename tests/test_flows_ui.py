@@ -254,3 +254,27 @@ def test_prefect_run_logs_from_dask_workers(prefect_api, tmp_path, two_cts):
         v = e.volume_id[:12]
         (lg,) = [lg for lg in logs if re.fullmatch(rf"{v}: rendered 8 views in .*", lg["message"])]
         assert lg["task_run_id"] in render_ids
+
+
+def test_run_log_handler_leaves_a_record_to_prefects_own_handler(monkeypatch):
+    """With PREFECT_LOGGING_EXTRA_LOGGERS=xwin, Prefect attaches its own API handler to ``xwin``: inside a run a
+    record of an ``xwin`` logger is then sent once (by Prefect's handler), not a second time by xwin's."""
+    from prefect.logging.handlers import APILogHandler
+
+    from xwin.flows import runlogs
+
+    sent: list[tuple[str, str]] = []
+    monkeypatch.setattr(runlogs, "in_prefect_run", lambda: True)
+    monkeypatch.setattr(APILogHandler, "emit", lambda self, rec: sent.append((type(self).__name__, rec.getMessage())))
+    logging.getLogger("xwin.flows.tasks").warning("w1")
+    logging.getLogger("xwin.stages").info("s1")
+    assert sent == [("RunLogHandler", "w1"), ("RunLogHandler", "s1")]  # alone: xwin's handler sends each once
+    theirs = APILogHandler()
+    logging.getLogger("xwin").addHandler(theirs)
+    try:
+        sent.clear()
+        logging.getLogger("xwin.flows.tasks").warning("w2")
+        logging.getLogger("xwin.stages").info("s2")  # does not propagate to "xwin": only xwin's handler has it
+    finally:
+        logging.getLogger("xwin").removeHandler(theirs)
+    assert sent == [("APILogHandler", "w2"), ("RunLogHandler", "s2")]

@@ -183,3 +183,69 @@ def test_splits_become_shards_and_hf_splits(tmp_path, rendered_dataset):
         assert sorted(d["volume_id"]) == ids and set(d["split"]) == {name}
         row = d.with_format("numpy", dtype=None)[0]
         assert np.array_equal(row["views"], stored(ds, row["volume_id"])[0])
+
+
+def test_an_interrupted_rerun_leaves_no_index_naming_gone_shards(ds, tmp_path, monkeypatch):
+    """index.json marks a complete export: a rerun that changes the folder removes it first and writes it last, so
+    a rerun killed midway never leaves an index listing shards that were deleted or are being rewritten."""
+    first = ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=2)
+    assert first.written == ["train-000000.tar", "train-000001.tar"] and (tmp_path / "index.json").exists()
+    real = ic.ring_samples
+
+    def dies(*a):
+        raise KeyboardInterrupt  # killed while writing the new plan's first shard
+
+    monkeypatch.setattr(ic, "ring_samples", dies)
+    with pytest.raises(KeyboardInterrupt):
+        ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=3)
+    assert not (tmp_path / "train-000001.tar").exists()  # the earlier plan's second shard is gone ...
+    assert not (tmp_path / "index.json").exists() and not (tmp_path / "README.md").exists()  # ... and so is its index
+    monkeypatch.setattr(ic, "ring_samples", real)
+    rep = ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=3)
+    assert rep.written == ["train-000000.tar"] and rep.rings == 3
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [(s["shard"], s["ids"]) for s in index["shards"]] == [("train-000000.tar", sorted(ds.volume_ids()))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "index.json",
+        "train-000000.tar",
+        "train-000000.tar.json",
+    ]
+    # a rerun with nothing to do keeps the index in place (the same bytes)
+    before = (tmp_path / "index.json").read_text()
+    rep = ic.export_rings(ds, tmp_path, "webdataset", rings_per_shard=3)
+    assert rep.written == [] and rep.skipped == ["train-000000.tar"]
+    assert json.loads((tmp_path / "index.json").read_text())["shards"] == json.loads(before)["shards"]
+
+
+def test_export_out_must_be_a_folder_and_npy_goes_where_asked(rendered_dataset, tmp_path):
+    """--out of the wrong kind is one line before anything is read or created; a .npy lands at the path given."""
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    base = ["export", "--store", rendered_dataset.url, "--cohort", "small"]
+    r = CliRunner().invoke(app, [*base, "--what", "dataset", "--format", "webdataset", "--out", str(a_file)])
+    assert r.exit_code == 2 and f"--out {a_file}: is a file, not a folder" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(
+        app, [*base, "--what", "geometry", "--format", "astra", "--volume", "small-a", "--out", str(a_file)]
+    )
+    assert r.exit_code == 2 and f"--out {a_file}: is a file, not a folder" in r.output
+    r = CliRunner().invoke(
+        app, [*base, "--what", "views", "--volume", "small-a", "--out", str(a_file / "below" / "v.npy")]
+    )
+    assert r.exit_code == 2 and f"{a_file} is a file, not a folder" in r.output
+    assert a_file.read_text() == "x"
+    r = CliRunner().invoke(app, [*base, "--what", "views", "--volume", "small-a", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "is a folder: give the file to write" in r.output
+    r = CliRunner().invoke(app, [*base, "--what", "views", "--volume", "small-b", "--out", str(tmp_path / "views")])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "views"]  # not views.npy: the path as given
+    got = np.load(tmp_path / "views")
+    assert got.shape == (120, 64, 64) and np.array_equal(got, rendered_dataset.rings["small-b"].astype(np.float16))
+
+
+@pytest.mark.parametrize(("what", "formats"), [("dataset", "webdataset, hf"), ("geometry", "rtk, astra, diffdrr")])
+def test_export_without_format_says_it_is_required(rendered_dataset, tmp_path, what, formats):
+    args = ["export", "--store", f"{rendered_dataset.url}#small", "--what", what, "--volume", "small-a"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and f"error: --format: required with --what {what}: one of {formats}" in r.output
+    assert not (tmp_path / "x").exists()

@@ -590,6 +590,11 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     problem = action_step_problem(d.step_deg, spec.yaw_step_deg, f"dataset {cohort}/{spec.spec_hash}")
     if problem is not None:
         raise ValueError(problem)
+    try:  # the config's sampling must fit the dataset's ring: one clear error now, not in a loader worker
+        store_sampling(cfg).plan(spec)
+    except ValueError as e:
+        where = f"dataset {cohort}/{spec.spec_hash} ({spec.n_views} views every {spec.yaw_step_deg:g} deg)"
+        raise ValueError(f"data sampling (data.n_targets, data.step_deg, data.max_abs_deg, ...) on {where}: {e}") from e
     source = StoreSource(d.store, cohort, spec, split=d.split)
     if d.split is not None:
         source.open()  # a cohort without an assignment, or without that split: one clear error now, not in a worker
@@ -601,14 +606,22 @@ def build_streams(cfg: TrainConfig) -> tuple[Any, Any | None]:
     return sim, real
 
 
-def store_stream(cfg: TrainConfig, source: Any, **kw: Any) -> Any:
-    """The X-WIN stream of a projection dataset with the config's sampling, image size, look and batch size."""
-    from xwin.training.data import XWinSampling, XWinStream
+def store_sampling(cfg: TrainConfig) -> Any:
+    """The X-WIN view sampling of the config (``xwin.training.data.XWinSampling``)."""
+    from xwin.training.data import XWinSampling
 
     d = cfg.data
-    sampling = XWinSampling(
+    return XWinSampling(
         n_targets=d.n_targets, step_deg=d.step_deg, max_abs_deg=d.max_abs_deg, context_yaws=tuple(d.context_yaws)
     )
+
+
+def store_stream(cfg: TrainConfig, source: Any, **kw: Any) -> Any:
+    """The X-WIN stream of a projection dataset with the config's sampling, image size, look and batch size."""
+    from xwin.training.data import XWinStream
+
+    d = cfg.data
+    sampling = store_sampling(cfg)
     return XWinStream(
         source,
         sampling=sampling,

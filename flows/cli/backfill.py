@@ -87,12 +87,16 @@ def backfill_cmd(
     if verify not in ("none", "shallow", "deep"):
         raise typer.BadParameter("--verify must be none, shallow or deep")
     spec_ = load_spec(spec)  # a bad file: one line per problem, exit 2
-    from xwin.flows.params import qc_reject
+    from xwin.flows.params import check_shard, qc_reject
 
     try:
         qc_reject(qc)
     except ValueError as e:
         fail(f"--qc: {e}")
+    try:
+        check_shard(shard)
+    except ValueError as e:
+        fail(f"--shard: {e}")
     if manifest is not None:
         check_manifest(manifest)
     if manifest_root is not None and not manifest_root.is_dir():

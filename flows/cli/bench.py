@@ -28,6 +28,9 @@ def consumer(
         help="store URL, or the dataset: <store url>#<cohort>[/<spec hash>] (default: a temporary store)",
     ),
     cohort: str | None = typer.Option(None, help="cohort of the dataset (default: the store's only one)"),
+    spec_hash: str | None = typer.Option(
+        None, "--spec-hash", help="spec hash (or a unique prefix) when the cohort has several"
+    ),
     workers: int = typer.Option(2, help="worker count reported at the top level of the JSON"),
     worker_counts: str = typer.Option("0,2,4", help="worker counts to measure"),
     samples: int = typer.Option(96, help="samples timed per configuration (after the first batch)"),
@@ -53,7 +56,7 @@ def consumer(
         typer.echo(f"rendering {volumes} bench volumes ({size}² views) into {tmp.name}", err=True)
         src = make_bench_store(f"{tmp.name}/store", n_volumes=volumes, size=size)
     else:  # the one way every command names a dataset (flows/cli/common.py)
-        url = resolve_dataset(store, cohort)[2]
+        url = resolve_dataset(store, cohort, spec_hash)[2]
         src = StoreSource.parse(url)
     counts = tuple(int(x) for x in worker_counts.split(",") if x.strip())
     try:

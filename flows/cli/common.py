@@ -221,10 +221,41 @@ def check_backend(name: str | None, *, here: bool = True, option: str = "--backe
         fail(f"{where} {given}: {e}")
 
 
+def check_output(path: Path, *, folder: bool, option: str = "--out") -> None:
+    """``path`` must be writable as a file (``folder`` False) or a folder (True): an existing one of the other
+    kind, a file where a folder above it must be, or a folder this user cannot write ends the command with one
+    line and exit status 2, before the store is read or anything is created."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if folder and not p.is_dir():
+            fail(f"{option} {path}: is a file, not a folder")
+        if not folder and p.is_dir():
+            fail(f"{option} {path}: is a folder: give the file to write")
+        target = p if folder else p.parent
+        if not os.access(target, os.W_OK | os.X_OK):
+            fail(f"{option} {path}: permission denied: this user cannot write {target}")
+        return
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: permission denied: this user cannot create {path} in {parent}")
+
+
 def check_store_target(url: str) -> None:
     """A store a command may create (``backfill``, ``ingest``, ``scan``) must be one it can reach and write: an S3
     store is probed (:func:`probe_s3`); a local one must be a folder (or not exist yet) under a folder this user
-    can write. Otherwise one line and exit status 2, before anything is created."""
+    can write. A new store's URL holds no ``#``: ``<store url>#<cohort>`` names a dataset of a store, and as a store
+    URL it would make a folder or prefix of that name. Otherwise one line and exit status 2, before anything is
+    created."""
+    if "#" in url and (url.startswith("s3://") or not Path(url.removeprefix("file://")).expanduser().exists()):
+        base, _, frag = url.partition("#")
+        fail(
+            f"store {url}: '#' names a dataset (<store url>#<cohort>), not a store to write: "
+            f"give --store {base} --cohort {frag.split('/')[0] or 'NAME'}"
+        )
     if url.startswith("s3://"):
         probe_s3(url)
         return
@@ -533,6 +564,8 @@ def require_prefect_server(command: str, hint: str = "") -> str:
             f"{command} needs a Prefect server: set PREFECT_API_URL to its API (e.g. http://127.0.0.1:4200/api after "
             '`prefect server start`; docs/orchestration.md, "Your own servers")'
         )
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        fail(f"PREFECT_API_URL {url}: not an http(s) URL of a Prefect API (e.g. http://127.0.0.1:4200/api)")
     req = urllib.request.Request(url.rstrip("/") + "/health")
     if os.environ.get("PREFECT_API_KEY"):
         req.add_header("Authorization", f"Bearer {os.environ['PREFECT_API_KEY']}")

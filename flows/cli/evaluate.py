@@ -14,6 +14,7 @@ from xwin.flows.cli.common import (
     HELP_OPTIONS,
     XwinCommand,
     XwinGroup,
+    check_output,
     check_split,
     cli_errors,
     fail,
@@ -75,6 +76,7 @@ def train_decoder_cmd(
     from xwin.training.decoder import decoder_config, default_split, train_decoder
 
     _file(checkpoint, "--checkpoint")
+    check_output(out, folder=True)
     st, ds, url = resolve_dataset(store, cohort, spec_hash)
     values = {"device": device} if device else {}
     try:
@@ -137,12 +139,13 @@ def recon3d_cmd(
 
     _file(checkpoint, "--checkpoint")
     _file(decoder, "--decoder")
+    out_dir = out if out is not None else decoder.parent / "recon3d"
+    check_output(out_dir, folder=True)
     st, ds, url = resolve_dataset(store, cohort, spec_hash)
     ids = resolve_volumes(ds, _ids(volumes) or []) if volumes is not None else None
     split = or_exit(eval_split, url, split, ids)
     if ids is None:
         check_split(st, ds, split)
-    out_dir = out if out is not None else decoder.parent / "recon3d"
     s = or_exit(
         run_recon3d,
         checkpoint,

@@ -36,6 +36,8 @@ def export_geometry(
     from xwin.pipeline.interop import write_geometry
     from xwin.pipeline.render.project import projected_hu
 
+    if fmt is None:
+        fail(f"--format: required with --what geometry: one of {', '.join(GEOMETRY_FORMATS)}")
     if fmt not in GEOMETRY_FORMATS:
         fail(f"--format: {fmt!r}: --what geometry takes one of {', '.join(GEOMETRY_FORMATS)}")
     if not volume:
@@ -84,6 +86,8 @@ def export_dataset(
     from xwin.flows.card import build_card, card_markdown
     from xwin.storage.interchange import PER, export_rings
 
+    if fmt is None:
+        fail(f"--format: required with --what dataset: one of {', '.join(DATASET_FORMATS)}")
     if fmt not in DATASET_FORMATS:
         fail(f"--format: {fmt!r}: --what dataset takes one of {', '.join(DATASET_FORMATS)}")
     if per not in PER:

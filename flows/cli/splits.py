@@ -14,6 +14,7 @@ from xwin.flows.cli.common import (
     JsonOpt,
     StoreOpt,
     XwinGroup,
+    check_output,
     dataset_options,
     fail,
     open_store_cli,
@@ -258,6 +259,7 @@ def card_cmd(
     from xwin.flows.card import write_card
 
     store, cohort = _cohort(store, cohort)
+    check_output(out, folder=True)
     st = open_store_cli(store)
     card = or_exit(write_card, st, cohort, out, licence=licence, source=source)
     if as_json:

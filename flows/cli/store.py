@@ -17,6 +17,7 @@ from xwin.flows.cli.common import (
     JsonOpt,
     SpecHashOpt,
     StoreOpt,
+    check_output,
     dataset_options,
     fail,
     load_look,
@@ -116,6 +117,7 @@ def inspect_cmd(
     from xwin.flows.reports import contact_sheet
 
     store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
+    check_output(out, folder=False)
     try:
         ds, vid = open_store_cli(store).find_ring(volume, cohort, spec_hash)
     except LookupError as e:
@@ -132,7 +134,7 @@ def inspect_cmd(
         title += f"  look {lk.kvp:g} kVp {lk.output}"
     im = contact_sheet(views, yaws, title=title, big=big, thumb=thumb)
     out.parent.mkdir(parents=True, exist_ok=True)
-    im.save(out)
+    im.save(out, format="PNG")  # whatever the name ends in: PIL would refuse a name without a known extension
     typer.echo(f"{out}: {im.width}x{im.height}, {len(yaws)} views of {vid}")
 
 
@@ -195,6 +197,7 @@ def export_cmd(
         from xwin.flows.cli import interop
 
         rs = load_spec(spec) if spec is not None else None
+        check_output(out, folder=True)
         if what == "geometry":
             interop.export_geometry(store, volume, fmt, out, cohort, spec_hash or (rs.spec_hash if rs else None))
         else:
@@ -210,6 +213,7 @@ def export_cmd(
         raise typer.BadParameter("--what radiograph needs --look LOOK (a look file, docs/appearance.md)")
     lk = load_look(look) if look is not None else None
     rs = load_spec(spec) if spec is not None else None
+    check_output(out, folder=False)
     st = open_store_cli(store)
     try:
         if what == "volume":
@@ -240,7 +244,8 @@ def export_cmd(
     except (LookupError, FileNotFoundError) as e:  # NotCommitted is a KeyError: no such volume or ring
         fail(str(e).strip("\"'") if isinstance(e, KeyError) else str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, arr)
+    with open(out, "wb") as f:  # the path as given: np.save(path) would add ".npy" to a name without it
+        np.save(f, arr)
     typer.echo(f"wrote {out} {arr.dtype} {arr.shape}")
 
 

@@ -11,6 +11,7 @@ import typer
 
 from xwin.flows import stop
 from xwin.flows.cli.common import (
+    check_output,
     check_split,
     dataset_options,
     fail,
@@ -63,6 +64,16 @@ def train(
         "device": ("--device", device),
     }
     cfg = _config(config, preset, list(overrides), {k: v for k, v in given.items() if v[1] is not None})
+    if cfg.out_dir:
+        check_output(Path(cfg.out_dir), folder=True, option="out_dir" if out is None else "--out")
+    real_dir = cfg.data.real if cfg.data.real != "synthetic" and not cfg.data.synthetic else None
+    if real_dir and not Path(real_dir).expanduser().is_dir():
+        fail(f"{'--real' if real else 'data.real'} {cfg.data.real}: no such folder of radiographs")
+    if str(cfg.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(f"device {cfg.device}: this machine has no CUDA GPU that torch can use: train with --device cpu")
     from xwin.training.loop import Trainer, build_streams
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from xwin.flows.cli.common import (
+    check_output,
     configured_prefect_api,
     dataset_options,
     fail,
@@ -88,6 +89,8 @@ def reconstruct_cmd(
     from xwin.flows.validate import validate_stored_ring
 
     store, cohort, spec_hash = dataset_options(store, cohort, spec_hash)
+    if report is not None:
+        check_output(report, folder=True, option="--report")  # before minutes of reconstruction, not after
     st = open_store_cli(store)
 
     def run() -> ValidationResult:
