@@ -159,6 +159,19 @@ def _in_split(folder: ImageFolder, group_by: str, split: str) -> ImageFolder:
     )
 
 
+def _test_mask(groups: np.ndarray, order: np.ndarray, test_frac: float) -> np.ndarray:
+    """The items of the groups taken in ``order`` into the test side until it holds ``test_frac`` of the items (the
+    last group in ``order`` always stays on the training side)."""
+    test_groups: list = []
+    n = 0
+    for g in order[:-1]:
+        if n >= test_frac * len(groups):
+            break
+        test_groups.append(g)
+        n += int((groups == g).sum())
+    return np.isin(groups, test_groups)
+
+
 def grouped_split(
     labels: np.ndarray, groups: np.ndarray, test_frac: float, seed: int, tries: int = 200
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -170,15 +183,7 @@ def grouped_split(
     classes = np.unique(labels)
     rng = np.random.default_rng(seed)
     for _ in range(tries):
-        order = rng.permutation(uniq)
-        test_groups: list = []
-        n = 0
-        for g in order[:-1]:
-            if n >= test_frac * len(labels):
-                break
-            test_groups.append(g)
-            n += int((groups == g).sum())
-        te_mask = np.isin(groups, test_groups)
+        te_mask = _test_mask(groups, rng.permutation(uniq), test_frac)
         if set(labels[te_mask]) == set(classes) and set(labels[~te_mask]) == set(classes):
             return np.flatnonzero(~te_mask), np.flatnonzero(te_mask)
     raise ValueError(f"no split of {len(uniq)} groups puts every class on both sides; add groups or lower --test-frac")
@@ -355,15 +360,7 @@ def grouped_split_multilabel(
 
     rng = np.random.default_rng(seed)
     for _ in range(tries):
-        order = rng.permutation(uniq)
-        test_groups: list = []
-        n = 0
-        for g in order[:-1]:
-            if n >= test_frac * len(groups):
-                break
-            test_groups.append(g)
-            n += int((groups == g).sum())
-        te = np.isin(groups, test_groups)
+        te = _test_mask(groups, rng.permutation(uniq), test_frac)
         if both(te) and both(~te):
             return np.flatnonzero(~te), np.flatnonzero(te)
     raise ValueError(

@@ -235,13 +235,7 @@ def check_output(path: Path, *, folder: bool, option: str = "--out") -> None:
         if not os.access(target, os.W_OK | os.X_OK):
             fail(f"{option} {path}: permission denied: this user cannot write {target}")
         return
-    parent = p.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        fail(f"{option} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"{option} {path}: permission denied: this user cannot create {path} in {parent}")
+    _check_creatable(f"{option} {path}", p, str(path))
 
 
 def check_store_target(url: str) -> None:
@@ -268,13 +262,19 @@ def check_store_target(url: str) -> None:
         if not os.access(p, os.W_OK | os.X_OK):
             fail(f"store {url}: permission denied: this user cannot write {p}")
         return
+    _check_creatable(f"store {url}", p, "folders")
+
+
+def _check_creatable(label: str, p: Path, what: str) -> None:
+    """``p`` does not exist: its nearest existing ancestor must be a folder this user can write, else one line
+    (``label``: why) and exit status 2."""
     parent = p.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        fail(f"store {url}: {parent} is a file, not a folder")
+        fail(f"{label}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"store {url}: permission denied: this user cannot create folders in {parent}")
+        fail(f"{label}: permission denied: this user cannot create {what} in {parent}")
 
 
 # ---- stores ----------------------------------------------------------------------------------------------------
