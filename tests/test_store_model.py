@@ -145,7 +145,10 @@ def test_protocol_model_local() -> None:
     StoreMachine.TestCase.settings = LOCAL
     StoreMachine.TestCase().runTest()
     print(f"store model, local: {_explored(StoreMachine)}")
-    assert StoreMachine.examples >= 50 and len(StoreMachine.interleavings) >= 40, _explored(StoreMachine)
+    # the examples are derandomized, but which calls an actor makes also depends on thread timing (calls made on
+    # threads that are not actors run outside the schedule): 35-61 distinct interleavings of 64-72 examples measured;
+    # the floor says the model explored, the invariants say the protocol held
+    assert StoreMachine.examples >= 50 and len(StoreMachine.interleavings) >= 20, _explored(StoreMachine)
 
 
 @pytest.mark.usefixtures("seaweed_url")
