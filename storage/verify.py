@@ -171,18 +171,16 @@ def _verify_entry(store: Store, scope: Scope, c: CommitRecord, deep: bool) -> tu
             return "corrupt", f"view metadata undecodable: {e}"
         if mcs != c.meta_checksum:
             return "corrupt", "view metadata checksum differs from the commit"
-    if c.label_channels:
+    for name, channels, committed in (
+        ("labels", c.label_channels, c.labels_checksum),
+        ("materials", c.material_channels, c.materials_checksum),
+    ):  # the arrays projected beside the views, each checksummed in the same commit
+        if not channels:
+            continue
         try:
-            lcs = sha256_of(np.asarray(arrays["labels"][...]))
+            got = sha256_of(np.asarray(arrays[name][...]))
         except Exception as e:  # noqa: BLE001 - a decode error is corruption
-            return "corrupt", f"labels undecodable: {type(e).__name__}: {e}"
-        if lcs != c.labels_checksum:
-            return "corrupt", f"labels checksum {lcs} != committed {c.labels_checksum}"
-    if c.material_channels:
-        try:
-            mts = sha256_of(np.asarray(arrays["materials"][...]))
-        except Exception as e:  # noqa: BLE001 - a decode error is corruption
-            return "corrupt", f"materials undecodable: {type(e).__name__}: {e}"
-        if mts != c.materials_checksum:
-            return "corrupt", f"materials checksum {mts} != committed {c.materials_checksum}"
+            return "corrupt", f"{name} undecodable: {type(e).__name__}: {e}"
+        if got != committed:
+            return "corrupt", f"{name} checksum {got} != committed {committed}"
     return None

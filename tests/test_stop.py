@@ -168,6 +168,32 @@ def _rerun_finishes(cohort, store: Path, done_before: int) -> None:
     assert len(_committed(store)) == N
 
 
+def _sigterm_after_first_commit(
+    argv: list[str], env: dict[str, str], store: Path, wait_s: float, what: str, watch=None
+) -> tuple[subprocess.Popen, int, float, Reader, Reader]:
+    """Run ``argv``, send SIGTERM once its first ring is committed (``watch()`` called at each look meanwhile), wait
+    for its exit: (process, exit status, seconds from the signal to the exit, stdout, stderr readers)."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
+    out.start()
+    err.start()
+
+    def alive() -> bool:
+        if watch is not None:
+            watch()
+        return proc.poll() is None
+
+    _wait_first_commit(store, alive, said=err.text)
+    t_sig = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(wait_s)
+    dt = time.monotonic() - t_sig
+    out.join(5)
+    err.join(5)
+    print(f"\nSIGTERM{what} -> exit: {dt:.2f} s")
+    return proc, rc, dt, out, err
+
+
 def test_ctrl_c_in_a_terminal(tmp_path, cohort):
     """Ctrl-C (the terminal's interrupt character) during a backfill with the live display: the display stops,
     no series starts, the render in progress stops, the summary and the one `cancelled:` line are printed, exit
@@ -218,18 +244,7 @@ def test_sigterm_without_a_terminal_prints_the_json_summary(tmp_path, cohort):
     """SIGTERM (docker stop, Kubernetes, a Prefect worker shutting down) off a terminal with --json: exit 143, the
     JSON summary with the cancelled series, the run report written; the rerun finishes the rest."""
     store = tmp_path / "s"
-    proc = subprocess.Popen(_argv(cohort, store, "--json"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
-    out.start()
-    err.start()
-    _wait_first_commit(store, lambda: proc.poll() is None)
-    t_sig = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(60)
-    dt = time.monotonic() - t_sig
-    out.join(5)
-    err.join(5)
-    print(f"\nSIGTERM -> exit: {dt:.2f} s")
+    _proc, rc, dt, out, err = _sigterm_after_first_commit(_argv(cohort, store, "--json"), _env(), store, 60, "")
     assert rc == 143, err.text()[-3000:]
     assert dt < 30, dt
     summary = json.loads(out.text())
@@ -292,26 +307,10 @@ def test_sigterm_stops_the_dask_runner_and_leaves_no_process(tmp_path, cohort):
     mark = uuid.uuid4().hex
     preload = json.dumps([str(cohort[2].with_name("slow_patch.py"))])  # the workers' renders are slow too
     env = _env(XWIN_TEST_MARK=mark, XWIN_DASK_WORKERS="2", DASK_DISTRIBUTED__WORKER__PRELOAD=preload)
-    proc = subprocess.Popen(
-        _argv(cohort, store, "--json", "--runner", "dask"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
-    out.start()
-    err.start()
     seen: set[int] = set()
-
-    def alive() -> bool:
-        seen.update(p.pid for p in _marked(mark))
-        return proc.poll() is None
-
-    _wait_first_commit(store, alive, said=err.text)
-    t_sig = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(90)
-    dt = time.monotonic() - t_sig
-    out.join(5)
-    err.join(5)
-    print(f"\nSIGTERM (dask) -> exit: {dt:.2f} s")
+    argv = _argv(cohort, store, "--json", "--runner", "dask")
+    watch = lambda: seen.update(p.pid for p in _marked(mark))  # noqa: E731
+    _proc, rc, dt, out, err = _sigterm_after_first_commit(argv, env, store, 90, " (dask)", watch)
     assert rc == 143, err.text()[-3000:]
     assert dt < 45, dt
     summary = json.loads(out.text())
@@ -421,20 +420,8 @@ def test_sigterm_to_a_prefect_flow_run_ends_it_cancelled(prefect_api, tmp_path, 
 
     store = tmp_path / "s"
     env = _env(PREFECT_API_URL=prefect_api)
-    proc = subprocess.Popen(
-        _argv(cohort, store, "--json", "--prefect"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
-    out.start()
-    err.start()
-    _wait_first_commit(store, lambda: proc.poll() is None, said=err.text)
-    t_sig = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(90)
-    dt = time.monotonic() - t_sig
-    out.join(5)
-    err.join(5)
-    print(f"\nSIGTERM (prefect) -> exit: {dt:.2f} s")
+    argv = _argv(cohort, store, "--json", "--prefect")
+    _proc, rc, _dt, out, err = _sigterm_after_first_commit(argv, env, store, 90, " (prefect)")
     assert rc == 143, err.text()[-3000:]
     summary = json.loads(out.text())
     _summary_checks(summary, store)
@@ -681,18 +668,7 @@ def test_sigterm_to_the_prefect_flow_on_dask(prefect_api, tmp_path, cohort):
         DASK_DISTRIBUTED__WORKER__PRELOAD=preload,
     )
     argv = _argv(cohort, store, "--json", "--prefect", "--runner", "dask")
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = Reader(proc.stdout.fileno()), Reader(proc.stderr.fileno())
-    out.start()
-    err.start()
-    _wait_first_commit(store, lambda: proc.poll() is None, said=err.text)
-    t_sig = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(120)
-    dt = time.monotonic() - t_sig
-    out.join(5)
-    err.join(5)
-    print(f"\nSIGTERM (prefect on dask) -> exit: {dt:.2f} s")
+    _proc, rc, _dt, out, err = _sigterm_after_first_commit(argv, env, store, 120, " (prefect on dask)")
     assert rc == 143, err.text()[-3000:]
     summary = json.loads(out.text())
     assert (
