@@ -181,6 +181,55 @@ def test_domain_gap(loop, tmp_path):
     assert bad.exit_code == 2 and "--real-split all" in bad.output and "Traceback" not in bad.output
 
 
+def test_domain_gap_of_a_look(loop, tmp_path, small_ct_path, rendered_dataset):
+    """--look: the DRRs are the look's radiographs of the rings' material bases. Real images that are exactly those
+    radiographs (8-bit PNGs) share their centre (cosine ~1); the plain views of the same rays are farther from them.
+    A dataset without bases, or a bad look file, is one line and exit 2."""
+    import nibabel as nib
+
+    from xwin.flows.cli import app
+    from xwin.pipeline.materials import MATERIAL_MODEL, render_ring_materials
+    from xwin.pipeline.radiograph import radiograph
+    from xwin.schemas.look import Look
+    from xwin.storage import open_store
+
+    img = nib.load(str(small_ct_path))  # the CT and rays of rendered_dataset's rings
+    spec = rendered_dataset.spec.model_copy(update={"materials": True})
+    geom = rendered_dataset.geometry
+    bases = render_ring_materials(np.asarray(img.dataobj), img.affine, spec, geom, backend="joseph")
+    ring = rendered_dataset.rings["small-a"]
+    url = str(tmp_path / "with_bases")
+    open_store(url).dataset("c1", spec).write_ring(
+        "v", ring, geom.view_meta(), {}, materials=bases, material_model=MATERIAL_MODEL
+    )
+    look = Look(kvp=80, output="display")
+    (tmp_path / "look.json").write_text(look.model_dump_json())
+    idx = [0, 10]
+    rad = radiograph(bases[:, idx], look, pixel_mm=spec.pixel_mm, view_indices=idx)
+    real = _pngs(tmp_path / "real", list(rad), lambda v: v)
+    argv = ["eval", "domain-gap", "--checkpoint", str(loop.world), "--store", url + "#c1", "--volumes", "v"]
+    argv += ["--yaws", "0,30", "--real-split", "all", "--real", str(real), "--json"]
+    r = CliRunner().invoke(app, [*argv, "--look", str(tmp_path / "look.json")])
+    assert r.exit_code == 0, r.output
+    g_look = json.loads(r.stdout.strip().splitlines()[-1])
+    assert g_look["n_simulated"] == 2 and g_look["n_real"] == 2 and g_look["look"]["kvp"] == 80
+    assert g_look["cosine_similarity"] > 0.9999 and g_look["l2_distance"] < 0.05, g_look
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    g_plain = json.loads(r.stdout.strip().splitlines()[-1])
+    assert g_plain["look"] is None and g_plain["l2_distance"] > 3 * g_look["l2_distance"], (g_plain, g_look)
+    text = CliRunner().invoke(app, [a for a in argv if a != "--json"] + ["--look", str(tmp_path / "look.json")])
+    assert text.exit_code == 0 and "2 radiographs (80 kVp, display) vs 2 real" in text.output, text.output
+    # a dataset without bases, a look file with an unknown key: one line each, exit 2, before any model is loaded
+    plain = [loop.dataset_url if a == url + "#c1" else a for a in argv]
+    plain = [("small-a" if a == "v" else a) for a in plain]
+    bad = CliRunner().invoke(app, [*plain, "--look", str(tmp_path / "look.json")])
+    assert bad.exit_code == 2 and "no material bases" in bad.output and "Traceback" not in bad.output, bad.output
+    (tmp_path / "bad.json").write_text('{"kvp": 80, "kv": 3}')
+    bad = CliRunner().invoke(app, [*argv, "--look", str(tmp_path / "bad.json")])
+    assert bad.exit_code == 2 and "bad.json" in bad.output and "Traceback" not in bad.output, bad.output
+
+
 # ------------------------------------------------------------------------------------ validation during training
 def test_validation_during_training_is_logged(tmp_path, rendered_dataset):
     """val_every: the losses on held-out DRRs (split "val": small-c only) and held-out real images (``data.val_real``)

@@ -17,7 +17,10 @@ recon3d, per volume (docs/reconstruction.md, "3-D loop from predicted views"):
   inference time); ``codebook_usage_all`` counts the union over all volumes.
 
 domain-gap: the centre (mean) of the pooled encoder features (mean over tokens, the probe's features) of held-out
-DRRs and of held-out real radiographs; cosine similarity and L2 distance between the two centres.
+DRRs and of held-out real radiographs; cosine similarity and L2 distance between the two centres. The DRRs are the
+stored views in the checkpoint's training appearance, or, with a look (docs/appearance.md), the radiographs that look
+makes from the ring's material bases, given to the model as the training stream gives its domain actions (the look's
+output, resized to the model's input).
 """
 
 from __future__ import annotations
@@ -357,12 +360,14 @@ def run_domain_gap(
     max_real: int | None = None,
     encoder: str = "ema",
     device: str = "auto",
+    look: Any = None,
 ) -> dict:
     """``xwin eval domain-gap`` (paper Table 4): centres of pooled encoder features of held-out DRRs (views at
     ``yaws``, default the checkpoint's context yaws, of each volume) and of real radiographs under ``real_root``
     (``real_split``: only the subjects of that split of the default policy, docs/training-data.md; by default the
     held-out "test" subjects, which needs one folder per subject or a MIMIC-CXR-JPG root; "all" or None: every
-    image)."""
+    image). ``look`` (an ``xwin.schemas.look.Look``): the DRRs are that look's radiographs of the rings' material
+    bases instead of the stored views (the rings need bases: a render spec with ``materials: true``)."""
     from xwin.training.data import RealCXRStream
 
     if encoder not in ("ema", "online"):
@@ -380,10 +385,14 @@ def run_domain_gap(
     sim_feats, ids = [], _volumes(ds, volumes, limit)
     for vid in ids:
         try:
-            views, _ = ds.read_views(vid, idx)
+            if look is None:
+                views, _ = ds.read_views(vid, idx)
+                sim_feats.append(pooled_features(enc, renderer.to_model(np.asarray(views, dtype=np.float32))))
+                continue
+            bases = ds.read_materials(vid, idx)
         except KeyError as e:
             raise ValueError(f"volume {vid!r}: {e.args[0] if e.args else e}") from None
-        sim_feats.append(pooled_features(enc, renderer.to_model(np.asarray(views, dtype=np.float32))))
+        sim_feats.append(pooled_features(enc, look_to_model(bases, look, float(ds.spec.pixel_mm), idx, world)))
     root = Path(real_root)
     if not root.is_dir():
         raise FileNotFoundError(f"real radiographs {root}: no such directory")
@@ -422,4 +431,18 @@ def run_domain_gap(
         "real_split": real_split,
         "real_skipped": dict(rs.skipped),
         "checkpoint": str(checkpoint),
+        "look": None if look is None else look.model_dump(),
     }
+
+
+def look_to_model(bases: np.ndarray, look: Any, pixel_mm: float, idx: np.ndarray, world: WorldModel) -> torch.Tensor:
+    """(2, n, H, W) material bases -> (n, 1, S, S): ``look``'s radiographs (each view its own noise stream, named by
+    its index in the ring), resized to the model's input as the training stream does with domain actions."""
+    from xwin.pipeline.radiograph import radiograph
+    from xwin.training.data.transforms import appearance_into
+
+    imgs = radiograph(bases, look, pixel_mm=pixel_mm, view_indices=idx)
+    S = world.image_size
+    out = torch.empty((len(imgs), 1, S, S), dtype=torch.float32)
+    appearance_into(imgs, "none", out)
+    return out.to(world.device)

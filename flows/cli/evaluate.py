@@ -18,6 +18,7 @@ from xwin.flows.cli.common import (
     check_split,
     cli_errors,
     fail,
+    load_look,
     or_exit,
     problem_line,
     resolve_dataset,
@@ -190,14 +191,21 @@ def domain_gap_cmd(
     max_real: int | None = typer.Option(None, "--max-real", min=1, help="at most this many real images"),
     encoder: str = typer.Option("ema", "--encoder", help="ema (the probe's) or online"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    look: Path | None = typer.Option(
+        None, "--look", help="look file (YAML/JSON): DRRs made from the rings' material bases (docs/appearance.md)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Cosine similarity and L2 distance between the feature centres of held-out DRRs and held-out real
-    radiographs (the test split of both, unless --split / --volumes / --real-split say otherwise)."""
+    radiographs (the test split of both, unless --split / --volumes / --real-split say otherwise). With --look,
+    the DRRs are that look's radiographs of the rings' material bases."""
     from xwin.training.eval3d import eval_split, run_domain_gap
 
     _file(checkpoint, "--checkpoint")
+    lk = load_look(look) if look is not None else None
     st, ds, url = resolve_dataset(store, cohort, spec_hash)
+    if lk is not None and not ds.spec.materials:
+        fail(f"--look: the dataset {url} has no material bases (render it with a spec with materials: true)")
     ids = resolve_volumes(ds, _ids(volumes) or []) if volumes is not None else None
     split = or_exit(eval_split, url, split, ids)
     if ids is None:
@@ -223,13 +231,15 @@ def domain_gap_cmd(
         max_real=max_real,
         encoder=encoder,
         device=device,
+        look=lk,
         errors=_ERRORS,
     )
     if as_json:
         typer.echo(json.dumps(s, default=float))
         return
+    drrs = "DRRs" if lk is None else f"radiographs ({lk.kvp:g} kVp, {lk.output})"
     typer.echo(
-        f"domain gap ({s['encoder']} encoder, {s['n_simulated']} DRRs vs {s['n_real']} real): cosine "
+        f"domain gap ({s['encoder']} encoder, {s['n_simulated']} {drrs} vs {s['n_real']} real): cosine "
         f"{s['cosine_similarity']:.4f}, L2 {s['l2_distance']:.4f}"
     )
 
