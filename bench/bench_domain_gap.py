@@ -11,18 +11,22 @@ pydicom-data==1.0.0``), each set through ``xwin prepare-cxr``:
 Simulated: ``xwin phantoms`` (``--n`` subjects varied from the bundled chest CT), ``xwin ingest``, ``xwin render``
 with ``materials: true`` (128² detector at 4 mm, 120 views at 3 deg), ``xwin splits assign --fractions
 train=0.5,test=0.5``; the DRRs are the frontal views (yaw 0, ``--yaws 0``) of the test split's volumes.
-Encoders (EMA encoder of ``xwin train --preset tiny``, same seed, same ``--steps``, train split only):
-  random-init   the encoder before any step (the initialisation both trained models start from);
+Encoders (EMA encoder of ``xwin train --preset tiny``, same ``--steps``, train split only), for each training seed of
+``--seeds``:
+  random-init   the encoder before any step (the initialisation both trained models of that seed start from);
   plain         trained on the stored views in X-WIN's min-max look;
   looks         trained with domain actions: per sample a look drawn from the default ranges of ``data.looks``
                 (70-120 kVp, 2.5-4 mm Al, 10^4-10^6 quanta per pixel, blur 0-0.5 mm, scatter 0-0.4, display output).
 Views: ``plain`` = the stored views in the checkpoint's training appearance (min-max); ``realistic`` = ``xwin eval
 domain-gap --look`` with the chest look below (120 kVp, 3 mm Al, 10^6 quanta per 4 mm pixel, 0.3 mm blur, scatter
 fraction 0.3, display output).
-Every (encoder, views, real set) row: ``xwin eval domain-gap ... --json`` in a subprocess: cosine similarity and L2
-distance between the two feature centres, with N of each side. Results: bench/results/domain-gap-<date>.json.
+Every (seed, encoder, views, real set) row: ``xwin eval domain-gap ... --json`` in a subprocess: cosine similarity
+and L2 distance between the two feature centres, with N of each side, and each test volume's own centre against the
+real one (``per_volume``: plain and realistic DRRs of the same volume compared pairwise). Results:
+bench/results/domain-gap-<date>.json.
 
-    .venv/bin/python bench/bench_domain_gap.py                    # 24 subjects, 3000 steps per model (~15 min)
+    pip install -e '.[bench]'                                     # pydicom-data
+    .venv/bin/python bench/bench_domain_gap.py                    # 24 subjects, 3 seeds x 3000 steps (~30 min)
     .venv/bin/python bench/bench_domain_gap.py --ci --no-record --work /tmp/x --real-dicom DIR  # the plumbing
 """
 
@@ -51,8 +55,8 @@ CHEST_LOOK = {
     "seed": 0,
     "output": "display",
 }
-FULL = {"n": 24, "downsample": "4,4,2", "detector": 128, "pixel_mm": 4.0, "steps": 3000}
-CI = {"n": 4, "downsample": "8,8,4", "detector": 32, "pixel_mm": 16.0, "steps": 3}
+FULL = {"n": 24, "downsample": "4,4,2", "detector": 128, "pixel_mm": 4.0, "steps": 3000, "seeds": [0, 1, 2]}
+CI = {"n": 4, "downsample": "8,8,4", "detector": 32, "pixel_mm": 16.0, "steps": 3, "seeds": [0]}
 
 
 def xwin_exe() -> str:
@@ -158,7 +162,7 @@ def gap(ckpt: str, url: str, real_dir: str, look: Path | None) -> dict[str, Any]
     if look is not None:
         argv += ["--look", str(look)]
     r = json.loads(xwin(*argv).strip().splitlines()[-1])
-    keep = ("cosine_similarity", "l2_distance", "n_simulated", "n_real", "dim", "volumes", "real_skipped")
+    keep = ("cosine_similarity", "l2_distance", "n_simulated", "n_real", "dim", "volumes", "real_skipped", "per_volume")
     return {k: r[k] for k in keep}
 
 
@@ -207,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for k in ("n", "steps"):
         if getattr(args, k) is not None:
             p[k] = getattr(args, k)
+    if args.seeds is not None:
+        p["seeds"] = [int(x) for x in args.seeds.split(",") if x.strip()]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     src = Path(args.real_dicom) if args.real_dicom else pydicom_data_dir()
@@ -214,26 +220,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     real = real_sets(work, src)
-    url = build_cohort(work, p, args.seed)
+    url = build_cohort(work, p, 0)
     look = work / "chest-look.json"
     look.write_text(json.dumps(CHEST_LOOK))
     t["data_s"] = time.perf_counter() - t0
-    runs = {name: train(work, url, name, p["steps"], args.seed, looks=(name == "looks")) for name in ("plain", "looks")}
-    ckpts = {"random-init": runs["plain"]["init"], "plain": runs["plain"]["checkpoint"]}
-    ckpts["looks"] = runs["looks"]["checkpoint"]
-    t0 = time.perf_counter()
-    rows = []
-    for enc in ENCODERS:
-        for views in VIEWS:
-            for rname, rs in real.items():
-                g = gap(ckpts[enc], url, rs["dir"], look if views == "realistic" else None)
-                rows.append({"encoder": enc, "views": views, "real": rname, **g})
-                print(
-                    f"{enc:11s} {views:9s} vs {rname:15s}: cosine {g['cosine_similarity']:.4f}, "
-                    f"L2 {g['l2_distance']:.4f} ({g['n_simulated']} DRRs, {g['n_real']} real)",
-                    flush=True,
-                )
-    t["eval_s"] = time.perf_counter() - t0
+    runs, rows, t["eval_s"] = {}, [], 0.0
+    for seed in p["seeds"]:
+        for name in ("plain", "looks"):
+            runs[f"{name}/{seed}"] = train(work / f"seed{seed}", url, name, p["steps"], seed, looks=(name == "looks"))
+        ckpts = {"random-init": runs[f"plain/{seed}"]["init"], "plain": runs[f"plain/{seed}"]["checkpoint"]}
+        ckpts["looks"] = runs[f"looks/{seed}"]["checkpoint"]
+        t0 = time.perf_counter()
+        for enc in ENCODERS:
+            for views in VIEWS:
+                for rname, rs in real.items():
+                    g = gap(ckpts[enc], url, rs["dir"], look if views == "realistic" else None)
+                    rows.append({"seed": seed, "encoder": enc, "views": views, "real": rname, **g})
+                    print(
+                        f"seed {seed} {enc:11s} {views:9s} vs {rname:15s}: cosine {g['cosine_similarity']:.4f}, "
+                        f"L2 {g['l2_distance']:.4f} ({g['n_simulated']} DRRs, {g['n_real']} real)",
+                        flush=True,
+                    )
+        t["eval_s"] += time.perf_counter() - t0
     fig = figure(url, real, look, Path(args.figure)) if args.figure else None
     samples = {
         "real": {k: {kk: vv for kk, vv in v.items() if kk != "dir"} for k, v in real.items()},
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/xwin-domain-gap", help="folder for the cohort, store, runs")
     ap.add_argument("--real-dicom", default=None, help="folder holding RG1_UNCR.dcm, RG1_J2KI.dcm, RG3_UNCR.dcm")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="training seeds, comma separated (default 0,1,2)")
     ap.add_argument("--n", type=int, default=None, help="subjects (default 24)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per model (default 3000)")
     ap.add_argument("--ci", action="store_true", help="a miniature: 4 subjects, 32² views, 3 steps")

@@ -679,6 +679,78 @@ def splits(res: list[Result]) -> str:
     )
 
 
+def domain_gap(res: list[Result]) -> str:
+    r = latest(res, "domain-gap")
+    smp, prm = r["samples"], r["params"]
+    rows_in = smp["rows"]
+    reals = list(dict.fromkeys(x["real"] for x in rows_in))
+    encs = list(dict.fromkeys(x["encoder"] for x in rows_in))
+    views = list(dict.fromkeys(x["views"] for x in rows_in))
+    seeds = list(dict.fromkeys(x.get("seed", 0) for x in rows_in))
+    cell: dict[tuple, list[dict]] = {}
+    for x in rows_in:
+        cell.setdefault((x["encoder"], x["views"], x["real"]), []).append(x)
+
+    def fig(xs: list[dict]) -> str:
+        cos, l2 = [x["cosine_similarity"] for x in xs], [x["l2_distance"] for x in xs]
+        sd = f" ± {f(statistics.stdev(l2), 3)}" if len(l2) > 1 else ""
+        return f"{f(statistics.fmean(cos), 4)} / {f(statistics.fmean(l2), 3)}{sd}"
+
+    rows = [[e, v] + [fig(cell[e, v, k]) if (e, v, k) in cell else "—" for k in reals] for e in encs for v in views]
+    n_sim = rows_in[0]["n_simulated"]
+    n_real = ", ".join(f"{k} {r['summary']['n_real'][k]}" for k in reals)
+    tr = smp["train"]
+    steps = sorted({t["steps"] for t in tr.values()})
+    secs = {k: [t["seconds"] for n, t in tr.items() if n.split("/")[0] == k] for k in ("plain", "looks")}
+    trained = ", ".join(f"{k} {f(med(v) / 60, 1)} min" for k, v in secs.items() if v)
+    notes = []
+    for e in encs:
+        if (e, "plain", "chest") in cell and (e, "realistic", "chest") in cell:
+            pl, re_ = cell[e, "plain", "chest"], cell[e, "realistic", "chest"]
+            a, b = statistics.fmean(x["l2_distance"] for x in pl), statistics.fmean(x["l2_distance"] for x in re_)
+            pairs = [
+                (p_["l2_distance"], q["l2_distance"])
+                for x, y in zip(pl, re_)
+                for p_, q in zip(x["per_volume"], y["per_volume"])
+            ]
+            closer = sum(q < p_ for p_, q in pairs)
+            notes.append(
+                f"{e}: {f(a, 3)} plain → {f(b, 3)} realistic ({f(b / a, 2)}×; realistic closer for {closer} of "
+                f"{len(pairs)} volume × seed pairs)"
+            )
+    farther = [
+        e
+        for e in encs
+        if all(
+            t["l2_distance"] > c["l2_distance"]
+            for v in views
+            if (e, v, "tibia") in cell
+            for t, c in zip(cell[e, v, "tibia"], cell[e, v, "chest"])
+        )
+    ]
+    lossy = [
+        abs(x["l2_distance"] - y["l2_distance"])
+        for k in cell
+        if k[2] == "chest" and (k[0], k[1], "chest-j2k-lossy") in cell
+        for x, y in zip(cell[k], cell[k[0], k[1], "chest-j2k-lossy"])
+    ]
+    parts = [
+        run_line(r),
+        f"{n_sim} simulated radiographs (the frontal views of the test split's {rows_in[0]['volumes']} phantoms, "
+        f"{prm['detector']}² at {g(prm['pixel_mm'])} mm) against real ones: {n_real} (one radiograph each). "
+        f"Encoders: tiny preset, {'/'.join(map(str, steps))} steps, seeds {', '.join(map(str, seeds))} (median "
+        f"training time: {trained}). Each cell: cosine similarity / L2 distance of the feature centres (EMA "
+        f"encoder), mean over the seeds{' ± sd of the L2' if len(seeds) > 1 else ''}.",
+        table(["encoder", "DRRs", *(f"vs {k}" for k in reals)], rows),
+        "L2 to the real chest, plain → realistic DRRs: " + "; ".join(notes) + ". The non-chest control (tibia) is "
+        "farther than the chest for every view kind and seed under: "
+        + (", ".join(farther) if farther else "no encoder")
+        + "."
+        + (f" The lossy JPEG 2000 copy of the chest moves an L2 by at most {f(max(lossy), 4)}." if lossy else ""),
+    ]
+    return "\n\n".join(parts)
+
+
 REGIONS: dict[str, Callable[[list[Result]], str]] = {
     "ingest": ingest,
     "render": render,
@@ -692,6 +764,7 @@ REGIONS: dict[str, Callable[[list[Result]], str]] = {
     "reconstruct": reconstruct,
     "export": export,
     "splits": splits,
+    "domain-gap": domain_gap,
 }
 
 

@@ -214,6 +214,8 @@ def test_domain_gap_of_a_look(loop, tmp_path, small_ct_path, rendered_dataset):
     g_look = json.loads(r.stdout.strip().splitlines()[-1])
     assert g_look["n_simulated"] == 2 and g_look["n_real"] == 2 and g_look["look"]["kvp"] == 80
     assert g_look["cosine_similarity"] > 0.9999 and g_look["l2_distance"] < 0.05, g_look
+    (pv,) = g_look["per_volume"]  # one volume: its own centre is the centre
+    assert pv["volume_id"] == "v" and pv["l2_distance"] == pytest.approx(g_look["l2_distance"], rel=1e-9)
     r = CliRunner().invoke(app, argv)
     assert r.exit_code == 0, r.output
     g_plain = json.loads(r.stdout.strip().splitlines()[-1])

@@ -17,7 +17,8 @@ recon3d, per volume (docs/reconstruction.md, "3-D loop from predicted views"):
   inference time); ``codebook_usage_all`` counts the union over all volumes.
 
 domain-gap: the centre (mean) of the pooled encoder features (mean over tokens, the probe's features) of held-out
-DRRs and of held-out real radiographs; cosine similarity and L2 distance between the two centres. The DRRs are the
+DRRs and of held-out real radiographs; cosine similarity and L2 distance between the two centres (and between each
+volume's own centre and the real centre, ``per_volume``, for paired comparisons). The DRRs are the
 stored views in the checkpoint's training appearance, or, with a look (docs/appearance.md), the radiographs that look
 makes from the ring's material bases, given to the model as the training stream gives its domain actions (the look's
 output, resized to the model's input).
@@ -421,6 +422,8 @@ def run_domain_gap(
     sim, real = torch.cat(sim_feats), torch.cat(real_feats)
     return {
         **gap(sim, real),
+        # each volume's own centre against the real centre: paired comparisons (same volumes, other DRRs)
+        "per_volume": [{"volume_id": v, **gap(f, real)} for v, f in zip(ids, sim_feats)],
         "n_simulated": len(sim),
         "n_real": len(real),
         "dim": int(sim.shape[1]),
