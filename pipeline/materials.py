@@ -24,7 +24,7 @@ times 0.1 -> g/cm^2.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, no_type_check
+from typing import Any, Literal, no_type_check
 
 import numba as nb
 import numpy as np
@@ -136,7 +136,7 @@ def hu_to_densities(
     h = np.asarray(hu)
     if not (h.flags.c_contiguous or h.flags.f_contiguous):
         h = np.ascontiguousarray(h)
-    order = "C" if h.flags.c_contiguous else "F"  # the outputs keep the input's layout (ingest's volumes are F)
+    order: Literal["C", "F"] = "C" if h.flags.c_contiguous else "F"  # the outputs keep the input's layout (ingest's: F)
     soft = np.empty(h.shape, np.float32, order=order)
     bone = np.empty(h.shape, np.float32, order=order)
     _densities_into(h.ravel(order), soft.ravel(order), bone.ravel(order))
