@@ -17,8 +17,12 @@ HU -> (material, density): a two-material model, water and ICRU-44 cortical bone
   edges and trabecular bone get the attenuation of what they contain.
 
 Both densities are linear in HU on each side of 100 HU and continuous there; they are rendered as two volumes through
-the same backend, volume model and rays as the views (``render_views(..., is_mu=True)``): density [g/cm^3] x mm,
-times 0.1 -> g/cm^2.
+the same backend, volume model and rays as the views: density [g/cm^3] x mm, times 0.1 -> g/cm^2. With joseph both
+in one pass over the rays (one channels-last volume, ``joseph.project_channels``), with the other backends one after
+the other (``render_views(..., is_mu=True)``); the results are the same.
+
+The model is written once, for one voxel (``_density``, numba, float32); ``hu_to_densities`` and
+``hu_to_density_channels`` run it over a volume.
 """
 
 from __future__ import annotations
