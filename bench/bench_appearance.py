@@ -2,12 +2,14 @@
 per view, against the views alone (and the minmax look of the views) in the same run.
 
 The bundled CT (512 x 512 x 133) as ingest stores it, ``--views`` views of the X-WIN ring at ``--size``², joseph on
-the CPU. Views and bases are rendered alternately for ``--rounds`` rounds; the ring is then written to a temporary
-store with its bases (float16, the default codec) and the stored bytes of each array are counted. A look's cost is
-timed on one frontal view's bases at ``--look-size``² (``--repeats`` calls each, after one warm call that builds the
-lookup table, whose cost is timed separately): the lookup table alone (noiseless transmission) and a full look
-(Poisson + electronic noise, blur, scatter, display window). The lookup table's largest relative error against the
-per-energy sum on those bases is recorded too.
+the CPU. Views, bases (``render_materials``: both bases in one joseph pass) and the baseline of the bases projected
+one after the other (the per-basis loop every other backend runs: the same densities, ``render_views`` once per
+basis) are rendered in turn for ``--rounds`` rounds, and the fused bases checked equal to the loop's; the ring is
+then written to a temporary store with its bases (float16, the default codec) and the stored bytes of each array are
+counted. A look's cost is timed on one frontal view's bases at ``--look-size``² (``--repeats`` calls each, after one
+warm call that builds the lookup table, whose cost is timed separately): the lookup table alone (noiseless
+transmission) and a full look (Poisson + electronic noise, blur, scatter, display window). The lookup table's largest
+relative error against the per-energy sum on those bases is recorded too.
 
     .venv/bin/python bench/bench_appearance.py                       # 256², 8 views, 3 rounds; looks at 512²
 """
@@ -26,7 +28,7 @@ from xwin.pipeline import radiograph as R
 from xwin.pipeline.example import example_ct_path
 from xwin.pipeline.geometry import ring_for_volume
 from xwin.pipeline.ingest.volume import canonical_ras
-from xwin.pipeline.materials import MATERIAL_MODEL, render_materials
+from xwin.pipeline.materials import MATERIAL_MODEL, hu_to_densities, render_materials
 from xwin.pipeline.render import appearance, render_views
 from xwin.schemas import RenderSpec
 from xwin.schemas.look import Look
@@ -52,6 +54,16 @@ def _stored_bytes(ds, vid: str, array: str) -> int:
     return sum(b.size(k) for k in b.list(f"{c.path}/{array}") if not k.endswith("zarr.json"))
 
 
+def per_basis_loop(hu: np.ndarray, A: np.ndarray, geom) -> np.ndarray:
+    """The baseline: the (soft, bone) densities projected one after the other through ``render_views`` (joseph)."""
+    soft, bone = hu_to_densities(hu)
+    out = np.empty((2, len(geom), geom.height, geom.width), np.float32)
+    for m, dens in enumerate((soft, bone)):
+        out[m] = render_views(dens, A, geom, backend="joseph", is_mu=True)
+        out[m] *= np.float32(0.1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
@@ -69,7 +81,8 @@ def main() -> None:
                       materials=True)  # fmt: skip
     geom = ring_for_volume(spec, A, hu.shape)
     render_views(hu, A, geom, backend="joseph")  # compile once
-    t_views, t_bases = [], []
+    render_materials(hu, A, geom, backend="joseph")
+    t_views, t_bases, t_loop = [], [], []
     for _ in range(args.rounds):
         t = time.perf_counter()
         views = render_views(hu, A, geom, backend="joseph")
@@ -77,6 +90,11 @@ def main() -> None:
         t = time.perf_counter()
         bases = render_materials(hu, A, geom, backend="joseph")
         t_bases.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        loop = per_basis_loop(hu, A, geom)
+        t_loop.append(time.perf_counter() - t)
+    loop_max_abs_diff = float(np.abs(bases - loop).max())
+    assert loop_max_abs_diff == 0.0, f"fused bases differ from the per-basis loop by {loop_max_abs_diff}"
     with tempfile.TemporaryDirectory() as tmp:
         ds = open_store(tmp).dataset("bench", spec)
         ds.write_ring("ct", views, geom.view_meta(), {}, materials=bases, material_model=MATERIAL_MODEL)
@@ -112,11 +130,15 @@ def main() -> None:
         lut_err[str(kvp)] = float(
             np.abs(R.lut(lk)(soft, bone) / R.transmission_direct(soft, bone, R.beam(lk)) - 1).max()
         )
-    tv, tb = float(np.median(t_views)), float(np.median(t_bases))
+    tv, tb, tl = float(np.median(t_views)), float(np.median(t_bases)), float(np.median(t_loop))
     summary = {
         "views_s": tv,
         "bases_s": tb,
+        "bases_loop_s": tl,
         "bases_over_views_time": tb / tv,
+        "bases_over_loop_time": tb / tl,
+        "loop_over_views_time": tl / tv,
+        "fused_minus_loop_max_abs": loop_max_abs_diff,
         "views_bytes": views_bytes,
         "bases_bytes": bases_bytes,
         "bases_over_views_bytes": bases_bytes / views_bytes,
@@ -126,12 +148,16 @@ def main() -> None:
         "lut_max_rel_error": lut_err,
     }
     print(
-        f"{args.views} views {args.size}^2: views {tv:.2f} s, bases {tb:.2f} s ({tb / tv:.2f}x); stored bytes: views "
+        f"{args.views} views {args.size}^2: views {tv:.2f} s, bases in one pass {tb:.2f} s ({tb / tv:.2f}x the views, "
+        f"{tb / tl:.2f}x the per-basis loop's {tl:.2f} s, equal to it); stored bytes: views "
         f"{views_bytes}, bases {bases_bytes} ({bases_bytes / views_bytes:.2f}x)\n"
         f"look per {S}^2 view: lut {np.median(look_ms['lut']):.1f} ms, full {np.median(look_ms['full']):.1f} ms "
         f"(minmax of the views {np.median(mm):.2f} ms); table build {build_s}; LUT max rel error {lut_err}"
     )
-    rec.save(samples={"views_s": t_views, "bases_s": t_bases, "look_ms": look_ms, "minmax_ms": mm}, summary=summary)
+    rec.save(
+        samples={"views_s": t_views, "bases_s": t_bases, "bases_loop_s": t_loop, "look_ms": look_ms, "minmax_ms": mm},
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":

@@ -17,15 +17,20 @@ HU -> (material, density): a two-material model, water and ICRU-44 cortical bone
   edges and trabecular bone get the attenuation of what they contain.
 
 Both densities are linear in HU on each side of 100 HU and continuous there; they are rendered as two volumes through
-the same backend, volume model and rays as the views (``render_views(..., is_mu=True)``): density [g/cm^3] x mm,
-times 0.1 -> g/cm^2.
+the same backend, volume model and rays as the views: density [g/cm^3] x mm, times 0.1 -> g/cm^2. With joseph both
+in one pass over the rays (one channels-last volume, ``joseph.project_channels``), with the other backends one after
+the other (``render_views(..., is_mu=True)``); the results are the same.
+
+The model is written once, for one voxel (``_density``, numba, float32); ``hu_to_densities`` and
+``hu_to_density_channels`` run it over a volume.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, no_type_check
 
+import numba as nb
 import numpy as np
 from jaxtyping import Float, Float32, Real
 
@@ -70,24 +75,88 @@ MATERIAL_MODEL: dict[str, Any] = {
 }
 
 
+# the model's numbers as the float32 the densities are computed in
+_F32_HU_SOFT_MAX = np.float32(HU_SOFT_MAX)
+_F32_HU_SPAN = np.float32(HU_CORTICAL - HU_SOFT_MAX)
+_F32_RHO_SOFT_AT_MAX = np.float32(RHO_SOFT_AT_MAX)
+_F32_RHO_CORTICAL = np.float32(RHO_CORTICAL)
+
+
+@nb.njit(cache=True, inline="always")
+@no_type_check  # compiled by numba: the tests' shape-checking import hook must leave it unwrapped
+def _density(h):  # pragma: no cover - compiled (numba); its values are tested through hu_to_densities
+    """The model above for one voxel, in float32: HU -> (soft, bone) [g/cm^3]."""
+    x = np.float32(h)
+    frac = (x - _F32_HU_SOFT_MAX) / _F32_HU_SPAN  # the bone volume fraction
+    if frac < np.float32(0.0):
+        frac = np.float32(0.0)
+    if x > _F32_HU_SOFT_MAX:
+        s = np.float32(1.0) - frac
+        s = (s if s > np.float32(0.0) else np.float32(0.0)) * _F32_RHO_SOFT_AT_MAX
+    else:
+        s = x * np.float32(1e-3) + np.float32(1.0)
+        if s < np.float32(0.0):
+            s = np.float32(0.0)
+    return s, frac * _F32_RHO_CORTICAL
+
+
+@nb.njit(cache=True)
+@no_type_check  # compiled by numba: the tests' shape-checking import hook must leave it unwrapped
+def _densities_into(h, soft, bone):  # pragma: no cover - compiled (numba)
+    """``h`` (N,) HU of any real dtype -> ``soft``, ``bone`` (N,) float32."""
+    for i in range(h.shape[0]):
+        soft[i], bone[i] = _density(h[i])
+
+
+@nb.njit(cache=True)
+@no_type_check  # compiled by numba: the tests' shape-checking import hook must leave it unwrapped
+def _density_pairs_into(h, out):  # pragma: no cover - compiled (numba)
+    """``h`` (X, Y, Z) HU of any real dtype and layout -> ``out`` (2 X Y Z,) float32: C order, (soft, bone)
+    interleaved. Tiles of 16 x 16 in (x, z) per y plane, so a Fortran-ordered volume (ingest's) is read and the
+    C-ordered output written a cache line at a time. Returns the number of voxels with bone."""
+    nx, ny, nz = h.shape
+    n_bone = 0
+    for j in range(ny):
+        for i0 in range(0, nx, 16):
+            for k0 in range(0, nz, 16):
+                for i in range(i0, min(nx, i0 + 16)):
+                    q = 2 * ((i * ny + j) * nz + k0)
+                    for k in range(k0, min(nz, k0 + 16)):
+                        s, b = _density(h[i, j, k])
+                        out[q] = s
+                        out[q + 1] = b
+                        n_bone += b != np.float32(0.0)
+                        q += 2
+    return n_bone
+
+
 def hu_to_densities(
     hu: Real[np.ndarray, "*shape"],
 ) -> tuple[Float32[np.ndarray, "*shape"], Float32[np.ndarray, "*shape"]]:
     """HU -> (soft, bone) partial densities [g/cm^3] of each voxel (float32, same shape), the model above.
 
-    Computed in place: about 3 float32 copies of the volume at the peak (a 512 x 512 x 600 CT is 630 MB each)."""
-    h = np.asarray(hu, dtype=np.float32)
-    bone = h - np.float32(HU_SOFT_MAX)
-    bone /= np.float32(HU_CORTICAL - HU_SOFT_MAX)
-    np.maximum(bone, np.float32(0.0), out=bone)  # the bone volume fraction
-    above = h > np.float32(HU_SOFT_MAX)
-    soft = h * np.float32(1e-3)
-    del h
-    soft += np.float32(1.0)
-    np.maximum(soft, np.float32(0.0), out=soft)
-    soft[above] = np.maximum(np.float32(1.0) - bone[above], np.float32(0.0)) * np.float32(RHO_SOFT_AT_MAX)
-    bone *= np.float32(RHO_CORTICAL)
+    One pass over the volume, no temporaries: the two float32 outputs are all the memory it takes (a 512 x 512 x 600
+    CT is 630 MB each)."""
+    h = np.asarray(hu)
+    if not (h.flags.c_contiguous or h.flags.f_contiguous):
+        h = np.ascontiguousarray(h)
+    order: Literal["C", "F"] = "C" if h.flags.c_contiguous else "F"  # the outputs keep the input's layout (ingest's: F)
+    soft = np.empty(h.shape, np.float32, order=order)
+    bone = np.empty(h.shape, np.float32, order=order)
+    _densities_into(h.ravel(order), soft.ravel(order), bone.ravel(order))
     return soft, bone
+
+
+def hu_to_density_channels(hu: Real[np.ndarray, "X Y Z"]) -> tuple[Float32[np.ndarray, "X Y Z 2"], bool]:
+    """:func:`hu_to_densities` of a volume as one C-ordered channels-last float32 array (soft ``[..., 0]``, bone
+    ``[..., 1]``: the layout the fused projector reads), in one pass whatever the input's layout, and whether any
+    voxel has bone (is above ``HU_SOFT_MAX``)."""
+    h = np.asarray(hu)
+    if h.ndim != 3:
+        raise ValueError(f"volume must be 3-D (X,Y,Z), got shape {h.shape}")
+    out = np.empty((*h.shape, 2), np.float32)
+    n_bone = _density_pairs_into(h, out.reshape(-1))
+    return out, bool(n_bone > 0)
 
 
 def mass_attenuation(energies_kev: Float[np.ndarray, " E"]) -> Float[np.ndarray, "2 E"]:
@@ -112,9 +181,17 @@ def render_materials(
     **options: Any,
 ) -> Float32[np.ndarray, "2 V H W"]:
     """Areal densities [g/cm^2] of (soft, bone) along every ray of ``views``: (2, V, H, W) float32, each basis the
-    line integral of its partial density through the same backend and volume model as the views."""
-    from xwin.pipeline.render import render_views
+    line integral of its partial density through the same backend and volume model as the views.
 
+    With the "joseph" backend (and "auto" where it means joseph) both bases are projected in one pass over the
+    rays (:func:`xwin.pipeline.render.joseph.project_channels`, equal to projecting each alone); other backends
+    project them one after the other. ``on_material(done, 2)`` is called as bases are finished: (1, 2) then (2, 2)
+    one after the other, (2, 2) once for the single pass. ``options`` go to the backend as in ``render_views``
+    (``notes``, ``on_progress``: once per pass over the views)."""
+    from xwin.pipeline.render import render_views, resolve_backend
+
+    if resolve_backend(backend) == "joseph":
+        return _render_materials_joseph(hu, affine, views, on_material, **options)
     soft, bone = hu_to_densities(hu)
     out = np.empty((2, len(views), views.height, views.width), np.float32)
     for m, dens in enumerate((soft, bone)):
@@ -125,6 +202,35 @@ def render_materials(
             out[m] *= np.float32(0.1)  # g/cm^3 * mm -> g/cm^2
         if on_material is not None:
             on_material(m + 1, 2)
+    return out
+
+
+def _render_materials_joseph(
+    hu: Real[np.ndarray, "X Y Z"],
+    affine: Float[np.ndarray, "4 4"],
+    views: ConeBeamViews,
+    on_material: Callable[[int, int], None] | None,
+    notes: list[str] | None = None,  # render_views' keyword: the CPU projector has nothing to note
+    on_progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> Float32[np.ndarray, "2 V H W"]:
+    """Both bases in one joseph pass: the densities as one channels-last volume, projected as two channels."""
+    from xwin.pipeline.render import render_views
+    from xwin.pipeline.render.joseph import project_channels
+    from xwin.pipeline.render.project import _check_volume
+
+    vol, A = _check_volume(hu, affine)
+    dens, any_bone = hu_to_density_channels(vol)
+    if on_progress is not None:
+        on_progress(0, len(views))
+    if any_bone:
+        out = project_channels(dens, A, views, on_progress=on_progress, **options)
+    else:  # no voxel above 100 HU: no bone anywhere, the soft basis alone
+        out = np.zeros((2, len(views), views.height, views.width), np.float32)
+        out[0] = render_views(dens[..., 0], A, views, backend="joseph", is_mu=True, on_progress=on_progress, **options)
+    out *= np.float32(0.1)  # g/cm^3 * mm -> g/cm^2
+    if on_material is not None:
+        on_material(2, 2)
     return out
 
 

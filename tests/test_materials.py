@@ -35,16 +35,26 @@ def test_hu_model_values():
 
 
 def test_hu_model_memory_and_input_untouched():
-    """A CT volume's densities take about three float32 copies of it at the peak (a 512^2 x 600 CT: ~2 GB, not
+    """A CT volume's densities take their two float32 outputs and nothing more (a 512^2 x 600 CT: ~1.3 GB, not
     ~4.4 GB), equal the model's piecewise formula, and leave a float32 input unchanged."""
     import tracemalloc
 
     hu = np.random.default_rng(0).integers(-1100, 2500, (64, 64, 50)).astype(np.int16)
+    hu_to_densities(hu[:4])  # compiled (or loaded from numba's cache) outside the count
     tracemalloc.start()
     soft, bone = hu_to_densities(hu)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 4.0 * hu.size * 4
+    assert peak < 2.1 * hu.size * 4
+    from xwin.pipeline.materials import hu_to_density_channels
+
+    hu_f = np.asfortranarray(hu)  # ingest's order
+    hu_to_density_channels(np.asfortranarray(hu[:4]))  # compiled (or loaded from numba's cache) outside the count
+    tracemalloc.start()
+    hu_to_density_channels(hu_f)  # the fused path's channels-last layout: no copy either
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2.1 * hu.size * 4
     h = hu.astype(np.float64)
     frac = np.maximum((h - 100) / 1500, 0)
     np.testing.assert_allclose(
@@ -196,3 +206,105 @@ def test_backfill_with_materials_describe_export_inspect(tmp_path):
     with_table = np.load(m2)
     assert with_table.shape == bases.shape and float((with_table[0] - bases[0]).min()) > -0.01
     assert float((with_table[0] - bases[0]).max()) > 0.5  # the scanner table and the air around the body are back
+
+
+def _per_basis(hu, A, views, **opts):
+    """The bases as two separate projections through render_views (what every backend but joseph does)."""
+    from xwin.pipeline.render import render_views
+
+    soft, bone = hu_to_densities(hu)
+    return np.stack([render_views(d, A, views, backend="joseph", is_mu=True, **opts) * np.float32(0.1)
+                     for d in (soft, bone)])  # fmt: skip
+
+
+def _recorder():
+    """A list and a (done, total) callback that appends to it."""
+    got: list[tuple[int, int]] = []
+    return got, lambda done, total: got.append((done, total))
+
+
+def _tilted(A, deg=20.0):
+    """``A`` turned about the world x axis: the ring's detector v axis is no longer along voxel z."""
+    t = np.deg2rad(deg)
+    R = np.eye(4)
+    R[1:3, 1:3] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return R @ np.asarray(A, np.float64)
+
+
+def test_fused_bases_equal_the_per_basis_projections(small_ct):
+    """joseph projects both bases in one pass over the rays; each equals its own projection (measured: identical to
+    the bit, on both kernels: the ring's column kernel and the general one)."""
+    from xwin.pipeline.geometry import ring_for_volume
+    from xwin.pipeline.render import resolve_backend
+    from xwin.pipeline.render.joseph import _index_space, _ring_fast_ok
+
+    hu, A = small_ct
+    spec = RenderSpec(height=36, width=44, pixel_mm=10.0, n_views=5, yaw_step_deg=67.0, yaw_start_deg=11.0)
+    ring = ring_for_volume(spec, A, hu.shape)
+    At = _tilted(A)
+    tilted = ring_for_volume(spec, At, hu.shape)
+    assert _ring_fast_ok(_index_space(ring, A), hu.shape)  # "auto" takes the column kernel
+    assert not _ring_fast_ok(_index_space(tilted, At), hu.shape)  # "auto" takes the general kernel
+    for aff, views, opts in [(A, ring, {}), (A, ring, {"method": "general"}), (At, tilted, {})]:
+        calls, on_material = _recorder()
+        progress, on_progress = _recorder()
+        fused = render_materials(hu, aff, views, backend="joseph", on_material=on_material, on_progress=on_progress,
+                                 batch_views=2, **opts)  # fmt: skip
+        ref = _per_basis(hu, aff, views, **opts)
+        assert fused.shape == (2, 5, 36, 44) and fused.dtype == np.float32
+        assert float(ref[1].max()) > 1.0  # the spine: both channels carry signal
+        np.testing.assert_array_equal(fused, ref)
+        assert calls == [(2, 2)]  # one pass: both bases done at once
+        assert progress == [(0, 5), (2, 5), (4, 5), (5, 5)]  # the views, batch by batch, once
+    if resolve_backend("auto") == "joseph":  # "auto" on a machine without CUDA is the fused joseph pass
+        np.testing.assert_array_equal(render_materials(hu, A, ring), render_materials(hu, A, ring, backend="joseph"))
+
+
+def test_fused_bases_of_a_volume_without_bone(small_ct):
+    """No voxel above 100 HU: the bone basis is exactly zero and the soft basis the per-basis projection."""
+    from xwin.pipeline.geometry import ring_for_volume
+
+    hu, A = small_ct
+    soft_only = np.minimum(hu, 99).astype(np.int16)
+    views = ring_for_volume(RenderSpec(height=24, width=30, pixel_mm=14.0, n_views=3, yaw_step_deg=90.0), A, hu.shape)
+    calls, on_material = _recorder()
+    fused = render_materials(soft_only, A, views, backend="joseph", on_material=on_material)
+    assert float(np.abs(fused[1]).max()) == 0.0 and float(fused[0].max()) > 10.0
+    np.testing.assert_array_equal(fused, _per_basis(soft_only, A, views))
+    assert calls == [(2, 2)]
+
+
+def test_other_backends_project_the_bases_one_after_the_other(small_ct):
+    """torch (CPU) keeps the per-basis loop: on_material reports each basis; it agrees with joseph's single pass to
+    the two projectors' float rounding."""
+    from xwin.pipeline.geometry import ring_for_volume
+
+    hu, A = small_ct
+    views = ring_for_volume(RenderSpec(height=24, width=30, pixel_mm=14.0, n_views=2, yaw_step_deg=90.0), A, hu.shape)
+    calls, on_material = _recorder()
+    loop = render_materials(hu, A, views, backend="torch", device="cpu", on_material=on_material)
+    assert calls == [(1, 2), (2, 2)]
+    fused = render_materials(hu, A, views, backend="joseph")
+    for m in range(2):
+        assert np.linalg.norm(loop[m] - fused[m]) / np.linalg.norm(fused[m]) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_density_channels_equal_the_densities(layout):
+    """The fused path's channels-last densities (one tiled pass) are the model's densities voxel for voxel, whatever
+    the input's memory layout and dtype, and say whether there is bone."""
+    from xwin.pipeline.materials import hu_to_density_channels
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(-1100, 2500, (41, 23, 37)).astype(np.int16)
+    hu = {"C": base, "F": np.asfortranarray(base.astype(np.float64)), "strided": base.astype(np.float32)[::2, :, 3:]}[
+        layout
+    ]
+    ch, any_bone = hu_to_density_channels(hu)
+    soft, bone = hu_to_densities(hu)
+    assert ch.shape == (*hu.shape, 2) and ch.dtype == np.float32 and ch.flags.c_contiguous and any_bone
+    np.testing.assert_array_equal(ch[..., 0], soft)
+    np.testing.assert_array_equal(ch[..., 1], bone)
+    h = hu.astype(np.float64)  # and the model's formula (test_hu_model_memory_and_input_untouched)
+    np.testing.assert_allclose(bone, np.maximum((h - 100) / 1500, 0) * 1.92, atol=1e-6)
+    assert hu_to_density_channels(np.minimum(hu, 100))[1] is False
