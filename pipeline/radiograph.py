@@ -18,6 +18,8 @@ near 0, where a little-filtered spectrum's lowest energies die within hundredths
     noise     Poisson(N0 (T + S)) / N0 + Normal(0, sigma_e) / N0        (N0 = photons_per_pixel)
     blur      Gaussian point spread of std blur_mm on the detector (it blurs the noise too, as a scintillator does)
     output    transmission (signal / unattenuated signal), log (-ln), display (log windowed to [0, 1])
+    process   display only: q + k (q - G_s * q) on the log image q before the window (unsharp mask, gain k =
+              enhance_amount, Gaussian std s = enhance_mm), the structure enhancement of CR/DR consoles
 """
 
 from __future__ import annotations
@@ -247,6 +249,9 @@ def radiograph_view(
     q = -np.log(np.maximum(sig, floor))
     if look.output == "log":
         return q
+    if look.enhance_amount > 0:
+        smooth = ndi.gaussian_filter(q, look.enhance_mm / pixel_mm, mode="reflect")
+        q = q + np.float32(look.enhance_amount) * (q - smooth)
     lo, hi = np.percentile(q, (0.5, 99.5))
     return np.clip((q - lo) / max(float(hi - lo), 1e-8), 0.0, 1.0).astype(np.float32)
 

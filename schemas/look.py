@@ -22,6 +22,9 @@ class Look(BaseModel):
     ``scatter_fraction`` S/(P+S) of a wide Gaussian (``scatter_kernel_mm``) of the primary image: an
     approximation (docs/appearance.md). ``output``: ``transmission`` (signal / unattenuated signal), ``log``
     (-ln of it) or ``display`` (the log windowed to [0, 1] between its 0.5 and 99.5 percentiles: bright bone).
+    ``enhance_amount`` / ``enhance_mm``: the console processing of the display output, an unsharp mask of the log
+    image (gain, and the std of its Gaussian in mm on the detector) before the window, as CR and DR consoles enhance
+    structures (0: none; display output only).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,11 +44,17 @@ class Look(BaseModel):
     scatter_kernel_mm: float = Field(60.0, gt=0.0, le=500.0, description="std of the scatter kernel [mm]")
     seed: int = Field(0, ge=0, description="seed of the noise (each view draws its own stream)")
     output: Literal["transmission", "log", "display"] = "transmission"
+    enhance_amount: float = Field(
+        0.0, ge=0.0, le=10.0, description="unsharp-mask gain of the display output's processing; 0: none"
+    )
+    enhance_mm: float = Field(10.0, gt=0.0, le=200.0, description="std of the unsharp mask's Gaussian [mm]")
 
     @model_validator(mode="after")
     def _check(self) -> Look:
         if self.electronic_noise > 0 and self.photons_per_pixel is None:
             raise ValueError("electronic_noise is in quanta: it needs photons_per_pixel")
+        if self.enhance_amount > 0 and self.output != "display":
+            raise ValueError(f"enhance_amount is processing of the display output, not of output {self.output!r}")
         return self
 
     @property
@@ -66,6 +75,8 @@ LOOK_VECTOR_FIELDS: tuple[str, ...] = (
     "scatter_fraction",
     "scatter_kernel_mm",
     "seed",
+    "enhance_amount",
+    "enhance_mm",
 )
 
 
@@ -92,6 +103,8 @@ class LookRanges(BaseModel):
     blur_mm: tuple[float, float] = (0.0, 0.5)
     scatter_fraction: tuple[float, float] = (0.0, 0.4)
     scatter_kernel_mm: tuple[float, float] = (60.0, 60.0)
+    enhance_amount: tuple[float, float] = (0.0, 0.0)
+    enhance_mm: tuple[float, float] = (10.0, 10.0)
     output: Literal["transmission", "log", "display"] = "display"
     kvp_step: float = Field(5.0, gt=0)
     filtration_step: float = Field(0.5, gt=0)
@@ -136,4 +149,7 @@ class LookRanges(BaseModel):
             scatter_kernel_mm=u(self.scatter_kernel_mm),
             seed=int(rng.integers(0, 2**24)),
             output=self.output,
+            # drawn after the others: ranges without processing draw exactly what they drew before it existed
+            enhance_amount=u(self.enhance_amount),
+            enhance_mm=u(self.enhance_mm),
         )
