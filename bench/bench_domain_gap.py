@@ -16,10 +16,12 @@ Encoders (EMA encoder of ``xwin train --preset tiny``, same ``--steps``, train s
   random-init   the encoder before any step (the initialisation both trained models of that seed start from);
   plain         trained on the stored views in X-WIN's min-max look;
   looks         trained with domain actions: per sample a look drawn from the default ranges of ``data.looks``
-                (70-120 kVp, 2.5-4 mm Al, 10^4-10^6 quanta per pixel, blur 0-0.5 mm, scatter 0-0.4, display output).
+                (70-120 kVp, 2.5-4 mm Al, 10^4-10^6 quanta per pixel, blur 0-0.5 mm, scatter 0-0.4, display output)
+                with console processing (unsharp-mask gain 0-1.5, 5-20 mm).
 Views: ``plain`` = the stored views in the checkpoint's training appearance (min-max); ``realistic`` = ``xwin eval
 domain-gap --look`` with the chest look below (120 kVp, 3 mm Al, 10^6 quanta per 4 mm pixel, 0.3 mm blur, scatter
-fraction 0.3, display output).
+fraction 0.3, display output); ``processed`` = the same look with the console's unsharp mask (gain 1, 10 mm). The
+looks were fixed before any figure was seen, not fitted to the real image.
 Every (seed, encoder, views, real set) row: ``xwin eval domain-gap ... --json`` in a subprocess: cosine similarity
 and L2 distance between the two feature centres, with N of each side, and each test volume's own centre against the
 real one (``per_volume``: plain and realistic DRRs of the same volume compared pairwise). Results:
@@ -45,7 +47,7 @@ import record  # bench/record.py (the script's folder is on sys.path)
 
 REAL_SETS = {"chest": "RG1_UNCR.dcm", "chest-j2k-lossy": "RG1_J2KI.dcm", "tibia": "RG3_UNCR.dcm"}
 ENCODERS = ("random-init", "plain", "looks")
-VIEWS = ("plain", "realistic")
+VIEWS = ("plain", "realistic", "processed")
 CHEST_LOOK = {
     "kvp": 120.0,
     "filtration_mm_al": 3.0,
@@ -55,6 +57,8 @@ CHEST_LOOK = {
     "seed": 0,
     "output": "display",
 }
+PROCESSED_LOOK = {**CHEST_LOOK, "enhance_amount": 1.0, "enhance_mm": 10.0}
+TRAIN_LOOKS = {"enhance_amount": [0.0, 1.5], "enhance_mm": [5.0, 20.0]}  # the rest: LookRanges' defaults
 FULL = {"n": 24, "downsample": "4,4,2", "detector": 128, "pixel_mm": 4.0, "steps": 3000, "seeds": [0, 1, 2]}
 CI = {"n": 4, "downsample": "8,8,4", "detector": 32, "pixel_mm": 16.0, "steps": 3, "seeds": [0]}
 
@@ -127,7 +131,7 @@ def train(work: Path, url: str, name: str, steps: int, seed: int, looks: bool) -
     data: dict[str, Any] = {"store": url, "cohort": "phantoms", "split": "train", "num_workers": 0}
     data["draws_per_volume"] = 4
     if looks:
-        data["looks"] = {}
+        data["looks"] = dict(TRAIN_LOOKS)
     values = {
         "data": data,
         "out_dir": str(work / name),
@@ -166,9 +170,9 @@ def gap(ckpt: str, url: str, real_dir: str, look: Path | None) -> dict[str, Any]
     return {k: r[k] for k in keep}
 
 
-def figure(url: str, real: dict[str, dict], look: Path, out: Path) -> str:
-    """The first test volume's frontal view, plain (min-max) and in the chest look, beside the real chest (model
-    inputs before resizing): a PNG for docs/appearance.md."""
+def figure(url: str, real: dict[str, dict], looks: list[Path], out: Path) -> str:
+    """The first test volume's frontal view, plain (min-max) and in each look, beside the real chest (model inputs
+    before resizing): a PNG for docs/appearance.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,16 +189,16 @@ def figure(url: str, real: dict[str, dict], look: Path, out: Path) -> str:
     ds = StoreSource(src.url, src.cohort, src.spec, split="test").open()
     vid = sorted(ds.volume_ids())[0]
     i = ds.spec.view_index(0.0)
-    plain = minmax(np.asarray(ds.read_views(vid, [i])[0][0], np.float32))
-    lk = Look.model_validate_json(look.read_text())
-    realistic = radiograph(ds.read_materials(vid, [i]), lk, pixel_mm=float(ds.spec.pixel_mm), view_indices=[i])[0]
+    panels = [(minmax(np.asarray(ds.read_views(vid, [i])[0][0], np.float32)), "phantom, plain (min-max)")]
+    for path in looks:
+        lk = Look.model_validate_json(path.read_text())
+        img = radiograph(ds.read_materials(vid, [i]), lk, pixel_mm=float(ds.spec.pixel_mm), view_indices=[i])[0]
+        extra = f", unsharp {lk.enhance_amount:g} x {lk.enhance_mm:g} mm" if lk.enhance_amount else ""
+        panels.append((img, f"phantom, {lk.kvp:g} kVp{extra}"))
     chest = np.asarray(Image.open(next(Path(real["chest"]["dir"]).rglob("*.jpg"))), np.float32) / 255.0
-    fig, ax = plt.subplots(1, 3, figsize=(9, 3.3))
-    for a, img, title in zip(
-        ax,
-        (plain, realistic, chest),
-        ("phantom, plain (min-max)", f"phantom, chest look ({lk.kvp:g} kVp)", "real chest CR (pydicom-data RG1)"),
-    ):
+    panels.append((chest, "real chest CR (pydicom-data RG1)"))
+    fig, ax = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3))
+    for a, (img, title) in zip(ax, panels):
         a.imshow(img, cmap="gray", vmin=0, vmax=1)
         a.set_title(title, fontsize=9)
         a.axis("off")
@@ -216,13 +220,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     src = Path(args.real_dicom) if args.real_dicom else pydicom_data_dir()
-    rec = record.start("domain-gap", args, **p, real_dicom=str(src), chest_look=CHEST_LOOK)
+    rec = record.start(
+        "domain-gap",
+        args,
+        **p,
+        real_dicom=str(src),
+        chest_look=CHEST_LOOK,
+        processed_look=PROCESSED_LOOK,
+        train_looks=TRAIN_LOOKS,
+    )
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     real = real_sets(work, src)
     url = build_cohort(work, p, 0)
-    look = work / "chest-look.json"
+    look, processed = work / "chest-look.json", work / "processed-look.json"
     look.write_text(json.dumps(CHEST_LOOK))
+    processed.write_text(json.dumps(PROCESSED_LOOK))
+    look_of = {"plain": None, "realistic": look, "processed": processed}
     t["data_s"] = time.perf_counter() - t0
     runs, rows, t["eval_s"] = {}, [], 0.0
     for seed in p["seeds"]:
@@ -234,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for enc in ENCODERS:
             for views in VIEWS:
                 for rname, rs in real.items():
-                    g = gap(ckpts[enc], url, rs["dir"], look if views == "realistic" else None)
+                    g = gap(ckpts[enc], url, rs["dir"], look_of[views])
                     rows.append({"seed": seed, "encoder": enc, "views": views, "real": rname, **g})
                     print(
                         f"seed {seed} {enc:11s} {views:9s} vs {rname:15s}: cosine {g['cosine_similarity']:.4f}, "
@@ -242,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         flush=True,
                     )
         t["eval_s"] += time.perf_counter() - t0
-    fig = figure(url, real, look, Path(args.figure)) if args.figure else None
+    fig = figure(url, real, [look, processed], Path(args.figure)) if args.figure else None
     samples = {
         "real": {k: {kk: vv for kk, vv in v.items() if kk != "dir"} for k, v in real.items()},
         "train": {k: {kk: vv for kk, vv in v.items() if kk not in ("checkpoint", "init")} for k, v in runs.items()},

@@ -705,19 +705,24 @@ def domain_gap(res: list[Result]) -> str:
     trained = ", ".join(f"{k} {f(med(v) / 60, 1)} min" for k, v in secs.items() if v)
     notes = []
     for e in encs:
-        if (e, "plain", "chest") in cell and (e, "realistic", "chest") in cell:
-            pl, re_ = cell[e, "plain", "chest"], cell[e, "realistic", "chest"]
-            a, b = statistics.fmean(x["l2_distance"] for x in pl), statistics.fmean(x["l2_distance"] for x in re_)
+        if (e, "plain", "chest") not in cell:
+            continue
+        pl = cell[e, "plain", "chest"]
+        a = statistics.fmean(x["l2_distance"] for x in pl)
+        parts_e = [f"{f(a, 3)} plain"]
+        for v in views[1:]:
+            if (e, v, "chest") not in cell:
+                continue
+            other = cell[e, v, "chest"]
+            b = statistics.fmean(x["l2_distance"] for x in other)
             pairs = [
                 (p_["l2_distance"], q["l2_distance"])
-                for x, y in zip(pl, re_)
+                for x, y in zip(pl, other)
                 for p_, q in zip(x["per_volume"], y["per_volume"])
             ]
             closer = sum(q < p_ for p_, q in pairs)
-            notes.append(
-                f"{e}: {f(a, 3)} plain → {f(b, 3)} realistic ({f(b / a, 2)}×; realistic closer for {closer} of "
-                f"{len(pairs)} volume × seed pairs)"
-            )
+            parts_e.append(f"{f(b, 3)} {v} ({f(b / a, 2)}×, closer for {closer} of {len(pairs)} volume × seed pairs)")
+        notes.append(f"{e}: " + ", ".join(parts_e))
     farther = [
         e
         for e in encs
@@ -742,7 +747,8 @@ def domain_gap(res: list[Result]) -> str:
         f"training time: {trained}). Each cell: cosine similarity / L2 distance of the feature centres (EMA "
         f"encoder), mean over the seeds{' ± sd of the L2' if len(seeds) > 1 else ''}.",
         table(["encoder", "DRRs", *(f"vs {k}" for k in reals)], rows),
-        "L2 to the real chest, plain → realistic DRRs: " + "; ".join(notes) + ". The non-chest control (tibia) is "
+        "L2 to the real chest by kind of DRR (ratio to plain; pairs where the volume's own centre is closer than with "
+        "its plain views): " + "; ".join(notes) + ". The non-chest control (tibia) is "
         "farther than the chest for every view kind and seed under: "
         + (", ".join(farther) if farther else "no encoder")
         + "."

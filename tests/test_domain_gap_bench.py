@@ -1,5 +1,6 @@
 """bench/bench_domain_gap.py in miniature (the plumbing, not the figures): real radiographs through prepare-cxr, a
-cohort with material bases, two tiny models, every (encoder, views, real set) row through ``xwin eval domain-gap``,
+cohort with material bases, two tiny models (one with domain actions), every (encoder, views, real set) row through
+``xwin eval domain-gap`` (plain views and two looks),
 and the docs/benchmarks.md region that bench/report.py makes of it."""
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def test_domain_gap_bench_miniature(tmp_path):
         assert cell[e, "realistic", "chest"]["l2_distance"] != pytest.approx(
             cell[e, "plain", "chest"]["l2_distance"], rel=1e-4
         )
+        assert cell[e, "processed", "chest"]["l2_distance"] != pytest.approx(
+            cell[e, "realistic", "chest"]["l2_distance"], rel=1e-4
+        )
     # the two models trained their steps, the looks model with domain actions
     assert {k: t["steps"] for k, t in smp["train"].items()} == {"plain/0": 3, "looks/0": 3}
     assert smp["train"]["looks/0"]["looks"] and not smp["train"]["plain/0"]["looks"]
@@ -106,8 +110,8 @@ def test_domain_gap_bench_miniature(tmp_path):
         "load_after": [1.0, 1.0, 1.0],
     }
     md = report.domain_gap([fake])
-    assert md.count("\n| random-init |") == 2 and md.count("\n| looks |") == 2
+    assert md.count("\n| random-init |") == 3 and md.count("\n| looks |") == 3
     assert f"{n_test} simulated" in md and "chest 1, chest-j2k-lossy 1, tibia 1" in md
     c = cell["looks", "realistic", "tibia"]
     assert f"{c['cosine_similarity']:.4f} / {c['l2_distance']:.3f}" in md
-    assert f"of {n_test} volume × seed pairs" in md
+    assert md.count(f"of {n_test} volume × seed pairs") == 2 * len(bench.ENCODERS)
