@@ -71,7 +71,7 @@ def test_domain_gap_bench_miniature(tmp_path):
     splits = open_store(str(tmp_path / "work" / "store")).read_splits("phantoms")
     n_test = sum(a.split == "test" for a in splits.volumes.values())
     assert n_test > 0 and summ["n_simulated"] == n_test
-    assert summ["n_real"] == {k: 1 for k in bench.REAL_SETS}
+    assert summ["n_real"] == dict.fromkeys(bench.REAL_SETS, 1)
     for r in rows:
         assert r["n_real"] == 1 and r["n_simulated"] == n_test and r["volumes"] == n_test
         assert -1 <= r["cosine_similarity"] <= 1 and math.isfinite(r["l2_distance"]) and r["l2_distance"] > 0
