@@ -130,14 +130,23 @@ def _density_pairs_into(h, out):  # pragma: no cover - compiled (numba)
     return n_bone
 
 
+def _compiled_input(h: np.ndarray) -> np.ndarray:
+    """``h`` as the compiled model takes it: native-order integers, float32 or float64 as they are; anything else
+    (big-endian, as a NIfTI file may hold it, float16, bool) as float32 in the same memory layout (the model computes
+    in float32 anyway)."""
+    if h.dtype.isnative and (h.dtype.kind in "iu" or h.dtype in (np.float32, np.float64)):
+        return h
+    return h.astype(np.float32, order="K")
+
+
 def hu_to_densities(
     hu: Real[np.ndarray, "*shape"],
 ) -> tuple[Float32[np.ndarray, "*shape"], Float32[np.ndarray, "*shape"]]:
     """HU -> (soft, bone) partial densities [g/cm^3] of each voxel (float32, same shape), the model above.
 
-    One pass over the volume, no temporaries: the two float32 outputs are all the memory it takes (a 512 x 512 x 600
-    CT is 630 MB each)."""
-    h = np.asarray(hu)
+    One pass over the volume, no temporaries (for native integers, float32 or float64; see :func:`_compiled_input`):
+    the two float32 outputs are all the memory it takes (a 512 x 512 x 600 CT is 630 MB each)."""
+    h = _compiled_input(np.asarray(hu))
     if not (h.flags.c_contiguous or h.flags.f_contiguous):
         h = np.ascontiguousarray(h)
     order: Literal["C", "F"] = "C" if h.flags.c_contiguous else "F"  # the outputs keep the input's layout (ingest's: F)
@@ -154,6 +163,7 @@ def hu_to_density_channels(hu: Real[np.ndarray, "X Y Z"]) -> tuple[Float32[np.nd
     h = np.asarray(hu)
     if h.ndim != 3:
         raise ValueError(f"volume must be 3-D (X,Y,Z), got shape {h.shape}")
+    h = _compiled_input(h)
     out = np.empty((*h.shape, 2), np.float32)
     n_bone = _density_pairs_into(h, out.reshape(-1))
     return out, bool(n_bone > 0)

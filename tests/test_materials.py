@@ -308,3 +308,21 @@ def test_density_channels_equal_the_densities(layout):
     h = hu.astype(np.float64)  # and the model's formula (test_hu_model_memory_and_input_untouched)
     np.testing.assert_allclose(bone, np.maximum((h - 100) / 1500, 0) * 1.92, atol=1e-6)
     assert hu_to_density_channels(np.minimum(hu, 100))[1] is False
+
+
+@pytest.mark.parametrize("dtype", [">i2", ">f4", "float16"])
+def test_densities_of_any_real_dtype(dtype):
+    """A big-endian volume (as a NIfTI file may hold it) or a float16 one gives the densities of the same HU in
+    native int16, through both paths (the compiled model takes native numbers only)."""
+    from xwin.pipeline.materials import hu_to_density_channels
+
+    base = np.random.default_rng(2).integers(-1000, 2000, (9, 7, 5)).astype(np.int16)
+    hu = np.asfortranarray(base.astype(dtype))
+    soft, bone = hu_to_densities(base)
+    got_soft, got_bone = hu_to_densities(hu)
+    np.testing.assert_array_equal(got_soft, soft)
+    np.testing.assert_array_equal(got_bone, bone)
+    ch, any_bone = hu_to_density_channels(hu)
+    assert any_bone
+    np.testing.assert_array_equal(ch[..., 0], soft)
+    np.testing.assert_array_equal(ch[..., 1], bone)
