@@ -286,3 +286,17 @@ def test_appearance_numpy_and_torch_agree():
     assert np.allclose(fixed, np.clip(p / 10.0, 0, 1), atol=1e-5)
     with pytest.raises(ValueError):
         appearance.apply("sepia", p)
+
+
+def test_project_channels_refuses_a_volume_it_cannot_interpolate():
+    """project_channels checks its volume as every entry point does: fewer than 2 voxels along an axis (no
+    interpolation cell) or a singular affine is one clear ValueError, not values read from the wrong voxels."""
+    from xwin.pipeline.render import joseph
+
+    A = np.diag([2.0, 2.0, 2.0, 1.0])
+    views = ring_for_volume(RenderSpec(height=8, width=8, pixel_mm=4.0, n_views=2, yaw_step_deg=90.0), A, (8, 8, 8))
+    for shape in [(8, 1, 8), (1, 8, 8), (8, 8, 1)]:
+        with pytest.raises(ValueError, match="at least 2 voxels"):
+            joseph.project_channels(np.full((*shape, 2), 0.01, np.float32), A, views)
+    with pytest.raises(ValueError, match="affine"):
+        joseph.project_channels(np.zeros((8, 8, 8, 2), np.float32), np.zeros((4, 4)), views)

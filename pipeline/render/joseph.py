@@ -33,6 +33,7 @@ from jaxtyping import Float, Float32
 
 from xwin.pipeline.geometry import ConeBeamViews
 from xwin.pipeline.render._rays import index_space as _index_space
+from xwin.pipeline.render.project import _check_volume
 
 
 @nb.njit(cache=True, inline="always")
@@ -515,6 +516,7 @@ def project_channels(
     vol = np.ascontiguousarray(vols, dtype=np.float32)
     if vol.ndim != 4 or vol.shape[3] < 1:
         raise ValueError(f"project_channels needs an (X, Y, Z, C) volume, got shape {vol.shape}")
+    _check_volume(vol[..., 0], affine)  # at least 2 voxels along each axis (the kernels' cells), a usable affine
     nx, ny, nz, C = vol.shape
     flat = vol.reshape(-1)
     P = _index_space(views, affine)
