@@ -715,29 +715,35 @@ def domain_gap(res: list[Result]) -> str:
                 continue
             other = cell[e, v, "chest"]
             b = statistics.fmean(x["l2_distance"] for x in other)
+            # each volume with itself in the same seed (by key: rows and per-volume lists may come in any order)
+            mine = {(x.get("seed", 0), v["volume_id"]): v["l2_distance"] for x in pl for v in x["per_volume"]}
             pairs = [
-                (p_["l2_distance"], q["l2_distance"])
-                for x, y in zip(pl, other)
-                for p_, q in zip(x["per_volume"], y["per_volume"])
+                (mine[key], v["l2_distance"])
+                for y in other
+                for v in y["per_volume"]
+                if (key := (y.get("seed", 0), v["volume_id"])) in mine
             ]
             closer = sum(q < p_ for p_, q in pairs)
             parts_e.append(f"{f(b, 3)} {v} ({f(b / a, 2)}×, closer for {closer} of {len(pairs)} volume × seed pairs)")
         notes.append(f"{e}: " + ", ".join(parts_e))
+    by_seed = {k: {x.get("seed", 0): x["l2_distance"] for x in xs} for k, xs in cell.items()}
     farther = [
         e
         for e in encs
         if all(
-            t["l2_distance"] > c["l2_distance"]
+            t > by_seed[e, v, "chest"][s]
             for v in views
-            if (e, v, "tibia") in cell
-            for t, c in zip(cell[e, v, "tibia"], cell[e, v, "chest"])
+            if (e, v, "tibia") in cell and (e, v, "chest") in cell
+            for s, t in by_seed[e, v, "tibia"].items()
+            if s in by_seed[e, v, "chest"]
         )
     ]
     lossy = [
-        abs(x["l2_distance"] - y["l2_distance"])
+        abs(l2 - by_seed[k[0], k[1], "chest-j2k-lossy"][s])
         for k in cell
         if k[2] == "chest" and (k[0], k[1], "chest-j2k-lossy") in cell
-        for x, y in zip(cell[k], cell[k[0], k[1], "chest-j2k-lossy"])
+        for s, l2 in by_seed[k].items()
+        if s in by_seed[k[0], k[1], "chest-j2k-lossy"]
     ]
     parts = [
         run_line(r),

@@ -115,3 +115,43 @@ def test_domain_gap_bench_miniature(tmp_path):
     c = cell["looks", "realistic", "tibia"]
     assert f"{c['cosine_similarity']:.4f} / {c['l2_distance']:.3f}" in md
     assert md.count(f"of {n_test} volume × seed pairs") == 2 * len(bench.ENCODERS)
+
+
+def test_domain_gap_region_pairs_volumes_by_id_and_seed():
+    """The region's paired counts match each volume with itself in the same seed, whatever order the rows and the
+    per-volume lists come in: here the processed rows list the seeds and the volumes in reverse, and every volume's
+    processed DRRs are closer than its plain ones (by 0.1) though farther than the plain ones of the others."""
+
+    def row(seed, enc, views, real, l2s):
+        pv = [{"volume_id": f"v{i}", "cosine_similarity": 0.9, "l2_distance": x} for i, x in enumerate(l2s)]
+        if views == "processed":
+            pv = pv[::-1]
+        l2 = sum(l2s) / len(l2s)
+        return {"seed": seed, "encoder": enc, "views": views, "real": real, "cosine_similarity": 0.9,
+                "l2_distance": l2, "n_simulated": 3, "n_real": 1, "volumes": 3, "per_volume": pv}  # fmt: skip
+
+    plain_l2 = {0: [1.0, 2.0, 3.0], 1: [1.5, 2.5, 3.5]}
+    rows = []
+    for views, seeds in (("plain", (0, 1)), ("processed", (1, 0))):
+        for s in seeds:
+            l2s = [x - 0.1 if views == "processed" else x for x in plain_l2[s]]
+            rows.append(row(s, "plain", views, "chest", l2s))
+            rows.append(row(s, "plain", views, "tibia", [x + 10 for x in l2s]))
+    res = {
+        "_file": "domain-gap-2000-01-01.json",
+        "bench": "domain-gap",
+        "script": "bench/bench_domain_gap.py",
+        "argv": [],
+        "date": "2000-01-01",
+        "started_at": "2000-01-01T00:00:00+00:00",
+        "params": {"detector": 32, "pixel_mm": 16.0},
+        "summary": {"n_real": {"chest": 1, "tibia": 1}},
+        "samples": {"rows": rows, "train": {"plain/0": {"steps": 3, "seconds": 60.0}}},
+        "machine": {"cores": 2, "cpu": "x", "memory_gb": 1.0, "gpus": []},
+        "git": {"commit": "0" * 40, "dirty": False},
+        "load_before": [1.0, 1.0, 1.0],
+        "load_after": [1.0, 1.0, 1.0],
+    }
+    md = _load("report").domain_gap([res])
+    assert "processed (0.96×, closer for 6 of 6 volume × seed pairs)" in md, md
+    assert "farther than the chest for every view kind and seed under: plain." in md, md
