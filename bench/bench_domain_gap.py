@@ -85,13 +85,19 @@ def pydicom_data_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------- the data
+def check_real(src: Path) -> None:
+    """Every real radiograph is there (one line naming the first missing file, before anything is made)."""
+    for fname in REAL_SETS.values():
+        if not (src / fname).is_file():
+            raise SystemExit(f"real radiograph {src / fname}: no such file")
+
+
 def real_sets(work: Path, src: Path) -> dict[str, dict[str, Any]]:
     """Each real set in its own folder, through ``xwin prepare-cxr`` (256², 8-bit JPEG)."""
+    check_real(src)
     out = {}
     for name, fname in REAL_SETS.items():
         f = src / fname
-        if not f.is_file():
-            raise SystemExit(f"real radiograph {f}: no such file")
         raw, prepared = work / "real" / name, work / "real-prepared" / name
         raw.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, raw / fname)
@@ -217,9 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             p[k] = getattr(args, k)
     if args.seeds is not None:
         p["seeds"] = [int(x) for x in args.seeds.split(",") if x.strip()]
+    src = Path(args.real_dicom) if args.real_dicom else pydicom_data_dir()
+    check_real(src)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    src = Path(args.real_dicom) if args.real_dicom else pydicom_data_dir()
     rec = record.start(
         "domain-gap",
         args,

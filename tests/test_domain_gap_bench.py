@@ -155,3 +155,17 @@ def test_domain_gap_region_pairs_volumes_by_id_and_seed():
     md = _load("report").domain_gap([res])
     assert "processed (0.96×, closer for 6 of 6 volume × seed pairs)" in md, md
     assert "farther than the chest for every view kind and seed under: plain." in md, md
+
+
+def test_domain_gap_bench_checks_the_real_radiographs_first(tmp_path):
+    """A real-radiograph folder without one of the three files ends the bench with one line naming it, before the
+    work folder is made or anything copied into it."""
+    bench = _load("bench_domain_gap")
+    src = tmp_path / "dicom"
+    src.mkdir()
+    for name in ("RG1_UNCR.dcm", "RG1_J2KI.dcm"):
+        (src / name).write_bytes(b"")
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=r"RG3_UNCR\.dcm: no such file"):
+        bench.main(["--ci", "--work", str(work), "--real-dicom", str(src), "--no-record"])
+    assert not work.exists()
