@@ -21,7 +21,8 @@ Encoders (EMA encoder of ``xwin train --preset tiny``, same ``--steps``, train s
 Views: ``plain`` = the stored views in the checkpoint's training appearance (min-max); ``realistic`` = ``xwin eval
 domain-gap --look`` with the chest look below (120 kVp, 3 mm Al, 10^6 quanta per 4 mm pixel, 0.3 mm blur, scatter
 fraction 0.3, display output); ``processed`` = the same look with the console's unsharp mask (gain 1, 10 mm). The
-looks were fixed before any figure was seen, not fitted to the real image.
+chest look was fixed before any figure was seen; the processed look was added after a first run of plain and
+realistic.
 Every (seed, encoder, views, real set) row: ``xwin eval domain-gap ... --json`` in a subprocess: cosine similarity
 and L2 distance between the two feature centres, with N of each side, and each test volume's own centre against the
 real one (``per_volume``: plain and realistic DRRs of the same volume compared pairwise). Results:
