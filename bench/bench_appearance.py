@@ -80,6 +80,7 @@ def main() -> None:
 
     img = nib.load(str(example_ct_path()))
     hu, A = canonical_ras(np.asarray(img.dataobj), np.asarray(img.affine))
+    hu = np.rint(hu).astype(np.int16)  # as ingest stores it: int16 HU (nibabel scales to float64), Fortran order
     spec = RenderSpec(height=args.size, width=args.size, pixel_mm=512.0 / args.size, n_views=args.views,
                       materials=True)  # fmt: skip
     geom = ring_for_volume(spec, A, hu.shape)
