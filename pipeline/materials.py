@@ -225,8 +225,7 @@ def _render_materials_joseph(
     **options: Any,
 ) -> Float32[np.ndarray, "2 V H W"]:
     """Both bases in one joseph pass: the densities as one channels-last volume, projected as two channels."""
-    from xwin.pipeline.render import render_views
-    from xwin.pipeline.render.joseph import project_channels
+    from xwin.pipeline.render.joseph import project, project_channels
     from xwin.pipeline.render.project import _check_volume
 
     vol, A = _check_volume(hu, affine)
@@ -237,7 +236,7 @@ def _render_materials_joseph(
         out = project_channels(dens, A, views, on_progress=on_progress, **options)
     else:  # no voxel above 100 HU: no bone anywhere, the soft basis alone
         out = np.zeros((2, len(views), views.height, views.width), np.float32)
-        out[0] = render_views(dens[..., 0], A, views, backend="joseph", is_mu=True, on_progress=on_progress, **options)
+        out[0] = project(dens[..., 0], A, views, on_progress=on_progress, **options)
     out *= np.float32(0.1)  # g/cm^3 * mm -> g/cm^2
     if on_material is not None:
         on_material(2, 2)

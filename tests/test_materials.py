@@ -268,10 +268,14 @@ def test_fused_bases_of_a_volume_without_bone(small_ct):
     soft_only = np.minimum(hu, 99).astype(np.int16)
     views = ring_for_volume(RenderSpec(height=24, width=30, pixel_mm=14.0, n_views=3, yaw_step_deg=90.0), A, hu.shape)
     calls, on_material = _recorder()
-    fused = render_materials(soft_only, A, views, backend="joseph", on_material=on_material)
+    progress, on_progress = _recorder()
+    fused = render_materials(
+        soft_only, A, views, backend="joseph", on_material=on_material, on_progress=on_progress, batch_views=2
+    )
     assert float(np.abs(fused[1]).max()) == 0.0 and float(fused[0].max()) > 10.0
     np.testing.assert_array_equal(fused, _per_basis(soft_only, A, views))
     assert calls == [(2, 2)]
+    assert progress == [(0, 3), (2, 3), (3, 3)]  # one pass over the views, reported once
 
 
 def test_other_backends_project_the_bases_one_after_the_other(small_ct):
