@@ -95,14 +95,27 @@ def stage_line(ev: dict) -> str | None:
             f"backfill {ev.get('cohort', '?')}: done {c['done']}, skipped {c['skipped']}, rejected {c['rejected']}, "
             f"failed {c['failed']} of {summary.planned} planned in {float(ev.get('wall_s') or 0.0):.1f} s"
         ]
-        lines += [f"  rejected {r.input}: {r.reason.value}: {r.detail}" for r in summary.rejected]
-        for f in summary.failed:
-            again = "a rerun retries it" if f.retryable else "fix the cause, then rerun"
-            lines.append(f"  FAILED {f.input} ({f.stage}): {f.error} ({again})")
+        lines += capped([f"  rejected {r.input}: {r.reason.value}: {r.detail}" for r in summary.rejected], "rejected")
+        lines += capped(
+            [f"  FAILED {f.input} ({f.stage}): {f.error} "
+             f"({'a rerun retries it' if f.retryable else 'fix the cause, then rerun'})" for f in summary.failed],
+            "failed",
+        )  # fmt: skip
         if ev.get("verify"):
             lines.append(f"  verify {ev['verify']}")
         return "\n".join(lines)
     return None
+
+
+LIST_LIMIT = 20  # series named per list (QC flagged, rejected, failed) in a printed run summary
+
+
+def capped(lines: list[str], what: str, limit: int = LIST_LIMIT) -> list[str]:
+    """At most ``limit`` of a summary's per-series ``lines``, then one line saying how many more ``what`` there are
+    (the JSON summary and the markdown report list every one)."""
+    if len(lines) <= limit:
+        return lines
+    return [*lines[:limit], f"  ... and {len(lines) - limit} more {what} (--json lists every one)"]
 
 
 def step(volume_id: str, name: str, seconds: float, **fields: object) -> None:

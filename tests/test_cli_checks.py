@@ -210,6 +210,40 @@ def test_backfill_names_qc_flags_and_rejections(random_run):
     assert "| rejected: empty_input | 1 |" in md
 
 
+def test_a_long_list_of_series_is_capped_on_stdout_and_whole_in_the_json(tmp_path):
+    """23 empty folders: stdout names the first 20 rejections and says how many more there are; the JSON summary
+    and the markdown report list all 23; the log lines of a run's end are capped the same way."""
+    from xwin.flows.progress import LIST_LIMIT, capped
+
+    empties = []
+    for i in range(LIST_LIMIT + 3):
+        (tmp_path / f"empty{i:02d}").mkdir()
+        empties.append(str(tmp_path / f"empty{i:02d}"))
+    store = tmp_path / "st"
+    args = ["backfill", "--cohort", "q", "--store", str(store), "--verify", "none", "--backend", "joseph"]
+    for e in empties:
+        args += ["--source", e]
+    r = xwin(*args)
+    assert r.returncode == 0, r.stderr
+    named = [x for x in lines(r.stdout) if x.startswith("  rejected /")]
+    assert named == [f"  rejected {e}: empty_input: {e}: no files" for e in empties[:LIST_LIMIT]]
+    assert "  ... and 3 more rejected (--json lists every one)" in lines(r.stdout)
+    assert "rejected by reason: empty_input 23" in r.stdout
+    runs = sorted((Path(f"{store}-reports") / "runs").glob("*.json"))
+    assert len(json.loads(runs[0].read_text())["summary"]["rejected"]) == LIST_LIMIT + 3
+    md = sorted((Path(f"{store}-reports") / "runs").glob("*.md"))[0].read_text()
+    assert all(f"`{e}`" in md for e in empties)
+    # xwin ingest's tables likewise
+    r = xwin("ingest", *empties, "--store", str(tmp_path / "st2"), "--cohort", "q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("empty_input") == LIST_LIMIT  # one per row (the paths may wrap in the table)
+    assert "... and 3 more rejected (--json lists every one)" in r.stdout
+    r = xwin("ingest", *empties, "--store", str(tmp_path / "st2"), "--cohort", "q", "--json")
+    assert len(json.loads(r.stdout)["rejected"]) == LIST_LIMIT + 3
+    assert capped(["a", "b"], "x", 2) == ["a", "b"]
+    assert capped(["a", "b", "c"], "failed", 2) == ["a", "b", "  ... and 1 more failed (--json lists every one)"]
+
+
 def test_stage_lines_keep_names_whole_and_explain_the_counts(random_run):
     err = lines(random_run.r.stderr)
     assert err[0] == "backfill q: 1 series to process, 0 already done, 1 rejected while planning"

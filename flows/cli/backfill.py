@@ -188,23 +188,36 @@ def backfill_cmd(
     raise typer.Exit(code)
 
 
-def echo_outcomes(summary) -> None:
-    """The lines under a run's counts: QC flags and rejections (counts, then each series), failures."""
+def echo_outcomes(summary, limit: int | None = None) -> None:
+    """The lines under a run's counts: QC flags and rejections (counts, then each series), failures. Each list names
+    at most ``limit`` series (default ``xwin.flows.progress.LIST_LIMIT``), then how many more there are (the JSON
+    summary and the markdown report list all)."""
+    from xwin.flows.progress import LIST_LIMIT, capped
     from xwin.flows.reports import counts_by_reason, qc_flag_counts, qc_flagged
+
+    n_max = LIST_LIMIT if limit is None else limit
+
+    def listed(lines: list[str], what: str) -> None:
+        for line in capped(lines, what, n_max):
+            typer.echo(line)
 
     flags = qc_flag_counts(summary)
     if flags:
         n = len(qc_flagged(summary))
         typer.echo(f"  QC flagged {n} of {len(summary.done)} done: " + ", ".join(f"{k} {v}" for k, v in flags.items()))
-        for e in qc_flagged(summary):
-            typer.echo(f"  flagged {e.input} ({e.volume_id[:12]}): {', '.join(e.qc_flags)} (xwin card shows why)")
+        listed(
+            [f"  flagged {e.input} ({e.volume_id[:12]}): {', '.join(e.qc_flags)} (xwin card shows why)"
+             for e in qc_flagged(summary)],
+            "flagged",
+        )  # fmt: skip
     if summary.rejected:
         typer.echo("  rejected by reason: " + ", ".join(f"{k} {v}" for k, v in counts_by_reason(summary).items()))
-    for r in summary.rejected:
-        typer.echo(f"  rejected {r.input}: {r.reason.value}: {r.detail}")
-    for f in summary.failed:
-        again = "a rerun retries it" if f.retryable else "fix the cause, then rerun"
-        typer.echo(f"  FAILED {f.input} ({f.stage}): {f.error} ({again})")
+    listed([f"  rejected {r.input}: {r.reason.value}: {r.detail}" for r in summary.rejected], "rejected")
+    listed(
+        [f"  FAILED {f.input} ({f.stage}): {f.error} "
+         f"({'a rerun retries it' if f.retryable else 'fix the cause, then rerun'})" for f in summary.failed],
+        "failed",
+    )  # fmt: skip
 
 
 def _maybe_validate(params, volume_ids: list[str], use_prefect: bool, backfill_run: str | None = None) -> str | None:

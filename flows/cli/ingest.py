@@ -109,20 +109,34 @@ def _print_human(summary: RunSummary) -> None:
         + (f", {len(summary.cancelled)} cancelled" if summary.cancelled else "")
         + f" of {summary.planned} planned"
     )
+    from xwin.flows.progress import LIST_LIMIT
+
+    def table(header: tuple[str, ...], rows: list[tuple[str, ...]], what: str) -> None:
+        """At most LIST_LIMIT rows, then how many more there are (--json lists every one)."""
+        t = Table(*header)
+        for row in rows[:LIST_LIMIT]:
+            t.add_row(*row)
+        con.print(t)
+        if len(rows) > LIST_LIMIT:
+            con.print(f"  ... and {len(rows) - LIST_LIMIT} more {what} (--json lists every one)")
+
     if summary.done or summary.skipped:
-        t = Table("status", "input", "volume_id")
-        for e in summary.done:
-            t.add_row("[green]done[/green]", e.input, e.volume_id)
-        for e in summary.skipped:
-            t.add_row("[cyan]skipped[/cyan]", e.input, e.volume_id)
-        con.print(t)
+        table(
+            ("status", "input", "volume_id"),
+            [("[green]done[/green]", e.input, e.volume_id) for e in summary.done]
+            + [("[cyan]skipped[/cyan]", e.input, e.volume_id) for e in summary.skipped],
+            "done or skipped",
+        )
     if summary.rejected:
-        t = Table("rejected", "reason", "detail")
-        for r in summary.rejected:
-            t.add_row(r.input, f"[red]{r.reason.value}[/red]", r.detail[:200])
-        con.print(t)
+        table(
+            ("rejected", "reason", "detail"),
+            [(r.input, f"[red]{r.reason.value}[/red]", r.detail[:200]) for r in summary.rejected],
+            "rejected",
+        )
     if summary.failed:
-        t = Table("failed", "stage", "error", "a rerun")
-        for f in summary.failed:
-            t.add_row(f.input, f.stage, f"[red]{f.error[:200]}[/red]", "retries it" if f.retryable else "fix the cause")
-        con.print(t)
+        table(
+            ("failed", "stage", "error", "a rerun"),
+            [(f.input, f.stage, f"[red]{f.error[:200]}[/red]", "retries it" if f.retryable else "fix the cause")
+             for f in summary.failed],
+            "failed",
+        )  # fmt: skip
