@@ -177,8 +177,10 @@ def backfill_cmd(
         echo_outcomes(summary)
         if end.get("verify"):
             typer.echo(f"  verify {end['verify']}")
-        for vid, url in sorted(end.get("previews", {}).items()):
-            typer.echo(f"  preview {vid}: {url}")
+        from xwin.flows.progress import capped
+
+        for line in capped([f"  preview {v}: {u}" for v, u in sorted(end.get("previews", {}).items())], "previews"):
+            typer.echo(line)
         if end.get("report"):
             typer.echo(f"  summary: {end['report']}")
         if validation:
