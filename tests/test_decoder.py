@@ -147,3 +147,34 @@ def test_cli_train_decoder_stopped_by_ctrl_c_saves_its_step(tmp_path, world_ckpt
     assert "cancelled: stopped at step 2; the decoder so far is in" in res.stderr
     ckpt = torch.load(tmp_path / "d" / "checkpoints" / "decoder_latest.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 2
+    assert "run it again with --resume auto to continue" in res.stderr
+    # --resume auto continues that run: after 6 steps in all, the same weights and optimiser state as a run that
+    # never stopped (the data position and random states are in the checkpoint)
+    monkeypatch.setattr(dec.DecoderTrainer, "train_step", real)
+    again = CliRunner().invoke(
+        app, [*args, "--preset", "tiny", "--out", str(tmp_path / "d"), "--max-steps", "6", "--resume", "auto", "--json"]
+    )
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1])["steps"] == 6
+    whole = CliRunner().invoke(app, [*args, "--preset", "tiny", "--out", str(tmp_path / "w"), "--max-steps", "6"])
+    assert whole.exit_code == 0, whole.output
+
+    def final(run: str) -> dict:
+        return torch.load(tmp_path / run / "checkpoints" / "decoder_latest.pt", map_location="cpu", weights_only=False)
+
+    a, b = final("d"), final("w")
+    assert a["step"] == b["step"] == 6
+    for k in a["decoder"]:
+        assert torch.equal(a["decoder"][k], b["decoder"][k]), k
+    assert a["opt_g"]["state"][0]["step"] == b["opt_g"]["state"][0]["step"] == 6
+    log = [json.loads(x) for x in (tmp_path / "d" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["event"] == "resume"] == [2]
+    # a path that is not there, or a checkpoint of another decoder config: one line, exit 2
+    bad = CliRunner().invoke(app, [*args, "--preset", "tiny", "--out", str(tmp_path / "x"), "--resume", "nope.pt"])
+    assert bad.exit_code == 2 and "--resume nope.pt: no such file" in bad.output
+    bad = CliRunner().invoke(
+        app,
+        [*args, "--preset", "tiny", "--out", str(tmp_path / "d"), "--resume", "auto", "--set", "codebook_size=128"],
+    )
+    assert bad.exit_code == 2 and "another config: codebook_size 256 (now 128)" in bad.output, bad.output
+    assert "Traceback" not in bad.output

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -98,6 +99,9 @@ class DecoderConfig(BaseModel):
             raise ValueError(f"channels {self.channels} must be positive")
         return self
 
+
+# what a resumed run may change: its length, where it runs, how it logs and checkpoints, and the loader's workers
+RESUME_FREE = frozenset({"max_steps", "device", "precision", "log_every", "ckpt_every", "threads", "num_workers"})
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's best codebook (Table 5: 1024 x 256) with VQGAN's f16 decoder widths and its optimiser settings
@@ -428,7 +432,13 @@ class DecoderTrainer:
     # ----------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict[str, float]:
-        """L1 error (units of value_scale) and codebook usage of the decoder on fixed batches, in eval mode."""
+        """L1 error (units of value_scale) and codebook usage of the decoder on fixed batches, in eval mode. The
+        global random state is left as it was (training goes on the same whether or not it evaluated)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate(batches)
+
+    def _evaluate(self, batches: list[dict]) -> dict[str, float]:
         self.decoder.eval()
         errs, idxs, n = 0.0, [], 0
         for b in batches:
@@ -502,7 +512,60 @@ class DecoderTrainer:
             "disc": self.disc.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
+            # what an exact resume needs besides the weights: the data position and the random states
+            "data": self.stream.state_dict() if hasattr(self.stream, "state_dict") else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy_global": np.random.get_state(),
+                **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+            },
         }
+
+    def load(self, path: str | Path) -> None:
+        """Continue a run from its checkpoint ``path``: weights, optimisers, step, value scale, data position and
+        random states, so that training goes on as if it had not stopped. Refuses a checkpoint of another world
+        model architecture or of a decoder config that differs in anything but the run's length, device, logging,
+        checkpointing and loader workers."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"decoder checkpoint {p}: no such file")
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+            raise ValueError(f"decoder checkpoint {p}: not a torch checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(sd, dict) or sd.get("kind") != DECODER_KIND or sd.get("version") != DECODER_CKPT_VERSION:
+            raise ValueError(f"decoder checkpoint {p}: not an `xwin train-decoder` checkpoint of this version")
+        if sd["world_model"]["model_config"] != self.world.cfg.model.model_dump(mode="json"):
+            raise ValueError(f"decoder checkpoint {p} was trained on a world model of another architecture")
+        mine, theirs = (
+            self.cfg.model_dump(mode="json"),
+            DecoderConfig.model_validate(sd["config"]).model_dump(mode="json"),
+        )
+        differ = sorted(k for k in mine if k not in RESUME_FREE and mine[k] != theirs.get(k))
+        if differ:
+            raise ValueError(
+                f"decoder checkpoint {p} was trained with another config: "
+                + ", ".join(f"{k} {theirs.get(k)!r} (now {mine[k]!r})" for k in differ)
+            )
+        self.decoder.load_state_dict(sd["decoder"])
+        self.disc.load_state_dict(sd["disc"])
+        self.opt_g.load_state_dict(sd["opt_g"])
+        self.opt_d.load_state_dict(sd["opt_d"])
+        self.step, self.value_scale = int(sd["step"]), sd["value_scale"]
+        if sd.get("data") is not None and hasattr(self.stream, "load_state_dict"):
+            self.stream.load_state_dict(sd["data"])
+        else:
+            log.warning("decoder checkpoint %s holds no data position: the sample order starts afresh", p)
+        rng = sd.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy_global"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self._it = None  # iterate again from the loaded position
+        self.log_event({"event": "resume", "step": self.step, "path": str(p)})
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.out_dir / "checkpoints" / f"decoder_{self.step:08d}.pt"
@@ -593,10 +656,13 @@ def train_decoder(
     eval_batches: int = 4,
     echo: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    resume: str | Path | None = None,
 ) -> dict:
     """Train a decoder on the frozen world model of ``checkpoint`` from the views of ``dataset_url``
     (``<store>#<cohort>[/<spec hash>]``); returns the summary ``xwin train-decoder --json`` prints. ``should_stop``:
-    asked after each step; when it says so, training ends there (evaluated and saved as at the end)."""
+    asked after each step; when it says so, training ends there (evaluated and saved as at the end). ``resume``: a
+    decoder checkpoint of this run to continue from (:meth:`DecoderTrainer.load`); the evaluation batches are the
+    run's first batches either way."""
     from importlib.metadata import version
 
     device = resolve_device(cfg.device)
@@ -606,6 +672,8 @@ def train_decoder(
     try:
         held = [tr.next_batch() for _ in range(eval_batches)]
         held = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in held]
+        if resume is not None:
+            tr.load(resume)
         before = tr.evaluate(held)
         summary = tr.run(max_steps, should_stop)
         after = tr.evaluate(held)

@@ -70,6 +70,9 @@ def train_decoder_cmd(
     overrides: list[str] = typer.Option([], "--set", help="decoder config override key=value (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary"),
     echo: bool = typer.Option(False, "--echo", help="also print each log line to stderr"),
+    resume: str | None = typer.Option(
+        None, "--resume", help="decoder checkpoint to continue, or 'auto' = OUT/checkpoints/decoder_latest.pt"
+    ),
 ) -> None:
     """Train the VQ-GAN decoder head on a frozen world model: latent views -> projection images."""
     from pydantic import ValidationError
@@ -88,6 +91,13 @@ def train_decoder_cmd(
         fail(str(e))
     split = split if split is not None else or_exit(default_split, url, "train")
     check_split(st, ds, split)  # a split that is missing or holds no ring: one line naming what exists
+    resume_path: Path | None = None
+    if resume is not None:  # 'auto' without a checkpoint starts afresh; a path that is not there is an error
+        resume_path = out / "checkpoints" / "decoder_latest.pt" if resume == "auto" else Path(resume)
+        if not resume_path.is_file():
+            if resume != "auto":
+                fail(f"--resume {resume}: no such file")
+            resume_path = None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with stop.handle_signals():  # Ctrl-C / SIGTERM: the step in progress ends, the decoder is saved, exit 130/143
         s = or_exit(
@@ -100,10 +110,15 @@ def train_decoder_cmd(
             max_steps=max_steps,
             echo=echo,
             should_stop=stop.requested,
+            resume=resume_path,
             errors=_ERRORS,
         )
     if s.get("stopped"):
-        typer.echo(f"cancelled: stopped at step {s['steps']}; the decoder so far is in {s['checkpoint']}", err=True)
+        typer.echo(
+            f"cancelled: stopped at step {s['steps']}; the decoder so far is in {s['checkpoint']} "
+            "(run it again with --resume auto to continue)",
+            err=True,
+        )
     if as_json:
         typer.echo(json.dumps(s, default=float))
         if s.get("stopped"):
