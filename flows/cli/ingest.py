@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import typer
@@ -111,7 +112,7 @@ def _print_human(summary: RunSummary) -> None:
     )
     from xwin.flows.progress import LIST_LIMIT
 
-    def table(header: tuple[str, ...], rows: list[tuple[str, ...]], what: str) -> None:
+    def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], what: str) -> None:
         """At most LIST_LIMIT rows, then how many more there are (--json lists every one)."""
         t = Table(*header)
         for row in rows[:LIST_LIMIT]:
