@@ -273,6 +273,71 @@ def test_cli_train_json(tmp_path, rendered_dataset):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, rendered_dataset):
+    """Under torchrun, Ctrl-C (SIGINT) reaching only rank 1 (a preempted process): the ranks agree after each step
+    (one all-reduce), so both stop after the same step, none waits forever in a collective, rank 0 saves the
+    checkpoint of that step and reports the run stopped; the launcher's exit status is not 0."""
+    import contextlib
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    xwin = shutil.which("xwin", path=os.path.dirname(sys.executable))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["--no-python", xwin, "train", "--preset", "tiny", "--store", rendered_dataset.url, "--max-steps", "5000"]
+    cmd += ["--out", str(out), "--device", "cpu", "--set", "data.num_workers=0", "--set", "data.batch_size=2"]
+    cmd += ["--set", "data.draws_per_volume=4", "--set", "log_every=1", "--json"]
+    # on failure the launcher and its ranks are killed (a rank left waiting in a collective would hold the pipes open)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children: list[int] = []
+    try:
+        log = out / "log.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:  # a few steps done: the ranks are in the loop
+            if log.exists() and log.read_text().count('"event": "step"') >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+
+        def rank_of(pid: int) -> int | None:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+        children += [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        (rank1,) = [p for p in children if rank_of(p) == 1]
+        os.kill(rank1, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # the launcher and the ranks (which may run in sessions of their own)
+            for pid in [*children, proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.communicate(timeout=60)
+    assert proc.returncode != 0, stderr[-3000:]
+    (line,) = [x for x in stdout.splitlines() if x.startswith("{")]  # rank 0 reports
+    summary = json.loads(line)
+    assert summary["stopped"] and summary["world_size"] == 2
+    events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    (stopped,) = [e for e in events if e["event"] == "stopped"]
+    assert stopped["step"] == summary["steps"] < 5000
+    sd = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    assert sd["step"] == summary["steps"]
+    per_epoch = len(rendered_dataset.volume_ids) * 4  # 4 draws per volume
+    consumed = sd["data"]["epoch"] * per_epoch + sd["data"]["position"]
+    assert consumed == summary["steps"] * 2 * 2  # both ranks consumed the same steps x batch 2
+    assert f"cancelled: stopped at step {summary['steps']}" in stderr
+
+
 def test_torchrun_ddp_two_cpu_ranks(tmp_path, rendered_dataset, real_dir):
     """`torchrun --nproc_per_node 2 xwin train` on CPU (gloo): DDP + the stream's rank sharding, rank 0 reports."""
     import os
