@@ -22,6 +22,8 @@ Slot names (one global concurrency limit each; created on ``xwin deploy`` and, i
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
 import os
 import re
@@ -248,9 +250,12 @@ class PrefectStages:
 
         ctx = FlowRunContext.get()
         self.flow_run_id = ctx.flow_run.id if ctx is not None and ctx.flow_run is not None else None
+        self.names: dict[Any, str] = {}  # task run id -> the stage it runs
 
     def submit(self, task: Any, *args: Any) -> Any:
-        return task.submit(*args)
+        future = prefect_task(task).submit(*args)
+        self.names[future.task_run_id] = task.name.removesuffix("-series")  # its stage: "render-series" -> "render"
+        return future
 
     def as_completed(self, futures: Iterable[Any]) -> Iterator[Any]:
         from prefect.futures import as_completed
@@ -258,7 +263,25 @@ class PrefectStages:
         yield from as_completed(list(futures))
 
     def result(self, future: Any) -> Any:
-        return future.result()
+        """The task's value; a task run a stop ended (state Cancelled) raises :class:`stop.Cancelled` again, as the
+        other runners do. A task run whose upstream a stop ended never ran: Prefect leaves it Pending ("NotReady"),
+        so it is set Cancelled here (not started) rather than left unfinished."""
+        from prefect.exceptions import CancelledRun, UnfinishedRun
+
+        try:
+            return future.result()
+        except CancelledRun:
+            st = future.state
+            if not st.is_cancelled():
+                raise
+            raise cancelled_of_state(st) from None
+        except UnfinishedRun:
+            st = future.state
+            if not (st.is_pending() and st.name == "NotReady" and stop.requested()):
+                raise
+            err = stop.Cancelled(self.names.get(future.task_run_id, ""), started=False)
+            _set_cancelled(future.task_run_id, err)
+            raise err from None
 
     def cancel_pending(self, futures: Iterable[Any]) -> None:
         on_dask = []
@@ -275,6 +298,77 @@ class PrefectStages:
             Event(stop.event_name(self.flow_run_id), client=client).set()
             running = {k for keys in client.processing().values() for k in keys}
             client.cancel([w for w in on_dask if w.key not in running and not w.done()])
+
+
+def cancelled_state(err: stop.Cancelled) -> Any:
+    """The Prefect state of a task run a stop ended: Cancelled, its message naming the stage (``stopped: render``,
+    ``... (not started)`` when it had not begun)."""
+    from prefect.states import Cancelled
+
+    return Cancelled(message=str(err) + ("" if err.started else " (not started)"))
+
+
+_STOPPED = re.compile(r"^stopped(?:: (?P<what>.*?))?(?P<not_started> \(not started\))?$")
+
+
+def cancelled_of_state(state: Any) -> stop.Cancelled:
+    """:func:`cancelled_state` read back: the :class:`stop.Cancelled` of a Cancelled task run (one cancelled by
+    anything else than a stop: not started)."""
+    m = _STOPPED.match(state.message or "")
+    if m is None:
+        return stop.Cancelled(state.message or "", started=False)
+    return stop.Cancelled(m.group("what") or "", started=m.group("not_started") is None)
+
+
+_prefect_tasks: dict[int, Any] = {}
+
+
+def prefect_task(task: Any) -> Any:
+    """The Prefect task a Prefect flow run submits for stage ``task``: the same function, name and retry policy,
+    except that a stop (:class:`stop.Cancelled` raised by the function) ends the task run ``Cancelled``
+    (:func:`cancelled_state`) instead of ``Failed``. A returned Cancelled state is final: Prefect retries only
+    exceptions and Failed states."""
+    with _local_lock:
+        got = _prefect_tasks.get(id(task))
+        if got is not None and got[0] is task:
+            return got[1]
+    fn = task.fn
+
+    @functools.wraps(fn)
+    def run_stage(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except stop.Cancelled as e:
+            return cancelled_state(e)
+
+    wrapped = copy.copy(task)
+    wrapped.fn = run_stage
+    with _local_lock:
+        _prefect_tasks[id(task)] = (task, wrapped)
+    return wrapped
+
+
+def _set_cancelled(task_run_id: Any, err: stop.Cancelled, tries: int = 20) -> None:
+    """Set task run ``task_run_id`` Cancelled (:func:`cancelled_state`) through the API (its record may lag behind
+    the engine's events a moment: asked again then)."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for _ in range(tries):
+            try:
+                client.set_task_run_state(task_run_id, cancelled_state(err), force=True)
+                return
+            except (ObjectNotFound, httpx.HTTPStatusError) as e:
+                if isinstance(e, httpx.HTTPStatusError) and e.response.status_code != 404:
+                    log.warning("task run %s not set Cancelled: %s", task_run_id, e)
+                    return
+                time.sleep(0.25)
+            except Exception as e:  # noqa: BLE001 - the state is a display; the run's summary is what counts
+                log.warning("task run %s not set Cancelled: %s", task_run_id, e)
+                return
+    log.warning("task run %s not set Cancelled: not found", task_run_id)
 
 
 class LocalStages:

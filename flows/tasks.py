@@ -228,6 +228,8 @@ def ingest_series(candidate: Any, store_url: str) -> Ingested | Rejection:
                 detail=e.detail,
                 series_uid=e.series_uid or candidate.series_uid,
             )
+    except stop.Cancelled:  # stopped while waiting for the slot: a stop, never a verdict on the input
+        raise
     except Exception as e:  # an unexpected reader error on this input: rejected unless it is no verdict on it
         if no_verdict(e) is not None:
             raise

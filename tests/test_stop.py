@@ -352,6 +352,41 @@ def _flow_run(client, flow_run_id):
     return client.read_flow_run(flow_run_id)
 
 
+def _task_runs_show_the_stop(client, flow_run_id, done: int | None = None, summary: dict | None = None) -> list:
+    """The flow run's task runs as the API (and so the UI) shows them once the run has ended: none Failed or left
+    unfinished; those a stop ended are Cancelled with the stage in their message, run once (never retried); the
+    rest Completed (``done``: the number of rings committed, each a Completed render task run). With the run's
+    ``summary``: the renders it says were stopped part-way are the task runs Cancelled "stopped: render"."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.objects import StateType
+
+    flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline = time.monotonic() + 30  # task run states are recorded from the engine's events: a moment late
+    while True:
+        runs = client.read_task_runs(flow_run_filter=flt)
+        if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    shown = [(r.name, r.state_type, r.state.message if r.state else None) for r in runs]
+    print(f"\ntask runs: {shown}")
+    assert all(r.state is not None and r.state.is_final() for r in runs), shown
+    assert not [r for r in runs if r.state_type in (StateType.FAILED, StateType.CRASHED)], shown
+    stopped = [r for r in runs if r.state_type == StateType.CANCELLED]  # (those cancelled before they began: none)
+    for r in stopped:
+        assert re.match(r"stopped: (ingest|render)", r.state.message or ""), shown
+        assert r.run_count <= 1, (r.name, r.run_count)  # a Cancelled state is final: no retry
+    assert {r.state_type for r in runs} <= {StateType.COMPLETED, StateType.CANCELLED}, shown
+    if done is not None:
+        renders = [r for r in runs if r.name.startswith("render-series") and r.state_type == StateType.COMPLETED]
+        assert len(renders) == done, shown
+    if summary is not None:
+        assert not summary["rejected"], summary["rejected"]  # every CT is valid: a stop is never a rejection
+        part_way = [c for c in summary["cancelled"] if c["stage"] == "render" and c["started"]]
+        said = [r for r in stopped if r.state.message == "stopped: render"]
+        assert len(said) == len(part_way), (shown, summary["cancelled"])
+    return runs
+
+
 def test_a_flow_run_cancelled_through_the_api_ends_cancelled_with_its_summary(
     prefect_api, tmp_path, cohort, slow_renders
 ):
@@ -403,6 +438,9 @@ def test_a_flow_run_cancelled_through_the_api_ends_cancelled_with_its_summary(
             assert got["state"].is_cancelled(), got["state"]
             assert dt < 40, dt
             assert client.read_flow_run(fr.id).state.type == StateType.CANCELLED
+            (report,) = (tmp_path / "s-reports" / "runs").glob("*.json")
+            summary = json.loads(report.read_text())["summary"]
+            _task_runs_show_the_stop(client, fr.id, len(summary["done"]), summary)
             art = client.read_latest_artifacts()
             md = next(a for a in art if a.key == artifact_key("backfill", "test")).data
     finally:
@@ -411,6 +449,66 @@ def test_a_flow_run_cancelled_through_the_api_ends_cancelled_with_its_summary(
     assert "## Cancelled" in md and "cancelled, not started" in md
     assert len(_committed(store)) < N
     assert not _claims(store)
+
+
+def test_prefect_task_runs_a_stop_ends_are_cancelled_never_retried_or_left_pending(prefect_api):
+    """The Prefect runner's own cases, in one flow run on one thread: a task whose function a stop ends (it raises
+    ``stop.Cancelled``) ends Cancelled and is not retried (its retry condition would retry anything); the task that
+    waits on it, which Prefect leaves Pending ("NotReady"), is set Cancelled (not started); a task cancelled before
+    it started is never created. ``result`` gives back ``stop.Cancelled`` with the stage and whether it started."""
+    import concurrent.futures
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from xwin.flows import stop
+    from xwin.flows.runtime import PrefectStages
+
+    go = threading.Event()
+
+    @task(name="ingest-toy", retries=2, retry_condition_fn=lambda *_: True, persist_result=False)
+    def first() -> int:
+        go.wait(30)
+        stop.request()
+        raise stop.Cancelled("ingest", started=True)
+
+    @task(name="render-toy", persist_result=False)
+    def second(x: int) -> int:
+        return x + 1
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=1), persist_result=False)
+    def toy() -> dict:
+        stages = PrefectStages()
+        fa = stages.submit(first)
+        fb = stages.submit(second, fa)
+        fc = stages.submit(second, 1)
+        stages.cancel_pending([fc])  # queued behind the others (one thread): not started
+        go.set()
+        got: dict = {"id": FlowRunContext.get().flow_run.id, "ids": (fa.task_run_id, fb.task_run_id, fc.task_run_id)}
+        for k, f in zip("abc", (fa, fb, fc), strict=True):
+            try:
+                got[k] = stages.result(f)
+            except (stop.Cancelled, concurrent.futures.CancelledError) as e:
+                got[k] = e
+        return got
+
+    stop.reset()
+    try:
+        got = toy()
+    finally:
+        stop.reset()
+    a, b, c = got["a"], got["b"], got["c"]
+    assert isinstance(a, stop.Cancelled) and (a.what, a.started) == ("ingest", True), a
+    assert isinstance(b, stop.Cancelled) and (b.what, b.started) == ("render-toy", False), b
+    assert isinstance(c, concurrent.futures.CancelledError), c
+    with get_client(sync_client=True) as client:
+        runs = {r.id: r for r in _task_runs_show_the_stop(client, got["id"])}
+    ia, ib, _ = got["ids"]
+    assert set(runs) == {ia, ib}  # the one cancelled before it started was never created
+    assert (runs[ia].state.message, runs[ia].run_count) == ("stopped: ingest", 1)
+    assert runs[ib].state.message == "stopped: render-toy (not started)"
 
 
 def test_sigterm_to_a_prefect_flow_run_ends_it_cancelled(prefect_api, tmp_path, cohort):
@@ -429,6 +527,7 @@ def test_sigterm_to_a_prefect_flow_run_ends_it_cancelled(prefect_api, tmp_path, 
     run_id = report.stem  # the flow run id
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(run_id).state.is_cancelled()
+        _task_runs_show_the_stop(client, run_id, len(summary["done"]), summary)
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -513,6 +612,34 @@ def test_ingest_stopped_by_sigterm_accounts_for_every_input(tmp_path, cohort, mo
     res = CliRunner().invoke(app, args)
     s = json.loads(res.stdout)
     assert res.exit_code == 0 and (len(s["done"]), len(s["skipped"]), s["cancelled"]) == (N - 1, 1, [])
+
+
+def test_a_stop_while_an_ingest_waits_for_its_slot_is_a_cancellation_not_a_rejection(
+    tmp_path, cohort, monkeypatch, restore_stop
+):
+    """A stop that comes while an ingest waits for its CPU slot: the ingest raises ``stop.Cancelled`` (not
+    started), never a rejection of the input as unreadable; nothing of it is written."""
+    import contextlib
+
+    from xwin.flows import tasks
+    from xwin.pipeline.ingest import plan_inputs
+
+    stop = restore_stop
+    (cand,), rejected = plan_inputs([str(cohort[0][0])], "test")
+    assert not rejected
+
+    @contextlib.contextmanager
+    def slot_then_stop(name, slots):  # the stop lands while the slot is being taken
+        stop.request()
+        yield
+
+    monkeypatch.setattr(tasks, "slot", slot_then_stop)
+    stop.reset()
+    store = tmp_path / "s"
+    with pytest.raises(stop.Cancelled) as got:
+        tasks.ingest_series.fn(cand, str(store))
+    assert (got.value.what, got.value.started) == ("ingest", False)
+    assert not open_store(str(store)).has_volume(cand.volume_id)
 
 
 def test_render_stopped_mid_ring_commits_nothing_of_it(tmp_path, cohort, monkeypatch, restore_stop):
@@ -679,6 +806,7 @@ def test_sigterm_to_the_prefect_flow_on_dask(prefect_api, tmp_path, cohort):
     (report,) = (tmp_path / "s-reports" / "runs").glob("*.json")
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(report.stem).state.is_cancelled()
+        _task_runs_show_the_stop(client, report.stem, len(summary["done"]), summary)
     deadline = time.monotonic() + 15
     while (left := _marked(mark)) and time.monotonic() < deadline:
         time.sleep(0.5)
