@@ -5,33 +5,21 @@ through ``bench/record.py``). Fast: reads files, runs no benchmark."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from bench_modules import load_bench
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 DOC = REPO / "docs" / "benchmarks.md"
 
 
-def _load(name: str) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-report = _load("report")
-record = _load("record")
+report = load_bench("report")
+record = load_bench("record")
 
 
 @pytest.fixture(scope="module")

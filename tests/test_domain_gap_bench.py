@@ -5,27 +5,14 @@ and the docs/benchmarks.md region that bench/report.py makes of it."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_modules import load_bench
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))  # the bench scripts import their siblings (record, report)
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _write_cr(path: Path, arr: np.ndarray) -> None:
@@ -51,8 +38,8 @@ def _write_cr(path: Path, arr: np.ndarray) -> None:
 
 @pytest.mark.slow
 def test_domain_gap_bench_miniature(tmp_path):
-    bench = _load("bench_domain_gap")
-    report = _load("report")
+    bench = load_bench("bench_domain_gap")
+    report = load_bench("report")
     src = tmp_path / "dicom"
     src.mkdir()
     yy, xx = np.mgrid[0:300, 0:260]
@@ -152,7 +139,7 @@ def test_domain_gap_region_pairs_volumes_by_id_and_seed():
         "load_before": [1.0, 1.0, 1.0],
         "load_after": [1.0, 1.0, 1.0],
     }
-    md = _load("report").domain_gap([res])
+    md = load_bench("report").domain_gap([res])
     assert "processed (0.96×, closer for 6 of 6 volume × seed pairs)" in md, md
     assert "farther than the chest for every view kind and seed under: plain." in md, md
 
@@ -160,7 +147,7 @@ def test_domain_gap_region_pairs_volumes_by_id_and_seed():
 def test_domain_gap_bench_checks_the_real_radiographs_first(tmp_path):
     """A real-radiograph folder without one of the three files ends the bench with one line naming it, before the
     work folder is made or anything copied into it."""
-    bench = _load("bench_domain_gap")
+    bench = load_bench("bench_domain_gap")
     src = tmp_path / "dicom"
     src.mkdir()
     for name in ("RG1_UNCR.dcm", "RG1_J2KI.dcm"):

@@ -3,34 +3,21 @@ docs/results.md equal to what the recorded results generate."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_modules import load_bench
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))  # the bench scripts import their siblings (record, report)
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-exp = _load("bench_experiment")
+exp = load_bench("bench_experiment")
 
 
 def test_docs_results_md_is_generated_from_the_results():
-    report = _load("report")
+    report = load_bench("report")
     doc = (BENCH.parent / "docs" / "results.md").read_text()
     assert doc == exp.results_markdown(report.load_all()), "docs/results.md is stale: bench_experiment.py --doc-only"
     assert "not a\npopulation" in doc

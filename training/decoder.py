@@ -528,16 +528,7 @@ class DecoderTrainer:
         model architecture or of a decoder config that differs in anything but the run's length, device, logging,
         checkpointing and loader workers."""
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"decoder checkpoint {p}: no such file")
-        try:
-            sd = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-            raise ValueError(f"decoder checkpoint {p}: not a torch checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(sd, dict) or sd.get("kind") != DECODER_KIND or sd.get("version") != DECODER_CKPT_VERSION:
-            raise ValueError(f"decoder checkpoint {p}: not an `xwin train-decoder` checkpoint of this version")
-        if sd["world_model"]["model_config"] != self.world.cfg.model.model_dump(mode="json"):
-            raise ValueError(f"decoder checkpoint {p} was trained on a world model of another architecture")
+        sd = read_decoder_checkpoint(p, self.world)
         mine, theirs = (
             self.cfg.model_dump(mode="json"),
             DecoderConfig.model_validate(sd["config"]).model_dump(mode="json"),
@@ -583,10 +574,9 @@ class DecoderTrainer:
         return path
 
 
-def load_decoder(path: str | Path, world: WorldModel) -> tuple[VQDecoder, float, dict]:
-    """(decoder in eval mode on the world model's device, value_scale, the checkpoint's metadata); refuses a decoder
-    trained on a world model of another architecture."""
-    p = Path(path)
+def read_decoder_checkpoint(p: Path, world: WorldModel) -> dict:
+    """The state dict of ``xwin train-decoder`` checkpoint ``p``, refused (one line: no such file, not a checkpoint,
+    another version, a decoder of a world model of another architecture than ``world``'s) before anything uses it."""
     if not p.is_file():
         raise FileNotFoundError(f"decoder {p}: no such file")
     try:
@@ -597,9 +587,16 @@ def load_decoder(path: str | Path, world: WorldModel) -> tuple[VQDecoder, float,
         raise ValueError(f"decoder {p}: not an `xwin train-decoder` checkpoint")
     if sd.get("version") != DECODER_CKPT_VERSION:
         raise ValueError(f"decoder {p}: version {sd.get('version')} != {DECODER_CKPT_VERSION}")
-    mine = world.cfg.model.model_dump(mode="json")
-    if sd["world_model"]["model_config"] != mine:
+    if sd["world_model"]["model_config"] != world.cfg.model.model_dump(mode="json"):
         raise ValueError(f"decoder {p} was trained on a world model with another architecture than {world.path}")
+    return sd
+
+
+def load_decoder(path: str | Path, world: WorldModel) -> tuple[VQDecoder, float, dict]:
+    """(decoder in eval mode on the world model's device, value_scale, the checkpoint's metadata); refuses a decoder
+    trained on a world model of another architecture."""
+    p = Path(path)
+    sd = read_decoder_checkpoint(p, world)
     cfg = DecoderConfig.model_validate(sd["config"])
     m = world.cfg.model
     dec = VQDecoder(m.embed_dim, m.grid, m.patch_size, cfg)
