@@ -32,6 +32,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from procs import marked
 from typer.testing import CliRunner
 
 from xwin.flows import backfill as bf
@@ -604,7 +605,7 @@ def test_cli_dask_backfill_leaves_no_process_behind(tmp_path, tiny):
     seen: set[int] = set()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None:  # the processes it starts, while it runs
-        seen |= {p.pid for p in _marked(mark)}
+        seen |= {p.pid for p in marked(mark)}
         time.sleep(0.5)
     out, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
@@ -612,22 +613,10 @@ def test_cli_dask_backfill_leaves_no_process_behind(tmp_path, tiny):
     assert len(summary["done"]) == 3 and summary["planned"] == 3 and not summary["failed"]
     assert len(seen) >= 3, seen  # the command, and at least its two Dask workers
     deadline = time.monotonic() + 15
-    while (left := _marked(mark)) and time.monotonic() < deadline:
+    while (left := marked(mark)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [(p.pid, p.cmdline()) for p in left]
     assert not [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-
-
-def _marked(mark: str) -> list[psutil.Process]:
-    """Live processes whose environment carries ``XWIN_TEST_MARK=mark`` (children inherit it)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("XWIN_TEST_MARK") == mark and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
 
 
 def test_cli_refuses_the_prefect_flow_on_dask_without_an_api(tmp_path, tiny, monkeypatch):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import psutil
 import pytest
+from procs import marked
 
 from xwin.schemas.render import RenderSpec
 from xwin.storage import open_store
@@ -289,17 +289,6 @@ def test_a_second_signal_exits_at_once(tmp_path, cohort):
     _rerun_finishes(cohort, store, len(_committed(store)))
 
 
-def _marked(mark: str) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("XWIN_TEST_MARK") == mark and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
-
-
 def test_sigterm_stops_the_dask_runner_and_leaves_no_process(tmp_path, cohort):
     """`--runner dask` (no Prefect): SIGTERM after the first commit cancels the futures, closes the LocalCluster,
     exits 143 with the summary; no worker process is left."""
@@ -309,7 +298,7 @@ def test_sigterm_stops_the_dask_runner_and_leaves_no_process(tmp_path, cohort):
     env = _env(XWIN_TEST_MARK=mark, XWIN_DASK_WORKERS="2", DASK_DISTRIBUTED__WORKER__PRELOAD=preload)
     seen: set[int] = set()
     argv = _argv(cohort, store, "--json", "--runner", "dask")
-    watch = lambda: seen.update(p.pid for p in _marked(mark))  # noqa: E731
+    watch = lambda: seen.update(p.pid for p in marked(mark))  # noqa: E731
     _proc, rc, dt, out, err = _sigterm_after_first_commit(argv, env, store, 90, " (dask)", watch)
     assert rc == 143, err.text()[-3000:]
     assert dt < 45, dt
@@ -321,7 +310,7 @@ def test_sigterm_stops_the_dask_runner_and_leaves_no_process(tmp_path, cohort):
     assert not summary["failed"]
     assert len(seen) >= 3, seen  # the command and its two workers
     deadline = time.monotonic() + 15
-    while (left := _marked(mark)) and time.monotonic() < deadline:
+    while (left := marked(mark)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [(p.pid, p.cmdline()) for p in left]
     _rerun_finishes(cohort, store, len(summary["done"]))
@@ -808,6 +797,6 @@ def test_sigterm_to_the_prefect_flow_on_dask(prefect_api, tmp_path, cohort):
         assert client.read_flow_run(report.stem).state.is_cancelled()
         _task_runs_show_the_stop(client, report.stem, len(summary["done"]), summary)
     deadline = time.monotonic() + 15
-    while (left := _marked(mark)) and time.monotonic() < deadline:
+    while (left := marked(mark)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [(p.pid, p.cmdline()) for p in left]

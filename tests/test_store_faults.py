@@ -15,7 +15,8 @@ import uuid
 
 import psutil
 import pytest
-from test_accounting import _marked, _spec_file, _variant
+from procs import marked
+from test_accounting import _spec_file, _variant
 
 from xwin.storage import open_store
 
@@ -65,8 +66,8 @@ def test_backfill_through_worker_kill_server_freeze_and_run_kill(tmp_path, small
     run = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         assert _wait(lambda: commits() >= 2, 240), run.stderr.read().decode()[-3000:] if run.poll() else "slow"
-        workers = [p for p in _marked(mark) if p.pid != run.pid and "multiprocessing" in " ".join(p.cmdline())]
-        assert workers, [p.cmdline() for p in _marked(mark)]
+        workers = [p for p in marked(mark) if p.pid != run.pid and "multiprocessing" in " ".join(p.cmdline())]
+        assert workers, [p.cmdline() for p in marked(mark)]
         workers[-1].send_signal(signal.SIGKILL)  # one Dask worker dies under its task
         time.sleep(1.0)
         weed = os.getpgid(seaweed_s3.proc.pid)
@@ -80,7 +81,7 @@ def test_backfill_through_worker_kill_server_freeze_and_run_kill(tmp_path, small
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
         run.wait(timeout=30)
-    _wait(lambda: not [p for p in _marked(mark) if p.status() != psutil.STATUS_ZOMBIE], 20)
+    _wait(lambda: not [p for p in marked(mark) if p.status() != psutil.STATUS_ZOMBIE], 20)
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from procs import torchrun_xwin
 
 from xwin.training.config import load_config
 from xwin.training.loop import NO_REAL_NOTE, Schedules, Trainer, build_streams, cosine
@@ -280,21 +281,13 @@ def test_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_
     checkpoint of that step and reports the run stopped; the launcher's exit status is not 0."""
     import contextlib
     import os
-    import shutil
     import signal
-    import socket
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
-    xwin = shutil.which("xwin", path=os.path.dirname(sys.executable))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    cmd += ["--no-python", xwin, "train", "--preset", "tiny", "--store", rendered_dataset.url, "--max-steps", "5000"]
+    cmd = torchrun_xwin(2, "train", "--preset", "tiny", "--store", rendered_dataset.url, "--max-steps", "5000")
     cmd += ["--out", str(out), "--device", "cpu", "--set", "data.num_workers=0", "--set", "data.batch_size=2"]
     cmd += ["--set", "data.draws_per_volume=4", "--set", "log_every=1", "--json"]
     # on failure the launcher and its ranks are killed (a rank left waiting in a collective would hold the pipes open)
@@ -340,26 +333,10 @@ def test_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_
 
 def test_torchrun_ddp_two_cpu_ranks(tmp_path, rendered_dataset, real_dir):
     """`torchrun --nproc_per_node 2 xwin train` on CPU (gloo): DDP + the stream's rank sharding, rank 0 reports."""
-    import os
-    import shutil
-    import socket
     import subprocess
-    import sys
 
-    xwin = shutil.which("xwin", path=os.path.dirname(sys.executable))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "--no-python",
-        xwin,
+    cmd = torchrun_xwin(
+        2,
         "train",
         "--preset",
         "tiny",
@@ -380,7 +357,7 @@ def test_torchrun_ddp_two_cpu_ranks(tmp_path, rendered_dataset, real_dir):
         "--set",
         "data.draws_per_volume=4",
         "--json",
-    ]
+    )
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [x for x in res.stdout.splitlines() if x.startswith("{")]

@@ -4,15 +4,12 @@ batches an epoch than ranks, an action step that is not a multiple of the datase
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from procs import torchrun_xwin
 from typer.testing import CliRunner
 
 from xwin.flows.cli import app
@@ -111,13 +108,8 @@ def test_a_failing_command_prints_only_on_rank_0(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_torchrun_fewer_batches_than_ranks_is_one_line(tmp_path, rendered_dataset):
     """3 volumes in batches of 4 make one batch an epoch for 2 ranks: refused before training, by rank 0 only."""
-    xwin = shutil.which("xwin", path=os.path.dirname(sys.executable))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    cmd += ["--no-python", xwin, "train", "--preset", "tiny", "--store", rendered_dataset.url, "--max-steps", "1"]
+    cmd = torchrun_xwin(2, "train", "--preset", "tiny", "--store", rendered_dataset.url, "--max-steps", "1")
     cmd += ["--out", str(out), "--device", "cpu", "--set", "data.num_workers=0", "--set", "data.batch_size=4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
